@@ -1,0 +1,141 @@
+"""Receive throughput: radnode vs DCMTK storescp, same sender, same data, same run.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 5] [--associations 1]
+
+Generates ``associations`` synthetic 512x512 CT series (``service.testing``), then for
+each round sends them with DCMTK ``storescu +sd`` (one association per series, all
+at once) into a fresh DCMTK ``storescp`` (``--fork`` when several associations) and
+into a fresh ``radnode serve``, interleaved. Only files that storescu saw
+acknowledged with Success count. Prints medians: images/s, MB/s and the ratio.
+Every DCMTK program runs with TCP_NODELAY=1 (without it DCMTK waits on Nagle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from service.testing import write_ct_series  # noqa: E402
+
+from tests.conftest import acknowledged_files, free_port, wait_for_port  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def start_storescp(port: int, out: Path, fork: bool) -> subprocess.Popen[bytes]:
+    cmd = ["storescp", "-od", str(out), "-aet", "RADNODE", *(["--fork"] if fork else []), str(port)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def start_radnode(port: int, data: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **ENV,
+        "RADNODE_NODE__PORT": str(port),
+        "RADNODE_NODE__DATA_DIR": str(data),
+        "RADNODE_NODE__MIN_FREE_DISK_MB": "1",
+        "RADNODE_LOG__LEVEL": "warning",
+        "RADNODE_HTTP__PORT": str(free_port()),
+    }
+    radnode = Path(sys.executable).with_name("radnode")
+    proc = subprocess.Popen([str(radnode), "serve"], env=env, stdout=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def send(port: int, series_dirs: list[Path]) -> tuple[float, int]:
+    """Send every series at once, one association each; return (seconds, acked)."""
+    start = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-v", "+sd", "-aec", "RADNODE", "127.0.0.1", str(port), str(d)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for d in series_dirs
+    ]
+    outputs = [s.communicate()[0] for s in senders]
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(acknowledged_files(o)) for o in outputs)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--associations", type=int, default=1)
+    args = parser.parse_args()
+    if shutil.which("storescp") is None:
+        sys.exit("DCMTK is not installed: bash .ci/install-system-packages")
+
+    work = Path(tempfile.mkdtemp(prefix="radnode-bench-"))
+    try:
+        series_dirs = []
+        for i in range(args.associations):
+            d = work / f"series{i}"
+            write_ct_series(d, slices=args.slices, seed=i)
+            series_dirs.append(d)
+        total_images = args.slices * args.associations
+        total_mb = sum(f.stat().st_size for d in series_dirs for f in d.iterdir()) / 1e6
+        print(
+            f"data: {args.associations} x {args.slices} slices 512x512 CT, "
+            f"{total_mb:.0f} MB; {args.rounds} interleaved rounds"
+        )
+
+        results: dict[str, list[float]] = {"dcmtk storescp": [], "radnode": []}
+        for round_no in range(args.rounds):
+            for name in results:
+                port = free_port()
+                target = work / f"{name.split()[0]}-{round_no}"
+                target.mkdir()
+                proc = (
+                    start_storescp(port, target, args.associations > 1)
+                    if name.startswith("dcmtk")
+                    else start_radnode(port, target)
+                )
+                try:
+                    seconds, acked = send(port, series_dirs)
+                finally:
+                    stop(proc)
+                if acked != total_images:
+                    print(f"  {name}: only {acked}/{total_images} acknowledged")
+                results[name].append(seconds)
+                shutil.rmtree(target, ignore_errors=True)
+
+        print(f"{'receiver':<16}{'median s':>10}{'images/s':>11}{'MB/s':>9}")
+        medians = {name: statistics.median(times) for name, times in results.items()}
+        for name, seconds in medians.items():
+            print(
+                f"{name:<16}{seconds:>10.2f}{total_images / seconds:>11.0f}"
+                f"{total_mb / seconds:>9.0f}"
+            )
+        ratio = medians["dcmtk storescp"] / medians["radnode"]
+        print(f"radnode / storescp throughput ratio: {ratio:.2f}x (target >= 1.0x, issue 11)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The ``radnode`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service import __version__
+from service.config import Settings, load_settings
+from service.errors import ConfigError, RadnodeError
+
+app = typer.Typer(
+    name="radnode",
+    help="A DICOM AI node: receives studies from a PACS, runs MONAI pipelines, "
+    "sends standard results back.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Rich tracebacks print local variables, which may hold patient data.
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (environment overrides it)."),
+]
+
+
+def _settings_or_exit(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        typer.echo(f"radnode: configuration is invalid ({len(exc.problems)} problem(s)):", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  - {problem}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: Storage SCP, spool, study index and completion."""
+    from service.node import Node
+    from service.observability import configure_logging
+
+    settings = _settings_or_exit(config)
+    configure_logging(settings.log.level)
+    try:
+        Node(settings).run_until_signalled()
+    except RadnodeError as exc:
+        typer.echo(f"radnode: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
+@config_app.command("check")
+def config_check(file: Annotated[Path, typer.Argument(help="TOML file to validate.")]) -> None:
+    """Validate a configuration file (and the RADNODE_* environment)."""
+    settings = _settings_or_exit(file)
+    typer.echo(
+        f"{file}: OK — AE {settings.node.ae_title} on port {settings.node.port}, "
+        f"{len(settings.destinations)} destination(s), {len(settings.routes)} route(s)"
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print radnode's version."""
+    typer.echo(__version__)

@@ -1,0 +1,73 @@
+"""Study completion: a study is complete after a quiet period with no new instance.
+
+A PACS may send one study over several associations, in any order, with pauses; the
+only signal DICOM gives is silence. The monitor polls the index and marks complete
+every study that has been quiet for ``completion_timeout_s``; an instance that
+arrives later reopens the study (see :meth:`StudyIndex.add_instance`). State lives in
+the index, so a restart loses no timer: a study that was receiving when the node
+stopped completes after the quiet period counted from its last instance.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from service.index import StudyIndex
+from service.records import StudySummary
+
+log = structlog.get_logger("service.completion")
+
+StudyCompleteHandler = Callable[[StudySummary], None]
+
+
+class CompletionMonitor:
+    """Background thread that turns quiet studies into complete ones."""
+
+    def __init__(
+        self,
+        index: StudyIndex,
+        quiet_s: float,
+        on_complete: StudyCompleteHandler | None = None,
+        poll_s: float | None = None,
+    ) -> None:
+        self._index = index
+        self._quiet_s = quiet_s
+        self._on_complete = on_complete
+        self._poll_s = poll_s if poll_s is not None else min(1.0, quiet_s / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def check_now(self) -> list[StudySummary]:
+        """Complete every study that is due; return them (also used by tests)."""
+        completed = self._index.complete_quiet_studies(self._quiet_s)
+        for study in completed:
+            log.info(
+                "study.complete",
+                study=study.study_key,
+                instances=study.instance_count,
+                series=study.series_count,
+                receive_s=round(study.last_received_at - study.first_received_at, 3),
+            )
+            if self._on_complete is not None:
+                self._on_complete(study)
+        return completed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                self.check_now()
+            except Exception:
+                # Keep monitoring: a failing check (e.g. a locked database) is retried
+                # at the next poll, and the study index still holds every study.
+                log.exception("completion.check_failed", action="check the data_dir disk")

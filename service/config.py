@@ -1,0 +1,174 @@
+"""Configuration: one typed object, validated at start.
+
+Sources, later ones winning: built-in defaults, the TOML file given with
+``--config``, then environment variables such as ``RADNODE_NODE__PORT=11112``
+(``__`` separates sections; lists and tables are written as JSON, e.g.
+``RADNODE_NODE__ALLOWED_CALLING_AETS='["PACS"]'``). Every mistake is reported at
+once, one line each, naming its key, so an operator fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicom_nodes.policy import ae_title_problem
+from service.errors import ConfigError
+from service.routing import RouteRule, route_problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    problem = ae_title_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value.strip()
+
+
+class NodeSettings(_Section):
+    """The DICOM node itself: identity, listening address, storage and peers."""
+
+    ae_title: str = "RADNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    data_dir: Path = Path("./radnode-data")
+    #: Calling AE titles allowed to associate; empty accepts any (warned at start).
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1, le=1000)
+    #: Maximum PDU length we announce for receiving, in bytes (0 = unlimited).
+    max_pdu_bytes: int = Field(1_048_576, ge=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    #: Below this much free space in data_dir, C-STOREs are refused (A700).
+    min_free_disk_mb: int = Field(1024, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class StudySettings(_Section):
+    """When a study counts as complete."""
+
+    #: Seconds without a new instance after which a study is complete.
+    completion_timeout_s: float = Field(10.0, gt=0)
+
+
+class HttpSettings(_Section):
+    """The HTTP port for health, metrics and the status API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    """Logging. JSON lines on standard output."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DestinationSettings(_Section):
+    """Where results go: a DICOM Storage SCP (the PACS) or an HL7 MLLP listener."""
+
+    name: str = Field(min_length=1)
+    type: Literal["dicom", "hl7"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
+class Settings(BaseSettings):
+    """Everything radnode reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADNODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    routes: list[RouteRule] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)
+
+    def model_post_init(self, __context: Any) -> None:
+        problems: list[str] = list(route_problems(self.routes))
+        names = [d.name for d in self.destinations]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"destinations: the name {name!r} is used more than once")
+        for i, dest in enumerate(self.destinations):
+            if dest.type == "dicom" and not dest.ae_title:
+                problems.append(f"destinations[{i}].ae_title: required for a dicom destination")
+        for i, route in enumerate(self.routes):
+            for dest_name in route.destinations:
+                if dest_name not in names:
+                    problems.append(
+                        f"routes[{i}].destinations: {dest_name!r} is not a configured destination"
+                    )
+        if problems:
+            raise ConfigError(problems)
+
+
+def _format_validation_error(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        key = ""
+        for part in item["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+        key = key or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        elif "input" in item and item["type"] not in ("missing",):
+            message = f"{message} (got {item['input']!r})"
+        problems.append(f"{key}: {message}")
+    return problems
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read defaults, the TOML file at ``path`` (if any) and the environment.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError([f"{path}: file not found"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from exc

@@ -1,0 +1,51 @@
+"""One exception tree for radnode.
+
+    RadnodeError
+    ├── ConfigError        the configuration is invalid (names each bad key)
+    ├── InvalidUID         a UID is missing or malformed; it never reaches a path
+    ├── UnreadableDataset  received bytes are not a DICOM data set we can parse
+    ├── DatasetMismatch    data set contradicts the C-STORE request (SOP class/instance)
+    ├── StorageFull        the spool cannot take more data (disk guard or write error)
+    └── StartupError       the node cannot start (port in use, data_dir not writable)
+
+Each is translated once at its boundary: to a DIMSE status at the Storage SCP, to an
+exit code and one message at the CLI.
+"""
+
+from __future__ import annotations
+
+
+class RadnodeError(Exception):
+    """Base of every error radnode raises on purpose."""
+
+
+class ConfigError(RadnodeError):
+    """The configuration is invalid. ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class InvalidUID(RadnodeError):
+    """A UID is missing or is not a valid DICOM UID (PS3.5 9.1)."""
+
+
+class UnreadableDataset(RadnodeError):
+    """The received bytes could not be parsed as a DICOM data set."""
+
+
+class DatasetMismatch(RadnodeError):
+    """The data set does not match the C-STORE request that carried it."""
+
+    def __init__(self, message: str, *, sop_class: bool) -> None:
+        self.sop_class = sop_class
+        super().__init__(message)
+
+
+class StorageFull(RadnodeError):
+    """The spool cannot take the instance (free-space threshold or write error)."""
+
+
+class StartupError(RadnodeError):
+    """The node cannot start; the message says what to change."""

@@ -1,0 +1,318 @@
+"""The study index: SQLite (WAL) rows for studies, series and instances.
+
+The spool's files are the record of what was received; the index is what the rest of
+radnode reads to decide what to do. Both are written before Success is returned. The
+index runs with ``synchronous=NORMAL``: an application crash loses nothing, and the
+few transactions a power cut may lose are rebuilt from the spool at start
+(:meth:`StudyIndex.missing_from` + :meth:`StudyIndex.add_instance`).
+
+No patient identity is stored here: studies are found by UID and named in logs and
+the API by their ``study_key``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from service.records import (
+    IndexOutcome,
+    SeriesInfo,
+    StoredInstance,
+    StudyState,
+    StudySummary,
+)
+from service.uids import study_key
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, last_received_at);
+CREATE INDEX IF NOT EXISTS studies_by_key ON studies (study_key);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+    modality TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    series_description TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_number INTEGER,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    slice_thickness REAL,
+    image_type TEXT NOT NULL,
+    image_orientation TEXT,
+    manufacturer TEXT NOT NULL,
+    manufacturer_model_name TEXT NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series (series_uid),
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    instance_number INTEGER,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+"""
+
+
+def _join(values: Iterable[object] | None) -> str | None:
+    return None if values is None else "\\".join(str(v) for v in values)
+
+
+class StudyIndex:
+    """Thread-safe access to the index database of one node.
+
+    One connection guarded by a lock: every write is a short transaction, and the
+    Storage SCP's association threads share it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)  # idempotent; executescript commits itself
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- receive path ---------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return row is not None
+
+    def add_instance(self, stored: StoredInstance, now: float | None = None) -> IndexOutcome:
+        """Record a durable instance; a study that was complete is reopened."""
+        now = time.time() if now is None else now
+        h = stored.header
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_uid = ?", (h.study_uid,)
+            ).fetchone()
+            new_study = row is None
+            reopened = row is not None and row[0] != StudyState.RECEIVING
+            if new_study:
+                db.execute(
+                    "INSERT INTO studies (study_uid, study_key, state, first_received_at,"
+                    " last_received_at) VALUES (?, ?, ?, ?, ?)",
+                    (h.study_uid, study_key(h.study_uid), StudyState.RECEIVING, now, now),
+                )
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, body_part,"
+                " series_description, sop_class_uid, series_number, slice_thickness,"
+                " image_type, image_orientation, manufacturer, manufacturer_model_name,"
+                " first_received_at, last_received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (series_uid) DO NOTHING",
+                (
+                    h.series_uid,
+                    h.study_uid,
+                    h.modality,
+                    h.body_part,
+                    h.series_description,
+                    h.sop_class_uid,
+                    h.series_number,
+                    h.slice_thickness,
+                    _join(h.image_type),
+                    _join(h.image_orientation),
+                    h.manufacturer,
+                    h.manufacturer_model_name,
+                    now,
+                    now,
+                ),
+            )
+            inserted = db.execute(
+                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid,"
+                " sop_class_uid, transfer_syntax_uid, instance_number, path, size_bytes,"
+                " calling_ae, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (sop_instance_uid) DO NOTHING",
+                (
+                    h.sop_instance_uid,
+                    h.series_uid,
+                    h.study_uid,
+                    h.sop_class_uid,
+                    stored.transfer_syntax_uid,
+                    h.instance_number,
+                    stored.path,
+                    stored.size_bytes,
+                    stored.calling_ae,
+                    now,
+                ),
+            ).rowcount
+            added = 1 if inserted else 0
+            db.execute(
+                "UPDATE series SET instance_count = instance_count + ?, last_received_at = ?"
+                " WHERE series_uid = ?",
+                (added, now, h.series_uid),
+            )
+            db.execute(
+                "UPDATE studies SET instance_count = instance_count + ?, last_received_at = ?,"
+                " state = ?, completed_at = NULL WHERE study_uid = ?",
+                (added, now, StudyState.RECEIVING, h.study_uid),
+            )
+        return IndexOutcome(
+            new_instance=bool(inserted), new_study=new_study, reopened_study=reopened
+        )
+
+    def touch_study_of(self, sop_instance_uid: str, now: float | None = None) -> bool:
+        """A known instance arrived again: note the activity, reopen its study.
+
+        Returns True when the study was complete and is now receiving again.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT s.study_uid, s.state FROM instances i JOIN studies s"
+                " ON s.study_uid = i.study_uid WHERE i.sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE studies SET last_received_at = ?, state = ?, completed_at = NULL"
+                " WHERE study_uid = ?",
+                (now, StudyState.RECEIVING, row[0]),
+            )
+        return row[1] != StudyState.RECEIVING
+
+    # -- completion -----------------------------------------------------------
+
+    def complete_quiet_studies(
+        self, quiet_s: float, now: float | None = None
+    ) -> list[StudySummary]:
+        """Mark complete every receiving study quiet for ``quiet_s``; return them."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE studies SET state = ?, completed_at = ?"
+                " WHERE state = ? AND last_received_at <= ? RETURNING study_uid",
+                (StudyState.COMPLETE, now, StudyState.RECEIVING, now - quiet_s),
+            ).fetchall()
+        return [s for s in (self.study(uid) for (uid,) in rows) if s is not None]
+
+    # -- queries --------------------------------------------------------------
+
+    _STUDY_COLUMNS = (
+        "st.study_uid, st.study_key, st.state, st.instance_count,"
+        " (SELECT COUNT(*) FROM series se WHERE se.study_uid = st.study_uid),"
+        " st.first_received_at, st.last_received_at, st.completed_at"
+    )
+
+    @staticmethod
+    def _study_from_row(row: tuple) -> StudySummary:
+        return StudySummary(
+            study_uid=row[0],
+            study_key=row[1],
+            state=StudyState(row[2]),
+            instance_count=row[3],
+            series_count=row[4],
+            first_received_at=row[5],
+            last_received_at=row[6],
+            completed_at=row[7],
+        )
+
+    def study(self, study_uid: str) -> StudySummary | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._STUDY_COLUMNS} FROM studies st WHERE st.study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+        return None if row is None else self._study_from_row(row)
+
+    def recent_studies(self, limit: int = 50) -> list[StudySummary]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._STUDY_COLUMNS} FROM studies st"
+                " ORDER BY st.last_received_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [self._study_from_row(r) for r in rows]
+
+    def series_of(self, study_uid: str) -> list[SeriesInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid, series_uid, modality, body_part, series_description,"
+                " sop_class_uid, series_number, instance_count, slice_thickness, image_type,"
+                " image_orientation, manufacturer, manufacturer_model_name FROM series"
+                " WHERE study_uid = ? ORDER BY series_number, series_uid",
+                (study_uid,),
+            ).fetchall()
+        return [
+            SeriesInfo(
+                study_uid=r[0],
+                series_uid=r[1],
+                modality=r[2],
+                body_part=r[3],
+                series_description=r[4],
+                sop_class_uid=r[5],
+                series_number=r[6],
+                instance_count=r[7],
+                slice_thickness=r[8],
+                image_type=tuple(r[9].split("\\")) if r[9] else (),
+                image_orientation=tuple(float(v) for v in r[10].split("\\")) if r[10] else None,
+                manufacturer=r[11],
+                manufacturer_model_name=r[12],
+            )
+            for r in rows
+        ]
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE series_uid = ? ORDER BY instance_number, path",
+                (series_uid,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def instance_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    def missing_from(self, sop_instance_uids: Iterable[str]) -> set[str]:
+        """Which of ``sop_instance_uids`` the index does not know (start-up reconcile)."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances")}
+        return set(sop_instance_uids) - known

@@ -1,0 +1,134 @@
+"""The receive path: from a C-STORE's bytes to a durable, indexed instance.
+
+:class:`Ingest` is the :class:`dicom_nodes.scp.Receiver` of the node. For each
+instance it checks free space, validates the UIDs before they name a path, parses
+the header (no pixel decoding), writes the spool file durably, records it in the
+index, and only then answers Success. Every refusal gets its own status and one log
+line that says what the operator can do.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from dicom_nodes.scp import ReceivedInstance
+from dicom_nodes.status import StoreStatus
+from service.errors import DatasetMismatch, InvalidUID, StorageFull, UnreadableDataset
+from service.headers import parse_header
+from service.index import StudyIndex
+from service.records import InstanceHeader, StoredInstance
+from service.spool import Spool, file_meta_bytes
+from service.uids import require_uid, study_key
+
+log = structlog.get_logger("service.ingest")
+
+
+class Ingest:
+    """Receives instances from the Storage SCP and makes them durable."""
+
+    def __init__(
+        self, spool: Spool, index: StudyIndex, *, ae_title: str, min_free_bytes: int
+    ) -> None:
+        self._spool = spool
+        self._index = index
+        self._ae_title = ae_title
+        self._min_free_bytes = min_free_bytes
+
+    def store(self, instance: ReceivedInstance) -> StoreStatus:
+        """Store one instance; the returned status is what the sender sees."""
+        peer = {"peer_ae": instance.calling_ae, "peer_address": instance.peer_address}
+        try:
+            return self._store(instance)
+        except InvalidUID as exc:
+            log.warning(
+                "store.refused",
+                reason=f"invalid UID: {exc}",
+                status="0xC001",
+                action="fix the sending system's UIDs; the instance was not stored",
+                **peer,
+            )
+            return StoreStatus.INVALID_UID
+        except UnreadableDataset as exc:
+            log.warning(
+                "store.refused",
+                reason=str(exc),
+                status="0xC000",
+                action="check the file on the sending system; it was not stored",
+                **peer,
+            )
+            return StoreStatus.CANNOT_UNDERSTAND
+        except DatasetMismatch as exc:
+            status = (
+                StoreStatus.SOP_CLASS_MISMATCH
+                if exc.sop_class
+                else (StoreStatus.SOP_INSTANCE_MISMATCH)
+            )
+            log.warning(
+                "store.refused",
+                reason=str(exc),
+                status=f"0x{status:04X}",
+                action="the sender's request and data set disagree; not stored",
+                **peer,
+            )
+            return status
+        except StorageFull as exc:
+            log.error(
+                "store.refused",
+                reason=str(exc),
+                status="0xA700",
+                action="free disk space under node.data_dir; senders will retry",
+                **peer,
+            )
+            return StoreStatus.OUT_OF_RESOURCES
+
+    def _store(self, instance: ReceivedInstance) -> StoreStatus:
+        sop_instance_uid = require_uid(instance.sop_instance_uid, "Affected SOP Instance UID")
+        require_uid(instance.sop_class_uid, "Affected SOP Class UID")
+        if self._index.has_instance(sop_instance_uid):
+            reopened = self._index.touch_study_of(sop_instance_uid)
+            log.debug("instance.duplicate", peer_ae=instance.calling_ae)
+            if reopened:
+                log.info("study.reopened", cause="duplicate instance")
+            return StoreStatus.SUCCESS
+        if self._spool.free_bytes() < self._min_free_bytes:
+            raise StorageFull("free disk space is below node.min_free_disk_mb")
+        header = parse_header(instance.dataset, instance.transfer_syntax_uid)
+        self._check_header(header, instance)
+        target = self._spool.path_for(header.study_uid, header.series_uid, sop_instance_uid)
+        meta = file_meta_bytes(
+            sop_class_uid=instance.sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=instance.transfer_syntax_uid,
+            source_ae=self._ae_title,
+            sending_ae=instance.calling_ae,
+        )
+        size = self._spool.write(target, meta, instance.dataset)
+        stored = StoredInstance(
+            header=header,
+            path=str(target),
+            size_bytes=size,
+            transfer_syntax_uid=instance.transfer_syntax_uid,
+            calling_ae=instance.calling_ae,
+        )
+        outcome = self._index.add_instance(stored)
+        key = study_key(header.study_uid)
+        if outcome.new_study:
+            log.info("study.receiving", study=key, peer_ae=instance.calling_ae)
+        elif outcome.reopened_study:
+            log.info("study.reopened", study=key, cause="new instance after completion")
+        return StoreStatus.SUCCESS
+
+    @staticmethod
+    def _check_header(header: InstanceHeader, instance: ReceivedInstance) -> None:
+        require_uid(header.study_uid, "Study Instance UID")
+        require_uid(header.series_uid, "Series Instance UID")
+        require_uid(header.sop_instance_uid, "SOP Instance UID")
+        if header.sop_instance_uid != instance.sop_instance_uid:
+            raise DatasetMismatch(
+                "SOP Instance UID in the data set differs from the C-STORE request",
+                sop_class=False,
+            )
+        if header.sop_class_uid and header.sop_class_uid != instance.sop_class_uid:
+            raise DatasetMismatch(
+                "SOP Class UID in the data set differs from the C-STORE request", sop_class=True
+            )

@@ -1,0 +1,150 @@
+"""The node: the one module that wires the others together.
+
+``Node`` builds the spool, the study index, the receive path, the Storage SCP and
+the completion monitor from :class:`~service.config.Settings`, reconciles the index
+with the spool at start (so a crash between the file and the index row loses
+nothing), and stops them in the reverse order.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+from types import FrameType
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_nodes.policy import AssociationPolicy
+from dicom_nodes.scp import StorageSCP
+from service import __version__
+from service.completion import CompletionMonitor
+from service.config import Settings
+from service.errors import StartupError
+from service.headers import header_from_dataset
+from service.index import StudyIndex
+from service.ingest import Ingest
+from service.records import StoredInstance
+from service.spool import Spool
+
+log = structlog.get_logger("service.node")
+
+
+def _association_policy(settings: Settings) -> AssociationPolicy:
+    node = settings.node
+    return AssociationPolicy(
+        ae_title=node.ae_title,
+        allowed_calling_aets=tuple(node.allowed_calling_aets),
+        max_associations=node.max_associations,
+        max_pdu_bytes=node.max_pdu_bytes,
+        dimse_timeout_s=node.dimse_timeout_s,
+        network_timeout_s=node.network_timeout_s,
+    )
+
+
+class Node:
+    """A running radnode: Storage SCP, spool, index and completion monitor."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        data_dir = Path(settings.node.data_dir)
+        try:
+            self.spool = Spool(data_dir)
+            self.index = StudyIndex(data_dir / "index.sqlite3")
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(
+                f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
+            ) from exc
+        self.ingest = Ingest(
+            self.spool,
+            self.index,
+            ae_title=settings.node.ae_title,
+            min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+        )
+        self.scp = StorageSCP(
+            _association_policy(settings),
+            self.ingest,
+            host=settings.node.host,
+            port=settings.node.port,
+        )
+        self.completion = CompletionMonitor(self.index, settings.study.completion_timeout_s)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        log.info("node.starting", version=__version__, data_dir=str(self.spool.root.parent))
+        if not self.settings.node.allowed_calling_aets:
+            log.warning(
+                "config.open_to_any_calling_ae",
+                action="set node.allowed_calling_aets to the PACS AE titles",
+            )
+        self.reconcile()
+        try:
+            self.scp.start()
+        except OSError as exc:
+            self.index.close()
+            raise StartupError(
+                f"cannot listen on {self.settings.node.host}:{self.settings.node.port}: "
+                f"{exc.strerror}; stop the other program on that port or change node.port"
+            ) from exc
+        self.completion.start()
+        log.info("node.started", ae_title=self.settings.node.ae_title, port=self.scp.port)
+
+    def reconcile(self) -> None:
+        """Make the index agree with the spool after an unclean stop."""
+        partials = self.spool.discard_partials()
+        on_disk = {p.stem: p for p in self.spool.iter_instances()}
+        missing = self.index.missing_from(on_disk)
+        for sop_uid in sorted(missing):
+            self._index_file(on_disk[sop_uid])
+        log.info(
+            "spool.reconciled",
+            partials_removed=partials,
+            indexed_from_spool=len(missing),
+            instances=len(on_disk),
+        )
+
+    def _index_file(self, path: Path) -> None:
+        try:
+            dataset = dcmread(path, stop_before_pixels=True)
+            header = header_from_dataset(dataset)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            log.error(
+                "spool.unreadable_file",
+                file=path.name,
+                reason=str(exc),
+                action="move the file out of the spool and inspect it",
+            )
+            return
+        meta = dataset.file_meta
+        self.index.add_instance(
+            StoredInstance(
+                header=header,
+                path=str(path),
+                size_bytes=path.stat().st_size,
+                transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                calling_ae=str(meta.get("SendingApplicationEntityTitle", "")),
+            )
+        )
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.completion.stop()
+        self.index.close()
+        self._stopped.set()
+        log.info("node.stopped")
+
+    def run_until_signalled(self) -> None:
+        """Start, then block until SIGINT or SIGTERM; stop cleanly."""
+
+        def _handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("node.signal", signal=signal.Signals(signum).name)
+            self._stopped.set()
+
+        signal.signal(signal.SIGTERM, _handle)
+        signal.signal(signal.SIGINT, _handle)
+        self.start()
+        self._stopped.wait()
+        self.stop()

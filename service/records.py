@@ -1,0 +1,95 @@
+"""Small typed objects passed between stages.
+
+Frozen dataclasses, so a stage cannot change what an earlier stage handed over.
+None of them carries patient identity (name, ID, birth date, accession): those stay
+in the DICOM files, never in the index, the logs or the API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes of one instance that the index and routing need.
+
+    Read from the data set header at receive time (no pixel data is decoded).
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    slice_thickness: float | None = None
+    image_type: tuple[str, ...] = ()
+    #: ImageOrientationPatient (six direction cosines) of the instance, if present.
+    image_orientation: tuple[float, ...] | None = None
+    manufacturer: str = ""
+    manufacturer_model_name: str = ""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance that is durable in the spool."""
+
+    header: InstanceHeader
+    path: str
+    size_bytes: int
+    transfer_syntax_uid: str
+    calling_ae: str
+
+
+class StudyState(StrEnum):
+    """Where a study is in its life. Stored as text in the study index."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series of a study as the index knows it: what routing rules match on."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    body_part: str
+    series_description: str
+    sop_class_uid: str
+    series_number: int | None
+    instance_count: int
+    slice_thickness: float | None
+    image_type: tuple[str, ...]
+    image_orientation: tuple[float, ...] | None
+    manufacturer: str
+    manufacturer_model_name: str
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A study as the index knows it, without patient data."""
+
+    study_uid: str
+    study_key: str
+    state: StudyState
+    instance_count: int
+    series_count: int
+    first_received_at: float
+    last_received_at: float
+    completed_at: float | None
+
+
+@dataclass(frozen=True)
+class IndexOutcome:
+    """What recording an instance changed in the index."""
+
+    new_instance: bool
+    new_study: bool
+    reopened_study: bool

@@ -1,0 +1,111 @@
+"""Bad input gets a clear failure status and a log line; the node keeps receiving.
+
+DCMTK's storescu refuses to send malformed files, so these tests send hostile bytes
+with pynetdicom (a real DICOM peer over loopback) in its raw "send the file's bytes
+as they are" mode. The node under test is the real ``radnode serve`` process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import encode
+
+from service.spool import file_meta_bytes
+from tests.conftest import RadnodeProcess, storescu
+
+pytestmark = pytest.mark.integration
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def raw_sending() -> Iterator[None]:
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def raw_file(path: Path, body: bytes, sop_instance_uid: str) -> Path:
+    """A Part 10 file whose meta is valid and whose data set is ``body``."""
+    meta = file_meta_bytes(
+        sop_class_uid=CT_IMAGE_STORAGE,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        source_ae="TEST",
+        sending_ae="",
+    )
+    path.write_bytes(meta + body)
+    return path
+
+
+def send_raw(port: int, files: list[Path]) -> list[int]:
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
+    assert assoc.is_established
+    statuses = []
+    try:
+        for msg_id, path in enumerate(files, start=1):
+            status = assoc.send_c_store(path, msg_id=msg_id)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def ct_body(**changes: str) -> bytes:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    data = encode(ds, False, True)
+    assert data is not None
+    return data
+
+
+def test_bad_input_gets_failure_statuses_and_node_keeps_receiving(
+    radnode: RadnodeProcess, tmp_path: Path, raw_sending: None
+) -> None:
+    good_uid = generate_uid()
+    truncated = ct_body(SOPInstanceUID=(t := generate_uid()))[:-5000]
+    hostile = "1.2.3/../../../../tmp/escape"
+    files = [
+        raw_file(
+            tmp_path / "garbage.dcm",
+            b"MZ\x90\x00 this is an executable, not DICOM" * 50,
+            generate_uid(),
+        ),
+        raw_file(tmp_path / "truncated.dcm", truncated, t),
+        raw_file(tmp_path / "hostile.dcm", ct_body(SOPInstanceUID=hostile), hostile),
+        raw_file(
+            tmp_path / "overlong.dcm", ct_body(SOPInstanceUID="1." * 40 + "1"), "1." * 40 + "1"
+        ),
+        raw_file(tmp_path / "good.dcm", ct_body(SOPInstanceUID=good_uid), good_uid),
+    ]
+    statuses = send_raw(radnode.port, files)
+    assert statuses[0] == 0xC000  # cannot understand
+    assert statuses[1] == 0xC000
+    assert statuses[2] == 0xC001  # invalid UID
+    assert statuses[3] == 0xC001
+    assert statuses[4] == 0x0000  # the same association goes on
+    refused = radnode.wait_for_event("store.refused", count=4)
+    reasons = [event["reason"] for event in refused]
+    assert "not a parseable" in reasons[0] or "truncated" in reasons[0]
+    assert "truncated" in reasons[1]
+    assert reasons[2].startswith("invalid UID: Affected SOP Instance UID")
+    assert "longer than 64" in reasons[3]
+    assert all("action" in event for event in refused)
+    assert not any(hostile in line or "escape" in line for line in radnode.lines)
+    assert not Path("/tmp/escape.dcm").exists()
+    stored = list((radnode.data_dir / "spool").rglob("*.dcm"))
+    assert [p.stem for p in stored] == [good_uid]
+    # and a real sender on a new association is still served
+    after = storescu(radnode.port, [Path(get_testdata_file("MR_small.dcm"))])
+    assert after.returncode == 0, after.stdout + after.stderr

@@ -1,0 +1,99 @@
+"""Configuration: defaults, TOML, environment overrides, one message per mistake."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.config import load_settings
+from service.errors import ConfigError
+from tests.conftest import RADNODE
+
+
+def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in __import__("os").environ if k.startswith("RADNODE_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings()
+    assert settings.node.ae_title == "RADNODE"
+    assert settings.node.port == 11112
+    assert settings.node.data_dir == Path("./radnode-data")
+    assert settings.node.allowed_calling_aets == []
+    assert settings.study.completion_timeout_s == 10
+    assert settings.http.port == 8080
+
+
+def test_toml_file_is_read_and_environment_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "radnode.toml"
+    config.write_text(
+        '[node]\nae_title = "AINODE"\nport = 4000\nallowed_calling_aets = ["PACS"]\n'
+        "[study]\ncompletion_timeout_s = 30\n"
+        '[[destinations]]\nname = "pacs"\ntype = "dicom"\nae_title = "PACS"\n'
+        'host = "127.0.0.1"\nport = 104\n'
+    )
+    monkeypatch.setenv("RADNODE_NODE__PORT", "4001")
+    settings = load_settings(config)
+    assert settings.node.ae_title == "AINODE"
+    assert settings.node.port == 4001
+    assert settings.node.allowed_calling_aets == ["PACS"]
+    assert settings.study.completion_timeout_s == 30
+    assert settings.destinations[0].ae_title == "PACS"
+
+
+def test_every_mistake_is_reported_with_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[node]\nport = 70000\nae_title = "THIS AE TITLE IS TOO LONG"\ncolour = "blue"\n'
+        "[study]\ncompletion_timeout_s = 0\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    text = "\n".join(caught.value.problems)
+    assert len(caught.value.problems) == 4
+    assert "node.port" in text
+    assert "node.ae_title" in text and "16 characters" in text
+    assert "node.colour: unknown key" in text
+    assert "study.completion_timeout_s" in text
+
+
+def test_cross_references_are_checked(tmp_path: Path) -> None:
+    config = tmp_path / "routes.toml"
+    config.write_text(
+        '[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "h"\nport = 104\n'
+        '[[routes]]\nname = "r"\npipeline = "p"\ndestinations = ["ris"]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert caught.value.problems == [
+        "destinations[0].ae_title: required for a dicom destination",
+        "routes[0].destinations: 'ris' is not a configured destination",
+    ]
+
+
+def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[node\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[node]\nae_title = "AINODE"\n')
+    ok = subprocess.run(
+        [str(RADNODE), "config", "check", str(good)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout and "AINODE" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nport = -1\n")
+    failed = subprocess.run(
+        [str(RADNODE), "config", "check", str(bad)], capture_output=True, text=True
+    )
+    assert failed.returncode == 2
+    assert "node.port" in failed.stderr

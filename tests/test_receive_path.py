@@ -1,0 +1,194 @@
+"""The receive path in process: headers, spool, index, ingest and completion."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dsutils import encode
+
+from dicom_nodes.scp import ReceivedInstance
+from dicom_nodes.status import StoreStatus
+from service.completion import CompletionMonitor
+from service.errors import UnreadableDataset
+from service.headers import parse_header
+from service.index import StudyIndex
+from service.ingest import Ingest
+from service.records import StudyState
+from service.spool import Spool
+
+
+def ct_small() -> Dataset:
+    return dcmread(get_testdata_file("CT_small.dcm"))
+
+
+def encoded(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    data = encode(ds, False, True, deflated)
+    assert data is not None
+    return data
+
+
+def received(ds: Dataset, data: bytes | None = None, **overrides: str) -> ReceivedInstance:
+    fields = {
+        "sop_class_uid": str(ds.SOPClassUID),
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "transfer_syntax_uid": ExplicitVRLittleEndian,
+        "dataset": encoded(ds) if data is None else data,
+        "calling_ae": "PACS",
+        "called_ae": "RADNODE",
+        "peer_address": "127.0.0.1",
+    }
+    fields.update(overrides)
+    return ReceivedInstance(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[Spool, StudyIndex, Ingest]:
+    spool = Spool(tmp_path)
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    ingest = Ingest(spool, index, ae_title="RADNODE", min_free_bytes=0)
+    yield spool, index, ingest
+    index.close()
+
+
+def test_header_is_read_without_pixel_decoding() -> None:
+    ds = ct_small()
+    header = parse_header(encoded(ds), ExplicitVRLittleEndian)
+    assert header.study_uid == ds.StudyInstanceUID
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+    assert header.modality == "CT"
+    assert header.slice_thickness == float(ds.SliceThickness)
+    assert header.image_orientation == tuple(float(v) for v in ds.ImageOrientationPatient)
+    assert header.image_type == tuple(ds.ImageType)
+
+
+def test_deflated_data_set_is_read() -> None:
+    ds = ct_small()
+    data = encoded(ds, DeflatedExplicitVRLittleEndian)
+    assert parse_header(data, DeflatedExplicitVRLittleEndian).sop_instance_uid == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("mangle", "reason"),
+    [
+        (lambda b: b[:-300], "truncated"),
+        (lambda b: b"this is not DICOM at all, just text" * 20, "truncated|parseable"),
+        (lambda b: b[: b.index(b"\xe0\x7f\x10\x00")], "Pixel Data is missing"),
+    ],
+)
+def test_damaged_data_sets_are_refused(mangle, reason: str) -> None:
+    with pytest.raises(UnreadableDataset, match=reason):
+        parse_header(mangle(encoded(ct_small())), ExplicitVRLittleEndian)
+
+
+def test_wrong_length_pixel_data_is_refused() -> None:
+    ds = ct_small()
+    ds.PixelData = ds.PixelData[:-2048]
+    with pytest.raises(UnreadableDataset, match="Pixel Data has"):
+        parse_header(encoded(ds), ExplicitVRLittleEndian)
+
+
+def test_stored_file_is_received_bytes_plus_file_meta(parts) -> None:
+    spool, index, ingest = parts
+    ds = ct_small()
+    data = encoded(ds)
+    assert ingest.store(received(ds, data)) == StoreStatus.SUCCESS
+    path = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    raw = path.read_bytes()
+    assert raw.endswith(data)
+    stored = dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.file_meta.SendingApplicationEntityTitle == "PACS"
+    assert stored.PixelData == ds.PixelData
+    assert index.instance_count() == 1
+    assert not list(spool.incoming.iterdir())
+
+
+def test_duplicates_are_acknowledged_once_stored_once(parts) -> None:
+    _spool, index, ingest = parts
+    ds = ct_small()
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    assert index.instance_count() == 1
+    (study,) = index.recent_studies()
+    assert study.instance_count == 1
+
+
+def test_hostile_uids_never_become_paths(parts, tmp_path: Path) -> None:
+    _spool, index, ingest = parts
+    ds = ct_small()
+    ds.SOPInstanceUID = "../../../../tmp/evil"
+    status = ingest.store(received(ds))
+    assert status == StoreStatus.INVALID_UID
+    ds = ct_small()
+    ds.StudyInstanceUID = "1.2.3/../../escape"
+    assert ingest.store(received(ds)) == StoreStatus.INVALID_UID
+    assert index.instance_count() == 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "index.sqlite3" not in p.name]
+    assert written == []
+
+
+def test_request_and_data_set_must_agree(parts) -> None:
+    _, index, ingest = parts
+    ds = ct_small()
+    other = generate_uid()
+    assert ingest.store(received(ds, sop_instance_uid=other)) == StoreStatus.SOP_INSTANCE_MISMATCH
+    mr_class = "1.2.840.10008.5.1.4.1.1.4"
+    assert ingest.store(received(ds, sop_class_uid=mr_class)) == StoreStatus.SOP_CLASS_MISMATCH
+    assert index.instance_count() == 0
+
+
+def test_disk_guard_refuses_with_out_of_resources(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    ingest = Ingest(spool, index, ae_title="RADNODE", min_free_bytes=spool.free_bytes() * 2)
+    assert ingest.store(received(ct_small())) == StoreStatus.OUT_OF_RESOURCES
+    assert index.instance_count() == 0
+    index.close()
+
+
+def test_quiet_study_completes_and_late_instance_reopens(parts) -> None:
+    _, index, ingest = parts
+    completed = []
+    monitor = CompletionMonitor(index, quiet_s=0.01, on_complete=completed.append)
+    ds = ct_small()
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert [s.study_uid for s in monitor.check_now()] == [ds.StudyInstanceUID]
+    assert completed[0].state == StudyState.COMPLETE
+    assert monitor.check_now() == []  # completes once
+    late = ct_small()
+    late.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(late)) == StoreStatus.SUCCESS
+    study = index.study(ds.StudyInstanceUID)
+    assert study is not None and study.state == StudyState.RECEIVING
+    assert study.instance_count == 2
+    time.sleep(0.05)
+    assert len(monitor.check_now()) == 1
+
+
+def test_completion_is_not_early(parts) -> None:
+    _, index, ingest = parts
+    monitor = CompletionMonitor(index, quiet_s=60)
+    assert ingest.store(received(ct_small())) == StoreStatus.SUCCESS
+    assert monitor.check_now() == []
+    study = index.recent_studies()[0]
+    assert study.state == StudyState.RECEIVING
+
+
+def test_index_lists_series_with_routing_attributes(parts) -> None:
+    _, index, ingest = parts
+    ds = ct_small()
+    ingest.store(received(ds))
+    (series,) = index.series_of(ds.StudyInstanceUID)
+    assert series.modality == "CT"
+    assert series.instance_count == 1
+    assert series.sop_class_uid == ds.SOPClassUID
+    assert series.slice_thickness == float(ds.SliceThickness)
+    assert series.image_orientation is not None and len(series.image_orientation) == 6
