@@ -6,7 +6,9 @@
     ├── UnreadableDataset  received bytes are not a DICOM data set we can parse
     ├── DatasetMismatch    data set contradicts the C-STORE request (SOP class/instance)
     ├── StorageFull        the spool cannot take more data (disk guard or write error)
-    └── StartupError       the node cannot start (port in use, data_dir not writable)
+    ├── StartupError       the node cannot start (port in use, data_dir not writable)
+    └── SeriesRefused      a series cannot become a trustworthy volume
+                           (service.pipeline.volume; carries ``reason`` and ``code``)
 
 Each is translated once at its boundary: to a DIMSE status at the Storage SCP, to an
 exit code and one message at the CLI.

@@ -4,16 +4,24 @@ One JSON object per line on standard output, one event per state change. Every l
 has ``timestamp`` (UTC, ISO 8601), ``level``, ``logger`` and ``event``; ids such as
 ``study`` (see :func:`service.uids.study_key`) and ``job`` are bound where they are
 known. Patient data never enters a log call: the index holds none and the receive
-path logs studies by their key only. pynetdicom's own logger is kept at WARNING,
-because at DEBUG it prints whole data sets.
+path logs studies by their key only.
+
+Libraries are the other way patient data could leak: pynetdicom prints whole data
+sets at DEBUG and quotes element values in its warnings, pydicom quotes invalid values
+when it validates. Their loggers are kept at WARNING with every quoted value redacted,
+pydicom does not validate on read (radnode validates the UIDs it uses itself), and
+Python warnings from them are not printed.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 
 import structlog
+from pydicom import config as pydicom_config
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -21,6 +29,34 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+_LIBRARIES = ("pynetdicom", "pydicom")
+
+
+class RedactQuotedValues(logging.Filter):
+    """Replace every quoted value in a DICOM library's log message with ``'<redacted>'``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in _LIBRARIES:
+            record.msg = _QUOTED.sub("'<redacted>'", record.getMessage())
+            record.args = None
+        return True
+
+
+def quiet_libraries() -> None:
+    """Keep pynetdicom and pydicom from logging data set contents.
+
+    Their records are redacted by :class:`RedactQuotedValues` on the log handler.
+    """
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", module=r"pynetdicom(\..*)?")
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure_logging(level: str = "info") -> None:
@@ -52,8 +88,8 @@ def configure_logging(level: str = "info") -> None:
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
+    handler.addFilter(RedactQuotedValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
-    # pynetdicom logs whole data sets and identifiers at DEBUG/INFO: never let them out.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_libraries()

@@ -85,7 +85,9 @@ def test_bad_input_gets_failure_statuses_and_node_keeps_receiving(
         raw_file(tmp_path / "truncated.dcm", truncated, t),
         raw_file(tmp_path / "hostile.dcm", ct_body(SOPInstanceUID=hostile), hostile),
         raw_file(
-            tmp_path / "overlong.dcm", ct_body(SOPInstanceUID="1." * 40 + "1"), "1." * 40 + "1"
+            tmp_path / "overlong.dcm",
+            ct_body(SOPInstanceUID=(o := generate_uid()), StudyInstanceUID="1." * 40 + "1"),
+            o,
         ),
         raw_file(tmp_path / "good.dcm", ct_body(SOPInstanceUID=good_uid), good_uid),
     ]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from service.testing import write_ct_series
 
+from service.testing import write_ct_series
 from tests.conftest import acknowledged_files, dcmtk_env, require_tool
 
 pytestmark = pytest.mark.integration
@@ -34,17 +34,16 @@ def test_sigkill_during_receive_loses_no_acknowledged_instance(
 ) -> None:
     kill_after = random.Random(run).randint(5, 100)
     node = radnode_factory().start()
-    cmd = [
-        require_tool("storescu"),
-        "-v",
-        "-aec",
-        "RADNODE",
-        "127.0.0.1",
-        str(node.port),
-        *map(str, series),
-    ]
+
+    def storescu_cmd(port: int) -> list[str]:
+        return [require_tool("storescu"), "-v", "-aec", "RADNODE", "127.0.0.1", str(port)]
+
     sender = subprocess.Popen(
-        cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*storescu_cmd(node.port), *map(str, series)],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output: list[str] = []
     killed = threading.Event()
@@ -83,7 +82,7 @@ def test_sigkill_during_receive_loses_no_acknowledged_instance(
     assert not list((restarted.data_dir / "spool" / "incoming").iterdir())
     # the rest of the series can be sent again and the study completes whole
     resend = subprocess.run(
-        cmd[: -len(series)] + [str(restarted.port)][:0] + list(map(str, series)),
+        [*storescu_cmd(restarted.port), *map(str, series)],
         env=dcmtk_env(),
         capture_output=True,
         text=True,

@@ -129,6 +129,9 @@ def test_hostile_uids_never_become_paths(parts, tmp_path: Path) -> None:
     ds = ct_small()
     ds.StudyInstanceUID = "1.2.3/../../escape"
     assert ingest.store(received(ds)) == StoreStatus.INVALID_UID
+    ds = ct_small()
+    del ds.StudyInstanceUID  # the spool layout and routing both need it
+    assert ingest.store(received(ds)) == StoreStatus.INVALID_UID
     assert index.instance_count() == 0
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "index.sqlite3" not in p.name]
     assert written == []

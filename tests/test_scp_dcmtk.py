@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from service.testing import write_ct_series
+from pydicom.uid import generate_uid
 
+from service.testing import write_ct_series
 from tests.conftest import (
     RadnodeProcess,
     acknowledged_files,
@@ -89,9 +90,27 @@ TRANSFER_SYNTAX_CASES = [
 ]
 
 
-def test_pydicom_test_files_arrive_in_their_transfer_syntax(radnode: RadnodeProcess) -> None:
+def with_own_instance_uid(name: str, out_dir: Path) -> Path:
+    """A copy of a pydicom test file under a fresh SOP Instance UID.
+
+    Several test files share one SOP Instance UID (the node would de-duplicate them)
+    and some lack the Study/Series UIDs every stored instance needs.
+    """
+    dataset = dcmread(get_testdata_file(name))
+    dataset.StudyInstanceUID = dataset.get("StudyInstanceUID") or generate_uid()
+    dataset.SeriesInstanceUID = dataset.get("SeriesInstanceUID") or generate_uid()
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    copy = out_dir / name
+    dataset.save_as(copy)
+    return copy
+
+
+def test_pydicom_test_files_arrive_in_their_transfer_syntax(
+    radnode: RadnodeProcess, tmp_path: Path
+) -> None:
     for name, option, transfer_syntax in TRANSFER_SYNTAX_CASES:
-        source = Path(get_testdata_file(name))
+        source = with_own_instance_uid(name, tmp_path)
         assert dcmread(source).file_meta.TransferSyntaxUID == transfer_syntax
         result = storescu(radnode.port, [source], option, "-R")
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"

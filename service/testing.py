@@ -1,0 +1,805 @@
+"""Synthetic DICOM data: a CT abdomen phantom series and a chest radiograph phantom.
+
+Tests and benchmarks need DICOM that looks like what a PACS sends — full-size 16-bit
+CT series with consistent geometry, projection radiographs with the attributes that
+routing and pipelines look at — but real studies carry protected health information
+and public sample sets would have to be downloaded. This module draws such data from
+simple geometric phantoms instead: no PHI, no network, deterministic for a given seed,
+and fast enough (a 300-slice 512x512 series in a few seconds) to generate per test run.
+
+The objects are valid instances of their IODs (``dciodvfy`` reports no errors):
+
+* :func:`make_ct_series` / :func:`write_ct_series` — CT Image Storage. Air outside an
+  elliptic body of fat and soft tissue, with liver (patient right), spleen, kidneys,
+  aorta and a vertebral column with discs; organs are ellipsoids, so their sections
+  change from slice to slice. Values are Hounsfield units stored with intercept -1024.
+  The phantom is scaled to the imaged box, so small test images still show every organ;
+  at the default size (512x512 at 0.7 mm, 300 slices of 1.25 mm) its sizes are adult.
+* :func:`make_radiograph` / :func:`write_radiograph` — Digital X-Ray (for presentation)
+  or Computed Radiography: a PA chest with lung fields, heart and mediastinum, spine,
+  ribs and, on request, a round nodule in a lung field.
+
+Run ``python -m service.testing --help`` to write either to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+__all__ = [
+    "Orientation",
+    "iter_ct_series",
+    "make_ct_series",
+    "make_radiograph",
+    "write_ct_series",
+    "write_radiograph",
+]
+
+Orientation = Literal["axial", "coronal", "sagittal"]
+
+# Fixed dates and times keep the output deterministic (same seed and UIDs, same bytes).
+_STUDY_DATE = "20250101"
+_STUDY_TIME = "093000"
+_BIRTH_DATE = "19700101"
+
+_UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+
+# Row and column direction cosines (LPS patient coordinates) of each orientation.
+_ORIENTATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Modules shared by every object: Patient, General Study, General Series, Equipment, SOP
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Study:
+    """The patient and study that all instances of one call belong to."""
+
+    patient_name: str
+    patient_id: str
+    study_uid: str
+    accession_number: str
+    study_description: str
+
+
+def _add_patient_and_study(ds: Dataset, study: _Study) -> None:
+    """Patient and General Study modules."""
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
+    ds.PatientBirthDate = _BIRTH_DATE
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study.study_uid
+    ds.StudyDate = _STUDY_DATE
+    ds.StudyTime = _STUDY_TIME
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = study.accession_number
+    ds.StudyDescription = study.study_description
+
+
+def _add_series(
+    ds: Dataset, *, modality: str, series_uid: str, description: str, body_part: str
+) -> None:
+    """General Series module (and the Body Part Examined that routing rules match)."""
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 1
+    ds.SeriesDate = _STUDY_DATE
+    ds.SeriesTime = _STUDY_TIME
+    ds.SeriesDescription = description
+    ds.BodyPartExamined = body_part
+
+
+def _add_equipment(ds: Dataset) -> None:
+    """General Equipment module: says plainly that no real device made this."""
+    ds.Manufacturer = "radnode"
+    ds.ManufacturerModelName = "synthetic phantom"
+    ds.StationName = "RADNODE-SIM"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "radnode service.testing"
+
+
+def _add_sop_common(ds: Dataset, sop_class: str, sop_instance: str) -> None:
+    """SOP Common module plus the file meta information of a Part 10 file."""
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
+    ds.InstanceCreationDate = _STUDY_DATE
+    ds.InstanceCreationTime = _STUDY_TIME
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+
+
+def _add_content_time(ds: Dataset) -> None:
+    """Content and acquisition date/time (General Image, General Acquisition)."""
+    ds.ContentDate = _STUDY_DATE
+    ds.ContentTime = _STUDY_TIME
+    ds.AcquisitionDate = _STUDY_DATE
+    ds.AcquisitionTime = _STUDY_TIME
+
+
+def _add_pixels(ds: Dataset, pixels: np.ndarray, *, bits_stored: int, photometric: str) -> None:
+    """Image Pixel module for one-sample, 16-bit-allocated, native pixel data."""
+    rows, columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+    ds["PixelData"].VR = "OW"
+
+
+def _save(ds: Dataset, path: Path, transfer_syntax: str) -> Path:
+    """Write ``ds`` as a Part 10 file in ``transfer_syntax``.
+
+    The uncompressed syntaxes (implicit, explicit, deflated) only change the file meta;
+    any other syntax is compressed with pydicom's encoders (RLE Lossless always works,
+    JPEG 2000 Lossless with pylibjpeg-openjpeg), which raise if none is available.
+    """
+    ts = UID(transfer_syntax)
+    if ts in _UNCOMPRESSED:
+        ds.file_meta.TransferSyntaxUID = ts
+    else:
+        ds.compress(ts, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# CT phantom
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ellipsoid:
+    """An axis-aligned ellipsoid in normalised patient coordinates, filled with ``hu``.
+
+    Coordinates run from -1 to 1 across the imaged box along x (patient left), y
+    (posterior) and z (head). An infinite radius makes an elliptic cylinder.
+    """
+
+    center: tuple[float, float, float]
+    radii: tuple[float, float, float]
+    hu: float
+
+
+_INF = math.inf
+
+
+def _phantom() -> tuple[_Ellipsoid, ...]:
+    """The abdomen, in painting order (later shapes cover earlier ones)."""
+    shapes = [
+        _Ellipsoid((0.0, 0.02, 0.0), (0.88, 0.62, _INF), -100.0),  # subcutaneous fat
+        _Ellipsoid((0.0, 0.02, 0.0), (0.79, 0.53, _INF), 40.0),  # muscle and viscera
+        _Ellipsoid((-0.36, -0.04, 0.30), (0.36, 0.33, 0.50), 60.0),  # liver (patient right)
+        _Ellipsoid((0.50, 0.16, 0.38), (0.15, 0.17, 0.28), 50.0),  # spleen
+        _Ellipsoid((-0.27, 0.27, -0.12), (0.10, 0.12, 0.30), 32.0),  # right kidney
+        _Ellipsoid((0.27, 0.27, -0.04), (0.10, 0.12, 0.30), 32.0),  # left kidney
+        _Ellipsoid((-0.27, 0.29, -0.12), (0.04, 0.05, 0.14), -60.0),  # right renal sinus
+        _Ellipsoid((0.27, 0.29, -0.04), (0.04, 0.05, 0.14), -60.0),  # left renal sinus
+        _Ellipsoid((0.06, 0.15, 0.0), (0.05, 0.05, _INF), 45.0),  # aorta
+        _Ellipsoid((-0.07, 0.16, 0.0), (0.045, 0.04, _INF), 40.0),  # inferior vena cava
+        _Ellipsoid((0.0, 0.33, 0.0), (0.09, 0.10, _INF), 700.0),  # vertebral bodies
+    ]
+    # Intervertebral discs: about one every 32 mm at the default series length.
+    shapes += [
+        _Ellipsoid((0.0, 0.33, -0.915 + 0.17 * k), (0.085, 0.095, 0.025), 80.0) for k in range(11)
+    ]
+    shapes += [
+        _Ellipsoid((0.0, 0.465, 0.0), (0.035, 0.035, _INF), 15.0),  # spinal canal
+        _Ellipsoid((0.0, 0.54, 0.0), (0.022, 0.05, _INF), 700.0),  # spinous processes
+    ]
+    return tuple(shapes)
+
+
+_PHANTOM = _phantom()
+_CT_NOISE_HU = 10.0
+_CT_INTERCEPT = -1024
+
+
+@dataclass(frozen=True)
+class _CTGeometry:
+    """Where every voxel of the series lies in patient space (LPS, mm)."""
+
+    rows: int
+    columns: int
+    slices: int
+    row_spacing: float  # between rows, along the column direction (PixelSpacing[0])
+    column_spacing: float  # between columns, along the row direction (PixelSpacing[1])
+    slice_spacing: float
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    origin: np.ndarray  # ImagePositionPatient of the first slice
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        rows: int,
+        columns: int,
+        slices: int,
+        pixel_spacing: Sequence[float],
+        slice_spacing: float,
+        orientation: str,
+    ) -> _CTGeometry:
+        if orientation not in _ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {sorted(_ORIENTATIONS)}")
+        if min(rows, columns, slices) < 1:
+            raise ValueError("rows, columns and slices must be positive")
+        row_dir, col_dir = (np.array(v) for v in _ORIENTATIONS[orientation])
+        normal = np.cross(row_dir, col_dir)
+        dr, dc = float(pixel_spacing[0]), float(pixel_spacing[1])
+        # Centre the imaged box on the patient-space origin.
+        origin = -(
+            (columns - 1) / 2 * dc * row_dir
+            + (rows - 1) / 2 * dr * col_dir
+            + (slices - 1) / 2 * slice_spacing * normal
+        )
+        return cls(rows, columns, slices, dr, dc, slice_spacing, row_dir, col_dir, normal, origin)
+
+    def position(self, k: int) -> np.ndarray:
+        """ImagePositionPatient of slice ``k`` (0-based)."""
+        return self.origin + k * self.slice_spacing * self.normal
+
+    def normalised_axes(self, k: int) -> list[tuple[int | None, np.ndarray | float]]:
+        """Normalised patient coordinates of slice ``k``, one entry per x, y, z.
+
+        Each entry is ``(image_axis, values)``: axis 0 means the values vary down the
+        rows (shape ``(rows,)``), axis 1 across the columns (shape ``(columns,)``), and
+        ``None`` a single value for the whole slice (the axis along the normal).
+        """
+        position = self.position(k)
+        axes: list[tuple[int | None, np.ndarray | float]] = []
+        for a in range(3):
+            if self.row_dir[a]:
+                steps = np.arange(self.columns) * self.column_spacing * self.row_dir[a]
+                half = self.columns * self.column_spacing / 2
+                axes.append((1, (position[a] + steps) / half))
+            elif self.col_dir[a]:
+                steps = np.arange(self.rows) * self.row_spacing * self.col_dir[a]
+                half = self.rows * self.row_spacing / 2
+                axes.append((0, (position[a] + steps) / half))
+            else:
+                half = self.slices * self.slice_spacing / 2
+                axes.append((None, float(position[a]) / half))
+        return axes
+
+
+def _paint(
+    image: np.ndarray, shape: _Ellipsoid, axes: list[tuple[int | None, np.ndarray | float]]
+) -> None:
+    """Set the pixels of ``image`` inside ``shape`` to its HU value.
+
+    The ellipsoid inequality is separable for axis-aligned planes: a per-row term plus a
+    per-column term plus a constant. Only the bounding box is ever touched.
+    """
+    rows, columns = image.shape
+    per_row = np.zeros(rows)
+    per_column = np.zeros(columns)
+    constant = 0.0
+    for (image_axis, values), c, r in zip(axes, shape.center, shape.radii, strict=True):
+        if math.isinf(r):
+            continue
+        term = ((values - c) / r) ** 2
+        if image_axis is None:
+            constant += float(term)
+        elif image_axis == 0:
+            per_row += term
+        else:
+            per_column += term
+    inside_rows = np.flatnonzero(per_row + constant <= 1.0)
+    inside_columns = np.flatnonzero(per_column + constant <= 1.0)
+    if inside_rows.size == 0 or inside_columns.size == 0:
+        return
+    r0, r1 = inside_rows[0], inside_rows[-1] + 1
+    c0, c1 = inside_columns[0], inside_columns[-1] + 1
+    mask = per_row[r0:r1, None] + per_column[None, c0:c1] + constant <= 1.0
+    image[r0:r1, c0:c1][mask] = shape.hu
+
+
+def _ct_hu_slice(geometry: _CTGeometry, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Hounsfield units of slice ``k``: the phantom plus gaussian noise (float32)."""
+    image = np.full((geometry.rows, geometry.columns), -1000.0, dtype=np.float32)
+    axes = geometry.normalised_axes(k)
+    for shape in _PHANTOM:
+        _paint(image, shape, axes)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(_CT_NOISE_HU)
+    return image
+
+
+def _ct_stored_values(hu: np.ndarray) -> np.ndarray:
+    """Stored int16 values for intercept -1024, slope 1 (HU clipped to -1024..3071)."""
+    return np.rint(np.clip(hu, -1024.0, 3071.0) - _CT_INTERCEPT).astype(np.int16)
+
+
+def _format_ds(value: float) -> str:
+    """A DS value: plain decimal, at most 16 characters, no ``-0``."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def iter_ct_series(
+    *,
+    slices: int = 300,
+    rows: int = 512,
+    columns: int = 512,
+    pixel_spacing: tuple[float, float] = (0.7, 0.7),
+    slice_thickness: float = 1.25,
+    spacing_between_slices: float | None = None,
+    orientation: Orientation = "axial",
+    patient_name: str = "PHANTOM^CT",
+    patient_id: str = "RADNODE-PHANTOM-0001",
+    accession_number: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_description: str = "CT ABDOMEN PHANTOM",
+    body_part: str = "ABDOMEN",
+    seed: int = 0,
+) -> Iterator[Dataset]:
+    """Yield the slices of :func:`make_ct_series` one at a time (same arguments).
+
+    Only one slice is in memory at a time, which keeps long series cheap to write.
+    """
+    spacing = slice_thickness if spacing_between_slices is None else spacing_between_slices
+    geometry = _CTGeometry.build(
+        rows=rows,
+        columns=columns,
+        slices=slices,
+        pixel_spacing=pixel_spacing,
+        slice_spacing=spacing,
+        orientation=orientation,
+    )
+    study = _Study(
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_uid=study_uid or generate_uid(),
+        accession_number=accession_number,
+        study_description="CT ABDOMEN",
+    )
+    series_uid = series_uid or generate_uid()
+    # Derived from the series UID: given UIDs and seed, the output is byte-identical.
+    frame_of_reference_uid = generate_uid(entropy_srcs=[series_uid, "frame-of-reference"])
+    image_type = (
+        ["ORIGINAL", "PRIMARY", "AXIAL"]
+        if orientation == "axial"
+        else ["DERIVED", "SECONDARY", "REFORMATTED"]
+    )
+    iop = [_format_ds(v) for v in (*geometry.row_dir, *geometry.col_dir)]
+    rng = np.random.default_rng(seed)
+
+    for k in range(slices):
+        ds = Dataset()
+        _add_sop_common(ds, CTImageStorage, generate_uid(entropy_srcs=[series_uid, str(k)]))
+        _add_patient_and_study(ds, study)
+        _add_series(
+            ds,
+            modality="CT",
+            series_uid=series_uid,
+            description=series_description,
+            body_part=body_part,
+        )
+        ds.PatientPosition = "HFS"
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        _add_equipment(ds)
+        # General Image and General Acquisition
+        ds.ImageType = image_type
+        ds.InstanceNumber = k + 1
+        ds.AcquisitionNumber = 1
+        _add_content_time(ds)
+        if orientation != "axial":
+            ds.DerivationDescription = "synthetic multiplanar reformat"
+        # Image Plane
+        position = geometry.position(k)
+        ds.ImagePositionPatient = [_format_ds(v) for v in position]
+        ds.ImageOrientationPatient = iop
+        ds.PixelSpacing = [_format_ds(geometry.row_spacing), _format_ds(geometry.column_spacing)]
+        ds.SliceThickness = _format_ds(slice_thickness)
+        ds.SpacingBetweenSlices = _format_ds(spacing)
+        ds.SliceLocation = _format_ds(float(position @ geometry.normal))
+        # CT Image
+        ds.KVP = "120"
+        ds.DataCollectionDiameter = "500"
+        ds.ReconstructionDiameter = _format_ds(
+            max(rows * geometry.row_spacing, columns * geometry.column_spacing)
+        )
+        ds.GantryDetectorTilt = "0"
+        ds.TableHeight = "150"
+        ds.RotationDirection = "CW"
+        ds.ExposureTime = "500"
+        ds.XRayTubeCurrent = 200
+        ds.Exposure = 100
+        ds.ConvolutionKernel = "STANDARD"
+        ds.RescaleIntercept = str(_CT_INTERCEPT)
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        # VOI LUT: a soft-tissue window
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        _add_pixels(
+            ds,
+            _ct_stored_values(_ct_hu_slice(geometry, k, rng)),
+            bits_stored=16,
+            photometric="MONOCHROME2",
+        )
+        yield ds
+
+
+def make_ct_series(
+    *,
+    slices: int = 300,
+    rows: int = 512,
+    columns: int = 512,
+    pixel_spacing: tuple[float, float] = (0.7, 0.7),
+    slice_thickness: float = 1.25,
+    spacing_between_slices: float | None = None,
+    orientation: Orientation = "axial",
+    patient_name: str = "PHANTOM^CT",
+    patient_id: str = "RADNODE-PHANTOM-0001",
+    accession_number: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_description: str = "CT ABDOMEN PHANTOM",
+    body_part: str = "ABDOMEN",
+    seed: int = 0,
+) -> list[Dataset]:
+    """Return a CT abdomen phantom series as CT Image Storage datasets, in slice order.
+
+    Slice ``k`` lies at ``ImagePositionPatient = origin + k * spacing * normal``, where
+    the normal is the cross product of the row and column directions of
+    ``orientation`` and ``spacing`` is ``spacing_between_slices`` (default: the slice
+    thickness); the imaged box is centred on the patient-space origin. Pixel values are
+    signed 16-bit, HU = stored - 1024. The pixel noise is drawn from ``seed``; UIDs not
+    given are generated, and SOP Instance and Frame of Reference UIDs are derived from
+    the series UID, so fixed UIDs and seed give identical datasets.
+    """
+    return list(
+        iter_ct_series(
+            slices=slices,
+            rows=rows,
+            columns=columns,
+            pixel_spacing=pixel_spacing,
+            slice_thickness=slice_thickness,
+            spacing_between_slices=spacing_between_slices,
+            orientation=orientation,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            accession_number=accession_number,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            series_description=series_description,
+            body_part=body_part,
+            seed=seed,
+        )
+    )
+
+
+def write_ct_series(
+    out_dir: Path | str,
+    *,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **kwargs: object,
+) -> list[Path]:
+    """Write :func:`make_ct_series` ``(**kwargs)`` to ``out_dir`` as Part 10 files.
+
+    Files are named ``CT000001.dcm``, ``CT000002.dcm``, … in slice order, and their
+    paths are returned in that order. ``transfer_syntax`` is Explicit VR Little Endian
+    by default; Implicit VR Little Endian, Deflated Explicit VR Little Endian and RLE
+    Lossless (or any other syntax pydicom can encode here) are accepted.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        _save(ds, out / f"CT{k + 1:06d}.dcm", transfer_syntax)
+        for k, ds in enumerate(iter_ct_series(**kwargs))  # type: ignore[arg-type]
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Chest radiograph phantom
+# ---------------------------------------------------------------------------------------
+
+_RADIOGRAPH_SOP_CLASSES = {
+    "DX": DigitalXRayImageStorageForPresentation,
+    "CR": ComputedRadiographyImageStorage,
+}
+# Geometry of a PA chest: source-detector 1800 mm, patient about 150 mm before the detector.
+_SOURCE_TO_DETECTOR_MM = 1800.0
+_SOURCE_TO_PATIENT_MM = 1650.0
+
+
+def _projected_ellipsoid(
+    u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float
+) -> np.ndarray:
+    """Relative thickness (0..1) of an ellipsoid projected onto the image plane."""
+    r2 = ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2
+    return np.sqrt(np.clip(1.0 - r2, 0.0, None))
+
+
+def _chest_density(
+    rows: int, columns: int, nodule: tuple[float, float, float] | None
+) -> np.ndarray:
+    """Attenuation (about 0..1) of a PA chest; image left is the patient's right.
+
+    ``u`` runs from -1 (image left) to 1 (image right), ``v`` from -1 (head) to 1 (feet).
+    """
+    u = ((np.arange(columns, dtype=np.float32) - (columns - 1) / 2) / (columns / 2))[None, :]
+    v = ((np.arange(rows, dtype=np.float32) - (rows - 1) / 2) / (rows / 2))[:, None]
+    body = _projected_ellipsoid(u, v, 0.0, 0.15, 0.84, 1.15)
+    neck = _projected_ellipsoid(u, v, 0.0, -0.95, 0.22, 0.35)
+    right_lung = _projected_ellipsoid(u, v, -0.38, -0.08, 0.30, 0.62)
+    left_lung = _projected_ellipsoid(u, v, 0.37, -0.05, 0.28, 0.60)
+    lungs = right_lung + left_lung
+    heart = _projected_ellipsoid(u, v, 0.10, 0.30, 0.30, 0.24)
+    mediastinum = _projected_ellipsoid(u, v, 0.0, -0.15, 0.13, 0.75)
+    spine = _projected_ellipsoid(u, v, 0.0, 0.0, 0.07, 1.6)
+    liver_dome = _projected_ellipsoid(u, v, -0.30, 0.80, 0.55, 0.35)
+    # Posterior ribs: faint bands that curve down laterally, only over the thorax.
+    thorax = _projected_ellipsoid(u, v, 0.0, -0.06, 0.74, 0.70)
+    rib_phase = (v - 0.45 * u * u) * np.float32(2 * math.pi / 0.13)
+    beside_spine = np.clip((np.abs(u) - 0.06) / 0.10, 0.0, 1.0)
+    ribs = np.clip(np.cos(rib_phase), 0.0, None) ** 6 * np.minimum(thorax * 3.0, 1.0)
+    ribs *= beside_spine
+    # Clavicles: short bands rising laterally above the lung apices.
+    clavicle_v = -0.72 + 0.22 * np.abs(u) - 0.20 * (np.abs(u) - 0.30) ** 2
+    clavicles = np.exp(-(((v - clavicle_v) / 0.028) ** 2)) * beside_spine
+    clavicles *= np.clip((0.62 - np.abs(u)) / 0.08, 0.0, 1.0)
+    density = (
+        0.04
+        + 0.55 * np.maximum(body, 0.8 * neck)
+        - 0.32 * lungs
+        + 0.18 * heart
+        + 0.12 * mediastinum
+        + 0.20 * spine * np.sqrt(body)
+        + 0.10 * liver_dome
+        + 0.06 * ribs
+        + 0.08 * clavicles
+    )
+    if nodule is not None:
+        nu, nv, radius = nodule
+        density = density + 0.12 * np.exp(-(((u - nu) ** 2 + (v - nv) ** 2) / (radius * radius)))
+    return density.astype(np.float32)
+
+
+def _nodule_position(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A nodule centre and radius (normalised) well inside one of the lung fields."""
+    cu, cv, ru, rv = (-0.38, -0.08, 0.30, 0.62) if rng.random() < 0.5 else (0.37, -0.05, 0.28, 0.60)
+    angle = rng.uniform(0.0, 2 * math.pi)
+    distance = rng.uniform(0.0, 0.5)
+    radius = rng.uniform(0.04, 0.07)  # about 8-14 mm at 0.2 mm pixels, 2000 columns
+    return (
+        cu + distance * ru * math.cos(angle),
+        cv + distance * rv * math.sin(angle),
+        radius,
+    )
+
+
+def make_radiograph(
+    *,
+    rows: int = 2000,
+    columns: int = 2000,
+    bits_stored: int = 12,
+    photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2",
+    modality: Literal["DX", "CR"] = "DX",
+    with_nodule: bool = False,
+    pixel_spacing: float = 0.2,
+    patient_name: str = "PHANTOM^CHEST",
+    patient_id: str = "RADNODE-PHANTOM-0002",
+    accession_number: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Return a PA chest radiograph phantom as a DX (for presentation) or CR dataset.
+
+    Pixel values are unsigned and fill ``bits_stored`` bits. With MONOCHROME2 bone and
+    soft tissue are high values (white) and the lungs low; MONOCHROME1 stores exactly
+    ``2**bits_stored - 1`` minus the MONOCHROME2 values for the same seed, so both
+    display the same. ``pixel_spacing`` is the detector pixel pitch (mm); the Pixel
+    Spacing at the patient is smaller by the geometric magnification. The noise and,
+    with ``with_nodule``, the nodule's place in a lung field and size come from ``seed``.
+    """
+    if modality not in _RADIOGRAPH_SOP_CLASSES:
+        raise ValueError("modality must be 'DX' or 'CR'")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError("photometric must be 'MONOCHROME1' or 'MONOCHROME2'")
+    if not 8 <= bits_stored <= 16:
+        raise ValueError("bits_stored must be between 8 and 16")
+    noise_rng, nodule_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)
+    )
+    nodule = _nodule_position(nodule_rng) if with_nodule else None
+    max_value = 2**bits_stored - 1
+    signal = _chest_density(rows, columns, nodule) * np.float32(0.9 * max_value)
+    signal += noise_rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
+        0.004 * max_value
+    )
+    pixels = np.rint(np.clip(signal, 0, max_value)).astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        pixels = (max_value - pixels).astype(np.uint16)
+
+    series_uid = series_uid or generate_uid()
+    study = _Study(
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_uid=study_uid or generate_uid(),
+        accession_number=accession_number,
+        study_description="XR CHEST PA",
+    )
+    ds = Dataset()
+    sop_class = _RADIOGRAPH_SOP_CLASSES[modality]
+    _add_sop_common(ds, sop_class, generate_uid(entropy_srcs=[series_uid, "0"]))
+    _add_patient_and_study(ds, study)
+    _add_series(
+        ds,
+        modality=modality,
+        series_uid=series_uid,
+        description="CHEST PA PHANTOM",
+        body_part="CHEST",
+    )
+    _add_equipment(ds)
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.InstanceNumber = 1
+    ds.AcquisitionNumber = 1
+    _add_content_time(ds)
+    ds.PatientOrientation = ["L", "F"]  # PA, displayed as if facing the patient
+    ds.ViewPosition = "PA"
+    ds.ImageLaterality = "U"
+    ds.KVP = "120"
+    ds.ExposureTime = 10
+    ds.XRayTubeCurrent = 250
+    ds.DistanceSourceToDetector = _format_ds(_SOURCE_TO_DETECTOR_MM)
+    ds.DistanceSourceToPatient = _format_ds(_SOURCE_TO_PATIENT_MM)
+    magnification = _SOURCE_TO_DETECTOR_MM / _SOURCE_TO_PATIENT_MM
+    ds.ImagerPixelSpacing = [_format_ds(pixel_spacing)] * 2
+    ds.PixelSpacing = [_format_ds(pixel_spacing / magnification)] * 2
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PixelSpacingCalibrationDescription = "source-detector and source-patient distances"
+    ds.AnatomicRegionSequence = DicomSequence([_code("51185008", "SCT", "Chest")])
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.EstimatedRadiographicMagnificationFactor = _format_ds(magnification)
+        ds.PositionerType = "COLUMN"
+        ds.ViewCodeSequence = DicomSequence([_code("399348003", "SCT", "postero-anterior")])
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PixelIntensityRelationship = "LOG"
+        # +1: lower values mean less X-ray intensity at the detector (MONOCHROME1 here).
+        ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME1" else -1
+        ds.RescaleIntercept = "0"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+        ds.LossyImageCompression = "00"
+        ds.BurnedInAnnotation = "NO"
+        ds.AcquisitionContextSequence = DicomSequence()
+    ds.WindowCenter = _format_ds((max_value + 1) / 2)
+    ds.WindowWidth = _format_ds(max_value + 1)
+    _add_pixels(ds, pixels, bits_stored=bits_stored, photometric=photometric)
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    """A Code Sequence item."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def write_radiograph(
+    path: Path | str, *, transfer_syntax: str = ExplicitVRLittleEndian, **kwargs: object
+) -> Path:
+    """Write :func:`make_radiograph` ``(**kwargs)`` to ``path`` as a Part 10 file."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(make_radiograph(**kwargs), out, transfer_syntax)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.testing",
+        description="Write synthetic DICOM phantoms (no patient data).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ct = commands.add_parser("ct", help="a CT abdomen series, one file per slice")
+    ct.add_argument("out_dir", type=Path)
+    ct.add_argument("--slices", type=int, default=300)
+    ct.add_argument("--rows", type=int, default=512)
+    ct.add_argument("--columns", type=int, default=512)
+    ct.add_argument("--orientation", choices=sorted(_ORIENTATIONS), default="axial")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--transfer-syntax", default=ExplicitVRLittleEndian, help="a UID")
+
+    xr = commands.add_parser("radiograph", help="a PA chest radiograph")
+    xr.add_argument("out_file", type=Path)
+    xr.add_argument("--rows", type=int, default=2000)
+    xr.add_argument("--columns", type=int, default=2000)
+    xr.add_argument("--bits-stored", type=int, default=12)
+    xr.add_argument("--photometric", choices=["MONOCHROME1", "MONOCHROME2"], default="MONOCHROME2")
+    xr.add_argument("--modality", choices=sorted(_RADIOGRAPH_SOP_CLASSES), default="DX")
+    xr.add_argument("--nodule", action="store_true", help="add a round nodule in a lung field")
+    xr.add_argument("--seed", type=int, default=0)
+    xr.add_argument("--transfer-syntax", default=ExplicitVRLittleEndian, help="a UID")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m service.testing``."""
+    args = _parser().parse_args(argv)
+    if args.command == "ct":
+        paths = write_ct_series(
+            args.out_dir,
+            slices=args.slices,
+            rows=args.rows,
+            columns=args.columns,
+            orientation=args.orientation,
+            seed=args.seed,
+            transfer_syntax=args.transfer_syntax,
+        )
+        size_mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(
+            f"wrote {len(paths)} CT slices ({args.rows}x{args.columns}, {args.orientation}, "
+            f"{size_mb:.1f} MB) to {args.out_dir}"
+        )
+    else:
+        path = write_radiograph(
+            args.out_file,
+            rows=args.rows,
+            columns=args.columns,
+            bits_stored=args.bits_stored,
+            photometric=args.photometric,
+            modality=args.modality,
+            with_nodule=args.nodule,
+            seed=args.seed,
+            transfer_syntax=args.transfer_syntax,
+        )
+        print(
+            f"wrote {args.modality} chest radiograph ({args.rows}x{args.columns}, "
+            f"{args.bits_stored} bits, {args.photometric}"
+            f"{', with nodule' if args.nodule else ''}) to {path}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
