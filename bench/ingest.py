@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from service.testing import write_ct_series  # noqa: E402
-
 from tests.conftest import acknowledged_files, free_port, wait_for_port  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
