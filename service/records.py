@@ -93,3 +93,48 @@ class IndexOutcome:
     new_instance: bool
     new_study: bool
     reopened_study: bool
+
+
+class JobState(StrEnum):
+    """Where a job (one series through one pipeline) is. Stored as text in the index.
+
+    ``queued`` and ``running`` are unfinished: after a restart they run again.
+    ``done`` ran and produced results; ``failed`` raised (the error says why);
+    ``refused`` met a series the pipeline cannot use (e.g. uneven spacing).
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.REFUSED)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as the study index knows it, without patient data.
+
+    ``error`` is an operator-facing reason (never patient data); ``timings`` holds the
+    seconds of each stage of the last run (``load_s``, ``preprocess_s``,
+    ``inference_s``, ``postprocess_s``, ``write_s``).
+    """
+
+    job_id: str
+    study_uid: str
+    study_key: str
+    series_uid: str
+    pipeline: str
+    routes: tuple[str, ...]
+    destinations: tuple[str, ...]
+    state: JobState
+    attempts: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result_dir: str | None = None
+    timings: dict[str, float] | None = None

@@ -1,0 +1,419 @@
+"""A MONAI Bundle becomes a pipeline: what it says about itself, and its loaded parts.
+
+Why the bundle's own config is the pipeline: a model is only correct with the exact
+preprocessing it was trained with. So radnode reads ``configs/inference.json|yaml`` with
+``monai.bundle.ConfigParser`` and uses the bundle's ``network_def``, ``preprocessing``,
+``inferer`` and ``postprocessing`` as shipped. It changes only what cannot work inside
+a DICOM node:
+
+* every ``LoadImage``/``LoadImaged`` becomes an identity: the node hands the
+  preprocessing an in-memory volume exactly as ``LoadImaged`` would have produced it
+  (a channel-less ``MetaTensor`` whose affine carries the DICOM geometry), so
+  ``Orientationd``, ``Spacingd`` and ``Invertd`` work as the author intended;
+* every ``SaveImage``/``SaveImaged`` (and classification ``AsDiscrete``, which would
+  turn probabilities into a one-hot vector) becomes an identity: results go to the
+  DICOM writers instead of files;
+* ``pretrained`` switches in ``network_def`` are turned off (a bundle must never
+  download), ``bundle_root`` points at the bundle folder and ``device`` at the device
+  radnode chose.
+
+Bundle configs evaluate Python expressions (``$...``): the ``models/`` folder is trusted
+code, like a plugin directory, and must be writable only by the administrator.
+
+``configs/metadata.json`` is the bundle's own file. MONAI's keys say the version and the
+``network_data_format``; a documented ``radnode`` section adds what DICOM outputs need
+(task kind, expected input, coded labels)::
+
+    "radnode": {
+      "task": "segmentation",
+      "input": {"modalities": ["CT"], "dimensions": 3},
+      "labels": [{"value": 1, "name": "liver",
+                  "finding": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"},
+                  "category": {"value": "123037004", "scheme": "SCT",
+                               "meaning": "Anatomical Structure"}}],
+      "heatmap": {"target_layer": "class_layers.relu"}
+    }
+
+A bundle without that section (an unmodified model-zoo bundle) still runs: the task kind
+and the label names come from ``network_data_format`` (``outputs.pred.format`` /
+``type`` and ``channel_def``), with no codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.errors import RadnodeError
+from service.pipeline.result import BundleIdentity, CodedConcept, Label, TaskKind
+
+#: Transforms that read or write files; radnode swaps them for identities.
+_LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
+_SAVERS = frozenset(
+    {"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict", "SaveClassification",
+     "SaveClassificationd", "SaveClassificationD"}
+)  # fmt: skip
+#: Transforms that turn classification probabilities into labels; radnode keeps probabilities.
+_DISCRETISERS = frozenset({"AsDiscrete", "AsDiscreted", "AsDiscreteD", "AsDiscreteDict"})
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+_WEIGHT_NAMES = ("model.pt", "model.ts")
+
+
+class BundleError(RadnodeError):
+    """A bundle cannot be used: its folder, metadata, config or weights are wrong.
+
+    The message names the bundle and the file, and says what to fix.
+    """
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """What a bundle folder says about itself, read without importing torch.
+
+    ``name`` is the folder name: routes name pipelines by it.
+    """
+
+    name: str
+    path: Path
+    config_file: Path
+    weights_file: Path
+    identity: BundleIdentity
+    labels: tuple[Label, ...]
+    #: Modalities the bundle expects (empty: any).
+    modalities: tuple[str, ...]
+    #: 2 for single images (radiographs), 3 for volumes.
+    dimensions: int
+    #: Dotted module path inside the network for GradCAM (classification only).
+    heatmap_layer: str | None = None
+    #: Whether metadata.json has a ``radnode`` section (else everything was inferred).
+    has_radnode_section: bool = False
+    input_key: str = "image"
+    output_key: str = "pred"
+
+
+def read_bundle_spec(path: Path) -> BundleSpec:
+    """Read a bundle folder's metadata; raise :class:`BundleError` saying what is wrong."""
+    path = Path(path)
+    configs = path / "configs"
+    meta_file = configs / "metadata.json"
+    if not meta_file.is_file():
+        raise BundleError(f"bundle {path.name}: {meta_file} is missing; is this a MONAI Bundle?")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {path.name}: cannot read {meta_file}: {exc}") from exc
+    config_file = next((configs / n for n in _CONFIG_NAMES if (configs / n).is_file()), None)
+    if config_file is None:
+        raise BundleError(
+            f"bundle {path.name}: no configs/inference.json or .yaml; radnode runs a bundle's"
+            " inference config"
+        )
+    weights = next(
+        (path / "models" / n for n in _WEIGHT_NAMES if (path / "models" / n).is_file()), None
+    )
+    if weights is None:
+        raise BundleError(
+            f"bundle {path.name}: no models/model.pt or models/model.ts; train the bundle or"
+            " copy its weights there (radnode never downloads weights)"
+        )
+    section = meta.get("radnode") or {}
+    kind = _task_kind(path.name, meta, section)
+    identity = BundleIdentity(
+        name=path.name,
+        version=str(meta.get("version", "0")),
+        kind=kind,
+        description=str(meta.get("description", "")),
+        authors=str(meta.get("authors", "")),
+    )
+    inputs = section.get("input", {})
+    image_format = _data_format(meta, "inputs", "image")
+    modalities = inputs.get("modalities") or (
+        [image_format["modality"]] if image_format.get("modality") else []
+    )
+    dimensions = int(inputs.get("dimensions") or len(image_format.get("spatial_shape", [0] * 3)))
+    if dimensions not in (2, 3):
+        raise BundleError(f"bundle {path.name}: input dimensions must be 2 or 3, not {dimensions}")
+    heatmap = section.get("heatmap") or {}
+    return BundleSpec(
+        name=path.name,
+        path=path,
+        config_file=config_file,
+        weights_file=weights,
+        identity=identity,
+        labels=_labels(path.name, meta, section, kind),
+        modalities=tuple(str(m).upper() for m in modalities),
+        dimensions=dimensions,
+        heatmap_layer=heatmap.get("target_layer"),
+        has_radnode_section=bool(section),
+    )
+
+
+def discover_bundles(models_dir: Path) -> tuple[dict[str, BundleSpec], dict[str, str]]:
+    """Every bundle under ``models_dir``: (specs by name, problems by folder name).
+
+    A broken bundle does not hide the others; its problem is reported by name.
+    """
+    specs: dict[str, BundleSpec] = {}
+    problems: dict[str, str] = {}
+    if not Path(models_dir).is_dir():
+        return specs, {str(models_dir): f"models folder {models_dir} does not exist"}
+    for folder in sorted(Path(models_dir).iterdir()):
+        if not folder.is_dir() or folder.name.startswith((".", "_")):
+            continue
+        if not (folder / "configs").is_dir():
+            continue
+        try:
+            specs[folder.name] = read_bundle_spec(folder)
+        except BundleError as exc:
+            problems[folder.name] = str(exc)
+    return specs, problems
+
+
+def _data_format(meta: dict[str, Any], direction: str, key: str) -> dict[str, Any]:
+    found = meta.get("network_data_format", {}).get(direction, {})
+    entry = found.get(key) or (next(iter(found.values())) if found else {})
+    return entry if isinstance(entry, dict) else {}
+
+
+def _task_kind(name: str, meta: dict[str, Any], section: dict[str, Any]) -> TaskKind:
+    if "task" in section:
+        try:
+            return TaskKind(str(section["task"]).lower())
+        except ValueError:
+            choices = ", ".join(k.value for k in TaskKind)
+            raise BundleError(
+                f"bundle {name}: radnode.task {section['task']!r} is not one of {choices}"
+            ) from None
+    out = _data_format(meta, "outputs", "pred")
+    fmt = str(out.get("format", "")).lower()
+    kind = str(out.get("type", "")).lower()
+    if "segment" in fmt or "label" in fmt:
+        return TaskKind.SEGMENTATION
+    if kind in ("probabilities", "probability", "classes", "class") or fmt in ("classes",):
+        return TaskKind.CLASSIFICATION
+    if kind == "image":
+        return TaskKind.RECONSTRUCTION
+    raise BundleError(
+        f"bundle {name}: cannot tell the task from network_data_format.outputs; add"
+        ' "radnode": {"task": "segmentation|classification|reconstruction"} to metadata.json'
+    )
+
+
+def _concept(name: str, raw: Any, where: str) -> CodedConcept | None:
+    if raw is None:
+        return None
+    try:
+        return CodedConcept(str(raw["value"]), str(raw["scheme"]), str(raw["meaning"]))
+    except (KeyError, TypeError):
+        raise BundleError(
+            f"bundle {name}: {where} must be an object with value, scheme and meaning"
+        ) from None
+
+
+def _labels(
+    name: str, meta: dict[str, Any], section: dict[str, Any], kind: TaskKind
+) -> tuple[Label, ...]:
+    if section.get("labels"):
+        labels = []
+        for i, raw in enumerate(section["labels"]):
+            where = f"radnode.labels[{i}]"
+            if "value" not in raw or "name" not in raw:
+                raise BundleError(f"bundle {name}: {where} needs value and name")
+            labels.append(
+                Label(
+                    value=int(raw["value"]),
+                    name=str(raw["name"]),
+                    finding=_concept(name, raw.get("finding"), f"{where}.finding"),
+                    category=_concept(name, raw.get("category"), f"{where}.category"),
+                )
+            )
+        return tuple(labels)
+    channels = _data_format(meta, "outputs", "pred").get("channel_def") or {}
+    labels = [Label(int(k), str(v)) for k, v in sorted(channels.items(), key=lambda i: int(i[0]))]
+    if kind is TaskKind.SEGMENTATION:
+        labels = [label for label in labels if label.value != 0]
+    return tuple(labels)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle's network and transforms, ready to run on one device.
+
+    Not thread-safe: one worker thread uses one LoadedBundle at a time.
+    """
+
+    spec: BundleSpec
+    device: Any  # torch.device
+    network: Any  # torch.nn.Module (or TorchScript module)
+    preprocessing: Callable[[Any], Any]
+    inferer: Callable[..., Any]
+    postprocessing: Callable[[Any], Any] | None
+    swapped: tuple[str, ...]
+
+
+def choose_device(preferred: str | None = None) -> Any:
+    """``preferred`` if given, else the first CUDA device when torch sees one, else CPU."""
+    import torch
+
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _bundle_on_path(path: Path) -> Iterator[None]:
+    """Let the config import the bundle's own ``scripts`` package, and only this one's."""
+    with _IMPORT_LOCK:
+        stale = [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]
+        for module in stale:
+            del sys.modules[module]
+        sys.path.insert(0, str(path))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(str(path))
+
+
+def load_bundle(spec: BundleSpec, device: Any = None) -> LoadedBundle:
+    """Parse the inference config, swap file I/O for identities, load the weights.
+
+    Raises :class:`BundleError` with the bundle name and what to fix.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    device = device or choose_device()
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(spec.config_file))
+        parser.read_meta(str(spec.path / "configs" / "metadata.json"))
+    except Exception as exc:
+        raise BundleError(
+            f"bundle {spec.name}: cannot read {spec.config_file.name}: {exc}"
+        ) from exc
+    for key in ("network_def", "preprocessing", "inferer"):
+        if key not in parser:
+            raise BundleError(
+                f"bundle {spec.name}: {spec.config_file.name} has no '{key}'; radnode runs"
+                " network_def, preprocessing, inferer and postprocessing"
+            )
+    parser["bundle_root"] = str(spec.path)
+    parser["device"] = f"$torch.device('{device}')"
+    swapped: list[str] = []
+    config = parser.get()
+    for key in ("preprocessing", "postprocessing"):
+        if key in config:
+            _swap_io(config[key], spec.identity.kind, swapped, key)
+    _no_pretrained(config.get("network_def"), swapped)
+    parser.set(config)
+
+    with _bundle_on_path(spec.path):
+        try:
+            preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
+            inferer = parser.get_parsed_content("inferer", instantiate=True)
+            postprocessing = (
+                parser.get_parsed_content("postprocessing", instantiate=True)
+                if "postprocessing" in parser
+                else None
+            )
+            network = _load_network(spec, parser, device, torch)
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(
+                f"bundle {spec.name}: its inference config does not instantiate: {exc}"
+            ) from exc
+    network.eval()
+    return LoadedBundle(
+        spec=spec,
+        device=device,
+        network=network,
+        preprocessing=preprocessing,
+        inferer=inferer,
+        postprocessing=postprocessing,
+        swapped=tuple(swapped),
+    )
+
+
+def _target_name(node: dict[str, Any]) -> str:
+    target = node.get("_target_")
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
+
+
+def _swap_io(node: Any, kind: TaskKind, swapped: list[str], where: str) -> None:
+    """Replace loaders and savers (and classification discretisers) in place by identities."""
+    if isinstance(node, list):
+        for item in node:
+            _swap_io(item, kind, swapped, where)
+        return
+    if not isinstance(node, dict):
+        return
+    name = _target_name(node)
+    replace = name in _LOADERS or name in _SAVERS
+    replace |= kind is TaskKind.CLASSIFICATION and name in _DISCRETISERS
+    if replace:
+        dictionary = "keys" in node
+        keys = node.get("keys")
+        node.clear()
+        node["_target_"] = "Identityd" if dictionary else "Identity"
+        if dictionary:
+            node["keys"] = keys
+            node["allow_missing_keys"] = True
+        swapped.append(f"{where}:{name}")
+        return
+    for value in node.values():
+        _swap_io(value, kind, swapped, where)
+
+
+def _no_pretrained(node: Any, swapped: list[str]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _no_pretrained(item, swapped)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("pretrained", "pretrained_weights") and value not in (False, None):
+                node[key] = False
+                swapped.append(f"network_def:{key}")
+            else:
+                _no_pretrained(value, swapped)
+
+
+def _load_network(spec: BundleSpec, parser: Any, device: Any, torch: Any) -> Any:
+    if spec.weights_file.suffix == ".ts":
+        try:
+            return torch.jit.load(str(spec.weights_file), map_location=device)
+        except Exception as exc:
+            raise BundleError(
+                f"bundle {spec.name}: models/model.ts is not a TorchScript file: {exc}"
+            ) from exc
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    try:
+        state = torch.load(str(spec.weights_file), map_location=device, weights_only=True)
+    except Exception as exc:
+        raise BundleError(
+            f"bundle {spec.name}: cannot read models/model.pt as a state dict: {exc}"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a CheckpointSaver file: {"model": state_dict, ...}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(
+            f"bundle {spec.name}: models/model.pt does not fit network_def ({first}); the"
+            " weights belong to another network or another version of the config"
+        ) from exc
+    return network.to(device)

@@ -1,0 +1,295 @@
+"""Run a loaded bundle on a volume and bring the answer back to the source geometry.
+
+The volume enters the bundle's preprocessing as ``LoadImaged`` would have delivered it
+(see :func:`volume_to_metatensor`), and leaves the postprocessing as a
+:class:`~service.pipeline.result.PipelineResult` whose arrays have the volume's layout
+(``[slice, row, column]``) and grid. The batch is built and split with MONAI's own
+``list_data_collate`` / ``decollate_batch``, as MONAI's ``SupervisedEvaluator`` does, so
+``Invertd`` finds the transform trace it expects.
+
+A bundle whose postprocessing does not invert its spatial preprocessing (no ``Invertd``)
+still gives a result in the source grid: radnode resamples the output onto the source
+(nearest neighbour for labels, linear for images) and notes that it did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import RadnodeError
+from service.pipeline.bundle import LoadedBundle
+from service.pipeline.result import PipelineResult, StageTimings, TaskKind
+from service.pipeline.volume import Volume
+
+
+class PipelineFailed(RadnodeError):
+    """A bundle raised or returned something radnode cannot use; the message says which."""
+
+
+class InputMismatch(RadnodeError):
+    """The series is not the kind of input the bundle expects (modality, 2D/3D)."""
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """The volume as the bundle's preprocessing expects it, and the geometry reference."""
+
+    item: dict[str, Any]
+    reference: Any  # MetaTensor (1, x, y[, z]) of the source grid, for resampling back
+
+
+def check_input(bundle: LoadedBundle, volume: Volume) -> None:
+    """Refuse a series a bundle was not made for, with a reason an operator can act on."""
+    spec = bundle.spec
+    if spec.modalities and volume.modality.upper() not in spec.modalities:
+        raise InputMismatch(
+            f"pipeline {spec.name} expects modality {'/'.join(spec.modalities)}, the series"
+            f" is {volume.modality or 'without Modality'}; check the route's Modality condition"
+        )
+    if spec.dimensions == 3 and (volume.is_2d or volume.is_single_slice):
+        raise InputMismatch(
+            f"pipeline {spec.name} needs a 3D volume; the series has a single image; route"
+            " only multi-slice series to it (e.g. InstanceCount = {{ min = 20 }})"
+        )
+    if spec.dimensions == 2 and volume.array.shape[0] != 1:
+        raise InputMismatch(
+            f"pipeline {spec.name} takes one 2D image; the series has"
+            f" {volume.array.shape[0]} images"
+        )
+
+
+def volume_to_metatensor(volume: Volume, dimensions: int) -> Any:
+    """The volume as ``LoadImaged`` gives an image: channel-less, spatial (x, y[, z]).
+
+    3D: the affine is the volume's RAS affine, so ``Orientationd``/``Spacingd`` see the
+    patient geometry. 2D (a projection radiograph): axes (x=column, y=row) with a plain
+    scaling affine, as MONAI's readers give for a 2D picture, so ``Orientationd`` does
+    not flip it.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    if dimensions == 2:
+        array = np.ascontiguousarray(volume.array[0].T, dtype=np.float32)
+        sx, sy, _ = volume.spacing
+        affine = np.diag([sx, sy, 1.0, 1.0])
+    else:
+        array = np.ascontiguousarray(volume.to_channel_first_xyz()[0], dtype=np.float32)
+        affine = volume.affine_ras()
+    meta = {
+        "affine": torch.as_tensor(affine, dtype=torch.float64),
+        "original_affine": torch.as_tensor(affine, dtype=torch.float64),
+        "spatial_shape": np.asarray(array.shape),
+        "original_channel_dim": float("nan"),
+        "space": "RAS",
+        "filename_or_obj": f"series-{volume.series_uid[-12:]}",
+    }
+    return MetaTensor(torch.from_numpy(array), meta=meta)
+
+
+def prepare(bundle: LoadedBundle, volume: Volume) -> PreparedInput:
+    image = volume_to_metatensor(volume, bundle.spec.dimensions)
+    reference = image.clone().unsqueeze(0)
+    return PreparedInput(item={bundle.spec.input_key: image}, reference=reference)
+
+
+def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> PipelineResult:
+    """Preprocess, infer, postprocess; the result is in the source volume's grid.
+
+    Raises :class:`InputMismatch` for a series the bundle was not made for and
+    :class:`PipelineFailed` when the bundle itself fails.
+    """
+    import torch
+    from monai.data import decollate_batch, list_data_collate
+
+    check_input(bundle, volume)
+    spec = bundle.spec
+    key, out_key = spec.input_key, spec.output_key
+    prepared = prepare(bundle, volume)
+    started = time.perf_counter()
+    try:
+        item = bundle.preprocessing(prepared.item)
+    except Exception as exc:
+        raise PipelineFailed(f"pipeline {spec.name}: preprocessing failed: {exc}") from exc
+    preprocessed = time.perf_counter()
+    batch = list_data_collate([item])
+    try:
+        with torch.no_grad(), _autocast(bundle.device):
+            batch[out_key] = bundle.inferer(batch[key].to(bundle.device), bundle.network)
+        if bundle.device.type == "cuda":
+            torch.cuda.synchronize(bundle.device)
+    except Exception as exc:
+        raise PipelineFailed(f"pipeline {spec.name}: inference failed: {exc}") from exc
+    inferred = time.perf_counter()
+    try:
+        (output,) = decollate_batch(batch)
+        if bundle.postprocessing is not None:
+            output = bundle.postprocessing(output)
+        prediction = output[out_key]
+        notes: dict[str, Any] = {"swapped": list(bundle.swapped)}
+        result = _interpret(bundle, volume, prediction, prepared.reference, notes)
+    except (PipelineFailed, InputMismatch):
+        raise
+    except Exception as exc:
+        raise PipelineFailed(f"pipeline {spec.name}: postprocessing failed: {exc}") from exc
+    if spec.identity.kind is TaskKind.CLASSIFICATION and spec.heatmap_layer:
+        result["heatmap"] = _heatmap(bundle, item, prepared.reference, volume, notes)
+    finished = time.perf_counter()
+    timings = StageTimings(
+        load_s=load_s,
+        preprocess_s=preprocessed - started,
+        inference_s=inferred - preprocessed,
+        postprocess_s=finished - inferred,
+    )
+    return PipelineResult(
+        bundle=spec.identity,
+        labels=spec.labels,
+        device=str(bundle.device),
+        timings=timings,
+        notes=notes,
+        **result,
+    )
+
+
+def _autocast(device: Any) -> Any:
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda")
+    return contextlib.nullcontext()
+
+
+def _interpret(
+    bundle: LoadedBundle, volume: Volume, prediction: Any, reference: Any, notes: dict[str, Any]
+) -> dict[str, Any]:
+    """Turn the bundle's ``pred`` into the typed field of its task kind."""
+    import torch
+
+    kind = bundle.spec.identity.kind
+    prediction = prediction.detach().float().cpu() if torch.is_tensor(prediction) else prediction
+    if kind is TaskKind.CLASSIFICATION:
+        return {"probabilities": _probabilities(bundle, prediction, notes)}
+    if not torch.is_tensor(prediction) or prediction.ndim != reference.ndim:
+        shape = tuple(getattr(prediction, "shape", ()))
+        raise PipelineFailed(
+            f"pipeline {bundle.spec.name}: expected an image output of {reference.ndim - 1}"
+            f" spatial dimensions with a channel first, got shape {shape}"
+        )
+    if kind is TaskKind.SEGMENTATION:
+        if prediction.shape[0] > 1:
+            prediction = _keep_meta(prediction, prediction.argmax(0, keepdim=True))
+            notes["argmax_by_radnode"] = True
+        prediction = _to_source_grid(prediction, reference, "nearest", notes)
+        labels = np.rint(_to_volume_layout(prediction, volume)).astype(np.int64)
+        top = max((label.value for label in bundle.spec.labels), default=int(labels.max()))
+        dtype = np.uint8 if max(top, int(labels.max(initial=0))) < 256 else np.uint16
+        return {"label_map": labels.astype(dtype)}
+    prediction = _to_source_grid(prediction[:1], reference, "bilinear", notes)
+    return {"image": _to_volume_layout(prediction, volume).astype(np.float32)}
+
+
+def _probabilities(
+    bundle: LoadedBundle, prediction: Any, notes: dict[str, Any]
+) -> tuple[float, ...]:
+    import torch
+
+    values = torch.as_tensor(prediction, dtype=torch.float32).flatten()
+    if values.numel() == 0 or not torch.isfinite(values).all():
+        raise PipelineFailed(f"pipeline {bundle.spec.name}: the classifier gave no usable output")
+    if values.min() < 0 or values.max() > 1:  # logits: the bundle has no activation
+        values = torch.sigmoid(values) if values.numel() == 1 else torch.softmax(values, 0)
+        notes["activation_by_radnode"] = "sigmoid" if values.numel() == 1 else "softmax"
+    labels = bundle.spec.labels
+    if labels and len(labels) != values.numel():
+        if len(labels) == 1 and values.numel() == 2:
+            values = values[labels[0].value : labels[0].value + 1]
+        else:
+            raise PipelineFailed(
+                f"pipeline {bundle.spec.name}: {values.numel()} outputs but {len(labels)} labels"
+                " in metadata.json; make radnode.labels match the network's outputs"
+            )
+    return tuple(float(v) for v in values)
+
+
+def _keep_meta(source: Any, tensor: Any) -> Any:
+    from monai.data import MetaTensor
+
+    if isinstance(source, MetaTensor):
+        return MetaTensor(tensor, meta=dict(source.meta))
+    return tensor
+
+
+def _to_source_grid(prediction: Any, reference: Any, mode: str, notes: dict[str, Any]) -> Any:
+    """Resample onto the source grid unless the bundle already inverted its transforms."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ResampleToMatch
+
+    same_shape = tuple(prediction.shape[1:]) == tuple(reference.shape[1:])
+    affine = getattr(prediction, "affine", None)
+    same_affine = affine is not None and torch.allclose(
+        torch.as_tensor(affine, dtype=torch.float64),
+        torch.as_tensor(reference.affine, dtype=torch.float64),
+        atol=1e-3,
+    )
+    if same_shape and (same_affine or not isinstance(prediction, MetaTensor)):
+        return prediction
+    if not isinstance(prediction, MetaTensor):
+        raise PipelineFailed(
+            "the bundle's output is not in the source grid and carries no affine to map it"
+            " back; add Invertd to its postprocessing"
+        )
+    notes["resampled_by_radnode"] = True
+    return ResampleToMatch(mode=mode, padding_mode="zeros")(prediction.float(), reference)
+
+
+def _to_volume_layout(prediction: Any, volume: Volume) -> NDArray[Any]:
+    """(1, x, y[, z]) channel-first MONAI layout -> the volume's [slice, row, column]."""
+    array = np.asarray(
+        prediction.detach().cpu().numpy() if hasattr(prediction, "detach") else prediction
+    )
+    array = array[0]
+    if array.ndim == 2:
+        return np.ascontiguousarray(array.T[np.newaxis])
+    return np.ascontiguousarray(array.transpose(2, 1, 0))
+
+
+def _heatmap(
+    bundle: LoadedBundle,
+    item: dict[str, Any],
+    reference: Any,
+    volume: Volume,
+    notes: dict[str, Any],
+) -> NDArray[np.float32] | None:
+    """GradCAM of the predicted class on the network's input, mapped to the source grid.
+
+    A heatmap is an aid for the overlay image; when it cannot be made the result still
+    stands, and the note says why.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.visualize import GradCAM
+
+    try:
+        image = item[bundle.spec.input_key]
+        batch = image.unsqueeze(0).to(bundle.device).as_tensor().requires_grad_(True)
+        cam = GradCAM(nn_module=bundle.network, target_layers=bundle.spec.heatmap_layer)
+        with torch.enable_grad():
+            heat = cam(x=batch)[0].detach().float().cpu()  # (1, spatial...) in input space
+        mapped = MetaTensor(heat, meta=dict(image.meta))
+        mapped.applied_operations = list(getattr(image, "applied_operations", []))
+        inverted = bundle.preprocessing.inverse({bundle.spec.input_key: mapped})
+        heat = _to_source_grid(inverted[bundle.spec.input_key], reference, "bilinear", notes)
+        array = _to_volume_layout(heat, volume)
+        low, high = float(array.min()), float(array.max())
+        return ((array - low) / (high - low if high > low else 1.0)).astype(np.float32)
+    except Exception as exc:  # the heatmap is optional; the classification stands
+        notes["heatmap_error"] = f"{type(exc).__name__}: {exc}"
+        return None

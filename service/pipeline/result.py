@@ -1,0 +1,124 @@
+"""What a pipeline run hands to the result writers (SR, SEG, SC, derived series, HL7).
+
+These types are the seam between the pipeline host and everything downstream: a writer
+never sees MONAI, torch or the bundle config, only a :class:`PipelineResult` next to the
+:class:`~service.pipeline.volume.Volume` it was computed from. Arrays use the volume's
+layout (``[slice, row, column]``) and its geometry, so a mask voxel lands on the source
+image pixel it belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class TaskKind(StrEnum):
+    """What a bundle does, and so which result objects it leads to."""
+
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
+    RECONSTRUCTION = "reconstruction"
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A code as DICOM and HL7 carry it: value, coding scheme designator, meaning.
+
+    ``scheme`` is a DICOM coding scheme designator (``SCT`` for SNOMED CT, ``DCM``,
+    ``99RADNODE`` for private codes); HL7 maps it to its own coding system names.
+    """
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output class of a bundle.
+
+    For segmentation, ``value`` is the voxel value in the label map and ``finding`` the
+    segmented property type (e.g. SCT 10200004 Liver) with ``category`` its property
+    category (e.g. SCT 123037004 Anatomical structure). For classification, ``value`` is
+    the output channel and ``finding`` the coded finding whose probability it gives.
+    Background (value 0 of a segmentation) is not listed.
+    """
+
+    value: int
+    name: str
+    finding: CodedConcept | None = None
+    category: CodedConcept | None = None
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    """Who made a result: the bundle's name and version, as every output must say."""
+
+    name: str
+    version: str
+    kind: TaskKind
+    description: str = ""
+    authors: str = ""
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds spent in each stage of one run, for logs, metrics and benchmarks."""
+
+    load_s: float = 0.0
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0
+    postprocess_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.preprocess_s + self.inference_s + self.postprocess_s
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineResult:
+    """The output of one bundle on one series, in the source series' geometry.
+
+    Exactly the field of its ``kind`` is set:
+
+    * classification: ``probabilities`` (one per label, same order, in [0, 1]) and,
+      where the pipeline can make one, ``heatmap`` (``[slice, row, column]``, in [0, 1]).
+    * segmentation: ``label_map`` (``[slice, row, column]``, integer label values).
+    * reconstruction: ``image`` (``[slice, row, column]``, float32 in modality units,
+      e.g. HU).
+    """
+
+    bundle: BundleIdentity
+    labels: tuple[Label, ...]
+    device: str
+    timings: StageTimings
+    probabilities: tuple[float, ...] | None = None
+    heatmap: NDArray[np.float32] | None = None
+    label_map: NDArray[Any] | None = None
+    image: NDArray[np.float32] | None = None
+    #: Free facts for the operator's log and the model card (never patient data).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> TaskKind:
+        return self.bundle.kind
+
+    def voxel_counts(self) -> dict[int, int]:
+        """Voxels per label value of a segmentation (labels with no voxel give 0)."""
+        if self.label_map is None:
+            return {}
+        counts = np.bincount(self.label_map.ravel().astype(np.int64, copy=False))
+        return {
+            label.value: int(counts[label.value]) if label.value < len(counts) else 0
+            for label in self.labels
+        }
+
+    def segment_volumes_ml(self, spacing_mm: tuple[float, float, float]) -> dict[int, float]:
+        """Volume of each segment in millilitres, for voxels of ``spacing_mm`` (x, y, z)."""
+        voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+        return {value: count * voxel_ml for value, count in self.voxel_counts().items()}

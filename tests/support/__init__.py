@@ -1,0 +1,1 @@
+"""Helpers shared by tests: bundle folders built on the fly."""

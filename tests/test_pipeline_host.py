@@ -1,0 +1,159 @@
+"""The pipeline host runs MONAI Bundles as shipped, on DICOM series, in the source geometry.
+
+The model-zoo style bundle's weights are seeded random values (nothing can be downloaded
+here), so its correctness is checked against MONAI's own file path: the same bundle with
+its own LoadImaged reading the same DICOM folder (MONAI's PydicomReader). A 1x1x1
+threshold network in the same bundle layout checks the geometry against a known
+synthetic structure (the phantom's bone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import decollate_batch, list_data_collate
+
+from service.pipeline.bundle import BundleError, load_bundle, read_bundle_spec
+from service.pipeline.inference import InputMismatch, run_bundle
+from service.pipeline.result import TaskKind
+from service.pipeline.volume import SeriesRefused, load_series
+from service.testing import write_ct_series, write_radiograph
+from tests.support.bundles import (
+    THRESHOLD,
+    write_classifier_bundle,
+    write_threshold_bundle,
+    write_zoo_spleen_bundle,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_zoo_spleen_bundle(root)
+    write_threshold_bundle(root)
+    write_classifier_bundle(root)
+    return root
+
+
+def small_ct(out: Path, orientation: str = "axial") -> list[Path]:
+    return write_ct_series(
+        out, slices=40, rows=96, columns=96, pixel_spacing=(3.0, 3.0), slice_thickness=3.0,
+        orientation=orientation,
+    )  # fmt: skip
+
+
+def monai_reference(bundle_dir: Path, series_dir: Path) -> np.ndarray:
+    """The bundle run the way MONAI itself runs it: LoadImaged reads the DICOM folder."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    config = parser.get()
+    config["preprocessing"]["transforms"][0]["reader"] = "PydicomReader"
+    config["postprocessing"]["transforms"].pop()  # SaveImaged: nothing to write here
+    parser.set(config)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle_dir / "models" / "model.pt"))
+    network.eval()
+    item = parser.get_parsed_content("preprocessing")({"image": str(series_dir)})
+    batch = list_data_collate([item])
+    with torch.no_grad():
+        batch["pred"] = parser.get_parsed_content("inferer")(batch["image"], network)
+    (output,) = decollate_batch(batch)
+    return parser.get_parsed_content("postprocessing")(output)["pred"][0].numpy()
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_zoo_bundle_runs_unmodified_and_matches_monai_own_reader(
+    models: Path, tmp_path: Path, orientation: str
+) -> None:
+    series = small_ct(tmp_path / "ct", orientation)
+    spec = read_bundle_spec(models / "spleen_ct_segmentation")
+    assert not spec.has_radnode_section
+    assert spec.identity.kind is TaskKind.SEGMENTATION
+    assert [label.name for label in spec.labels] == ["spleen"]
+    bundle = load_bundle(spec, torch.device("cpu"))
+    assert set(bundle.swapped) == {"preprocessing:LoadImaged", "postprocessing:SaveImaged"}
+    volume = load_series(series)
+    result = run_bundle(bundle, volume)
+    assert result.label_map is not None
+    assert result.label_map.shape == volume.array.shape
+    ours = result.label_map.transpose(2, 1, 0)  # back to MONAI's (x, y, z)
+    reference = monai_reference(models / "spleen_ct_segmentation", tmp_path / "ct")
+    assert reference.shape == ours.shape
+    assert (reference == ours).mean() > 0.999
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_mask_lands_on_the_known_structure_in_source_geometry(
+    models: Path, tmp_path: Path, orientation: str
+) -> None:
+    volume = load_series(small_ct(tmp_path / "ct", orientation))
+    result = run_bundle(load_bundle(read_bundle_spec(models / "bone_threshold")), volume)
+    scaled = np.clip((volume.array.astype(np.float64) + 57) / 221, 0, 1)
+    truth = scaled > THRESHOLD
+    predicted = result.label_map == 1
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert truth.sum() > 1000
+    assert dice(predicted, truth) > 0.85
+    # a geometry mistake (a flipped axis) would match far worse, on every axis along
+    # which the structure is not symmetric (the phantom's spine runs the whole length)
+    asymmetric = [axis for axis in range(3) if dice(np.flip(truth, axis), truth) < 0.7]
+    assert asymmetric
+    for axis in asymmetric:
+        assert dice(np.flip(predicted, axis), truth) < 0.7
+
+
+def test_classifier_runs_on_a_large_monochrome1_radiograph(models: Path, tmp_path: Path) -> None:
+    path = write_radiograph(
+        tmp_path / "cxr.dcm", rows=2000, columns=1800, bits_stored=12, photometric="MONOCHROME1"
+    )
+    volume = load_series([path])
+    spec = read_bundle_spec(models / "cxr_test_classifier")
+    bundle = load_bundle(spec)
+    assert "postprocessing:AsDiscreted" in bundle.swapped  # probabilities are kept
+    result = run_bundle(bundle, volume)
+    assert result.kind is TaskKind.CLASSIFICATION
+    assert result.probabilities is not None and len(result.probabilities) == 1
+    assert 0.0 <= result.probabilities[0] <= 1.0
+    assert result.labels[0].finding is not None and result.labels[0].finding.scheme == "SCT"
+    assert result.heatmap is not None, result.notes
+    assert result.heatmap.shape == volume.array.shape == (1, 2000, 1800)
+    assert result.heatmap.min() >= 0.0 and result.heatmap.max() <= 1.0
+
+
+def test_series_the_bundle_was_not_made_for_is_refused_with_a_reason(
+    models: Path, tmp_path: Path
+) -> None:
+    radiograph = load_series([write_radiograph(tmp_path / "cxr.dcm", rows=256, columns=256)])
+    spleen = load_bundle(read_bundle_spec(models / "spleen_ct_segmentation"))
+    with pytest.raises(InputMismatch, match="expects modality CT"):
+        run_bundle(spleen, radiograph)
+    single = load_series(small_ct(tmp_path / "ct")[:1])
+    with pytest.raises(InputMismatch, match="needs a 3D volume"):
+        run_bundle(spleen, single)
+
+
+def test_inconsistent_series_is_refused_with_its_reason(tmp_path: Path) -> None:
+    series = small_ct(tmp_path / "ct")
+    with pytest.raises(SeriesRefused) as refused:
+        load_series(series[:10] + series[11:])  # a missing slice
+    assert "missing" in refused.value.reason.lower() or "spacing" in refused.value.reason.lower()
+
+
+def test_broken_bundles_are_named_with_what_to_fix(models: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models / "spleen_ct_segmentation", broken)
+    (broken / "models" / "model.pt").unlink()
+    with pytest.raises(BundleError, match=r"no models/model\.pt"):
+        read_bundle_spec(broken)
+    shutil.copy(models / "cxr_test_classifier" / "models" / "model.pt", broken / "models")
+    with pytest.raises(BundleError, match="does not fit network_def"):
+        load_bundle(read_bundle_spec(broken))
