@@ -48,7 +48,7 @@ def serve(config: ConfigOption = None) -> None:
     settings = _settings_or_exit(config)
     configure_logging(settings.log.level)
     try:
-        Node(settings).run_until_signalled()
+        Node(settings, config_path=config).run_until_signalled()
     except RadnodeError as exc:
         typer.echo(f"radnode: {exc}", err=True)
         raise typer.Exit(code=1) from exc
@@ -68,3 +68,62 @@ def config_check(file: Annotated[Path, typer.Argument(help="TOML file to validat
 def version() -> None:
     """Print radnode's version."""
     typer.echo(__version__)
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run pipeline workers only: take jobs from the queue (``queue.url``) and run them."""
+    from service.observability import configure_logging
+    from service.worker import run_worker
+
+    settings = _settings_or_exit(config)
+    configure_logging(settings.log.level)
+    run_worker(settings)
+
+
+@app.command()
+def route(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+    config: ConfigOption = None,
+) -> None:
+    """Show which pipelines the configured routes would run on the series of a folder."""
+    from service.offline import scan_folder
+    from service.routing import format_plan, plan
+
+    settings = _settings_or_exit(config)
+    scan = scan_folder(folder)
+    if not scan.series:
+        typer.echo(f"{folder}: no DICOM series found", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(format_plan(plan(scan.series_infos(), settings.routes), scan.series_infos()))
+
+
+@app.command()
+def run(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")],
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            "--pipeline",
+            "-p",
+            help="Run this pipeline on every series it accepts "
+            "(default: the configured routes decide).",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run pipelines on a folder offline, the same way the node does, with progress."""
+    from service.offline import run_folder
+
+    settings = _settings_or_exit(config)
+    try:
+        failures = run_folder(folder, out, settings, pipeline=pipeline)
+    except RadnodeError as exc:
+        typer.echo(f"radnode: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    raise typer.Exit(code=1 if failures else 0)
+
+
+if __name__ == "__main__":
+    app()

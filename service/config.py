@@ -71,6 +71,34 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class ModelsSettings(_Section):
+    """Where the pipelines (MONAI Bundles, one folder each) are, and where they run."""
+
+    #: Folder of bundles; a route's ``pipeline`` is a folder name in it. Trusted code:
+    #: bundle configs evaluate Python expressions, so only administrators may write here.
+    dir: Path = Path("./models")
+    #: torch device for inference ("cpu", "cuda:0"); empty: CUDA when torch sees it.
+    device: str | None = None
+
+
+class QueueSettings(_Section):
+    """The job queue (huey) and the workers that take jobs from it."""
+
+    #: Empty: SQLite under node.data_dir (one machine). ``redis://host:6379/0``: Redis.
+    url: str | None = None
+    #: Worker processes ``radnode serve`` starts itself (0: only separate ``radnode worker``).
+    local_workers: int = Field(1, ge=0, le=16)
+    #: Runs of one job before it is marked failed (a worker crash counts as a run).
+    max_attempts: int = Field(2, ge=1, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be empty (SQLite) or a redis:// URL")
+        return value or None
+
+
 class LogSettings(_Section):
     """Logging. JSON lines on standard output."""
 
@@ -106,6 +134,8 @@ class Settings(BaseSettings):
     study: StudySettings = Field(default_factory=StudySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     routes: list[RouteRule] = Field(default_factory=list)
 

@@ -12,15 +12,19 @@ the API by their ``study_key``.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from service.records import (
     IndexOutcome,
+    JobRecord,
+    JobState,
     SeriesInfo,
     StoredInstance,
     StudyState,
@@ -28,7 +32,7 @@ from service.records import (
 )
 from service.uids import study_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -73,6 +77,28 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+    series_uid TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    -- the series' instance count when routed: a series that grows gets a new job
+    instance_count INTEGER NOT NULL,
+    routes TEXT NOT NULL,
+    destinations TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    result_dir TEXT,
+    timings TEXT,
+    -- host:pid of the worker running it, so a dead worker's job can be put back
+    worker TEXT,
+    UNIQUE (series_uid, pipeline, instance_count)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 """
 
 
@@ -316,3 +342,184 @@ class StudyIndex:
         with self._lock:
             known = {r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances")}
         return set(sop_instance_uids) - known
+
+    # -- completion units other than the quiet study ----------------------------
+
+    def quiet_series(self, quiet_s: float, now: float | None = None) -> list[SeriesInfo]:
+        """Series of still-receiving studies that have been quiet for ``quiet_s``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT se.study_uid, se.series_uid FROM series se JOIN studies st"
+                " ON st.study_uid = se.study_uid WHERE st.state = ? AND se.last_received_at <= ?",
+                (StudyState.RECEIVING, now - quiet_s),
+            ).fetchall()
+        wanted = {series_uid for _, series_uid in rows}
+        studies = sorted({study_uid for study_uid, _ in rows})
+        return [s for uid in studies for s in self.series_of(uid) if s.series_uid in wanted]
+
+    def receiving_since(self, seconds: float, now: float | None = None) -> list[StudySummary]:
+        """Studies still receiving whose first instance came ``seconds`` ago or more."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._STUDY_COLUMNS} FROM studies st"
+                " WHERE st.state = ? AND st.first_received_at <= ?",
+                (StudyState.RECEIVING, now - seconds),
+            ).fetchall()
+        return [self._study_from_row(r) for r in rows]
+
+    # -- jobs -------------------------------------------------------------------
+
+    _JOB_COLUMNS = (
+        "j.job_id, j.study_uid, st.study_key, j.series_uid, j.pipeline, j.routes,"
+        " j.destinations, j.state, j.attempts, j.created_at, j.started_at, j.finished_at,"
+        " j.error, j.result_dir, j.timings"
+    )
+
+    @staticmethod
+    def _job_from_row(row: tuple) -> JobRecord:
+        return JobRecord(
+            job_id=row[0],
+            study_uid=row[1],
+            study_key=row[2],
+            series_uid=row[3],
+            pipeline=row[4],
+            routes=tuple(json.loads(row[5])),
+            destinations=tuple(json.loads(row[6])),
+            state=JobState(row[7]),
+            attempts=row[8],
+            created_at=row[9],
+            started_at=row[10],
+            finished_at=row[11],
+            error=row[12],
+            result_dir=row[13],
+            timings=json.loads(row[14]) if row[14] else None,
+        )
+
+    def add_job(
+        self,
+        study_uid: str,
+        series_uid: str,
+        pipeline: str,
+        routes: Iterable[str],
+        destinations: Iterable[str],
+        now: float | None = None,
+    ) -> JobRecord | None:
+        """Create a queued job, or return None if this series, at its current size, already
+        has one for this pipeline (whatever triggered the routing again)."""
+        now = time.time() if now is None else now
+        job_id = uuid.uuid4().hex[:12]
+        with self._transaction() as db:
+            count = db.execute(
+                "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            if count is None:
+                return None
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, study_uid, series_uid, pipeline,"
+                " instance_count, routes, destinations, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    study_uid,
+                    series_uid,
+                    pipeline,
+                    count[0],
+                    json.dumps(list(routes)),
+                    json.dumps(list(destinations)),
+                    JobState.QUEUED,
+                    now,
+                ),
+            ).rowcount
+        return self.job(job_id) if inserted else None
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.job_id = ?",
+                (job_id,),
+            ).fetchone()
+        return None if row is None else self._job_from_row(row)
+
+    def recent_jobs(self, limit: int = 50) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid ORDER BY j.created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [self._job_from_row(r) for r in rows]
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Queued or running jobs, oldest first: after a restart they run again."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.state IN (?, ?) ORDER BY j.created_at",
+                (JobState.QUEUED, JobState.RUNNING),
+            ).fetchall()
+        return [self._job_from_row(r) for r in rows]
+
+    def running_jobs_of(self, worker: str) -> list[str]:
+        """Ids of the jobs a worker (``host:pid``) was running."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs WHERE state = ? AND worker = ?",
+                (JobState.RUNNING, worker),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def jobs_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: count for state, count in rows}
+
+    def start_job(
+        self, job_id: str, worker: str = "", now: float | None = None
+    ) -> JobRecord | None:
+        """Mark a job running (one more attempt); None if it is unknown or finished."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, attempts = attempts + 1,"
+                " error = NULL, worker = ? WHERE job_id = ? AND state IN (?, ?)",
+                (JobState.RUNNING, now, worker, job_id, JobState.QUEUED, JobState.RUNNING),
+            ).rowcount
+        return self.job(job_id) if updated else None
+
+    def finish_job(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: str | None = None,
+        result_dir: str | None = None,
+        timings: dict[str, float] | None = None,
+        now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, result_dir = ?,"
+                " timings = ? WHERE job_id = ?",
+                (
+                    state,
+                    now,
+                    error,
+                    result_dir,
+                    json.dumps(timings) if timings else None,
+                    job_id,
+                ),
+            )
+
+    def requeue_job(self, job_id: str) -> JobRecord | None:
+        """An operator's retry: a finished job becomes queued again; None if not finished."""
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE jobs SET state = ?, finished_at = NULL, error = NULL"
+                " WHERE job_id = ? AND state IN (?, ?, ?)",
+                (JobState.QUEUED, job_id, JobState.DONE, JobState.FAILED, JobState.REFUSED),
+            ).rowcount
+        return self.job(job_id) if updated else None

@@ -23,12 +23,16 @@ from dicom_nodes.scp import StorageSCP
 from service import __version__
 from service.completion import CompletionMonitor
 from service.config import Settings
+from service.dispatch import Dispatcher
 from service.errors import StartupError
 from service.headers import header_from_dataset
 from service.index import StudyIndex
 from service.ingest import Ingest
+from service.pipeline.bundle import discover_bundles
+from service.queue import JobQueue
 from service.records import StoredInstance
 from service.spool import Spool
+from service.worker import WorkerSupervisor, worker_command, worker_name
 
 log = structlog.get_logger("service.node")
 
@@ -46,9 +50,9 @@ def _association_policy(settings: Settings) -> AssociationPolicy:
 
 
 class Node:
-    """A running radnode: Storage SCP, spool, index and completion monitor."""
+    """A running radnode: Storage SCP, spool, index, completion, dispatch and workers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
         self.settings = settings
         data_dir = Path(settings.node.data_dir)
         try:
@@ -70,7 +74,21 @@ class Node:
             host=settings.node.host,
             port=settings.node.port,
         )
-        self.completion = CompletionMonitor(self.index, settings.study.completion_timeout_s)
+        self.queue = JobQueue(settings)
+        self.dispatcher = Dispatcher(
+            self.index, settings.routes, self.queue.enqueue, settings.study.completion_timeout_s
+        )
+        self.completion = CompletionMonitor(
+            self.index,
+            settings.study.completion_timeout_s,
+            on_complete=self.dispatcher.on_study_complete,
+        )
+        self.workers = WorkerSupervisor(
+            # no routes, no jobs: do not pay for worker processes
+            settings.queue.local_workers if settings.routes else 0,
+            worker_command(config_path),
+            on_exit=self._worker_died,
+        )
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -81,6 +99,8 @@ class Node:
                 action="set node.allowed_calling_aets to the PACS AE titles",
             )
         self.reconcile()
+        self.check_pipelines()
+        self.requeue_unfinished_jobs()
         try:
             self.scp.start()
         except OSError as exc:
@@ -89,7 +109,9 @@ class Node:
                 f"cannot listen on {self.settings.node.host}:{self.settings.node.port}: "
                 f"{exc.strerror}; stop the other program on that port or change node.port"
             ) from exc
+        self.workers.start()
         self.completion.start()
+        self.dispatcher.start()
         log.info("node.started", ae_title=self.settings.node.ae_title, port=self.scp.port)
 
     def reconcile(self) -> None:
@@ -105,6 +127,41 @@ class Node:
             indexed_from_spool=len(missing),
             instances=len(on_disk),
         )
+
+    def check_pipelines(self) -> None:
+        """Say at start which routes name a pipeline that is missing or broken.
+
+        The node still starts: receiving must not stop because a model is missing; the
+        jobs of such a route fail with the same reason.
+        """
+        specs, problems = discover_bundles(self.settings.models.dir)
+        for name, problem in problems.items():
+            log.error("pipeline.unusable", pipeline=name, reason=problem)
+        for route in self.settings.routes:
+            if route.pipeline not in specs and route.pipeline not in problems:
+                log.error(
+                    "route.pipeline_missing",
+                    route=route.name,
+                    pipeline=route.pipeline,
+                    models_dir=str(self.settings.models.dir),
+                    action="install the bundle in models.dir or fix the route's pipeline",
+                )
+        log.info("pipelines.found", pipelines=sorted(specs))
+
+    def requeue_unfinished_jobs(self) -> None:
+        """The index, not the queue, is the truth: enqueue every unfinished job again."""
+        unfinished = self.index.unfinished_jobs()
+        if self.settings.queue.url is None:
+            self.queue.flush()  # embedded queue: only this node feeds it
+        for job in unfinished:
+            self.queue.enqueue(job.job_id)
+        if unfinished:
+            log.info("jobs.requeued", jobs=[j.job_id for j in unfinished])
+
+    def _worker_died(self, pid: int) -> None:
+        for job_id in self.index.running_jobs_of(worker_name(pid)):
+            self.queue.enqueue(job_id)
+            log.warning("job.requeued", job=job_id, reason="its worker died")
 
     def _index_file(self, path: Path) -> None:
         try:
@@ -132,6 +189,8 @@ class Node:
     def stop(self) -> None:
         self.scp.stop()
         self.completion.stop()
+        self.dispatcher.stop()
+        self.workers.stop()
         self.index.close()
         self._stopped.set()
         log.info("node.stopped")

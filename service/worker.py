@@ -1,0 +1,285 @@
+"""Workers: take a job id from the queue, run its pipeline, record the outcome.
+
+A worker is its own process (``radnode worker``; ``radnode serve`` starts
+``queue.local_workers`` of them and restarts one that dies), so a model that crashes or
+exhausts memory never takes the Storage SCP down, and the SCP keeps answering while a
+model runs. Bundles are loaded once per worker and reused.
+
+A job ends in one of three states, each with one log line:
+
+* ``done``: results written under ``<data_dir>/results/<job id>/``;
+* ``refused``: the series is not usable by the pipeline (uneven spacing, wrong
+  modality, a single slice for a 3D model...); the reason says what to do;
+* ``failed``: the bundle or the node failed; the error names the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from service.config import Settings
+from service.errors import RadnodeError
+from service.index import StudyIndex
+from service.pipeline.bundle import (
+    BundleError,
+    LoadedBundle,
+    choose_device,
+    discover_bundles,
+    load_bundle,
+)
+from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
+from service.pipeline.result import PipelineResult
+from service.pipeline.volume import SeriesRefused, Volume, load_series
+from service.queue import JobQueue
+from service.records import JobRecord, JobState
+from service.writers.files import result_summary, write_result_files
+
+log = structlog.get_logger("service.worker")
+
+
+class PipelineCache:
+    """Bundles loaded once per process, by pipeline name."""
+
+    def __init__(self, models_dir: Path, device: str | None = None) -> None:
+        self.models_dir = Path(models_dir)
+        self.device = choose_device(device)
+        self._loaded: dict[str, LoadedBundle] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> LoadedBundle:
+        with self._lock:
+            if name not in self._loaded:
+                specs, problems = discover_bundles(self.models_dir)
+                if name not in specs:
+                    why = problems.get(name) or (
+                        f"no bundle folder {name!r} in {self.models_dir}; install the bundle"
+                        " there or fix the route's pipeline name"
+                    )
+                    raise BundleError(why)
+                started = time.perf_counter()
+                self._loaded[name] = load_bundle(specs[name], self.device)
+                log.info(
+                    "pipeline.loaded",
+                    pipeline=name,
+                    version=specs[name].identity.version,
+                    device=str(self.device),
+                    load_s=round(time.perf_counter() - started, 3),
+                    swapped=list(self._loaded[name].swapped),
+                )
+            return self._loaded[name]
+
+
+#: Called with the finished job, its result and volume (the DICOM writers and
+#: delivery hook in here).
+ResultHandler = Callable[[JobRecord, PipelineResult, Volume, Path], None]
+
+
+class JobRunner:
+    """Runs one job at a time in a worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        index: StudyIndex,
+        cache: PipelineCache,
+        on_result: ResultHandler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self.cache = cache
+        self.results_dir = Path(settings.node.data_dir) / "results"
+        self.on_result = on_result
+
+    def run(self, job_id: str) -> JobState | None:
+        """Run a job unless it is unknown or already finished; return its final state."""
+        job = self.index.start_job(job_id, worker=worker_name())
+        if job is None:
+            log.info("job.skipped", job=job_id, reason="unknown or already finished")
+            return None
+        if job.attempts > self.settings.queue.max_attempts:
+            return self._end(job, JobState.FAILED, "gave up after repeated worker crashes"
+                             " (out of memory?); retry it from the API once fixed")  # fmt: skip
+        bound = log.bind(job=job.job_id, study=job.study_key, pipeline=job.pipeline)
+        bound.info("job.started", attempt=job.attempts)
+        stage = "load"
+        try:
+            started = time.perf_counter()
+            volume = load_series(self.index.instance_paths(job.series_uid))
+            load_s = time.perf_counter() - started
+            stage = "model"
+            bundle = self.cache.get(job.pipeline)
+            stage = "inference"
+            result = run_bundle(bundle, volume, load_s=load_s)
+            stage = "write"
+            written = time.perf_counter()
+            out_dir = self.results_dir / job.job_id
+            write_result_files(result, volume, out_dir)
+            if self.on_result is not None:
+                self.on_result(job, result, volume, out_dir)
+            write_s = time.perf_counter() - written
+        except (SeriesRefused, InputMismatch) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            return self._end(job, JobState.REFUSED, reason, bound=bound)
+        except (BundleError, PipelineFailed) as exc:
+            return self._end(job, JobState.FAILED, str(exc), bound=bound)
+        except RadnodeError as exc:
+            return self._end(job, JobState.FAILED, f"{stage}: {exc}", bound=bound)
+        except Exception as exc:
+            bound.exception("job.crashed", stage=stage)
+            return self._end(
+                job, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}", bound=bound
+            )
+        timings = {
+            "load_s": round(result.timings.load_s, 4),
+            "preprocess_s": round(result.timings.preprocess_s, 4),
+            "inference_s": round(result.timings.inference_s, 4),
+            "postprocess_s": round(result.timings.postprocess_s, 4),
+            "write_s": round(write_s, 4),
+        }
+        self.index.finish_job(job.job_id, JobState.DONE, result_dir=str(out_dir), timings=timings)
+        summary = result_summary(result, volume)
+        bound.info(
+            "job.finished",
+            state=JobState.DONE.value,
+            device=result.device,
+            **timings,
+            findings=summary.get("findings"),
+            segments=[
+                {"label": s["label"], "volume_ml": s["volume_ml"]}
+                for s in summary.get("segments", [])
+            ]
+            or None,
+        )
+        return JobState.DONE
+
+    def _end(self, job: JobRecord, state: JobState, reason: str, *, bound: Any = None) -> JobState:
+        self.index.finish_job(job.job_id, state, error=reason)
+        (bound or log.bind(job=job.job_id, study=job.study_key)).warning(
+            "job.finished",
+            state=state.value,
+            reason=reason,
+            action="see the reason; fix the series or the route, then retry the job"
+            if state is JobState.REFUSED
+            else "check the pipeline's bundle and the log above, then retry the job",
+        )
+        return state
+
+
+def worker_name(pid: int | None = None) -> str:
+    """``host:pid``: how the index records which worker holds a job."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def run_worker(settings: Settings) -> None:
+    """``radnode worker``: consume jobs until SIGINT/SIGTERM."""
+    index = StudyIndex(Path(settings.node.data_dir) / "index.sqlite3")
+    cache = PipelineCache(settings.models.dir, settings.models.device)
+    runner = JobRunner(settings, index, cache)
+    queue = JobQueue(settings, handler=runner.run)
+    log.info("worker.started", pid=os.getpid(), device=str(cache.device),
+             models_dir=str(settings.models.dir))  # fmt: skip
+    consumer = queue.consumer()
+    # huey's consumer stops gracefully on SIGINT; make SIGTERM (docker stop) do the same.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        consumer.run()
+    finally:
+        index.close()
+        log.info("worker.stopped", pid=os.getpid())
+
+
+class WorkerSupervisor:
+    """Starts ``queue.local_workers`` worker processes and restarts one that dies.
+
+    ``on_exit`` is told of a worker that died so the node can put its job back.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        command: list[str],
+        on_exit: Callable[[int], None] | None = None,
+        restart_delay_s: float = 1.0,
+    ) -> None:
+        self.count = count
+        self.command = command
+        self.on_exit = on_exit
+        self.restart_delay_s = restart_delay_s
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="workers", daemon=True)
+
+    def start(self) -> None:
+        self._procs = [self._spawn() for _ in range(self.count)]
+        if self.count:
+            self._thread.start()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # logs go to the node's stdout; a worker dies with its node (even on SIGKILL)
+        proc = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
+        log.info("worker.spawned", pid=proc.pid)
+        return proc
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, proc in enumerate(self._procs):
+                code = proc.poll()
+                if code is None or self._stop.is_set():
+                    continue
+                log.error(
+                    "worker.died",
+                    pid=proc.pid,
+                    exit_code=code,
+                    action="its job is queued again; if this repeats, check memory and the"
+                    " pipeline's bundle",
+                )
+                if self.on_exit is not None:
+                    self.on_exit(proc.pid)
+                time.sleep(self.restart_delay_s)
+                self._procs[i] = self._spawn()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def worker_command(config_path: Path | None) -> list[str]:
+    """The command line of a local worker: this interpreter, same config and environment."""
+    command = [sys.executable, "-m", "service.cli", "worker"]
+    if config_path is not None:
+        command += ["--config", str(config_path)]
+    return command

@@ -1,0 +1,1 @@
+"""Result writers: turn a pipeline result into standard objects (DICOM, HL7)."""

@@ -1,0 +1,100 @@
+"""Write a pipeline result as plain files: a JSON summary and NIfTI images.
+
+This is what ``radnode run`` leaves in its output folder and what a job keeps under
+``<data_dir>/results/<job id>/`` next to the DICOM objects: a research-friendly copy
+that opens in 3D Slicer or ITK-SNAP. ``result.json`` holds no patient data (no names,
+IDs, dates or UIDs): only the pipeline, its outputs and the geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.pipeline.result import PipelineResult, TaskKind
+from service.pipeline.volume import Volume
+
+SUMMARY_FILE = "result.json"
+
+
+def result_summary(result: PipelineResult, volume: Volume) -> dict[str, Any]:
+    """The result as JSON-ready facts (also logged and shown by the status API)."""
+    summary: dict[str, Any] = {
+        "pipeline": result.bundle.name,
+        "version": result.bundle.version,
+        "kind": result.kind.value,
+        "device": result.device,
+        "timings_s": {
+            "load": round(result.timings.load_s, 4),
+            "preprocess": round(result.timings.preprocess_s, 4),
+            "inference": round(result.timings.inference_s, 4),
+            "postprocess": round(result.timings.postprocess_s, 4),
+        },
+        "input": {
+            "modality": volume.modality,
+            "shape_zyx": list(volume.array.shape),
+            "spacing_xyz_mm": [round(v, 4) for v in volume.spacing],
+        },
+        "notes": result.notes,
+        "not_for_diagnostic_use": True,
+    }
+    if result.kind is TaskKind.CLASSIFICATION and result.probabilities is not None:
+        summary["findings"] = [
+            {"label": label.name, "probability": round(p, 4), "code": _code(label.finding)}
+            for label, p in zip(result.labels, result.probabilities, strict=True)
+        ]
+    if result.kind is TaskKind.SEGMENTATION:
+        volumes = result.segment_volumes_ml(volume.spacing)
+        counts = result.voxel_counts()
+        summary["segments"] = [
+            {
+                "label": label.name,
+                "value": label.value,
+                "voxels": counts[label.value],
+                "volume_ml": round(volumes[label.value], 3),
+                "code": _code(label.finding),
+            }
+            for label in result.labels
+        ]
+    return summary
+
+
+def _code(concept: Any) -> dict[str, str] | None:
+    if concept is None:
+        return None
+    return {"value": concept.value, "scheme": concept.scheme, "meaning": concept.meaning}
+
+
+def write_result_files(result: PipelineResult, volume: Volume, out_dir: Path) -> list[Path]:
+    """Write ``result.json`` and the result's images as NIfTI; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    summary = out_dir / SUMMARY_FILE
+    summary.write_text(json.dumps(result_summary(result, volume), indent=2) + "\n")
+    written.append(summary)
+    for name, array in (
+        ("label_map", result.label_map),
+        ("image", result.image),
+        ("heatmap", result.heatmap),
+    ):
+        if array is not None:
+            written.append(write_nifti(array, volume, out_dir / f"{name}.nii.gz"))
+    return written
+
+
+def write_nifti(array: NDArray[Any], volume: Volume, path: Path) -> Path:
+    """An array in the volume's [slice, row, column] layout, as NIfTI in RAS."""
+    import nibabel
+
+    xyz = np.ascontiguousarray(array.transpose(2, 1, 0))
+    affine = volume.affine_ras()
+    if volume.is_2d:
+        affine = np.diag([volume.spacing[0], volume.spacing[1], 1.0, 1.0])
+    image = nibabel.Nifti1Image(xyz, affine)
+    image.header.set_xyzt_units("mm")
+    nibabel.save(image, str(path))
+    return path

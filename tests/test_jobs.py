@@ -1,0 +1,116 @@
+"""From a complete study to finished jobs, through the real node, queue and worker.
+
+``radnode serve`` runs as a child process with routes in its environment, bundles that
+the tests write (seeded weights: the geometry, not the quality, is under test here),
+and one local worker process. Studies arrive by DCMTK storescu.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.testing import write_ct_series, write_radiograph
+from tests.conftest import dcmtk_env, require_tool, storescu
+from tests.support.bundles import (
+    write_classifier_bundle,
+    write_threshold_bundle,
+    write_zoo_spleen_bundle,
+)
+
+pytestmark = pytest.mark.integration
+
+ROUTES = [
+    {"name": "ct-bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"}},
+    {"name": "ct-spleen", "pipeline": "spleen_ct_segmentation",
+     "match": {"Modality": "CT", "InstanceCount": {"min": 100}}},
+    {"name": "cxr", "pipeline": "cxr_test_classifier", "match": {"Modality": ["DX", "CR"]}},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_threshold_bundle(root)
+    write_zoo_spleen_bundle(root)
+    write_classifier_bundle(root)
+    return root
+
+
+def node_env(models: Path) -> dict[str, str]:
+    return {"RADNODE_MODELS__DIR": str(models), "RADNODE_ROUTES": json.dumps(ROUTES)}
+
+
+def jobs_table(data_dir: Path) -> list[tuple]:
+    with sqlite3.connect(data_dir / "index.sqlite3") as db:
+        return db.execute(
+            "SELECT pipeline, state, attempts, result_dir, error FROM jobs ORDER BY pipeline"
+        ).fetchall()
+
+
+def echo(port: int) -> bool:
+    result = subprocess.run(
+        [require_tool("echoscu"), "-aec", "RADNODE", "127.0.0.1", str(port)],
+        env=dcmtk_env(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
+def test_complete_study_runs_the_routed_pipelines(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    node = radnode_factory(**node_env(models)).start()
+    ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96,
+                         pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+    cxr = write_radiograph(tmp_path / "cxr" / "cxr.dcm", rows=600, columns=500)
+    assert storescu(node.port, [*ct, cxr]).returncode == 0
+    finished = node.wait_for_event("job.finished", count=2, timeout=120)
+    assert {e["pipeline"] for e in finished} == {"bone_threshold", "cxr_test_classifier"}
+    assert all(e["state"] == "done" for e in finished), finished
+    queued = node.events("job.queued")
+    assert len(queued) == 2  # the 30-slice series is too short for ct-spleen
+    rows = jobs_table(node.data_dir)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("bone_threshold", "done", 1),
+        ("cxr_test_classifier", "done", 1),
+    ]
+    for _pipeline, _state, _attempts, result_dir, _error in rows:
+        summary = json.loads((Path(result_dir) / "result.json").read_text())
+        assert summary["not_for_diagnostic_use"] is True
+    bone = json.loads((Path(rows[0][3]) / "result.json").read_text())
+    assert bone["segments"][0]["label"] == "bone" and bone["segments"][0]["volume_ml"] > 0
+    # no patient data in any log line
+    log_text = "\n".join(node.lines)
+    assert "PHANTOM" not in log_text and "RADNODE-PHANTOM" not in log_text
+
+
+def test_scp_answers_while_a_model_runs_and_unfinished_jobs_survive_a_crash(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    env = node_env(models)
+    node = radnode_factory(**env).start()
+    ct = write_ct_series(tmp_path / "ct", slices=120, rows=160, columns=160,
+                         pixel_spacing=(2.0, 2.0), slice_thickness=2.0)  # fmt: skip
+    assert storescu(node.port, ct).returncode == 0
+    node.wait_for_event("job.queued", count=2, timeout=60)
+    started = node.wait_for_event("job.started", timeout=60)
+    assert echo(node.port), "C-ECHO must be answered while a model runs"
+    # SIGKILL the node (its worker dies with it) while jobs are unfinished
+    node.kill()
+    before = {r[0]: r[1] for r in jobs_table(node.data_dir)}
+    assert any(state in ("queued", "running") for state in before.values()), before
+    restarted = radnode_factory(**env).start()
+    requeued = restarted.wait_for_event("jobs.requeued", timeout=30)
+    assert requeued[0]["jobs"]
+    restarted.wait_for_event("job.finished", count=2, timeout=240)
+    rows = jobs_table(restarted.data_dir)
+    assert {r[0]: r[1] for r in rows} == {
+        "bone_threshold": "done",
+        "spleen_ct_segmentation": "done",
+    }
+    assert max(r[2] for r in rows) >= 1
+    assert started  # the job had started before the crash
