@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,9 +71,16 @@ class StorageSCP:
         receiver: Receiver,
         host: str = "0.0.0.0",
         port: int = 11112,
+        on_association: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_association`` is called with ``accepted``, ``rejected``, ``released`` or
+        ``aborted`` for each association event (the node counts them as metrics; this
+        package knows nothing of metrics). It runs on the association's thread and
+        must be quick and not raise.
+        """
         self._policy = policy
         self._receiver = receiver
+        self._on_association = on_association
         self._host = host
         self._port = port
         self._server: ThreadedAssociationServer | None = None
@@ -183,6 +191,7 @@ class StorageSCP:
         with self._stats_lock:
             self._stats[id(event.assoc)] = stats
         log.info("association.opened", peer_ae=stats.calling_ae, peer_address=stats.address)
+        self._notify("accepted")
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -193,15 +202,17 @@ class StorageSCP:
             reason="calling or called AE title not accepted",
             action="add the calling AE title to node.allowed_calling_aets if it is expected",
         )
+        self._notify("rejected")
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._stats_lock:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
+        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(
             "association.closed",
-            outcome="released" if event.event is evt.EVT_RELEASED else "aborted",
+            outcome=outcome,
             peer_ae=stats.calling_ae,
             peer_address=stats.address,
             instances=stats.instances,
@@ -209,3 +220,8 @@ class StorageSCP:
             bytes=stats.bytes,
             duration_s=round(time.monotonic() - stats.started, 3),
         )
+        self._notify(outcome)
+
+    def _notify(self, outcome: str) -> None:
+        if self._on_association is not None:
+            self._on_association(outcome)

@@ -125,5 +125,29 @@ def run(
     raise typer.Exit(code=1 if failures else 0)
 
 
+@app.command()
+def status(
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="The node's HTTP address (default: from the config)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Show the running node's queue, recent studies, failed jobs and dead letters."""
+    from rich.console import Console
+
+    from service.status_view import fetch_status, render_snapshot
+
+    if url is None:
+        http = _settings_or_exit(config).http
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+        url = f"http://{host}:{http.port}"
+    try:
+        Console().print(render_snapshot(fetch_status(url)))
+    except RadnodeError as exc:
+        typer.echo(f"radnode: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
 if __name__ == "__main__":
     app()

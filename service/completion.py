@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from service.index import StudyIndex
+from service.metrics import Metrics
 from service.records import StudySummary
 
 log = structlog.get_logger("service.completion")
@@ -32,8 +33,10 @@ class CompletionMonitor:
         quiet_s: float,
         on_complete: StudyCompleteHandler | None = None,
         poll_s: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._index = index
+        self._metrics = metrics if metrics is not None else Metrics()
         self._quiet_s = quiet_s
         self._on_complete = on_complete
         self._poll_s = poll_s if poll_s is not None else min(1.0, quiet_s / 4)
@@ -59,6 +62,7 @@ class CompletionMonitor:
                 series=study.series_count,
                 receive_s=round(study.last_received_at - study.first_received_at, 3),
             )
+            self._metrics.study_completed()
             if self._on_complete is not None:
                 self._on_complete(study)
         return completed

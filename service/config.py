@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_nodes.policy import ae_title_problem
@@ -69,6 +76,9 @@ class HttpSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    #: Bearer token for the API calls that change state (job retry). Empty: those are
+    #: refused. Never logged.
+    token: SecretStr | None = None
 
 
 class ModelsSettings(_Section):

@@ -7,8 +7,14 @@
     ├── DatasetMismatch    data set contradicts the C-STORE request (SOP class/instance)
     ├── StorageFull        the spool cannot take more data (disk guard or write error)
     ├── StartupError       the node cannot start (port in use, data_dir not writable)
-    └── SeriesRefused      a series cannot become a trustworthy volume
-                           (service.pipeline.volume; carries ``reason`` and ``code``)
+    ├── SeriesRefused      a series cannot become a trustworthy volume
+    │                      (service.pipeline.volume; carries ``reason`` and ``code``)
+    ├── BundleError        a bundle's folder, metadata, config or weights are unusable
+    │                      (service.pipeline.bundle)
+    ├── InputMismatch      a series is not what a pipeline expects (modality, 2D/3D)
+    ├── PipelineFailed     a bundle raised or returned something unusable
+    │                      (both service.pipeline.inference)
+    └── StatusUnavailable  ``radnode status`` cannot read the node's status API
 
 Each is translated once at its boundary: to a DIMSE status at the Storage SCP, to an
 exit code and one message at the CLI.
@@ -51,3 +57,7 @@ class StorageFull(RadnodeError):
 
 class StartupError(RadnodeError):
     """The node cannot start; the message says what to change."""
+
+
+class StatusUnavailable(RadnodeError):
+    """The node's status API could not be read; the message says what to check."""

@@ -443,12 +443,14 @@ class StudyIndex:
             ).fetchone()
         return None if row is None else self._job_from_row(row)
 
-    def recent_jobs(self, limit: int = 50) -> list[JobRecord]:
+    def recent_jobs(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
+        where = "" if state is None else "WHERE j.state = ?"
+        params: tuple = (limit,) if state is None else (state, limit)
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
-                " ON st.study_uid = j.study_uid ORDER BY j.created_at DESC LIMIT ?",
-                (limit,),
+                f" ON st.study_uid = j.study_uid {where} ORDER BY j.created_at DESC LIMIT ?",
+                params,
             ).fetchall()
         return [self._job_from_row(r) for r in rows]
 
@@ -470,6 +472,13 @@ class StudyIndex:
                 (JobState.RUNNING, worker),
             ).fetchall()
         return [r[0] for r in rows]
+
+    def jobs_by_pipeline_state(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pipeline, state, COUNT(*) FROM jobs GROUP BY pipeline, state"
+            ).fetchall()
+        return {(pipeline, state): count for pipeline, state, count in rows}
 
     def jobs_by_state(self) -> dict[str, int]:
         with self._lock:

@@ -4,7 +4,7 @@
 instance it checks free space, validates the UIDs before they name a path, parses
 the header (no pixel decoding), writes the spool file durably, records it in the
 index, and only then answers Success. Every refusal gets its own status and one log
-line that says what the operator can do.
+line that says what the operator can do, and is counted in :mod:`service.metrics`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dicom_nodes.status import StoreStatus
 from service.errors import DatasetMismatch, InvalidUID, StorageFull, UnreadableDataset
 from service.headers import parse_header
 from service.index import StudyIndex
+from service.metrics import Metrics
 from service.records import InstanceHeader, StoredInstance
 from service.spool import Spool, file_meta_bytes
 from service.uids import require_uid, study_key
@@ -27,16 +28,25 @@ class Ingest:
     """Receives instances from the Storage SCP and makes them durable."""
 
     def __init__(
-        self, spool: Spool, index: StudyIndex, *, ae_title: str, min_free_bytes: int
+        self,
+        spool: Spool,
+        index: StudyIndex,
+        *,
+        ae_title: str,
+        min_free_bytes: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
         self._index = index
         self._ae_title = ae_title
         self._min_free_bytes = min_free_bytes
+        # Without the node's Metrics (tests, tools) count into a private registry.
+        self._metrics = metrics if metrics is not None else Metrics()
 
     def store(self, instance: ReceivedInstance) -> StoreStatus:
         """Store one instance; the returned status is what the sender sees."""
         peer = {"peer_ae": instance.calling_ae, "peer_address": instance.peer_address}
+        size = len(instance.dataset)
         try:
             return self._store(instance)
         except InvalidUID as exc:
@@ -47,6 +57,7 @@ class Ingest:
                 action="fix the sending system's UIDs; the instance was not stored",
                 **peer,
             )
+            self._metrics.instance_refused(StoreStatus.INVALID_UID, size)
             return StoreStatus.INVALID_UID
         except UnreadableDataset as exc:
             log.warning(
@@ -56,6 +67,7 @@ class Ingest:
                 action="check the file on the sending system; it was not stored",
                 **peer,
             )
+            self._metrics.instance_refused(StoreStatus.CANNOT_UNDERSTAND, size)
             return StoreStatus.CANNOT_UNDERSTAND
         except DatasetMismatch as exc:
             status = (
@@ -70,6 +82,7 @@ class Ingest:
                 action="the sender's request and data set disagree; not stored",
                 **peer,
             )
+            self._metrics.instance_refused(status, size)
             return status
         except StorageFull as exc:
             log.error(
@@ -79,6 +92,7 @@ class Ingest:
                 action="free disk space under node.data_dir; senders will retry",
                 **peer,
             )
+            self._metrics.instance_refused(StoreStatus.OUT_OF_RESOURCES, size)
             return StoreStatus.OUT_OF_RESOURCES
 
     def _store(self, instance: ReceivedInstance) -> StoreStatus:
@@ -89,6 +103,7 @@ class Ingest:
             log.debug("instance.duplicate", peer_ae=instance.calling_ae)
             if reopened:
                 log.info("study.reopened", cause="duplicate instance")
+            self._metrics.instance_duplicate(len(instance.dataset))
             return StoreStatus.SUCCESS
         if self._spool.free_bytes() < self._min_free_bytes:
             raise StorageFull("free disk space is below node.min_free_disk_mb")
@@ -116,6 +131,7 @@ class Ingest:
             log.info("study.receiving", study=key, peer_ae=instance.calling_ae)
         elif outcome.reopened_study:
             log.info("study.reopened", study=key, cause="new instance after completion")
+        self._metrics.instance_stored(len(instance.dataset))
         return StoreStatus.SUCCESS
 
     @staticmethod

@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import StorageSCP
 from service import __version__
+from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
 from service.completion import CompletionMonitor
 from service.config import Settings
 from service.dispatch import Dispatcher
@@ -28,9 +29,10 @@ from service.errors import StartupError
 from service.headers import header_from_dataset
 from service.index import StudyIndex
 from service.ingest import Ingest
+from service.metrics import FinishedJobRecorder, Metrics
 from service.pipeline.bundle import discover_bundles
 from service.queue import JobQueue
-from service.records import StoredInstance
+from service.records import JobRecord, JobState, StoredInstance, StudySummary
 from service.spool import Spool
 from service.worker import WorkerSupervisor, worker_command, worker_name
 
@@ -62,19 +64,26 @@ class Node:
             raise StartupError(
                 f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
             ) from exc
+        self.queue = JobQueue(settings)
+        self.metrics = Metrics(
+            data_dir=data_dir,
+            job_counts=self.index.jobs_by_pipeline_state,
+            queue_depth=self.queue.depth,
+        )
         self.ingest = Ingest(
             self.spool,
             self.index,
             ae_title=settings.node.ae_title,
             min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+            metrics=self.metrics,
         )
         self.scp = StorageSCP(
             _association_policy(settings),
             self.ingest,
             host=settings.node.host,
             port=settings.node.port,
+            on_association=self.metrics.association,
         )
-        self.queue = JobQueue(settings)
         self.dispatcher = Dispatcher(
             self.index, settings.routes, self.queue.enqueue, settings.study.completion_timeout_s
         )
@@ -82,6 +91,17 @@ class Node:
             self.index,
             settings.study.completion_timeout_s,
             on_complete=self.dispatcher.on_study_complete,
+            metrics=self.metrics,
+        )
+        self.job_metrics = FinishedJobRecorder(
+            self.metrics, self.index.recent_jobs, self._last_received_at
+        )
+        self.api = ApiServer(
+            NodeStatus(self),
+            self.metrics,
+            host=settings.http.host,
+            port=settings.http.port,
+            token=settings.http.token,
         )
         self.workers = WorkerSupervisor(
             # no routes, no jobs: do not pay for worker processes
@@ -90,6 +110,9 @@ class Node:
             on_exit=self._worker_died,
         )
         self._stopped = threading.Event()
+        self._housekeeping = threading.Thread(
+            target=self._poll_job_metrics, name="job-metrics", daemon=True
+        )
 
     def start(self) -> None:
         log.info("node.starting", version=__version__, data_dir=str(self.spool.root.parent))
@@ -109,9 +132,17 @@ class Node:
                 f"cannot listen on {self.settings.node.host}:{self.settings.node.port}: "
                 f"{exc.strerror}; stop the other program on that port or change node.port"
             ) from exc
+        try:
+            self.api.start()
+        except StartupError:
+            self.scp.stop()
+            self.index.close()
+            raise
+        self.job_metrics.prime()
         self.workers.start()
         self.completion.start()
         self.dispatcher.start()
+        self._housekeeping.start()
         log.info("node.started", ae_title=self.settings.node.ae_title, port=self.scp.port)
 
     def reconcile(self) -> None:
@@ -186,7 +217,20 @@ class Node:
             )
         )
 
+    def _last_received_at(self, study_uid: str) -> float | None:
+        study = self.index.study(study_uid)
+        return None if study is None else study.last_received_at
+
+    def _poll_job_metrics(self) -> None:
+        """Workers are other processes: count their finished jobs from the index."""
+        while not self._stopped.wait(2.0):
+            try:
+                self.job_metrics.poll()
+            except Exception:
+                log.exception("metrics.job_poll_failed", action="check the data_dir disk")
+
     def stop(self) -> None:
+        self.api.stop()
         self.scp.stop()
         self.completion.stop()
         self.dispatcher.stop()
@@ -207,3 +251,42 @@ class Node:
         self.start()
         self._stopped.wait()
         self.stop()
+
+
+class NodeStatus:
+    """The status API's view of a node (see :class:`service.api.StatusSource`)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def recent_studies(self, limit: int) -> list[StudySummary]:
+        return self._node.index.recent_studies(limit)
+
+    def recent_jobs(self, limit: int, state: JobState | None = None) -> list[JobRecord]:
+        return self._node.index.recent_jobs(limit, state)
+
+    def dead_letters(self, limit: int) -> list[DeadLetter]:
+        return []  # deliveries arrive with the result writers
+
+    def retry_job(self, job_id: str) -> RetryOutcome:
+        index = self._node.index
+        job = index.job(job_id)
+        if job is None:
+            return RetryOutcome.UNKNOWN_JOB
+        if job.state not in (JobState.FAILED, JobState.REFUSED):
+            return RetryOutcome.NOT_RETRYABLE
+        if index.requeue_job(job_id) is None:
+            return RetryOutcome.NOT_RETRYABLE
+        self._node.queue.enqueue(job_id)
+        log.info("job.retry_requested", job=job_id, study=job.study_key)
+        return RetryOutcome.RETRIED
+
+    def readiness(self) -> dict[str, bool | str]:
+        node = self._node
+        return {
+            "scp_listening": node.scp.listening,
+            "queue": node.queue.reachable() or "the job queue cannot be read; check queue.url",
+            "disk": disk_space_check(
+                node.spool.root, node.settings.node.min_free_disk_mb * 1024 * 1024
+            ),
+        }

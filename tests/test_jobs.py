@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,15 @@ def test_complete_study_runs_the_routed_pipelines(
         assert summary["not_for_diagnostic_use"] is True
     bone = json.loads((Path(rows[0][3]) / "result.json").read_text())
     assert bone["segments"][0]["label"] == "bone" and bone["segments"][0]["volume_ml"] > 0
+    # the status API shows the jobs with their timings, and the node is ready
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/api/jobs") as response:
+        api_jobs = json.loads(response.read())["jobs"]
+    assert sorted(j["state"] for j in api_jobs) == ["done", "done"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/readyz") as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics") as response:
+        metrics = response.read().decode()
+    assert 'radnode_jobs{pipeline="bone_threshold",state="done"} 1.0' in metrics
     # no patient data in any log line
     log_text = "\n".join(node.lines)
     assert "PHANTOM" not in log_text and "RADNODE-PHANTOM" not in log_text

@@ -1,0 +1,237 @@
+"""``radnode status``: what a running node is doing, read from its HTTP API.
+
+The command runs on the operator's shell, often on another machine than the node, so
+it asks the node's status API (:mod:`service.api`) rather than opening the study index:
+the API is the one place that decides what may be shown (keys and counts, no patient
+data, no UIDs), and the CLI cannot show more than it does.
+
+:func:`fetch_status` reads ``/api/studies``, ``/api/jobs`` (recent, and failed and
+refused ones separately so that they do not scroll away) and ``/api/dead-letters``;
+:func:`render_status` turns them into rich tables: the queue (jobs per pipeline and
+state), recent studies, failed jobs and dead letters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from service.errors import StatusUnavailable
+from service.records import JobState
+
+#: One item of an API list, as the OpenAPI document describes it.
+Item = Mapping[str, Any]
+
+_STATE_STYLES = {
+    "queued": "cyan",
+    "running": "yellow",
+    "done": "green",
+    "failed": "bold red",
+    "refused": "magenta",
+    "receiving": "yellow",
+    "complete": "green",
+}
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What the node's status API said at one moment."""
+
+    base_url: str
+    studies: tuple[Item, ...]
+    jobs: tuple[Item, ...]
+    failed_jobs: tuple[Item, ...]
+    dead_letters: tuple[Item, ...]
+
+
+def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]:
+    url = base_url.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        raise StatusUnavailable(
+            f"{url} answered HTTP {exc.code}; check that this is radnode's http port "
+            "and that its version has the status API"
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusUnavailable(
+            f"cannot reach {url} ({reason}); is 'radnode serve' running, and do "
+            "http.host and http.port match?"
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StatusUnavailable(f"{url} did not answer JSON; is this radnode's http port?") from exc
+    items = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(items, list):
+        raise StatusUnavailable(f"{url} answered without a {key!r} list; versions differ?")
+    return tuple(item for item in items if isinstance(item, dict))
+
+
+def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> StatusSnapshot:
+    """Read the node's status API at ``base_url`` (e.g. ``http://127.0.0.1:8080``).
+
+    Raises :class:`StatusUnavailable` when the node cannot be reached or does not
+    answer as radnode's API does.
+    """
+    query = f"?limit={limit}"
+    failed = [
+        *_get(base_url, f"/api/jobs{query}&state=failed", "jobs", timeout),
+        *_get(base_url, f"/api/jobs{query}&state=refused", "jobs", timeout),
+    ]
+    # ISO 8601 UTC times sort as text; newest first, like the API's own lists.
+    failed.sort(key=lambda j: str(j.get("finished_at") or ""), reverse=True)
+    return StatusSnapshot(
+        base_url=base_url,
+        studies=_get(base_url, f"/api/studies{query}", "studies", timeout),
+        jobs=_get(base_url, f"/api/jobs{query}", "jobs", timeout),
+        failed_jobs=tuple(failed[:limit]),
+        dead_letters=_get(base_url, f"/api/dead-letters{query}", "dead_letters", timeout),
+    )
+
+
+def _age(iso: Any, now: float) -> str:
+    """``"42s ago"``, ``"7m ago"``, ``"3h ago"``, ``"2d ago"``; ``-`` if unknown."""
+    if not isinstance(iso, str):
+        return "-"
+    try:
+        seconds = now - datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return "-"
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _seconds(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.1f}s"
+
+
+def _state(value: Any) -> Text:
+    text = str(value)
+    return Text(text, style=_STATE_STYLES.get(text, ""))
+
+
+def _queue_table(jobs: Sequence[Item]) -> Table:
+    states = [s.value for s in JobState]
+    counts = Counter((str(j.get("pipeline", "?")), str(j.get("state", "?"))) for j in jobs)
+    table = Table(title=f"Jobs by state (last {len(jobs)} jobs)", title_justify="left")
+    table.add_column("pipeline")
+    for state in states:
+        table.add_column(state, justify="right", style=_STATE_STYLES[state])
+    for pipeline in sorted({p for p, _ in counts}):
+        table.add_row(pipeline, *(str(counts[(pipeline, s)] or "") for s in states))
+    if not counts:
+        table.add_row("(no jobs)", *([""] * len(states)))
+    return table
+
+
+def _studies_table(studies: Sequence[Item], now: float) -> Table:
+    table = Table(title="Recent studies", title_justify="left")
+    for name, justify in (
+        ("study", "left"),
+        ("state", "left"),
+        ("series", "right"),
+        ("instances", "right"),
+        ("last instance", "right"),
+        ("receive", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in studies:
+        table.add_row(
+            str(s.get("study_key", "?")),
+            _state(s.get("state")),
+            str(s.get("series_count", "")),
+            str(s.get("instance_count", "")),
+            _age(s.get("last_received_at"), now),
+            _seconds(s.get("receive_s")),
+        )
+    if not studies:
+        table.add_row("(no studies)", "", "", "", "", "")
+    return table
+
+
+def _failed_table(jobs: Sequence[Item], now: float) -> Table:
+    table = Table(title="Failed and refused jobs", title_justify="left")
+    for name in ("job", "study", "pipeline", "state", "tries", "finished", "error"):
+        table.add_column(name, overflow="fold")
+    for j in jobs:
+        table.add_row(
+            str(j.get("job_id", "?")),
+            str(j.get("study_key", "?")),
+            str(j.get("pipeline", "?")),
+            _state(j.get("state")),
+            str(j.get("attempts", "")),
+            _age(j.get("finished_at"), now),
+            str(j.get("error") or ""),
+        )
+    if not jobs:
+        table.add_row("(none)", "", "", "", "", "", "")
+    return table
+
+
+def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
+    table = Table(title="Dead letters (retry with POST /api/jobs/{id}/retry)", title_justify="left")
+    for name in ("job", "study", "pipeline", "destination", "tries", "given up", "error"):
+        table.add_column(name, overflow="fold")
+    for d in letters:
+        table.add_row(
+            str(d.get("job_id", "?")),
+            str(d.get("study_key", "?")),
+            str(d.get("pipeline", "?")),
+            str(d.get("destination", "?")),
+            str(d.get("attempts", "")),
+            _age(d.get("dead_lettered_at"), now),
+            str(d.get("error") or ""),
+        )
+    return table
+
+
+def render_status(
+    studies: Sequence[Item],
+    jobs: Sequence[Item],
+    dead_letters: Sequence[Item] | None = None,
+    *,
+    failed_jobs: Sequence[Item] | None = None,
+    now: float | None = None,
+) -> RenderableType:
+    """The status screen: queue, recent studies, failed jobs and dead letters.
+
+    Items are the API's JSON objects. ``failed_jobs`` defaults to the failed and
+    refused jobs among ``jobs``; ``now`` (epoch seconds) is for stable test output.
+    """
+    now = time.time() if now is None else now
+    if failed_jobs is None:
+        failed_jobs = [j for j in jobs if j.get("state") in ("failed", "refused")]
+    parts: list[RenderableType] = [
+        _queue_table(jobs),
+        _studies_table(studies, now),
+        _failed_table(failed_jobs, now),
+    ]
+    if dead_letters:
+        parts.append(_dead_letters_table(dead_letters, now))
+    return Group(*parts)
+
+
+def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> RenderableType:
+    """:func:`render_status` of everything :func:`fetch_status` read."""
+    return render_status(
+        snapshot.studies,
+        snapshot.jobs,
+        snapshot.dead_letters,
+        failed_jobs=snapshot.failed_jobs,
+        now=now,
+    )

@@ -1,0 +1,389 @@
+"""The HTTP API over real loopback requests, and the status view that reads it.
+
+Studies come from a real :class:`StudyIndex` filled through the real receive path
+(:class:`Ingest`), with a data set that carries distinctive patient data, so that a
+leak of it into any response would be caught. Jobs come from a small in-test
+:class:`StatusSource`: the study index has no job table yet, and the API's job is to
+show jobs and pass retries on, not to decide which states are retryable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from rich.console import Console
+
+from dicom_nodes.status import StoreStatus
+from service.api import (
+    ROUTES,
+    ApiServer,
+    DeadLetter,
+    RetryOutcome,
+    disk_space_check,
+)
+from service.errors import StartupError
+from service.index import StudyIndex
+from service.ingest import Ingest
+from service.metrics import Metrics
+from service.records import JobRecord, JobState, StudySummary
+from service.spool import Spool
+from service.status_view import StatusUnavailable, fetch_status, render_snapshot
+from service.uids import study_key
+from tests.conftest import free_port
+from tests.test_receive_path import ct_small, received
+
+TOKEN = "test-token-1f8e2c"
+PHI = ("Doe^Jane", "PID-4711-XY", "19700101", "ACC-0815-XY")
+
+
+def with_phi(ds: Dataset) -> Dataset:
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID-4711-XY"
+    ds.PatientBirthDate = "19700101"
+    ds.AccessionNumber = "ACC-0815-XY"
+    return ds
+
+
+@dataclass
+class FakeNode:
+    """StatusSource: studies from the real index, jobs held in memory."""
+
+    index: StudyIndex
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    letters: list[DeadLetter] = field(default_factory=list)
+    checks: dict[str, bool | str] = field(
+        default_factory=lambda: {"scp_listening": True, "queue": True, "disk": True}
+    )
+    fail_with: Exception | None = None
+
+    def recent_studies(self, limit: int) -> list[StudySummary]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self.index.recent_studies(limit)
+
+    def recent_jobs(self, limit: int, state: JobState | None = None) -> list[JobRecord]:
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+        return [j for j in jobs if state is None or j.state == state][:limit]
+
+    def dead_letters(self, limit: int) -> list[DeadLetter]:
+        return self.letters[:limit]
+
+    def retry_job(self, job_id: str) -> RetryOutcome:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return RetryOutcome.UNKNOWN_JOB
+        if job.state is not JobState.FAILED:
+            return RetryOutcome.NOT_RETRYABLE
+        self.jobs[job_id] = replace(job, state=JobState.QUEUED, error=None)
+        return RetryOutcome.RETRIED
+
+    def readiness(self) -> dict[str, bool | str]:
+        return dict(self.checks)
+
+
+@dataclass
+class Stack:
+    node: FakeNode
+    api: ApiServer
+    metrics: Metrics
+    studies: list[Dataset]
+
+
+def job(job_id: str, ds: Dataset, state: JobState, created_at: float, **extra: Any) -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        study_uid=str(ds.StudyInstanceUID),
+        study_key=study_key(str(ds.StudyInstanceUID)),
+        series_uid=str(ds.SeriesInstanceUID),
+        pipeline="chest-xray",
+        routes=("ct-chest",),
+        destinations=("pacs",),
+        state=state,
+        attempts=1,
+        created_at=created_at,
+        result_dir=f"/data/results/{ds.StudyInstanceUID}",
+        **extra,
+    )
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    metrics = Metrics(data_dir=tmp_path)
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    ingest = Ingest(Spool(tmp_path), index, ae_title="RADNODE", min_free_bytes=0, metrics=metrics)
+    first, second = with_phi(ct_small()), with_phi(ct_small())
+    second.StudyInstanceUID = generate_uid()
+    second.SeriesInstanceUID = generate_uid()
+    second.SOPInstanceUID = generate_uid()
+    more = with_phi(ct_small())
+    more.SOPInstanceUID = generate_uid()
+    for ds in (first, more, second):
+        assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    node = FakeNode(index)
+    node.jobs = {
+        "j-done": job(
+            "j-done",
+            first,
+            JobState.DONE,
+            1_700_000_000.0,
+            started_at=1_700_000_010.0,
+            finished_at=1_700_000_040.5,
+            timings={"load_s": 1.5, "inference_s": 20.25},
+        ),
+        "j-failed": job(
+            "j-failed", second, JobState.FAILED, 1_700_000_001.0, error="bundle raised RuntimeError"
+        ),
+        "j-running": job(
+            "j-running", first, JobState.RUNNING, 1_700_000_002.0, started_at=1_700_000_020.0
+        ),
+    }
+    node.letters = [
+        DeadLetter("j-done", study_key(str(first.StudyInstanceUID)), "chest-xray", "pacs", 5,
+                   "association rejected by PACS", 1_700_000_100.0)
+    ]  # fmt: skip
+    api = ApiServer(node, metrics, host="127.0.0.1", port=0, token=TOKEN)
+    api.start()
+    yield Stack(node, api, metrics, [first, second])
+    api.stop()
+    index.close()
+
+
+def call(
+    api: ApiServer, path: str, method: str = "GET", token: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(api.url + path, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def get_json(api: ApiServer, path: str, **kw: Any) -> tuple[int, Any]:
+    status, _headers, body = call(api, path, **kw)
+    return status, json.loads(body)
+
+
+def test_healthz_answers_alive(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/healthz")
+    assert status == 200
+    assert body["status"] == "alive"
+
+
+def test_readyz_is_200_only_when_every_check_passes(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/readyz")
+    assert (status, body["ready"], body["failed"]) == (200, True, [])
+    stack.node.checks["disk"] = "12 MB free, below node.min_free_disk_mb (1024 MB)"
+    stack.node.checks["scp_listening"] = False
+    status, body = get_json(stack.api, "/readyz")
+    assert status == 503
+    assert body["ready"] is False
+    assert body["failed"] == ["disk", "scp_listening"]
+    assert body["checks"]["disk"] == {
+        "ok": False,
+        "detail": "12 MB free, below node.min_free_disk_mb (1024 MB)",
+    }
+    assert body["checks"]["queue"] == {"ok": True}
+
+
+def test_readyz_is_503_when_the_checks_themselves_raise(stack: Stack) -> None:
+    def broken() -> dict[str, bool | str]:
+        raise RuntimeError("queue database vanished")
+
+    stack.node.readiness = broken  # type: ignore[method-assign]
+    status, body = get_json(stack.api, "/readyz")
+    assert status == 503
+    assert body["failed"] == ["readiness"]
+
+
+def test_disk_space_check_uses_the_receive_threshold(tmp_path: Path) -> None:
+    assert disk_space_check(tmp_path, 0) is True
+    verdict = disk_space_check(tmp_path, 2**62)
+    assert isinstance(verdict, str) and "node.min_free_disk_mb" in verdict
+    assert isinstance(disk_space_check(tmp_path / "missing", 0), str)
+
+
+def test_studies_are_listed_by_key_with_counts(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/api/studies")
+    assert status == 200
+    by_key = {s["study_key"]: s for s in body["studies"]}
+    first, second = stack.studies
+    assert set(by_key) == {study_key(first.StudyInstanceUID), study_key(second.StudyInstanceUID)}
+    first_view = by_key[study_key(first.StudyInstanceUID)]
+    assert first_view["instance_count"] == 2
+    assert first_view["series_count"] == 1
+    assert first_view["state"] == "receiving"
+    assert first_view["completed_at"] is None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first_view["last_received_at"])
+    assert "study_uid" not in first_view
+    status, body = get_json(stack.api, "/api/studies?limit=1")
+    assert len(body["studies"]) == 1
+
+
+def test_jobs_show_state_timings_and_error(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/api/jobs")
+    assert status == 200
+    jobs = {j["job_id"]: j for j in body["jobs"]}
+    assert set(jobs) == {"j-done", "j-failed", "j-running"}
+    done = jobs["j-done"]
+    assert done["state"] == "done"
+    assert done["wait_s"] == 10.0 and done["run_s"] == 30.5
+    assert done["timings"] == {"load_s": 1.5, "inference_s": 20.25}
+    assert done["series_key"] == study_key(stack.studies[0].SeriesInstanceUID)
+    assert jobs["j-failed"]["error"] == "bundle raised RuntimeError"
+    assert not {"study_uid", "series_uid", "result_dir"} & set(done)
+    _, failed = get_json(stack.api, "/api/jobs?state=failed")
+    assert [j["job_id"] for j in failed["jobs"]] == ["j-failed"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["/api/jobs?state=lost", "/api/jobs?limit=0", "/api/jobs?limit=x", "/api/studies?limit=9999"],
+)
+def test_bad_query_parameters_get_400_with_an_action(stack: Stack, query: str) -> None:
+    status, body = get_json(stack.api, query)
+    assert status == 400
+    assert body["error"] and body["action"]
+
+
+def test_dead_letters_are_listed(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/api/dead-letters")
+    assert status == 200
+    (letter,) = body["dead_letters"]
+    assert letter["destination"] == "pacs" and letter["attempts"] == 5
+
+
+def test_no_patient_data_or_uid_in_any_response(stack: Stack) -> None:
+    secrets = list(PHI)
+    for ds in stack.studies:
+        secrets += [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
+    bodies = []
+    for route in ROUTES:
+        if route.method == "GET":
+            bodies.append(call(stack.api, route.template)[2].decode())
+    bodies.append(call(stack.api, "/api/jobs/j-failed/retry", "POST", TOKEN)[2].decode())
+    assert len(bodies) == len(ROUTES)
+    for body in bodies:
+        for secret in secrets:
+            assert secret not in body
+
+
+def test_retry_needs_the_bearer_token(stack: Stack) -> None:
+    status, headers, _ = call(stack.api, "/api/jobs/j-failed/retry", "POST")
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, _ = call(stack.api, "/api/jobs/j-failed/retry", "POST", token="wrong")
+    assert status == 403
+    assert stack.node.jobs["j-failed"].state is JobState.FAILED  # nothing happened
+
+
+def test_retry_answers_404_for_unknown_and_409_for_unretryable_jobs(stack: Stack) -> None:
+    assert call(stack.api, "/api/jobs/nope/retry", "POST", TOKEN)[0] == 404
+    assert call(stack.api, "/api/jobs/j-running/retry", "POST", TOKEN)[0] == 409
+    status, body = get_json(stack.api, "/api/jobs/j-done/retry", method="POST", token=TOKEN)
+    assert status == 409 and "retryable" in body["error"]
+
+
+def test_retry_queues_a_failed_job_again(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/api/jobs/j-failed/retry", method="POST", token=TOKEN)
+    assert status == 202
+    assert body == {"job_id": "j-failed", "outcome": "retried"}
+    _, jobs = get_json(stack.api, "/api/jobs?state=queued")
+    assert [j["job_id"] for j in jobs["jobs"]] == ["j-failed"]
+
+
+def test_without_a_configured_token_retry_is_refused(stack: Stack) -> None:
+    api = ApiServer(stack.node, stack.metrics, port=0, token=None)
+    api.start()
+    try:
+        status, body = get_json(api, "/api/jobs/j-failed/retry", method="POST", token="")
+        assert status == 403
+        assert "http.token" in body["action"]
+    finally:
+        api.stop()
+    assert stack.node.jobs["j-failed"].state is JobState.FAILED
+
+
+def test_unknown_paths_get_404_and_wrong_methods_405(stack: Stack) -> None:
+    status, _, body = call(stack.api, "/api/patients")
+    assert status == 404 and b"openapi.json" in body
+    status, headers, _ = call(stack.api, "/api/jobs/j-failed/retry")
+    assert status == 405 and headers["Allow"] == "POST"
+    assert call(stack.api, "/healthz", "POST")[0] == 405
+
+
+def test_an_unexpected_error_is_a_500_and_the_api_keeps_serving(stack: Stack) -> None:
+    stack.node.fail_with = RuntimeError("boom")
+    status, body = get_json(stack.api, "/api/studies")
+    assert status == 500
+    assert "api.unexpected_error" in body["action"]
+    assert call(stack.api, "/healthz")[0] == 200
+
+
+def test_metrics_are_prometheus_text_and_count_the_received_instances(stack: Stack) -> None:
+    status, headers, body = call(stack.api, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"] == stack.metrics.content_type
+    assert headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    stored = [
+        s.value
+        for s in families["radnode_instances_received"].samples
+        if s.name.endswith("_total") and s.labels == {"outcome": "stored"}
+    ]
+    assert stored == [3.0]
+    assert "radnode_disk_free_bytes" in families
+
+
+def test_openapi_document_describes_every_route(stack: Stack) -> None:
+    status, doc = get_json(stack.api, "/openapi.json")
+    assert status == 200
+    assert doc["openapi"].startswith("3.")
+    assert doc["info"]["title"] and doc["info"]["version"]
+    documented = {(m.upper(), path) for path, ops in doc["paths"].items() for m in ops}
+    assert documented == {(r.method, r.template) for r in ROUTES}
+    text = json.dumps(doc)
+    for ref in re.findall(r'"\$ref": "#/components/schemas/(\w+)"', text):
+        assert ref in doc["components"]["schemas"]
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert op["responses"], f"{path} documents no response"
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path))
+
+
+def test_a_taken_port_is_a_startup_error_naming_the_key(stack: Stack) -> None:
+    other = ApiServer(stack.node, stack.metrics, host="127.0.0.1", port=stack.api.port)
+    with pytest.raises(StartupError, match=r"http\.port"):
+        other.start()
+
+
+def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> None:
+    snapshot = fetch_status(stack.api.url, timeout=5)
+    assert [j["job_id"] for j in snapshot.failed_jobs] == ["j-failed"]
+    console = Console(record=True, width=220, color_system=None)
+    console.print(render_snapshot(snapshot, now=1_700_000_200.0))
+    screen = console.export_text()
+    assert "Jobs by state" in screen and "Recent studies" in screen
+    assert study_key(stack.studies[1].StudyInstanceUID) in screen
+    assert "bundle raised RuntimeError" in screen
+    assert "association rejected by PACS" in screen
+    for secret in (*PHI, str(stack.studies[0].StudyInstanceUID)):
+        assert secret not in screen
+
+
+def test_status_view_says_what_to_check_when_the_node_is_down() -> None:
+    with pytest.raises(StatusUnavailable, match="radnode serve"):
+        fetch_status(f"http://127.0.0.1:{free_port()}", timeout=2)
