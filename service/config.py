@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from dicom_nodes.policy import ae_title_problem
 from service.errors import ConfigError
+from service.hl7 import Hl7DestinationSettings
 from service.routing import RouteRule, route_problems
 
 
@@ -115,11 +116,11 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class DestinationSettings(_Section):
-    """Where results go: a DICOM Storage SCP (the PACS) or an HL7 MLLP listener."""
+class DicomDestinationSettings(_Section):
+    """A DICOM Storage SCP that takes the result objects (the PACS)."""
 
     name: str = Field(min_length=1)
-    type: Literal["dicom", "hl7"]
+    type: Literal["dicom"]
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     ae_title: str | None = None
@@ -128,6 +129,13 @@ class DestinationSettings(_Section):
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
+
+
+#: Where results go: a DICOM Storage SCP (the PACS) or an HL7 MLLP listener (RIS/EHR),
+#: told apart by ``type``.
+DestinationSettings = Annotated[
+    DicomDestinationSettings | Hl7DestinationSettings, Field(discriminator="type")
+]
 
 
 class Settings(BaseSettings):
@@ -167,7 +175,7 @@ class Settings(BaseSettings):
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"destinations: the name {name!r} is used more than once")
         for i, dest in enumerate(self.destinations):
-            if dest.type == "dicom" and not dest.ae_title:
+            if isinstance(dest, DicomDestinationSettings) and not dest.ae_title:
                 problems.append(f"destinations[{i}].ae_title: required for a dicom destination")
         for i, route in enumerate(self.routes):
             for dest_name in route.destinations:
@@ -183,7 +191,9 @@ def _format_validation_error(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         key = ""
-        for part in item["loc"]:
+        for i, part in enumerate(item["loc"]):
+            if i and item["loc"][i - 1] != "destinations" and part in ("dicom", "hl7"):
+                continue  # the union's tag, not a key the operator wrote
             key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
         key = key or "(top level)"
         message = item["msg"].removeprefix("Value error, ")

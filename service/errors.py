@@ -14,6 +14,9 @@
     ├── InputMismatch      a series is not what a pipeline expects (modality, 2D/3D)
     ├── PipelineFailed     a bundle raised or returned something unusable
     │                      (both service.pipeline.inference)
+    ├── Hl7Error           an ORU^R01 cannot be built for a destination (service.hl7)
+    │   └── MllpError      the MLLP exchange failed (connect, timeout, framing)
+    ├── UnknownDelivery    an operator named a delivery the outbox does not hold
     └── StatusUnavailable  ``radnode status`` cannot read the node's status API
 
 Each is translated once at its boundary: to a DIMSE status at the Storage SCP, to an

@@ -24,13 +24,16 @@ from service import __version__
 from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
 from service.completion import CompletionMonitor
 from service.config import Settings
+from service.delivery import DeliveryState, DeliveryTarget, DeliveryWorker, Outbox
 from service.dispatch import Dispatcher
 from service.errors import StartupError
 from service.headers import header_from_dataset
+from service.hl7 import Hl7Deliverer, Hl7DestinationSettings
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.metrics import FinishedJobRecorder, Metrics
 from service.pipeline.bundle import discover_bundles
+from service.publish import outbox_path
 from service.queue import JobQueue
 from service.records import JobRecord, JobState, StoredInstance, StudySummary
 from service.spool import Spool
@@ -93,6 +96,17 @@ class Node:
             on_complete=self.dispatcher.on_study_complete,
             metrics=self.metrics,
         )
+        self.outbox = Outbox(outbox_path(settings))
+        self.delivery = DeliveryWorker(
+            self.outbox,
+            {
+                d.name: DeliveryTarget(Hl7Deliverer(d), d.retry_policy())
+                for d in settings.destinations
+                if isinstance(d, Hl7DestinationSettings)
+            },
+            poll_interval_s=1.0,
+            lease_s=300,
+        )
         self.job_metrics = FinishedJobRecorder(
             self.metrics, self.index.recent_jobs, self._last_received_at
         )
@@ -142,6 +156,7 @@ class Node:
         self.workers.start()
         self.completion.start()
         self.dispatcher.start()
+        self.delivery.start()
         self._housekeeping.start()
         log.info("node.started", ae_title=self.settings.node.ae_title, port=self.scp.port)
 
@@ -235,6 +250,8 @@ class Node:
         self.completion.stop()
         self.dispatcher.stop()
         self.workers.stop()
+        self.delivery.stop()
+        self.outbox.close()
         self.index.close()
         self._stopped.set()
         log.info("node.stopped")
@@ -266,13 +283,34 @@ class NodeStatus:
         return self._node.index.recent_jobs(limit, state)
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
-        return []  # deliveries arrive with the result writers
+        letters = []
+        for item in self._node.outbox.list(state=DeliveryState.DEAD, limit=limit):
+            job = self._node.index.job(item.job_id)
+            letters.append(
+                DeadLetter(
+                    job_id=item.job_id,
+                    study_key=job.study_key if job else "",
+                    pipeline=job.pipeline if job else "",
+                    destination=item.destination,
+                    attempts=item.attempts,
+                    error=item.last_error or "",
+                    dead_lettered_at=item.finished_at or item.created_at,
+                )
+            )
+        return letters
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         index = self._node.index
         job = index.job(job_id)
         if job is None:
             return RetryOutcome.UNKNOWN_JOB
+        dead = self._node.outbox.list(state=DeliveryState.DEAD, job_id=job_id)
+        if dead:
+            for item in dead:
+                self._node.outbox.resend(item.id)
+            self._node.delivery.wake()
+            log.info("job.resend_requested", job=job_id, deliveries=len(dead))
+            return RetryOutcome.RETRIED
         if job.state not in (JobState.FAILED, JobState.REFUSED):
             return RetryOutcome.NOT_RETRYABLE
         if index.requeue_job(job_id) is None:

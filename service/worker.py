@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from service.config import Settings
+from service.delivery import Outbox
 from service.errors import RadnodeError
 from service.index import StudyIndex
 from service.pipeline.bundle import (
@@ -41,6 +42,7 @@ from service.pipeline.bundle import (
 from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import SeriesRefused, Volume, load_series
+from service.publish import ResultPublisher, outbox_path
 from service.queue import JobQueue
 from service.records import JobRecord, JobState
 from service.writers.files import result_summary, write_result_files
@@ -80,9 +82,9 @@ class PipelineCache:
             return self._loaded[name]
 
 
-#: Called with the finished job, its result and volume (the DICOM writers and
-#: delivery hook in here).
-ResultHandler = Callable[[JobRecord, PipelineResult, Volume, Path], None]
+#: Called with the finished job, its result, its volume and the source file paths
+#: (the DICOM writers and delivery hook in here).
+ResultHandler = Callable[[JobRecord, PipelineResult, Volume, list[str]], object]
 
 
 class JobRunner:
@@ -115,7 +117,8 @@ class JobRunner:
         stage = "load"
         try:
             started = time.perf_counter()
-            volume = load_series(self.index.instance_paths(job.series_uid))
+            paths = self.index.instance_paths(job.series_uid)
+            volume = load_series(paths)
             load_s = time.perf_counter() - started
             stage = "model"
             bundle = self.cache.get(job.pipeline)
@@ -125,8 +128,9 @@ class JobRunner:
             written = time.perf_counter()
             out_dir = self.results_dir / job.job_id
             write_result_files(result, volume, out_dir)
+            stage = "publish"
             if self.on_result is not None:
-                self.on_result(job, result, volume, out_dir)
+                self.on_result(job, result, volume, paths)
             write_s = time.perf_counter() - written
         except (SeriesRefused, InputMismatch) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
@@ -185,7 +189,8 @@ def run_worker(settings: Settings) -> None:
     """``radnode worker``: consume jobs until SIGINT/SIGTERM."""
     index = StudyIndex(Path(settings.node.data_dir) / "index.sqlite3")
     cache = PipelineCache(settings.models.dir, settings.models.device)
-    runner = JobRunner(settings, index, cache)
+    outbox = Outbox(outbox_path(settings))
+    runner = JobRunner(settings, index, cache, ResultPublisher(settings, outbox).publish)
     queue = JobQueue(settings, handler=runner.run)
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
@@ -195,6 +200,7 @@ def run_worker(settings: Settings) -> None:
     try:
         consumer.run()
     finally:
+        outbox.close()
         index.close()
         log.info("worker.stopped", pid=os.getpid())
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+#: Shared fixtures that live in their own modules.
+pytest_plugins = ["tests.support.mllp"]
+
 REPO = Path(__file__).resolve().parent.parent
 RADNODE = Path(sys.executable).with_name("radnode")
 

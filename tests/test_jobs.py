@@ -124,3 +124,36 @@ def test_scp_answers_while_a_model_runs_and_unfinished_jobs_survive_a_crash(
     }
     assert max(r[2] for r in rows) >= 1
     assert started  # the job had started before the crash
+
+
+def test_result_reaches_the_ris_as_a_strict_oru_over_mllp(
+    radnode_factory, models: Path, tmp_path: Path, listener_factory
+) -> None:
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    ris = listener_factory("AE", "AA", error_text="busy")  # one refusal, then accepted
+    routes = [{"name": "cxr", "pipeline": "cxr_test_classifier",
+               "match": {"Modality": "DX"}, "destinations": ["ris"]}]  # fmt: skip
+    destinations = [{"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port,
+                     "backoff_s": 0.2, "receiving_application": "RIS"}]  # fmt: skip
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=json.dumps(routes),
+        RADNODE_DESTINATIONS=json.dumps(destinations),
+    ).start()
+    cxr = write_radiograph(tmp_path / "cxr.dcm", rows=400, columns=400,
+                           patient_name="O'BRIEN^ANNE^&CO", accession_number="ACC-77")  # fmt: skip
+    assert storescu(node.port, [cxr]).returncode == 0
+    node.wait_for_event("hl7.sent", timeout=120)
+    assert len(ris.received) == 2  # AE, then the same message again, accepted
+    assert ris.received[0] == ris.received[1]
+    message = parse_message(ris.received[1], validation_level=VALIDATION_LEVEL.STRICT)
+    message.validate()
+    text = ris.received[1]
+    assert "O'BRIEN^ANNE^\\T\\CO" in text and "ACC-77" in text
+    assert "Pulmonary nodule" in text
+    probabilities = [o for o in text.split("\r") if o.startswith("OBX|") and "|NM|" in o]
+    assert len(probabilities) == 1 and "|%^percent^UCUM|" in probabilities[0]
+    assert 0.0 <= float(probabilities[0].split("|")[5]) <= 100.0
+    assert "O'BRIEN" not in "\n".join(node.lines)

@@ -1,0 +1,536 @@
+"""Durable delivery of results: an outbox in SQLite, retries with back-off, dead letters.
+
+Why this module exists: a result is only useful once the PACS or the RIS has it, and
+either may be down for minutes or hours. So a writer never talks to the network itself;
+it puts the finished payload in the outbox (:meth:`Outbox.enqueue`) and returns. A
+:class:`DeliveryWorker` thread then hands due deliveries to the :class:`Deliverer` of
+their destination (the HL7 MLLP client, the DICOM Storage SCU) and records what came back:
+
+* ``DELIVERED``: the peer took it (HL7 ``AA``, DICOM Success) -> state ``sent``.
+* ``RETRY(reason)``: a transient failure (no connection, timeout, HL7 ``AE``) -> stays
+  ``pending`` with ``next_attempt_at`` moved on by the :class:`RetryPolicy`; after the
+  last allowed attempt it becomes ``dead``.
+* ``REJECTED(reason)``: the peer refused it for good (HL7 ``AR``) -> ``dead`` at once;
+  sending it again unchanged would be refused again.
+
+A dead delivery keeps its payload and ``last_error``; an operator sends it again with
+:meth:`Outbox.resend` or :meth:`Outbox.retry_dead` once the cause is fixed.
+
+Durability and order:
+
+* The outbox is its own SQLite file (WAL, ``synchronous=FULL``): an enqueued delivery
+  survives a crash, and pending deliveries continue after a restart.
+* Attempts are counted when a delivery is claimed, so a payload that crashes the process
+  still reaches its attempt limit instead of looping forever.
+* A claim is a lease: ``next_attempt_at`` moves ``lease_s`` ahead while the attempt runs,
+  so a crash mid-attempt only delays the delivery. The price is at-least-once delivery:
+  a crash after the peer answered but before ``sent`` is recorded sends it again (HL7
+  receivers detect this by MSH-10, DICOM by SOP Instance UID).
+* Each destination is a FIFO: only its oldest pending delivery is ever attempted, so a
+  later result (e.g. a corrected one) cannot overtake an earlier one while the peer is
+  down. A dead delivery leaves the queue, so one poison message does not block the rest.
+
+Log events are named by kind (``hl7.sent``, ``hl7.retry``, ``hl7.dead_letter``, and
+``dicom.*`` the same) and carry the delivery id, job id, destination and message id
+(HL7 MSH-10, DICOM SOP Instance UID): never patient data.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from os import PathLike, fspath
+from typing import Literal, Protocol
+
+import structlog
+
+from service.errors import RadnodeError
+
+log = structlog.get_logger("service.delivery")
+
+DeliveryKind = Literal["hl7", "dicom"]
+
+#: Longest error text kept in the outbox and the log (peers can answer at length).
+MAX_ERROR_CHARS = 500
+
+
+class UnknownDelivery(RadnodeError):
+    """No delivery has the id an operator asked for."""
+
+
+class DeliveryState(StrEnum):
+    """Where a delivery is. Stored as text in the outbox."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class OutcomeStatus(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one attempt came to. Build with :meth:`delivered`, :meth:`retry`, :meth:`rejected`.
+
+    ``reason`` is operator-facing text (peer error text, ``connection refused``...); a
+    deliverer must keep patient data out of it, as it is logged.
+    """
+
+    status: OutcomeStatus
+    reason: str = ""
+
+    @classmethod
+    def delivered(cls) -> DeliveryOutcome:
+        return cls(OutcomeStatus.DELIVERED)
+
+    @classmethod
+    def retry(cls, reason: str) -> DeliveryOutcome:
+        return cls(OutcomeStatus.RETRY, reason)
+
+    @classmethod
+    def rejected(cls, reason: str) -> DeliveryOutcome:
+        return cls(OutcomeStatus.REJECTED, reason)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One payload for one destination, as the outbox holds it.
+
+    ``payload`` holds the bytes to send where they are small (an HL7 message);
+    ``payload_ref`` names where they are otherwise (e.g. a result file or folder for
+    DICOM). ``message_id`` is what the peer knows the payload by: MSH-10 for HL7, the
+    SOP Instance UID for DICOM; it makes enqueueing idempotent.
+    """
+
+    id: int
+    job_id: str
+    destination: str
+    kind: DeliveryKind
+    message_id: str
+    payload: bytes | None
+    payload_ref: str | None
+    state: DeliveryState
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    finished_at: float | None
+    last_error: str | None
+
+
+class Deliverer(Protocol):
+    """Sends one delivery to its peer. Must not raise for network or peer failures:
+    those are outcomes (``RETRY`` or ``REJECTED``)."""
+
+    def deliver(self, item: Delivery) -> DeliveryOutcome: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how far apart a delivery is attempted.
+
+    The wait after attempt *n* (1-based) is ``backoff_s * multiplier ** (n - 1)``, at
+    most ``max_backoff_s``. The defaults (5 s doubling up to 15 min, 20 attempts) keep
+    trying for about three hours, long enough for a RIS maintenance window, before a
+    delivery is dead-lettered.
+    """
+
+    max_attempts: int = 20
+    backoff_s: float = 5.0
+    multiplier: float = 2.0
+    max_backoff_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("back-off must be >= 0 and the multiplier >= 1")
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait after the ``attempt``-th attempt failed."""
+        return float(min(self.max_backoff_s, self.backoff_s * self.multiplier ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class DeliveryTarget:
+    """A destination as the worker sees it: who sends, and how patiently."""
+
+    deliverer: Deliverer
+    policy: RetryPolicy
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id          TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    kind            TEXT NOT NULL CHECK (kind IN ('hl7', 'dicom')),
+    message_id      TEXT NOT NULL,
+    payload         BLOB,
+    payload_ref     TEXT,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    finished_at     REAL,
+    last_error      TEXT,
+    UNIQUE (kind, destination, message_id)
+);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (destination, state, id);
+CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
+"""
+
+_COLUMNS = (
+    "id, job_id, destination, kind, message_id, payload, payload_ref, state, attempts, "
+    "created_at, next_attempt_at, finished_at, last_error"
+)
+
+
+def _row_to_delivery(row: tuple) -> Delivery:  # type: ignore[type-arg]
+    (
+        id_,
+        job_id,
+        destination,
+        kind,
+        message_id,
+        payload,
+        payload_ref,
+        state,
+        attempts,
+        created_at,
+        next_attempt_at,
+        finished_at,
+        last_error,
+    ) = row
+    return Delivery(
+        id=int(id_),
+        job_id=job_id,
+        destination=destination,
+        kind=kind,
+        message_id=message_id,
+        payload=bytes(payload) if payload is not None else None,
+        payload_ref=payload_ref,
+        state=DeliveryState(state),
+        attempts=int(attempts),
+        created_at=float(created_at),
+        next_attempt_at=float(next_attempt_at),
+        finished_at=float(finished_at) if finished_at is not None else None,
+        last_error=last_error,
+    )
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+class Outbox:
+    """The durable queue of deliveries, in its own SQLite file.
+
+    Thread-safe: one connection, used under a lock (SQLite serialises writers anyway).
+    Several processes may share the file; claims are made in ``BEGIN IMMEDIATE``
+    transactions so two workers never take the same delivery.
+    """
+
+    def __init__(self, path: str | PathLike[str], *, clock: Callable[[], float] = time.time):
+        self.path = fspath(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writers put work in -----------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        job_id: str,
+        destination: str,
+        kind: DeliveryKind,
+        message_id: str,
+        payload: bytes | None = None,
+        payload_ref: str | None = None,
+    ) -> Delivery:
+        """Add a delivery, due now. Enqueueing the same (kind, destination, message_id)
+        again returns the existing delivery unchanged, so a re-run job does not send twice.
+        """
+        if payload is None and payload_ref is None:
+            raise ValueError("a delivery needs a payload or a payload_ref")
+        now = self._clock()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, kind, message_id, "
+                "payload, payload_ref, state, attempts, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                (job_id, destination, kind, message_id, payload, payload_ref, now, now),
+            )
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries "
+                "WHERE kind = ? AND destination = ? AND message_id = ?",
+                (kind, destination, message_id),
+            ).fetchone()
+        return _row_to_delivery(row)
+
+    # -- the worker takes work out -----------------------------------------------------
+
+    def claim_next(self, *, lease_s: float, skip: Iterable[str] = ()) -> Delivery | None:
+        """Take the next due delivery that heads its destination's queue, or None.
+
+        The claim counts an attempt and moves ``next_attempt_at`` ``lease_s`` ahead, so
+        the delivery is not taken again while (or if the process dies while) it is sent.
+        Destinations named in ``skip`` are left alone.
+        """
+        now = self._clock()
+        skip = tuple(skip)
+        not_in = f"AND d.destination NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))} "
+                    "FROM deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+                    "AND d.id = (SELECT MIN(id) FROM deliveries "
+                    "            WHERE state = 'pending' AND destination = d.destination) "
+                    f"{not_in} ORDER BY d.next_attempt_at, d.id LIMIT 1",
+                    (now, *skip),
+                ).fetchone()
+                if row is None:
+                    self._db.execute("COMMIT")
+                    return None
+                self._db.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ? "
+                    "WHERE id = ?",
+                    (now + lease_s, row[0]),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        item = _row_to_delivery(row)
+        return replace(item, attempts=item.attempts + 1, next_attempt_at=now + lease_s)
+
+    def mark_sent(self, delivery_id: int) -> None:
+        self._update(delivery_id, state=DeliveryState.SENT, finished_at=self._clock())
+
+    def mark_retry(self, delivery_id: int, *, error: str, delay_s: float) -> None:
+        self._update(
+            delivery_id,
+            state=DeliveryState.PENDING,
+            next_attempt_at=self._clock() + delay_s,
+            last_error=_clip(error),
+        )
+
+    def mark_dead(self, delivery_id: int, *, error: str) -> None:
+        self._update(
+            delivery_id,
+            state=DeliveryState.DEAD,
+            finished_at=self._clock(),
+            last_error=_clip(error),
+        )
+
+    # -- operators look and send again -------------------------------------------------
+
+    def get(self, delivery_id: int) -> Delivery:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownDelivery(f"no delivery with id {delivery_id}")
+        return _row_to_delivery(row)
+
+    def list(
+        self,
+        *,
+        state: DeliveryState | None = None,
+        destination: str | None = None,
+        job_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        """Deliveries, newest first, optionally only those in ``state`` / to ``destination``
+        / of ``job_id``."""
+        where, args = ["1 = 1"], []
+        for column, value in (("state", state), ("destination", destination), ("job_id", job_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(str(value))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
+                "ORDER BY id DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [_row_to_delivery(r) for r in rows]
+
+    def counts(self) -> dict[str, dict[DeliveryState, int]]:
+        """Deliveries per destination and state, for metrics and the status API."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+            ).fetchall()
+        result: dict[str, dict[DeliveryState, int]] = {}
+        for destination, state, count in rows:
+            result.setdefault(destination, dict.fromkeys(DeliveryState, 0))[
+                DeliveryState(state)
+            ] = int(count)
+        return result
+
+    def resend(self, delivery_id: int) -> Delivery:
+        """Put a delivery (dead, sent or pending) back in its queue, due now, with a fresh
+        attempt count. The payload is sent unchanged (same HL7 message control id)."""
+        self.get(delivery_id)
+        self._update(
+            delivery_id,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=self._clock(),
+            finished_at=None,
+        )
+        log.info("delivery.resend", delivery=delivery_id)
+        return self.get(delivery_id)
+
+    def retry_dead(self, destination: str | None = None) -> int:
+        """Resend every dead delivery (of ``destination``, or all); returns how many."""
+        now = self._clock()
+        sql = (
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+            "finished_at = NULL WHERE state = 'dead'"
+        )
+        args: tuple[object, ...] = (now,)
+        if destination is not None:
+            sql += " AND destination = ?"
+            args += (destination,)
+        with self._lock:
+            count = self._db.execute(sql, args).rowcount
+        log.info("delivery.retry_dead", destination=destination, count=count)
+        return int(count)
+
+    def _update(self, delivery_id: int, **values: object) -> None:
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        with self._lock:
+            self._db.execute(
+                f"UPDATE deliveries SET {assignments} WHERE id = ?",
+                (*(str(v) if isinstance(v, StrEnum) else v for v in values.values()), delivery_id),
+            )
+
+
+class DeliveryWorker:
+    """Hands due deliveries to their destination's deliverer, in a background thread.
+
+    ``targets`` maps destination names to their deliverer and retry policy. A delivery
+    for a destination that is not (or no longer) configured is dead-lettered with that
+    reason, so it shows up for the operator instead of waiting forever.
+
+    ``lease_s`` must exceed the longest attempt (connect plus answer timeouts).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        targets: Mapping[str, DeliveryTarget],
+        *,
+        poll_interval_s: float = 1.0,
+        lease_s: float = 300.0,
+    ) -> None:
+        self.outbox = outbox
+        self.targets = dict(targets)
+        self.poll_interval_s = poll_interval_s
+        self.lease_s = lease_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="radnode-delivery", daemon=True)
+        self._thread.start()
+        log.info("delivery.started", destinations=sorted(self.targets))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the attempt in progress (if any); pending deliveries stay pending."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        log.info("delivery.stopped")
+
+    def wake(self) -> None:
+        """Look for due deliveries now (e.g. right after an enqueue)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.run_once()
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def run_once(self) -> int:
+        """Attempt every delivery that is due now; returns how many were attempted.
+
+        A destination whose attempt must be retried is skipped for the rest of the pass,
+        so a peer that is down is not asked again at once.
+        """
+        attempted = 0
+        waiting: set[str] = set()
+        while not self._stop.is_set():
+            item = self.outbox.claim_next(lease_s=self.lease_s, skip=waiting)
+            if item is None:
+                break
+            attempted += 1
+            if not self._attempt(item):
+                waiting.add(item.destination)
+        return attempted
+
+    def _attempt(self, item: Delivery) -> bool:
+        """One attempt; True when the destination's queue may move on."""
+        ids = {
+            "delivery": item.id,
+            "job": item.job_id,
+            "destination": item.destination,
+            "message_id": item.message_id,
+            "attempt": item.attempts,
+        }
+        target = self.targets.get(item.destination)
+        if target is None:
+            reason = f"destination {item.destination!r} is not configured"
+            self.outbox.mark_dead(item.id, error=reason)
+            log.error(f"{item.kind}.dead_letter", reason=reason, **ids)
+            return True
+        try:
+            outcome = target.deliverer.deliver(item)
+        except Exception as exc:  # a deliverer bug must not stop every other delivery
+            outcome = DeliveryOutcome.retry(f"deliverer failed: {type(exc).__name__}")
+            log.exception(f"{item.kind}.deliverer_error", **ids)
+        if outcome.status is OutcomeStatus.DELIVERED:
+            self.outbox.mark_sent(item.id)
+            log.info(f"{item.kind}.sent", **ids)
+            return True
+        if outcome.status is OutcomeStatus.REJECTED:
+            self.outbox.mark_dead(item.id, error=outcome.reason)
+            log.error(f"{item.kind}.dead_letter", reason=_clip(outcome.reason), **ids)
+            return True
+        if item.attempts >= target.policy.max_attempts:
+            error = f"gave up after {item.attempts} attempts: {outcome.reason}"
+            self.outbox.mark_dead(item.id, error=error)
+            log.error(f"{item.kind}.dead_letter", reason=_clip(error), **ids)
+            return True
+        delay = target.policy.delay_s(item.attempts)
+        self.outbox.mark_retry(item.id, error=outcome.reason, delay_s=delay)
+        log.warning(f"{item.kind}.retry", reason=_clip(outcome.reason), retry_in_s=delay, **ids)
+        return False

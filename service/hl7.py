@@ -1,0 +1,270 @@
+"""HL7 v2 over MLLP: the client that carries ORU^R01 results to the RIS/EHR.
+
+Framing below meaning, as in python-hl7's ``hl7.mllp``: :class:`MllpClient` only moves
+bytes (``<VT> message <FS><CR>`` out, one framed answer back, within the connect and
+answer timeouts) and :func:`parse_ack` only reads an answer. :class:`Hl7Deliverer` joins
+them into a :class:`~service.delivery.Deliverer` that tells the outbox what happened:
+
+========================  ======================  =====================================
+answer                    outcome                 why
+========================  ======================  =====================================
+``AA`` (or ``CA``)        DELIVERED               the receiver took the message
+``AE`` (or ``CE``)        RETRY(error text)       application error, may be transient
+``AR`` (or ``CR``)        REJECTED(error text)    refused; the same message would be too
+no answer, timeout,       RETRY(reason)           the receiver or the network is down
+refused, garbled answer,
+answer to another message
+========================  ======================  =====================================
+
+Each message gets a connection of its own (connect, send, read the ACK, close): simple to
+reason about, and what most interface engines accept; one stuck connection never holds
+up later messages. Error text is MSA-3 plus ERR-3 (text) and ERR-8 (user message) of
+the answer; it comes from the receiver, not from our message, and is logged clipped.
+
+``Hl7DestinationSettings`` is the configuration of one ``type = "hl7"`` destination.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import hl7 as python_hl7
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.delivery import Delivery, DeliveryOutcome, RetryPolicy
+from service.errors import RadnodeError
+
+#: MLLP frame: start block, end block, carriage return (HL7 v2 Appendix C).
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c"
+CARRIAGE_RETURN = b"\x0d"
+
+#: An answer larger than this is not an ACK; stop reading rather than fill memory.
+MAX_ANSWER_BYTES = 1_048_576
+
+#: Python codecs of the MSH-18 character sets radnode can send.
+CHARSETS: dict[str, str] = {"UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}
+
+_HL7_DELIMITERS = set("|^~\\&")
+
+
+class Hl7Error(RadnodeError):
+    """An HL7 message cannot be built, or an MLLP exchange failed.
+
+    Messages never quote patient data (values are named by field, not shown).
+    """
+
+
+class MllpError(Hl7Error):
+    """The MLLP exchange failed: no connection, timeout, bad framing."""
+
+
+class Hl7DestinationSettings(BaseModel):
+    """One RIS/EHR that takes ORU^R01 results over MLLP (``[[destinations]]``, type hl7).
+
+    MSH-3/4 name radnode, MSH-5/6 the receiver, as its interface team asks. They are HD
+    namespace ids (IS, at most 20 characters, no HL7 delimiters).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    type: Literal["hl7"] = "hl7"
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "RADNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: MSH-11: P production, T training, D debugging.
+    processing_id: Literal["P", "T", "D"] = "P"
+    #: Which order number carries the DICOM Accession Number: ORC-2/OBR-2 (placer),
+    #: ORC-3/OBR-3 (filler, what a RIS usually assigns and IHE SWF expects) or both.
+    order_number_field: Literal["placer", "filler", "both"] = "filler"
+    #: MSH-18 and the byte encoding of the message.
+    character_set: Literal["UNICODE UTF-8", "8859/1"] = "UNICODE UTF-8"
+    connect_timeout_s: float = Field(10.0, gt=0)
+    ack_timeout_s: float = Field(30.0, gt=0)
+    #: Attempts before a delivery is dead-lettered (AE and network errors are retried).
+    max_attempts: int = Field(20, ge=1)
+    #: Wait after the first failed attempt; doubles after each further one.
+    backoff_s: float = Field(5.0, ge=0)
+    max_backoff_s: float = Field(900.0, ge=0)
+
+    @field_validator(
+        "sending_application", "sending_facility", "receiving_application", "receiving_facility"
+    )
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if len(value) > 20:
+            raise ValueError("at most 20 characters (HL7 IS)")
+        if _HL7_DELIMITERS & set(value):
+            raise ValueError("must not contain HL7 delimiters | ^ ~ \\ &")
+        return value
+
+    @property
+    def encoding(self) -> str:
+        return CHARSETS[self.character_set]
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+        )
+
+
+def frame(message: bytes) -> bytes:
+    """Wrap one message in an MLLP block."""
+    return START_BLOCK + message + END_BLOCK + CARRIAGE_RETURN
+
+
+class MllpClient:
+    """Sends one framed message and returns the framed answer's content."""
+
+    def __init__(self, host: str, port: int, *, connect_timeout_s: float, ack_timeout_s: float):
+        self.host = host
+        self.port = port
+        self.connect_timeout_s = connect_timeout_s
+        self.ack_timeout_s = ack_timeout_s
+
+    def exchange(self, message: bytes) -> bytes:
+        """Send ``message`` and wait up to ``ack_timeout_s`` for one answer.
+
+        Raises :class:`MllpError` when there is no connection, no complete answer in
+        time, or the answer is not an MLLP block.
+        """
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        except OSError as exc:
+            raise MllpError(f"cannot connect: {_os_reason(exc)}") from exc
+        with sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            deadline = time.monotonic() + self.ack_timeout_s
+            try:
+                sock.settimeout(self.ack_timeout_s)
+                sock.sendall(frame(message))
+                return self._read_block(sock, deadline)
+            except TimeoutError as exc:
+                raise MllpError(f"no answer within {self.ack_timeout_s:g} s") from exc
+            except OSError as exc:
+                raise MllpError(f"connection failed: {_os_reason(exc)}") from exc
+
+    def _read_block(self, sock: socket.socket, deadline: float) -> bytes:
+        buffer = b""
+        while True:
+            end = buffer.find(END_BLOCK + CARRIAGE_RETURN)
+            if end >= 0:
+                start = buffer.find(START_BLOCK)
+                if start < 0 or start > end:
+                    raise MllpError("answer is not an MLLP block (no start block)")
+                return buffer[start + 1 : end]
+            if len(buffer) > MAX_ANSWER_BYTES:
+                raise MllpError("answer too large for an ACK")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise MllpError("connection closed before a complete answer")
+            buffer += chunk
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The part of an acknowledgement radnode acts on.
+
+    ``code`` is MSA-1 (AA/AE/AR, or CA/CE/CR in enhanced mode), ``control_id`` MSA-2 (the
+    MSH-10 it answers), ``text`` the receiver's error text (MSA-3, ERR-3 text, ERR-8).
+    """
+
+    code: str
+    control_id: str
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.code in ("AA", "CA")
+
+    @property
+    def rejected(self) -> bool:
+        return self.code in ("AR", "CR")
+
+
+def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
+    """Read MSA (and ERR) from an answer. Raises :class:`Hl7Error` if it is not an ACK.
+
+    python-hl7 is used here, not hl7apy: it is tolerant of the versions and small
+    deviations real receivers answer with, and an ACK needs no validation to be read.
+    """
+    text = raw.decode(encoding, errors="replace").replace("\r\n", "\r").replace("\n", "\r")
+    try:
+        message = python_hl7.parse(text.strip("\r"))
+        msa = message.segment("MSA")
+    except (KeyError, ValueError, IndexError, python_hl7.ParseException) as exc:
+        raise Hl7Error("answer is not an HL7 ACK (no MSA segment)") from exc
+    code = _field(msa, 1).upper()
+    if code not in ("AA", "AE", "AR", "CA", "CE", "CR"):
+        raise Hl7Error(f"answer has an unknown acknowledgement code {code[:4]!r}")
+    parts = [_field(msa, 3)]
+    for err in _segments(message, "ERR"):
+        parts.extend((_component(err, 3, 1), _field(err, 8)))
+    texts = [message.unescape(p).strip() for p in parts]
+    error_text = "; ".join(dict.fromkeys(t for t in texts if t))  # in order, once each
+    return Ack(code=code, control_id=_field(msa, 2), text=error_text)
+
+
+def _segments(message: python_hl7.Message, name: str) -> list[python_hl7.Segment]:
+    try:
+        return list(message.segments(name))
+    except KeyError:  # python-hl7 raises when there is none
+        return []
+
+
+def _field(segment: python_hl7.Segment, index: int) -> str:
+    return str(segment[index]) if len(segment) > index else ""
+
+
+def _component(segment: python_hl7.Segment, index: int, component: int) -> str:
+    """Component ``component`` (1-based) of the first repetition of a field, as text."""
+    value = _field(segment, index)
+    parts = value.split("~", 1)[0].split("^")
+    return parts[component] if len(parts) > component else ""
+
+
+class Hl7Deliverer:
+    """Sends outbox deliveries of kind ``hl7`` to one MLLP destination."""
+
+    def __init__(self, settings: Hl7DestinationSettings, client: MllpClient | None = None):
+        self.settings = settings
+        self.client = client or MllpClient(
+            settings.host,
+            settings.port,
+            connect_timeout_s=settings.connect_timeout_s,
+            ack_timeout_s=settings.ack_timeout_s,
+        )
+
+    def deliver(self, item: Delivery) -> DeliveryOutcome:
+        if item.payload is None:
+            return DeliveryOutcome.rejected("HL7 delivery has no payload")
+        try:
+            answer = self.client.exchange(item.payload)
+            ack = parse_ack(answer, self.settings.encoding)
+        except Hl7Error as exc:
+            return DeliveryOutcome.retry(str(exc))
+        if ack.control_id != item.message_id:
+            return DeliveryOutcome.retry("ACK answers another message (MSA-2 != MSH-10)")
+        if ack.accepted:
+            return DeliveryOutcome.delivered()
+        reason = f"{ack.code}: {ack.text or 'no error text'}"
+        if ack.rejected:
+            return DeliveryOutcome.rejected(reason)
+        return DeliveryOutcome.retry(reason)

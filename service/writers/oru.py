@@ -1,0 +1,436 @@
+"""HL7 v2.5.1 ORU^R01: the text result of one pipeline run, for the RIS/EHR.
+
+The PACS gets the DICOM objects; the RIS/EHR gets this message, tied to the order by the
+Accession Number, so the result shows up in the patient's record next to the report
+work list. docs/hl7.md is the message profile; in short::
+
+    MSH  radnode -> receiver (per destination), ORU^R01^ORU_R01, 2.5.1, MSH-10 control id
+    PID  PatientID/Issuer (PID-3), PatientName (PID-5), BirthDate (PID-7), Sex (PID-8)
+    ORC  RE, Accession Number as placer and/or filler order number
+    OBR  same order numbers, OBR-4 the procedure, OBR-7 study date/time, OBR-25 F
+    OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
+    OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
+    OBX  NM  probability in % (DCM 122157) or volume in mL (SCT)    } sharing OBX-4
+    OBX  ST  Study Instance UID (DCM 110180), Series Instance UID (DCM 112002)
+
+The message is built and checked with hl7apy under STRICT validation, so a message the
+receiver would reject for its structure never reaches the outbox.
+
+Text from DICOM is escaped here (:func:`escape`) before hl7apy sees it: ``\\`` -> ``\\E\\``,
+``|`` -> ``\\F\\``, ``^`` -> ``\\S\\``, ``&`` -> ``\\T\\``, ``~`` -> ``\\R\\``; control characters
+become spaces. hl7apy's own escaping misses a literal backslash that happens to look like
+an escape sequence (``a\\F\\b``) and leaves an escaped value unchanged, so escaping first
+is both correct and safe. Identifiers (patient ID, issuer, accession) are never
+truncated: one that does not fit its HL7 field stops the build (:class:`Hl7Error`).
+Descriptive text that does not fit is shortened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import textwrap
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Group, Message, Segment
+from hl7apy.exceptions import HL7apyException
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from service.delivery import Delivery, Outbox
+from service.hl7 import Hl7DestinationSettings, Hl7Error
+from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
+
+HL7_VERSION = "2.5.1"
+_STRICT = VALIDATION_LEVEL.STRICT
+
+#: Observation identifiers (OBX-3). DICOM codes where DICOM has one, so the HL7 result
+#: and the SR (TID 1500) say the same thing in the same words.
+SUMMARY = CodedConcept("121111", "DCM", "Summary")
+FINDING = CodedConcept("121071", "DCM", "Finding")
+FINDING_SITE = CodedConcept("363698007", "SCT", "Finding Site")
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+VOLUME = CodedConcept("118565006", "SCT", "Volume")
+STUDY_INSTANCE_UID = CodedConcept("110180", "DCM", "Study Instance UID")
+SERIES_INSTANCE_UID = CodedConcept("112002", "DCM", "Series Instance UID")
+
+#: Units (OBX-6), UCUM. Probabilities are sent in percent with one decimal: a RIS shows
+#: OBX-5 and OBX-6 side by side, and "87.3 %" is read right where "0.873 1" is not.
+PERCENT = CodedConcept("%", "UCUM", "percent")
+MILLILITRE = CodedConcept("mL", "UCUM", "milliliter")
+
+#: DICOM coding scheme designators whose HL7 coding system name (table 0396) differs.
+_CODING_SYSTEMS = {"SRT": "SCT", "SNM3": "SNM3", "LN": "LN", "UCUM": "UCUM"}
+
+_ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\"}
+_ST_MAX = 199  # ST and CE/CWE text components
+_IS_MAX = 20  # IS (namespace ids)
+_SUMMARY_WIDTH = 80  # characters per TX line, as a RIS shows them
+
+_SEX = {"M": "M", "F": "F", "O": "O"}
+_DICOM_TIME = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
+
+
+@dataclass(frozen=True)
+class OruMessage:
+    """A built ORU^R01: its control id (MSH-10) and its bytes, ready to frame."""
+
+    control_id: str
+    er7: str
+    encoding: str
+
+    def to_bytes(self) -> bytes:
+        return self.er7.encode(self.encoding, errors="replace")
+
+
+def escape(text: str) -> str:
+    """Escape HL7 delimiters in ``text`` (HL7 v2 2.7.4); control characters become spaces."""
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    return " " if ord(char) < 32 or ord(char) == 127 else char
+
+
+def _fit(text: str, limit: int = _ST_MAX) -> str:
+    """Escaped ``text``, shortened to ``limit`` characters without splitting an escape."""
+    out, length = [], 0
+    for char in text:
+        piece = _escape_char(char)
+        if length + len(piece) > limit:
+            break
+        out.append(piece)
+        length += len(piece)
+    return "".join(out).strip()
+
+
+def _ident(text: str, limit: int, what: str) -> str:
+    """Escaped identifier; one that does not fit is an error, never truncated."""
+    escaped = escape(text.strip())
+    if len(escaped) > limit:
+        raise Hl7Error(f"{what} does not fit its HL7 field ({limit} characters)")
+    return escaped
+
+
+def control_id_for(job_id: str, destination: str) -> str:
+    """The MSH-10 of the result of ``job_id`` for ``destination``: unique per message,
+    and the same when a job runs again, so the outbox sends it only once."""
+    return hashlib.sha256(f"{job_id}\0{destination}".encode()).hexdigest()[:20]
+
+
+def coding_system(scheme: str) -> str:
+    """HL7 coding system (table 0396) for a DICOM coding scheme designator."""
+    return _CODING_SYSTEMS.get(scheme, scheme)
+
+
+def _coded(concept: CodedConcept | None, text: str = "") -> str:
+    """ER7 of a CE/CWE: identifier^text^coding system (text only without a code)."""
+    if concept is None:
+        return "^" + _fit(text)
+    return "^".join(
+        (_fit(concept.value), _fit(concept.meaning), _fit(coding_system(concept.scheme)))
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A DICOM text value as one string (a multi-valued one joined back with ``\\``)."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _hl7_now(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
+
+
+def _dicom_datetime(ds: Dataset, date_kw: str, time_kw: str) -> str:
+    """HL7 TS from a DICOM DA and TM (and TimezoneOffsetFromUTC); '' if the date is bad."""
+    date = _text(ds, date_kw)
+    if not re.fullmatch(r"\d{8}", date):
+        return ""
+    result = date
+    match = _DICOM_TIME.fullmatch(_text(ds, time_kw).replace(":", ""))
+    if match:
+        hours, minutes, seconds, fraction = match.groups()
+        result += hours + (minutes or "") + (seconds or "")
+        if seconds and fraction:
+            result += "." + fraction[:4]
+        offset = _text(ds, "TimezoneOffsetFromUTC")
+        if re.fullmatch(r"[+-]\d{4}", offset):
+            result += offset
+    return result
+
+
+def _set(element: Segment | Group, path: str, er7: str) -> None:
+    """Set ``path`` (e.g. ``pid_5.xpn_1.fn_1``) to already escaped ER7, if not empty."""
+    if not er7:
+        return
+    *parents, leaf = path.split(".")
+    for name in parents:
+        element = getattr(element, name)
+    setattr(element, leaf, er7)
+
+
+def build_oru(
+    result: PipelineResult,
+    source: Dataset,
+    spacing_mm: tuple[float, float, float],
+    destination: Hl7DestinationSettings,
+    *,
+    control_id: str | None = None,
+    now: datetime | None = None,
+) -> OruMessage:
+    """Build the ORU^R01 for ``result``, computed from the series ``source`` belongs to.
+
+    ``source`` is the header of any instance of the source series (patient, study and
+    order attributes are read from it); ``spacing_mm`` the voxel spacing (x, y, z) of
+    the volume, for segment volumes. ``control_id`` defaults to a random one; pass
+    :func:`control_id_for` to make re-runs idempotent. Raises :class:`Hl7Error` (which
+    never quotes patient data) if the message cannot be built.
+    """
+    now = now or datetime.now(UTC)
+    control_id = control_id or uuid.uuid4().hex[:20]
+    try:
+        message = Message("ORU_R01", version=HL7_VERSION, validation_level=_STRICT)
+        _msh(message.msh, destination, control_id, now)
+        patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
+        _pid(patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"), source)
+        order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
+        _order(order, source, destination, now)
+        observed_at = _hl7_now(now)
+        method = _fit(f"{result.bundle.name} {result.bundle.version}")
+        for set_id, (value_type, ident, sub_id, value, units) in enumerate(
+            _observations(result, source, spacing_mm), start=1
+        ):
+            obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
+            obx.obx_1 = str(set_id)
+            obx.obx_2 = value_type
+            obx.obx_3 = ident
+            _set(obx, "obx_4", sub_id)
+            obx.obx_5 = value
+            _set(obx, "obx_6", units)
+            obx.obx_11 = "F"
+            obx.obx_14 = observed_at
+            obx.obx_17 = "^" + method
+        message.validate()
+        er7 = message.to_er7()
+    except HL7apyException as exc:
+        # hl7apy quotes the offending value in its messages: keep it (PHI) out of ours.
+        raise Hl7Error(f"cannot build ORU^R01: {type(exc).__name__}") from None
+    return OruMessage(control_id=control_id, er7=er7, encoding=destination.encoding)
+
+
+def _msh(msh: Segment, dest: Hl7DestinationSettings, control_id: str, now: datetime) -> None:
+    _set(msh, "msh_3.hd_1", escape(dest.sending_application))
+    _set(msh, "msh_4.hd_1", escape(dest.sending_facility))
+    _set(msh, "msh_5.hd_1", escape(dest.receiving_application))
+    _set(msh, "msh_6.hd_1", escape(dest.receiving_facility))
+    msh.msh_7 = _hl7_now(now)
+    msh.msh_9 = "ORU^R01^ORU_R01"
+    msh.msh_10 = _ident(control_id, 20, "message control id")
+    msh.msh_11 = dest.processing_id
+    msh.msh_12 = HL7_VERSION
+    msh.msh_18 = dest.character_set
+
+
+def _pid(pid: Segment, ds: Dataset) -> None:
+    pid.pid_1 = "1"
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        raise Hl7Error("source instance has no PatientID (PID-3 is required)")
+    _set(pid, "pid_3.cx_1", _ident(patient_id, _ST_MAX, "PatientID"))
+    _set(pid, "pid_3.cx_4.hd_1", _ident(_text(ds, "IssuerOfPatientID"), _IS_MAX, "Issuer"))
+    qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
+    if qualifiers:
+        item = qualifiers[0]
+        _set(pid, "pid_3.cx_4.hd_2", _ident(_text(item, "UniversalEntityID"), _ST_MAX, "UEID"))
+        _set(pid, "pid_3.cx_4.hd_3", escape(_text(item, "UniversalEntityIDType")))
+        _set(pid, "pid_3.cx_5", escape(_text(item, "IdentifierTypeCode")))
+    _person_name(pid, ds.get("PatientName"))
+    birth_date = _text(ds, "PatientBirthDate")
+    if re.fullmatch(r"\d{8}", birth_date):
+        pid.pid_7 = birth_date
+    sex = _text(ds, "PatientSex").upper()
+    if sex:
+        pid.pid_8 = _SEX.get(sex, "U")
+
+
+def _person_name(pid: Segment, value: object) -> None:
+    """DICOM PN family^given^middle^prefix^suffix -> XPN 1.1, 2, 3, 5, 4 (alphabetic group)."""
+    if isinstance(value, MultiValue):
+        value = value[0] if value else None
+    name = value if isinstance(value, PersonName) else PersonName(str(value or ""))
+    parts = (name.family_name, name.given_name, name.middle_name, name.name_suffix)
+    if not any(p.strip() for p in (*parts, name.name_prefix)):
+        # PID-5 is required, and "" would tell the receiver to delete the name it has:
+        # an unnamed patient is sent as name type U (unspecified, HL7 table 0200).
+        pid.pid_5.xpn_7 = "U"
+        return
+    _set(pid, "pid_5.xpn_1.fn_1", _fit(name.family_name))
+    _set(pid, "pid_5.xpn_2", _fit(name.given_name))
+    _set(pid, "pid_5.xpn_3", _fit(name.middle_name))
+    _set(pid, "pid_5.xpn_4", _fit(name.name_suffix))
+    _set(pid, "pid_5.xpn_5", _fit(name.name_prefix))
+
+
+def _order(order: Group, ds: Dataset, dest: Hl7DestinationSettings, now: datetime) -> None:
+    number = _order_number(ds)
+    placer = number if dest.order_number_field in ("placer", "both") else ""
+    filler = number if dest.order_number_field in ("filler", "both") else ""
+    orc = order.add_segment("ORC")
+    orc.orc_1 = "RE"
+    _set(orc, "orc_2", placer)
+    _set(orc, "orc_3", filler)
+    orc.orc_9 = _hl7_now(now)
+    obr = order.add_segment("OBR")
+    obr.obr_1 = "1"
+    _set(obr, "obr_2", placer)
+    _set(obr, "obr_3", filler)
+    obr.obr_4 = _universal_service_id(ds)
+    _set(obr, "obr_7", _dicom_datetime(ds, "StudyDate", "StudyTime"))
+    obr.obr_22 = _hl7_now(now)
+    obr.obr_24 = "RAD"
+    obr.obr_25 = "F"
+
+
+def _order_number(ds: Dataset) -> str:
+    """EI ER7 of the Accession Number, with its issuer where the header names one."""
+    accession = _text(ds, "AccessionNumber")
+    if not accession:
+        return ""
+    parts = [_ident(accession, _ST_MAX, "AccessionNumber")]
+    issuers = ds.get("IssuerOfAccessionNumberSequence")
+    if issuers:
+        item = issuers[0]
+        parts += [
+            _ident(_text(item, "LocalNamespaceEntityID"), _IS_MAX, "accession issuer"),
+            _ident(_text(item, "UniversalEntityID"), _ST_MAX, "accession issuer UEID"),
+            escape(_text(item, "UniversalEntityIDType")),
+        ]
+    return "^".join(parts).rstrip("^")
+
+
+def _universal_service_id(ds: Dataset) -> str:
+    """OBR-4: the requested (or performed) procedure code, else the study description."""
+    for keyword in ("RequestedProcedureCodeSequence", "ProcedureCodeSequence"):
+        items = ds.get(keyword)
+        if items:
+            item = items[0]
+            value = (
+                _text(item, "CodeValue")
+                or _text(item, "LongCodeValue")
+                or _text(item, "URNCodeValue")
+            )
+            if value:
+                scheme = _text(item, "CodingSchemeDesignator")
+                return _coded(CodedConcept(value, scheme, _text(item, "CodeMeaning")))
+    description = _text(ds, "StudyDescription")
+    modality = _text(ds, "Modality")
+    return _coded(None, description or (f"{modality} study" if modality else "Imaging study"))
+
+
+Observation = tuple[str, str, str, str, str]  # value type, OBX-3, OBX-4, OBX-5, OBX-6
+
+
+def _observations(
+    result: PipelineResult, ds: Dataset, spacing_mm: tuple[float, float, float]
+) -> Iterable[Observation]:
+    findings = list(_finding_lines(result, spacing_mm))
+    for line in _summary_lines(result, ds, [text for text, _ in findings]):
+        yield "TX", _coded(SUMMARY), "", line, ""
+    for sub_id, (_, observations) in enumerate(findings, start=1):
+        for value_type, ident, value, units in observations:
+            yield value_type, ident, str(sub_id), value, units
+    yield "ST", _coded(STUDY_INSTANCE_UID), "", _fit(_text(ds, "StudyInstanceUID")), ""
+    yield "ST", _coded(SERIES_INSTANCE_UID), "", _fit(_text(ds, "SeriesInstanceUID")), ""
+
+
+def _finding_lines(
+    result: PipelineResult, spacing_mm: tuple[float, float, float]
+) -> Iterable[tuple[str, list[tuple[str, str, str, str]]]]:
+    """Per label: a summary sentence and its OBX pair (coded concept, measurement)."""
+    if result.kind is TaskKind.CLASSIFICATION and result.probabilities is not None:
+        for label, probability in zip(result.labels, result.probabilities, strict=True):
+            percent = min(100.0, max(0.0, probability * 100.0))
+            yield (
+                f"{label.name}: probability {percent:.1f} %.",
+                [
+                    ("CWE", _coded(FINDING), _coded(label.finding, label.name), ""),
+                    ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT)),
+                ],
+            )
+    elif result.kind is TaskKind.SEGMENTATION and result.label_map is not None:
+        volumes = result.segment_volumes_ml(spacing_mm)
+        for label in result.labels:
+            volume = volumes.get(label.value, 0.0)
+            yield (
+                f"{label.name}: volume {volume:.2f} mL.",
+                [
+                    ("CWE", _coded(FINDING_SITE), _coded(label.finding, label.name), ""),
+                    ("NM", _coded(VOLUME), f"{volume:.2f}", _coded(MILLILITRE)),
+                ],
+            )
+
+
+def _summary_lines(result: PipelineResult, ds: Dataset, findings: list[str]) -> list[str]:
+    """The TX summary as escaped lines, each within one OBX-5 (ST/TX limit)."""
+    bundle = result.bundle
+    series = _text(ds, "SeriesDescription")
+    number = _text(ds, "SeriesNumber")
+    source = f"series {number} " if number else "series "
+    source += f'"{series}"' if series else "(no description)"
+    paragraphs = [
+        f"Result of the AI algorithm {bundle.name} version {bundle.version} "
+        f"({bundle.kind.value}) run by radnode on {source}.",
+        *findings,
+        "This result was produced by an algorithm and is not a diagnosis on its own; "
+        "it must be reviewed by a qualified physician together with the images.",
+    ]
+    lines: list[str] = []
+    for paragraph in paragraphs:
+        for line in textwrap.wrap(paragraph, _SUMMARY_WIDTH):
+            if len(escape(line)) <= _ST_MAX:
+                lines.append(escape(line))
+            else:  # full of delimiters: at most 3 characters each once escaped
+                lines.extend(escape(p) for p in textwrap.wrap(line, _ST_MAX // 3))
+    return lines
+
+
+def enqueue_oru(
+    outbox: Outbox,
+    *,
+    job_id: str,
+    result: PipelineResult,
+    source: Dataset,
+    spacing_mm: tuple[float, float, float],
+    destination: Hl7DestinationSettings,
+) -> Delivery:
+    """Build the ORU^R01 of a finished job and put it in the outbox for ``destination``.
+
+    Idempotent per (job, destination): the control id is :func:`control_id_for`, and the
+    outbox keeps the first message enqueued under it.
+    """
+    message = build_oru(
+        result,
+        source,
+        spacing_mm,
+        destination,
+        control_id=control_id_for(job_id, destination.name),
+    )
+    return outbox.enqueue(
+        job_id=job_id,
+        destination=destination.name,
+        kind="hl7",
+        message_id=message.control_id,
+        payload=message.to_bytes(),
+    )

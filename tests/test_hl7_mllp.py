@@ -1,0 +1,379 @@
+"""Delivery of ORU^R01 over MLLP: the outbox, the retry policy and a real MLLP listener.
+
+The first part drives the outbox and worker with a scripted deliverer (no network). The
+integration part starts python-hl7's asyncio MLLP server on loopback as the RIS, answers
+with scripted ACK codes, and checks what arrived and what the outbox says.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hl7 as python_hl7
+import pytest
+import structlog
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from service.delivery import (
+    Delivery,
+    DeliveryOutcome,
+    DeliveryState,
+    DeliveryTarget,
+    DeliveryWorker,
+    Outbox,
+    RetryPolicy,
+    UnknownDelivery,
+)
+from service.hl7 import Hl7Deliverer, Hl7DestinationSettings, MllpClient, MllpError, parse_ack
+from service.pipeline.result import (
+    BundleIdentity,
+    CodedConcept,
+    Label,
+    PipelineResult,
+    StageTimings,
+    TaskKind,
+)
+from service.testing import make_ct_series
+from service.writers.oru import enqueue_oru
+from tests.conftest import free_port
+
+PATIENT_NAME = "SECRET^PATIENT"
+PATIENT_ID = "PID-SECRET-77"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise TimeoutError("condition not met in time")
+
+
+# ---------------------------------------------------------------------------------------
+# Outbox and worker, with a scripted deliverer
+# ---------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted:
+    """A deliverer that answers from a script; the last answer repeats."""
+
+    def __init__(self, *outcomes: DeliveryOutcome) -> None:
+        self.outcomes = list(outcomes)
+        self.seen: list[Delivery] = []
+
+    def deliver(self, item: Delivery) -> DeliveryOutcome:
+        self.seen.append(item)
+        return self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+
+
+def enqueue(outbox: Outbox, message_id: str = "m1", destination: str = "ris") -> Delivery:
+    return outbox.enqueue(
+        job_id="job-1", destination=destination, kind="hl7", message_id=message_id, payload=b"x"
+    )
+
+
+def test_retry_policy_doubles_the_wait_up_to_its_cap() -> None:
+    policy = RetryPolicy(max_attempts=6, backoff_s=2, max_backoff_s=10)
+    assert [policy.delay_s(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+
+
+def test_retry_then_dead_after_the_last_attempt(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = Outbox(tmp_path / "outbox.sqlite3", clock=clock)
+    item = enqueue(outbox)
+    worker = DeliveryWorker(
+        outbox,
+        {"ris": DeliveryTarget(Scripted(DeliveryOutcome.retry("AE: busy")), RetryPolicy(3, 5))},
+    )
+    assert worker.run_once() == 1
+    after_one = outbox.get(item.id)
+    assert (after_one.state, after_one.attempts, after_one.last_error) == (
+        DeliveryState.PENDING,
+        1,
+        "AE: busy",
+    )
+    assert after_one.next_attempt_at == clock.now + 5
+    assert worker.run_once() == 0  # not due yet
+    clock.now += 5
+    worker.run_once()
+    clock.now += 10
+    worker.run_once()
+    dead = outbox.get(item.id)
+    assert (dead.state, dead.attempts) == (DeliveryState.DEAD, 3)
+    assert dead.last_error == "gave up after 3 attempts: AE: busy"
+
+
+def test_rejected_is_dead_at_once_and_an_operator_can_resend_it(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    item = enqueue(outbox)
+    deliverer = Scripted(DeliveryOutcome.rejected("AR: unknown order"), DeliveryOutcome.delivered())
+    worker = DeliveryWorker(outbox, {"ris": DeliveryTarget(deliverer, RetryPolicy(10, 0))})
+    worker.run_once()
+    assert outbox.get(item.id).state is DeliveryState.DEAD
+    assert outbox.get(item.id).last_error == "AR: unknown order"
+    assert outbox.resend(item.id).state is DeliveryState.PENDING
+    worker.run_once()
+    assert outbox.get(item.id).state is DeliveryState.SENT
+    assert len(deliverer.seen) == 2
+    with pytest.raises(UnknownDelivery):
+        outbox.resend(999)
+
+
+def test_retry_dead_requeues_only_the_named_destination(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    a, b = enqueue(outbox, "a", "ris"), enqueue(outbox, "b", "ehr")
+    for item in (a, b):
+        outbox.claim_next(lease_s=60)
+        outbox.mark_dead(item.id, error="AR")
+    assert outbox.retry_dead("ris") == 1
+    assert (outbox.get(a.id).state, outbox.get(a.id).attempts) == (DeliveryState.PENDING, 0)
+    assert outbox.get(b.id).state is DeliveryState.DEAD
+    assert outbox.counts()["ehr"][DeliveryState.DEAD] == 1
+
+
+def test_a_destination_is_a_fifo_while_its_head_waits(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = Outbox(tmp_path / "outbox.sqlite3", clock=clock)
+    first, second = enqueue(outbox, "first"), enqueue(outbox, "second")
+    other = enqueue(outbox, "other", destination="ehr")
+    deliverer = Scripted(DeliveryOutcome.retry("down"), DeliveryOutcome.delivered())
+    worker = DeliveryWorker(
+        outbox,
+        {
+            "ris": DeliveryTarget(deliverer, RetryPolicy(5, 30)),
+            "ehr": DeliveryTarget(Scripted(DeliveryOutcome.delivered()), RetryPolicy()),
+        },
+    )
+    worker.run_once()
+    assert [d.message_id for d in deliverer.seen] == ["first"]  # second waits behind it
+    assert outbox.get(other.id).state is DeliveryState.SENT  # other destinations go on
+    clock.now += 30
+    worker.run_once()
+    assert [d.message_id for d in deliverer.seen] == ["first", "first", "second"]
+    assert {outbox.get(first.id).state, outbox.get(second.id).state} == {DeliveryState.SENT}
+
+
+def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    clock = FakeClock()
+    before = Outbox(path, clock=clock)
+    waiting = enqueue(before, "waiting")
+    in_flight = enqueue(before, "in-flight", destination="ehr")
+    assert before.claim_next(lease_s=120, skip=["ris"]) is not None  # then the process dies
+    before.close()
+
+    after = Outbox(path, clock=clock)
+    deliverer = Scripted(DeliveryOutcome.delivered())
+    worker = DeliveryWorker(
+        after,
+        {
+            "ris": DeliveryTarget(deliverer, RetryPolicy()),
+            "ehr": DeliveryTarget(deliverer, RetryPolicy()),
+        },
+    )
+    worker.run_once()
+    assert [d.message_id for d in deliverer.seen] == ["waiting"]  # in-flight: leased
+    clock.now += 120
+    worker.run_once()
+    assert after.get(in_flight.id).state is DeliveryState.SENT
+    assert after.get(in_flight.id).attempts == 2  # the interrupted attempt counts
+    assert after.get(waiting.id).state is DeliveryState.SENT
+
+
+def test_a_delivery_for_an_unconfigured_destination_is_dead_lettered(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    item = enqueue(outbox, destination="gone")
+    DeliveryWorker(outbox, {}).run_once()
+    assert outbox.get(item.id).state is DeliveryState.DEAD
+    assert "not configured" in (outbox.get(item.id).last_error or "")
+
+
+def test_parse_ack_reads_code_control_id_and_error_text() -> None:
+    raw = (
+        b"MSH|^~\\&|RIS||RADNODE||20250101||ACK^R01^ACK|9|P|2.5.1\r"
+        b"MSA|AR|abc123|Order \\T\\ patient unknown\r"
+        b"ERR|||204^Unknown key identifier^HL70357|E||||unknown order\r"
+        b"ERR||||E||||unknown order\r"
+    )
+    ack = parse_ack(raw)
+    assert (ack.code, ack.control_id, ack.rejected) == ("AR", "abc123", True)
+    assert ack.text == "Order & patient unknown; Unknown key identifier; unknown order"
+
+
+# ---------------------------------------------------------------------------------------
+# A real MLLP listener (python-hl7's asyncio server) as the RIS
+# ---------------------------------------------------------------------------------------
+
+
+def settings_for(port: int, **overrides: object) -> Hl7DestinationSettings:
+    values: dict[str, object] = {
+        "name": "ris",
+        "host": "127.0.0.1",
+        "port": port,
+        "receiving_application": "RIS",
+        "connect_timeout_s": 1.0,
+        "ack_timeout_s": 2.0,
+        "max_attempts": 5,
+        "backoff_s": 0.05,
+        "max_backoff_s": 0.2,
+    }
+    values.update(overrides)
+    return Hl7DestinationSettings(**values)  # type: ignore[arg-type]
+
+
+def result() -> PipelineResult:
+    return PipelineResult(
+        bundle=BundleIdentity("chest_pneumothorax", "1.2.0", TaskKind.CLASSIFICATION),
+        labels=(Label(0, "Pneumothorax", CodedConcept("36118008", "SCT", "Pneumothorax")),),
+        device="cpu",
+        timings=StageTimings(),
+        probabilities=(0.9,),
+    )
+
+
+@pytest.fixture
+def delivery(tmp_path: Path) -> Iterator[Callable[[Hl7DestinationSettings], tuple]]:
+    """Enqueue one ORU^R01 for a destination and start a worker for it."""
+    workers: list[DeliveryWorker] = []
+
+    def start(dest: Hl7DestinationSettings) -> tuple[Outbox, Delivery, DeliveryWorker]:
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        source = make_ct_series(
+            slices=2, rows=16, columns=16, patient_name=PATIENT_NAME, patient_id=PATIENT_ID
+        )[0]
+        item = enqueue_oru(
+            outbox,
+            job_id="job-42",
+            result=result(),
+            source=source,
+            spacing_mm=(1.0, 1.0, 1.0),
+            destination=dest,
+        )
+        target = DeliveryTarget(Hl7Deliverer(dest), dest.retry_policy())
+        worker = DeliveryWorker(outbox, {dest.name: target}, poll_interval_s=0.02, lease_s=30)
+        workers.append(worker)
+        worker.start()
+        return outbox, item, worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def assert_strict(messages: list[str]) -> None:
+    for text in messages:
+        assert parse_message(text, validation_level=VALIDATION_LEVEL.STRICT).validate()
+
+
+def assert_no_patient_data(events: list[dict]) -> None:
+    flat = repr(events)
+    assert PATIENT_ID not in flat and "SECRET" not in flat
+
+
+@pytest.mark.integration
+def test_ae_twice_then_aa_delivers_exactly_once(listener_factory, delivery) -> None:
+    listener = listener_factory("AE", "AE", "AA", error_text="database busy")
+    with structlog.testing.capture_logs() as events:
+        outbox, item, worker = delivery(settings_for(listener.port))
+        wait_until(lambda: outbox.get(item.id).state is DeliveryState.SENT)
+        worker.stop()
+    sent = outbox.get(item.id)
+    assert sent.attempts == 3
+    assert len(listener.received) == 3
+    assert {python_hl7.parse(m)["MSH.F10"] for m in listener.received} == {item.message_id}
+    assert_strict(listener.received)
+    retries = [e for e in events if e["event"] == "hl7.retry"]
+    assert len(retries) == 2 and "database busy" in retries[0]["reason"]
+    (done,) = [e for e in events if e["event"] == "hl7.sent"]
+    assert (done["job"], done["message_id"], done["delivery"]) == (
+        "job-42",
+        item.message_id,
+        item.id,
+    )
+    assert_no_patient_data(events)
+
+
+@pytest.mark.integration
+def test_ar_dead_letters_with_the_receivers_error_text(listener_factory, delivery) -> None:
+    listener = listener_factory("AR", error_text="Unknown placer order number")
+    with structlog.testing.capture_logs() as events:
+        outbox, item, worker = delivery(settings_for(listener.port))
+        wait_until(lambda: outbox.get(item.id).state is DeliveryState.DEAD)
+        worker.stop()
+    dead = outbox.get(item.id)
+    assert dead.attempts == 1 and len(listener.received) == 1  # a refusal is not retried
+    assert "AR" in (dead.last_error or "")
+    assert "Unknown placer order number" in (dead.last_error or "")
+    (letter,) = [e for e in events if e["event"] == "hl7.dead_letter"]
+    assert letter["job"] == "job-42" and letter["message_id"] == item.message_id
+    assert "Unknown placer order number" in letter["reason"]
+    assert_strict(listener.received)
+    assert_no_patient_data(events)
+
+
+@pytest.mark.integration
+def test_listener_down_then_up_is_delivered_after_retry(listener_factory, delivery) -> None:
+    port = free_port()  # nothing listens here yet
+    with structlog.testing.capture_logs() as events:
+        outbox, item, worker = delivery(settings_for(port, max_attempts=50))
+        wait_until(lambda: outbox.get(item.id).attempts >= 2)
+        assert outbox.get(item.id).state is DeliveryState.PENDING
+        assert "cannot connect" in (outbox.get(item.id).last_error or "")
+        listener = listener_factory("AA", port=port)
+        wait_until(lambda: outbox.get(item.id).state is DeliveryState.SENT)
+        worker.stop()
+    assert len(listener.received) == 1
+    assert_strict(listener.received)
+    assert any(e["event"] == "hl7.retry" for e in events)
+    assert_no_patient_data(events)
+
+
+@pytest.mark.integration
+def test_a_listener_that_never_answers_times_out() -> None:
+    # A plain socket that accepts (in its backlog) but never sends an ACK.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = MllpClient(
+        "127.0.0.1", server.getsockname()[1], connect_timeout_s=1, ack_timeout_s=0.3
+    )
+    start = time.monotonic()
+    with server, pytest.raises(MllpError, match=r"no answer within 0\.3 s"):
+        client.exchange(b"MSH|^~\\&|X\r")
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.integration
+def test_an_ack_for_another_message_is_retried(listener_factory) -> None:
+    listener = listener_factory("AA")
+    deliverer = Hl7Deliverer(settings_for(listener.port))
+    item = Delivery(
+        id=1,
+        job_id="job",
+        destination="ris",
+        kind="hl7",
+        message_id="not-what-was-sent",
+        payload=b"MSH|^~\\&|RADNODE||RIS||20250101||ORU^R01^ORU_R01|other-id|P|2.5.1\r",
+        payload_ref=None,
+        state=DeliveryState.PENDING,
+        attempts=1,
+        created_at=0,
+        next_attempt_at=0,
+        finished_at=None,
+        last_error=None,
+    )
+    outcome = deliverer.deliver(item)
+    assert outcome == DeliveryOutcome.retry("ACK answers another message (MSA-2 != MSH-10)")
