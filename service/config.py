@@ -101,6 +101,8 @@ class QueueSettings(_Section):
     local_workers: int = Field(1, ge=0, le=16)
     #: Runs of one job before it is marked failed (a worker crash counts as a run).
     max_attempts: int = Field(2, ge=1, le=10)
+    #: How often a worker says it is alive; a run silent for 4 beats is lost and runs again.
+    heartbeat_s: float = Field(3.0, gt=0, le=300)
 
     @field_validator("url")
     @classmethod

@@ -29,7 +29,8 @@ from service.uids import study_key
 
 log = structlog.get_logger("service.dispatch")
 
-Enqueue = Callable[[str], None]
+#: Puts a new job's first run in the queue.
+Enqueue = Callable[[JobRecord], object]
 
 
 class Dispatcher:
@@ -121,7 +122,7 @@ class Dispatcher:
             )  # fmt: skip
             if job is None:
                 continue  # this series at this size already has its job
-            self.enqueue(job.job_id)
+            self.enqueue(job)
             created.append(job)
             log.info(
                 "job.queued",

@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     timings TEXT,
     -- host:pid of the worker running it, so a dead worker's job can be put back
     worker TEXT,
+    -- the queue's id of the current run; NULL until it is enqueued
+    task_id TEXT,
     UNIQUE (series_uid, pipeline, instance_count)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
@@ -374,7 +376,7 @@ class StudyIndex:
     _JOB_COLUMNS = (
         "j.job_id, j.study_uid, st.study_key, j.series_uid, j.pipeline, j.routes,"
         " j.destinations, j.state, j.attempts, j.created_at, j.started_at, j.finished_at,"
-        " j.error, j.result_dir, j.timings"
+        " j.error, j.result_dir, j.timings, j.task_id, j.worker"
     )
 
     @staticmethod
@@ -395,6 +397,8 @@ class StudyIndex:
             error=row[12],
             result_dir=row[13],
             timings=json.loads(row[14]) if row[14] else None,
+            task_id=row[15],
+            worker=row[16],
         )
 
     def add_job(
@@ -523,11 +527,24 @@ class StudyIndex:
                 ),
             )
 
+    def set_task(self, job_id: str, task_id: str) -> None:
+        """Record the queue's id of the job's current run."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET task_id = ? WHERE job_id = ?", (task_id, job_id))
+
+    def back_to_queue(self, job_id: str) -> None:
+        """A running job whose worker vanished waits in the queue again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, worker = NULL, task_id = NULL WHERE job_id = ?",
+                (JobState.QUEUED, job_id),
+            )
+
     def requeue_job(self, job_id: str) -> JobRecord | None:
         """An operator's retry: a finished job becomes queued again; None if not finished."""
         with self._transaction() as db:
             updated = db.execute(
-                "UPDATE jobs SET state = ?, finished_at = NULL, error = NULL"
+                "UPDATE jobs SET state = ?, finished_at = NULL, error = NULL, task_id = NULL"
                 " WHERE job_id = ? AND state IN (?, ?, ?)",
                 (JobState.QUEUED, job_id, JobState.DONE, JobState.FAILED, JobState.REFUSED),
             ).rowcount

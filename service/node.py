@@ -37,6 +37,7 @@ from service.publish import outbox_path
 from service.queue import JobQueue
 from service.records import JobRecord, JobState, StoredInstance, StudySummary
 from service.spool import Spool
+from service.tracker import JobTracker
 from service.worker import WorkerSupervisor, worker_command, worker_name
 
 log = structlog.get_logger("service.node")
@@ -88,7 +89,10 @@ class Node:
             on_association=self.metrics.association,
         )
         self.dispatcher = Dispatcher(
-            self.index, settings.routes, self.queue.enqueue, settings.study.completion_timeout_s
+            self.index,
+            settings.routes,
+            lambda job: self.tracker.submit(job),
+            settings.study.completion_timeout_s,
         )
         self.completion = CompletionMonitor(
             self.index,
@@ -106,6 +110,9 @@ class Node:
             },
             poll_interval_s=1.0,
             lease_s=300,
+        )
+        self.tracker = JobTracker(
+            settings, self.index, self.queue, self.outbox, on_delivery=self.delivery.wake
         )
         self.job_metrics = FinishedJobRecorder(
             self.metrics, self.index.recent_jobs, self._last_received_at
@@ -137,7 +144,8 @@ class Node:
             )
         self.reconcile()
         self.check_pipelines()
-        self.requeue_unfinished_jobs()
+        # With no remote workers configured, every worker died with the node.
+        self.tracker.recover(local_workers_only=self.settings.queue.url is None)
         try:
             self.scp.start()
         except OSError as exc:
@@ -156,6 +164,7 @@ class Node:
         self.workers.start()
         self.completion.start()
         self.dispatcher.start()
+        self.tracker.start()
         self.delivery.start()
         self._housekeeping.start()
         log.info("node.started", ae_title=self.settings.node.ae_title, port=self.scp.port)
@@ -194,20 +203,8 @@ class Node:
                 )
         log.info("pipelines.found", pipelines=sorted(specs))
 
-    def requeue_unfinished_jobs(self) -> None:
-        """The index, not the queue, is the truth: enqueue every unfinished job again."""
-        unfinished = self.index.unfinished_jobs()
-        if self.settings.queue.url is None:
-            self.queue.flush()  # embedded queue: only this node feeds it
-        for job in unfinished:
-            self.queue.enqueue(job.job_id)
-        if unfinished:
-            log.info("jobs.requeued", jobs=[j.job_id for j in unfinished])
-
     def _worker_died(self, pid: int) -> None:
-        for job_id in self.index.running_jobs_of(worker_name(pid)):
-            self.queue.enqueue(job_id)
-            log.warning("job.requeued", job=job_id, reason="its worker died")
+        self.tracker.worker_died(worker_name(pid))
 
     def _index_file(self, path: Path) -> None:
         try:
@@ -250,6 +247,7 @@ class Node:
         self.completion.stop()
         self.dispatcher.stop()
         self.workers.stop()
+        self.tracker.stop()
         self.delivery.stop()
         self.outbox.close()
         self.index.close()
@@ -315,7 +313,9 @@ class NodeStatus:
             return RetryOutcome.NOT_RETRYABLE
         if index.requeue_job(job_id) is None:
             return RetryOutcome.NOT_RETRYABLE
-        self._node.queue.enqueue(job_id)
+        requeued = index.job(job_id)
+        if requeued is not None:
+            self._node.tracker.submit(requeued)
         log.info("job.retry_requested", job=job_id, study=job.study_key)
         return RetryOutcome.RETRIED
 

@@ -1,10 +1,13 @@
-"""After a job: put its results in the outbox for every destination of its routes.
+"""Results become deliverables (worker side) and deliveries (edge side).
 
-The worker writes results; the node's delivery thread sends them (ARCHITECTURE step 9).
-The outbox between them is durable, so a result produced just before a crash is still
-sent after the restart, and a destination that is down gets it when it is back.
-Enqueueing is idempotent per (job, destination): a job that runs again after a crash
-does not send twice.
+The worker, which has the result in memory, builds what each destination of the job's
+routes takes and writes it under the job's result folder: an ORU^R01 per HL7
+destination (and the DICOM objects per DICOM destination). It reports them as
+:class:`~service.records.Deliverable` items. The edge, the only sender, puts them in
+its durable outbox, from which the delivery thread sends them with retries. So a
+result produced just before a crash is still sent after the restart, and a destination
+that is down gets it when it is back. Enqueueing is idempotent per (job, destination):
+a job that runs again does not send twice.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from service.delivery import Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume
-from service.records import JobRecord
-from service.writers.oru import enqueue_oru
+from service.records import Deliverable, JobReport, JobTicket
+from service.writers.oru import build_oru, control_id_for
 
 log = structlog.get_logger("service.publish")
 
@@ -32,44 +35,67 @@ def outbox_path(settings: Settings) -> Path:
 
 
 class ResultPublisher:
-    """Turns a finished job into deliveries, one per destination of its routes."""
+    """Worker side: build each destination's payload from a finished job's result."""
 
-    def __init__(self, settings: Settings, outbox: Outbox) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.destinations = {d.name: d for d in settings.destinations}
-        self.outbox = outbox
 
-    def publish(
-        self, job: JobRecord, result: PipelineResult, volume: Volume, source_paths: list[str]
-    ) -> int:
-        """Enqueue the job's deliveries; return how many were enqueued."""
-        enqueued = 0
+    def prepare(
+        self, ticket: JobTicket, result: PipelineResult, volume: Volume
+    ) -> list[Deliverable]:
+        deliverables: list[Deliverable] = []
         header = None
-        for name in job.destinations:
+        out_dir = Path(ticket.result_dir)
+        for name in ticket.destinations:
             destination = self.destinations.get(name)
             if destination is None:
-                log.error("delivery.unknown_destination", job=job.job_id, destination=name,
+                log.error("delivery.unknown_destination", job=ticket.job_id, destination=name,
                           action="add the destination to the configuration")  # fmt: skip
                 continue
             if isinstance(destination, Hl7DestinationSettings):
                 if header is None:
-                    header = dcmread(source_paths[0], stop_before_pixels=True)
+                    header = dcmread(ticket.series_paths[0], stop_before_pixels=True)
                 try:
-                    enqueue_oru(
-                        self.outbox,
-                        job_id=job.job_id,
-                        result=result,
-                        source=header,
-                        spacing_mm=volume.spacing,
-                        destination=destination,
+                    message = build_oru(
+                        result,
+                        header,
+                        volume.spacing,
+                        destination,
+                        control_id=control_id_for(ticket.job_id, name),
                     )
                 except Hl7Error as exc:
                     log.error(
                         "hl7.not_built",
-                        job=job.job_id,
+                        job=ticket.job_id,
                         destination=name,
                         reason=str(exc),
                         action="fix the source header or the destination settings",
                     )
                     continue
-                enqueued += 1
-        return enqueued
+                path = out_dir / "hl7" / f"{name}.hl7"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(message.to_bytes())
+                deliverables.append(Deliverable(name, "hl7", message.control_id, str(path)))
+        return deliverables
+
+
+def enqueue_deliverables(outbox: Outbox, report: JobReport) -> int:
+    """Edge side: put a report's deliverables in the outbox; return how many."""
+    for item in report.deliverables:
+        if item.kind == "hl7":
+            outbox.enqueue(
+                job_id=report.job_id,
+                destination=item.destination,
+                kind="hl7",
+                message_id=item.message_id,
+                payload=Path(item.path).read_bytes(),
+            )
+        else:
+            outbox.enqueue(
+                job_id=report.job_id,
+                destination=item.destination,
+                kind="dicom",
+                message_id=item.message_id,
+                payload_ref=item.path,
+            )
+    return len(report.deliverables)

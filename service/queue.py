@@ -1,56 +1,106 @@
-"""The job queue: huey on SQLite (one machine) or Redis (workers elsewhere).
+"""The job queue: huey on SQLite (one machine) or Redis (workers on other machines).
 
-The queue only carries job ids. What a job is, and whether it still has to run, lives
-in the study index (ARCHITECTURE step 5): after a crash the node flushes the queue and
-enqueues every unfinished job again, so a job lost between dequeue and finish is never
-lost for good, and a job already done is never run twice (the worker checks its state
-first).
+A task carries a :class:`~service.records.JobTicket` (everything the worker needs) and
+returns a :class:`~service.records.JobReport`, which huey keeps in its result store
+until the edge has recorded it. While it runs, the worker writes a heartbeat
+(``hb:<job id>``) every few seconds; the edge reads both, so the study index has one
+writer (the edge) and a worker that dies mid-job is noticed by its silent heartbeat.
+
+The study index, not the queue, is the truth about jobs (ARCHITECTURE step 5): the
+edge re-submits a job whose run was lost, and re-running a job is harmless (results
+have derived UIDs; deliveries are idempotent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey
 
 from service.config import Settings
+from service.records import JobReport, JobTicket
 
 #: The one task name producers and consumers agree on.
 TASK_NAME = "radnode.run_job"
 
-JobHandler = Callable[[str], None]
+JobHandler = Callable[[JobTicket], JobReport]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's sign of life for one job run."""
+
+    worker: str
+    attempt: int
+    at: float
 
 
 def make_huey(settings: Settings) -> Huey:
     """SQLite under ``node.data_dir`` unless ``queue.url`` names a Redis server."""
     if settings.queue.url:
-        return RedisHuey("radnode", url=settings.queue.url, results=False)
+        return RedisHuey("radnode", url=settings.queue.url, results=True)
     path = Path(settings.node.data_dir) / "queue.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteHuey("radnode", filename=str(path), results=False, fsync=True)
+    return SqliteHuey("radnode", filename=str(path), results=True, fsync=True)
 
 
 class JobQueue:
-    """Enqueue job ids; in a worker, run them with ``handler``."""
+    """Submit tickets and read reports (the edge); run tickets (a worker)."""
 
-    def __init__(self, settings: Settings, handler: JobHandler | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: JobHandler | None = None,
+        heartbeat_s: float | None = None,
+    ) -> None:
         self.huey = make_huey(settings)
+        self.heartbeat_s = heartbeat_s or settings.queue.heartbeat_s
         self._handler = handler
 
-        def run_job(job_id: str) -> None:
+        def run_job(ticket: JobTicket) -> JobReport:
             if self._handler is None:
-                raise RuntimeError("this process only enqueues jobs; run `radnode worker`")
-            self._handler(job_id)
+                raise RuntimeError("this process only submits jobs; run `radnode worker`")
+            return self._handler(ticket)
 
         self._task = self.huey.task(name=TASK_NAME, retries=0)(run_job)
 
-    def enqueue(self, job_id: str) -> None:
-        self._task(job_id)
+    # -- the edge ---------------------------------------------------------------
+
+    def submit(self, ticket: JobTicket) -> str:
+        """Enqueue a run of ``ticket``; return its task id."""
+        return str(self._task(ticket).id)
+
+    def report(self, task_id: str) -> JobReport | None:
+        """The run's report if the worker has finished it (kept until :meth:`forget`)."""
+        value = self.huey.result(task_id, preserve=True)
+        return value if isinstance(value, JobReport) else None
+
+    def heartbeat(self, job_id: str) -> Heartbeat | None:
+        value = self.huey.get(f"hb:{job_id}", peek=True)
+        return value if isinstance(value, Heartbeat) else None
+
+    def forget(self, job_id: str, task_id: str | None) -> None:
+        """Drop a run's report and heartbeat once the edge has recorded them."""
+        self.huey.get(f"hb:{job_id}")
+        if task_id:
+            self.huey.get(task_id)
+
+    def pending_task_ids(self) -> set[str]:
+        """Ids of the runs still waiting in the queue."""
+        return {str(task.id) for task in self.huey.pending()}
+
+    def flush(self) -> None:
+        """Drop every queued run and stored result (the edge re-submits from the index)."""
+        self.huey.flush()
 
     def depth(self) -> int:
-        """Jobs waiting in the queue (not those a worker holds)."""
+        """Runs waiting in the queue (not those a worker holds)."""
         return int(self.huey.pending_count())
 
     def reachable(self) -> bool:
@@ -60,9 +110,29 @@ class JobQueue:
             return False
         return True
 
-    def flush(self) -> None:
-        """Drop everything queued; the caller enqueues what the index says is unfinished."""
-        self.huey.flush()
+    # -- a worker ---------------------------------------------------------------
+
+    @contextmanager
+    def beating(self, job_id: str, worker: str, attempt: int) -> Iterator[None]:
+        """Write this run's heartbeat now and every ``heartbeat_s`` until the block ends."""
+        stop = threading.Event()
+
+        def put() -> None:
+            self.huey.put(f"hb:{job_id}", Heartbeat(worker, attempt, time.time()))
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                put()
+
+        put()  # before any work: a run the edge sees has always beaten once
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def consumer(self, workers: int = 1) -> Any:
         """A huey consumer that polls often (a job starts within half a second)."""

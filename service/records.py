@@ -138,3 +138,44 @@ class JobRecord:
     error: str | None = None
     result_dir: str | None = None
     timings: dict[str, float] | None = None
+    #: The queue's id of the job's current run (its report is looked up by it).
+    task_id: str | None = None
+    #: ``host:pid`` of the worker running it, as its heartbeat says.
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    """Everything a worker needs to run a job: workers are stateless and never read the
+    study index. Paths are on storage the edge and the workers share."""
+
+    job_id: str
+    study_key: str
+    pipeline: str
+    series_paths: tuple[str, ...]
+    result_dir: str
+    destinations: tuple[str, ...]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """A result ready to send: one HL7 message file, or one folder of DICOM objects."""
+
+    destination: str
+    kind: str  # "hl7" or "dicom"
+    message_id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """What a worker hands back for the edge to record and deliver."""
+
+    job_id: str
+    worker: str
+    state: JobState
+    error: str | None = None
+    result_dir: str | None = None
+    timings: dict[str, float] | None = None
+    deliverables: tuple[Deliverable, ...] = ()

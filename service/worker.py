@@ -29,9 +29,7 @@ from typing import Any
 import structlog
 
 from service.config import Settings
-from service.delivery import Outbox
 from service.errors import RadnodeError
-from service.index import StudyIndex
 from service.pipeline.bundle import (
     BundleError,
     LoadedBundle,
@@ -40,11 +38,10 @@ from service.pipeline.bundle import (
     load_bundle,
 )
 from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
-from service.pipeline.result import PipelineResult
-from service.pipeline.volume import SeriesRefused, Volume, load_series
-from service.publish import ResultPublisher, outbox_path
+from service.pipeline.volume import SeriesRefused, load_series
+from service.publish import ResultPublisher
 from service.queue import JobQueue
-from service.records import JobRecord, JobState
+from service.records import JobReport, JobState, JobTicket
 from service.writers.files import result_summary, write_result_files
 
 log = structlog.get_logger("service.worker")
@@ -82,68 +79,57 @@ class PipelineCache:
             return self._loaded[name]
 
 
-#: Called with the finished job, its result, its volume and the source file paths
-#: (the DICOM writers and delivery hook in here).
-ResultHandler = Callable[[JobRecord, PipelineResult, Volume, list[str]], object]
-
-
 class JobRunner:
-    """Runs one job at a time in a worker process."""
+    """Runs one job ticket at a time in a worker process; never touches the study index."""
 
     def __init__(
         self,
         settings: Settings,
-        index: StudyIndex,
         cache: PipelineCache,
-        on_result: ResultHandler | None = None,
+        publisher: ResultPublisher,
+        queue: JobQueue | None = None,
     ) -> None:
         self.settings = settings
-        self.index = index
         self.cache = cache
-        self.results_dir = Path(settings.node.data_dir) / "results"
-        self.on_result = on_result
+        self.publisher = publisher
+        self.queue = queue
 
-    def run(self, job_id: str) -> JobState | None:
-        """Run a job unless it is unknown or already finished; return its final state."""
-        job = self.index.start_job(job_id, worker=worker_name())
-        if job is None:
-            log.info("job.skipped", job=job_id, reason="unknown or already finished")
-            return None
-        if job.attempts > self.settings.queue.max_attempts:
-            return self._end(job, JobState.FAILED, "gave up after repeated worker crashes"
-                             " (out of memory?); retry it from the API once fixed")  # fmt: skip
-        bound = log.bind(job=job.job_id, study=job.study_key, pipeline=job.pipeline)
-        bound.info("job.started", attempt=job.attempts)
+    def run(self, ticket: JobTicket) -> JobReport:
+        """Run the ticket (with a heartbeat when a queue is attached); report the outcome."""
+        if self.queue is None:
+            return self._run(ticket)
+        with self.queue.beating(ticket.job_id, worker_name(), ticket.attempt):
+            return self._run(ticket)
+
+    def _run(self, ticket: JobTicket) -> JobReport:
+        bound = log.bind(job=ticket.job_id, study=ticket.study_key, pipeline=ticket.pipeline)
+        bound.info("job.started", attempt=ticket.attempt, worker=worker_name())
         stage = "load"
         try:
             started = time.perf_counter()
-            paths = self.index.instance_paths(job.series_uid)
-            volume = load_series(paths)
+            volume = load_series(list(ticket.series_paths))
             load_s = time.perf_counter() - started
             stage = "model"
-            bundle = self.cache.get(job.pipeline)
+            bundle = self.cache.get(ticket.pipeline)
             stage = "inference"
             result = run_bundle(bundle, volume, load_s=load_s)
             stage = "write"
             written = time.perf_counter()
-            out_dir = self.results_dir / job.job_id
+            out_dir = Path(ticket.result_dir)
             write_result_files(result, volume, out_dir)
-            stage = "publish"
-            if self.on_result is not None:
-                self.on_result(job, result, volume, paths)
+            deliverables = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written
         except (SeriesRefused, InputMismatch) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            return self._end(job, JobState.REFUSED, reason, bound=bound)
+            return self._end(ticket, JobState.REFUSED, reason, bound)
         except (BundleError, PipelineFailed) as exc:
-            return self._end(job, JobState.FAILED, str(exc), bound=bound)
+            return self._end(ticket, JobState.FAILED, str(exc), bound)
         except RadnodeError as exc:
-            return self._end(job, JobState.FAILED, f"{stage}: {exc}", bound=bound)
+            return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
         except Exception as exc:
             bound.exception("job.crashed", stage=stage)
-            return self._end(
-                job, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}", bound=bound
-            )
+            return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
+                             bound)  # fmt: skip
         timings = {
             "load_s": round(result.timings.load_s, 4),
             "preprocess_s": round(result.timings.preprocess_s, 4),
@@ -151,7 +137,6 @@ class JobRunner:
             "postprocess_s": round(result.timings.postprocess_s, 4),
             "write_s": round(write_s, 4),
         }
-        self.index.finish_job(job.job_id, JobState.DONE, result_dir=str(out_dir), timings=timings)
         summary = result_summary(result, volume)
         bound.info(
             "job.finished",
@@ -164,12 +149,19 @@ class JobRunner:
                 for s in summary.get("segments", [])
             ]
             or None,
+            deliverables=len(deliverables),
         )
-        return JobState.DONE
+        return JobReport(
+            job_id=ticket.job_id,
+            worker=worker_name(),
+            state=JobState.DONE,
+            result_dir=str(out_dir),
+            timings=timings,
+            deliverables=tuple(deliverables),
+        )
 
-    def _end(self, job: JobRecord, state: JobState, reason: str, *, bound: Any = None) -> JobState:
-        self.index.finish_job(job.job_id, state, error=reason)
-        (bound or log.bind(job=job.job_id, study=job.study_key)).warning(
+    def _end(self, ticket: JobTicket, state: JobState, reason: str, bound: Any) -> JobReport:
+        bound.warning(
             "job.finished",
             state=state.value,
             reason=reason,
@@ -177,7 +169,7 @@ class JobRunner:
             if state is JobState.REFUSED
             else "check the pipeline's bundle and the log above, then retry the job",
         )
-        return state
+        return JobReport(job_id=ticket.job_id, worker=worker_name(), state=state, error=reason)
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -187,11 +179,10 @@ def worker_name(pid: int | None = None) -> str:
 
 def run_worker(settings: Settings) -> None:
     """``radnode worker``: consume jobs until SIGINT/SIGTERM."""
-    index = StudyIndex(Path(settings.node.data_dir) / "index.sqlite3")
     cache = PipelineCache(settings.models.dir, settings.models.device)
-    outbox = Outbox(outbox_path(settings))
-    runner = JobRunner(settings, index, cache, ResultPublisher(settings, outbox).publish)
+    runner = JobRunner(settings, cache, ResultPublisher(settings))
     queue = JobQueue(settings, handler=runner.run)
+    runner.queue = queue
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
     consumer = queue.consumer()
@@ -200,15 +191,14 @@ def run_worker(settings: Settings) -> None:
     try:
         consumer.run()
     finally:
-        outbox.close()
-        index.close()
         log.info("worker.stopped", pid=os.getpid())
 
 
 class WorkerSupervisor:
     """Starts ``queue.local_workers`` worker processes and restarts one that dies.
 
-    ``on_exit`` is told of a worker that died so the node can put its job back.
+    ``on_exit`` is told of a worker that died (the edge then puts its job back at once
+    instead of waiting for the heartbeat to go silent).
     """
 
     def __init__(

@@ -36,7 +36,7 @@ def test_study_completion_queues_one_job_per_series_and_pipeline(index: StudyInd
     queued: list[str] = []
     routes = [rule(match={"Modality": "CT"}, pick="all"),
               rule(name="r2", pipeline="p", match={"Modality": "CT"}, pick="all")]  # fmt: skip
-    dispatcher = Dispatcher(index, routes, queued.append, quiet_s=5)
+    dispatcher = Dispatcher(index, routes, lambda job: queued.append(job.job_id), quiet_s=5)
     add(index, "1.1", "1.1.1", 3, now=time.time() - 60)
     add(index, "1.1", "1.1.2", 2, now=time.time() - 60, modality="SR")
     (study,) = index.complete_quiet_studies(5)
@@ -55,7 +55,7 @@ def test_study_completion_queues_one_job_per_series_and_pipeline(index: StudyInd
 def test_series_completion_routes_before_the_study_is_complete(index: StudyIndex) -> None:
     queued: list[str] = []
     routes = [rule(match={"Modality": "CT"}, completion="series")]
-    dispatcher = Dispatcher(index, routes, queued.append, quiet_s=5)
+    dispatcher = Dispatcher(index, routes, lambda job: queued.append(job.job_id), quiet_s=5)
     add(index, "2.1", "2.1.1", 4, now=time.time() - 10)  # quiet series
     add(index, "2.1", "2.1.2", 4, now=time.time())  # still arriving
     jobs = dispatcher.check_now()
@@ -65,13 +65,17 @@ def test_series_completion_routes_before_the_study_is_complete(index: StudyIndex
 
 def test_max_wait_routes_a_study_that_keeps_trickling_in(index: StudyIndex) -> None:
     queued: list[str] = []
-    dispatcher = Dispatcher(index, [rule(max_wait_s=30)], queued.append, quiet_s=5)
+    dispatcher = Dispatcher(
+        index, [rule(max_wait_s=30)], lambda job: queued.append(job.job_id), quiet_s=5
+    )
     add(index, "3.1", "3.1.1", 1, now=time.time() - 100)  # first instance long ago
     add(index, "3.1", "3.1.1", 1, now=time.time())  # and still arriving
     (job,) = dispatcher.check_now()
     assert queued == [job.job_id] and index.study("3.1").state == "receiving"
     assert dispatcher.check_now() == []  # once per series size, not once per poll
-    fresh = Dispatcher(index, [rule(name="r2", max_wait_s=300)], queued.append, quiet_s=5)
+    fresh = Dispatcher(
+        index, [rule(name="r2", max_wait_s=300)], lambda job: queued.append(job.job_id), quiet_s=5
+    )
     assert fresh.check_now() == []  # not waited long enough for this route
 
 

@@ -69,9 +69,10 @@ def test_complete_study_runs_the_routed_pipelines(
                          pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
     cxr = write_radiograph(tmp_path / "cxr" / "cxr.dcm", rows=600, columns=500)
     assert storescu(node.port, [*ct, cxr]).returncode == 0
-    finished = node.wait_for_event("job.finished", count=2, timeout=120)
+    finished = node.wait_for_event("job.recorded", count=2, timeout=120)
     assert {e["pipeline"] for e in finished} == {"bone_threshold", "cxr_test_classifier"}
     assert all(e["state"] == "done" for e in finished), finished
+    assert {e["worker"] for e in finished} == {e["worker"] for e in node.events("job.started")}
     queued = node.events("job.queued")
     assert len(queued) == 2  # the 30-slice series is too short for ct-spleen
     rows = jobs_table(node.data_dir)
@@ -116,7 +117,7 @@ def test_scp_answers_while_a_model_runs_and_unfinished_jobs_survive_a_crash(
     restarted = radnode_factory(**env).start()
     requeued = restarted.wait_for_event("jobs.requeued", timeout=30)
     assert requeued[0]["jobs"]
-    restarted.wait_for_event("job.finished", count=2, timeout=240)
+    restarted.wait_for_event("job.recorded", count=2, timeout=240)
     rows = jobs_table(restarted.data_dir)
     assert {r[0]: r[1] for r in rows} == {
         "bone_threshold": "done",

@@ -1,0 +1,203 @@
+"""The edge's side of jobs: submit runs, record reports, notice lost runs.
+
+The study index has one writer, the edge (ARCHITECTURE step 5 and the scale-out
+design): workers only read their ticket, run, and leave a report and a heartbeat in
+the queue's store. The tracker polls those for every unfinished job:
+
+* a report arrived: record the outcome, put its deliverables in the outbox;
+* a heartbeat arrived for a queued job: the job is running (one more attempt);
+* a running job's heartbeat has been silent for 4 beats (its worker died, or its
+  machine did): submit it again, or mark it failed after ``queue.max_attempts`` runs;
+* an unfinished job with no run in the queue (a crash between creating and
+  submitting it): submit it;
+* a queued job whose run is neither waiting in the queue nor beating nor reported,
+  on two looks 4 beats apart (a worker took it and died at once): submit it again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from service.config import Settings
+from service.delivery import Outbox
+from service.index import StudyIndex
+from service.publish import enqueue_deliverables
+from service.queue import JobQueue
+from service.records import JobRecord, JobState, JobTicket
+
+log = structlog.get_logger("service.tracker")
+
+#: A run is lost after this many heartbeat periods of silence.
+SILENT_BEATS = 4
+
+
+class JobTracker:
+    """Submits job runs and turns their reports into index state and deliveries."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        index: StudyIndex,
+        queue: JobQueue,
+        outbox: Outbox,
+        on_delivery: Callable[[], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self.queue = queue
+        self.outbox = outbox
+        self.on_delivery = on_delivery
+        self.poll_s = poll_s
+        self.results_dir = Path(settings.node.data_dir) / "results"
+        self._lock = threading.Lock()
+        #: queued jobs seen without any trace of their run, and since when
+        self._untraced: dict[str, float] = {}
+        self._next_trace_check = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
+
+    def ticket(self, job: JobRecord) -> JobTicket:
+        return JobTicket(
+            job_id=job.job_id,
+            study_key=job.study_key,
+            pipeline=job.pipeline,
+            series_paths=tuple(self.index.instance_paths(job.series_uid)),
+            result_dir=str(self.results_dir / job.job_id),
+            destinations=job.destinations,
+            attempt=job.attempts + 1,
+        )
+
+    def submit(self, job: JobRecord) -> str:
+        """Put a run of ``job`` in the queue and remember its task id."""
+        task_id = self.queue.submit(self.ticket(job))
+        self.index.set_task(job.job_id, task_id)
+        return task_id
+
+    def recover(self, local_workers_only: bool) -> None:
+        """At start. With only local workers, which died with the node, any run that was
+        taken from the queue is lost for sure: empty the queue and submit every
+        unfinished job again now, rather than after a heartbeat timeout. With remote
+        workers, runs in flight may be alive: only jobs never submitted are submitted."""
+        requeued = []
+        if local_workers_only:
+            self.queue.flush()
+        for job in self.index.unfinished_jobs():
+            if local_workers_only:
+                if job.state is JobState.RUNNING:
+                    self.index.back_to_queue(job.job_id)
+                self.queue.forget(job.job_id, job.task_id)
+                self.submit(job)
+                requeued.append(job.job_id)
+            elif job.task_id is None:
+                self.submit(job)
+                requeued.append(job.job_id)
+        if requeued:
+            log.info("jobs.requeued", jobs=requeued, reason="node restarted")
+
+    def worker_died(self, worker: str) -> None:
+        """A local worker process exited: its running jobs go back to the queue now."""
+        with self._lock:
+            for job in self.index.unfinished_jobs():
+                if job.state is JobState.RUNNING and job.worker == worker:
+                    self._lost(job, f"worker {worker} died")
+
+    def check_now(self) -> None:
+        with self._lock:
+            now = time.time()
+            for job in self.index.unfinished_jobs():
+                if job.task_id is None:
+                    self.submit(job)
+                    continue
+                report = self.queue.report(job.task_id)
+                if report is not None:
+                    self._record(job, report)
+                    continue
+                beat = self.queue.heartbeat(job.job_id)
+                if beat is not None and job.state is JobState.QUEUED:
+                    self.index.start_job(job.job_id, worker=beat.worker)
+                elif job.state is JobState.RUNNING:
+                    last = beat.at if beat is not None else (job.started_at or now)
+                    if now - last > SILENT_BEATS * self.queue.heartbeat_s:
+                        self._lost(job, "its worker stopped sending heartbeats")
+            self._check_untraced(now)
+
+    def _check_untraced(self, now: float) -> None:
+        """Queued jobs whose run vanished between a worker taking it and its first beat."""
+        window = SILENT_BEATS * self.queue.heartbeat_s
+        if now < self._next_trace_check:
+            return
+        self._next_trace_check = now + window
+        pending = self.queue.pending_task_ids()
+        seen = {}
+        for job in self.index.unfinished_jobs():
+            if job.state is not JobState.QUEUED or job.task_id is None or job.task_id in pending:
+                continue
+            if self.queue.heartbeat(job.job_id) or self.queue.report(job.task_id):
+                continue
+            since = self._untraced.get(job.job_id, now)
+            seen[job.job_id] = since
+            if now - since >= window:
+                del seen[job.job_id]
+                self._lost(job, "its run left the queue but no worker reported on it")
+        self._untraced = seen
+
+    def _record(self, job: JobRecord, report) -> None:
+        if job.state is JobState.QUEUED:
+            self.index.start_job(job.job_id, worker=report.worker)
+        self.index.finish_job(
+            job.job_id,
+            report.state,
+            error=report.error,
+            result_dir=report.result_dir,
+            timings=report.timings,
+        )
+        queued = enqueue_deliverables(self.outbox, report)
+        self.queue.forget(job.job_id, job.task_id)
+        log.info(
+            "job.recorded",
+            job=job.job_id,
+            study=job.study_key,
+            pipeline=job.pipeline,
+            state=report.state.value,
+            worker=report.worker,
+            deliveries=queued,
+        )
+        if queued and self.on_delivery is not None:
+            self.on_delivery()
+
+    def _lost(self, job: JobRecord, why: str) -> None:
+        self.queue.forget(job.job_id, job.task_id)
+        if job.attempts >= self.settings.queue.max_attempts:
+            reason = (
+                f"{why} on each of {job.attempts} runs (out of memory?); fix the cause, then"
+                " retry the job"
+            )
+            self.index.finish_job(job.job_id, JobState.FAILED, error=reason)
+            log.error("job.finished", job=job.job_id, study=job.study_key, state="failed",
+                      reason=reason)  # fmt: skip
+            return
+        self.index.back_to_queue(job.job_id)
+        self.submit(job)
+        log.warning("job.requeued", job=job.job_id, study=job.study_key, reason=why,
+                    attempts=job.attempts)  # fmt: skip
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check_now()
+            except Exception:
+                log.exception("jobs.check_failed", action="check the data_dir disk and the queue")
