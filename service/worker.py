@@ -1,13 +1,16 @@
-"""Workers: take a job id from the queue, run its pipeline, record the outcome.
+"""Workers: run a job ticket from the queue and report how it went.
 
 A worker is its own process (``radnode worker``; ``radnode serve`` starts
 ``queue.local_workers`` of them and restarts one that dies), so a model that crashes or
 exhausts memory never takes the Storage SCP down, and the SCP keeps answering while a
-model runs. Bundles are loaded once per worker and reused.
+model runs. Workers are stateless: the ticket says what to read (shared storage) and
+where to write; they never touch the study index (the edge records their reports, see
+``service.tracker``). Bundles are loaded once per worker and reused.
 
-A job ends in one of three states, each with one log line:
+A run ends in one of three states, each with one ``job.finished`` log line:
 
-* ``done``: results written under ``<data_dir>/results/<job id>/``;
+* ``done``: result files under the ticket's result folder, plus the deliverables
+  built for the job's destinations (``service.publish``);
 * ``refused``: the series is not usable by the pipeline (uneven spacing, wrong
   modality, a single slice for a 3D model...); the reason says what to do;
 * ``failed``: the bundle or the node failed; the error names the stage.
