@@ -8,15 +8,30 @@ Success once the instance is durable.
 One log event per association state change (opened, rejected, closed) carries the
 peer AE title, address, instance and byte counts and the duration; instances
 themselves are logged by the receiver, which knows which study they belong to.
+
+Who may associate is the :class:`~dicom_nodes.policy.AssociationPolicy`'s: the peer
+address allowlist is checked when the A-ASSOCIATE-RQ arrives (``EVT_REQUESTED``), the
+calling/called AE titles and the association limit by pynetdicom's own negotiation;
+each refusal is an A-ASSOCIATE-RJ and one ``association.rejected`` line naming the
+reason.
+
+DICOM TLS (:mod:`dicom_nodes.tls`): with ``policy.tls_cert`` set and no ``tls_port``,
+the one listening port speaks TLS only. With ``tls_port`` too, ``port`` stays plain and
+``tls_port`` speaks TLS (e.g. 11112 and 2762 during a migration). The TLS handshake
+runs on the connection's own thread with the ACSE timeout as its deadline, never in
+the accept loop, so a peer that connects and stays silent blocks nobody else; a failed
+handshake is one ``tls.handshake_failed`` line with the reason.
 """
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from pynetdicom import AE, _config, evt
@@ -26,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
+from dicom_nodes.tls import describe_handshake_error, server_context
 
 log = structlog.get_logger("dicom_nodes.scp")
 
@@ -52,6 +68,64 @@ class Receiver(Protocol):
         ...
 
 
+#: A-ASSOCIATE-RJ (result, source, reason) -> (what the log says, what to do); PS3.8 9.3.4.
+_REJECTIONS: dict[tuple[int, int, int], tuple[str, str]] = {
+    (1, 1, 1): (
+        "peer address not in node.allowed_peer_addresses",
+        "add the peer's address or network to node.allowed_peer_addresses if it is expected",
+    ),
+    (1, 1, 3): (
+        "calling AE title not recognized",
+        "add the calling AE title to node.allowed_calling_aets if it is expected",
+    ),
+    (1, 1, 7): (
+        "called AE title not recognized",
+        "configure the peer to call this node's AE title (node.ae_title), or set "
+        "node.require_called_aet = false",
+    ),
+    (2, 3, 2): (
+        "local limit exceeded: too many concurrent associations",
+        "the peer should retry; raise node.max_associations if this is normal load",
+    ),
+    (2, 2, 1): (
+        "user identity not accepted",
+        "check the peer's user identity negotiation",
+    ),
+}
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
+
+    pynetdicom wraps each accepted socket (handshake included) in ``get_request``, on
+    the one thread that accepts connections, with no deadline: a single silent peer
+    would stop the port. Here ``get_request`` only accepts, and the connection's own
+    thread does the handshake with a deadline before the association starts.
+    """
+
+    tls_context: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
+    on_handshake_failed: Callable[[Any, BaseException], None] | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request = self.tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                if self.on_handshake_failed is not None:
+                    self.on_handshake_failed(client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 @dataclass
 class _AssociationStats:
     calling_ae: str
@@ -72,18 +146,40 @@ class StorageSCP:
         host: str = "0.0.0.0",
         port: int = 11112,
         on_association: Callable[[str], None] | None = None,
+        *,
+        tls_port: int | None = None,
     ) -> None:
         """``on_association`` is called with ``accepted``, ``rejected``, ``released`` or
         ``aborted`` for each association event (the node counts them as metrics; this
         package knows nothing of metrics). It runs on the association's thread and
         must be quick and not raise.
+
+        ``tls_port`` (needs ``policy.tls_cert``): a second listener that speaks TLS
+        while ``port`` stays plain. Without it and with ``policy.tls_cert``, ``port``
+        speaks TLS only. Raises :class:`dicom_nodes.tls.TlsError` when the
+        certificate, key or CA file cannot be used (the message says what to fix).
         """
+        if tls_port is not None and not policy.tls_enabled:
+            raise ValueError("tls_port is set but TLS is off: set tls_cert (and tls_key)")
         self._policy = policy
         self._receiver = receiver
         self._on_association = on_association
         self._host = host
         self._port = port
-        self._server: ThreadedAssociationServer | None = None
+        self._tls_port = tls_port
+        self._tls_context = (
+            server_context(
+                policy.tls_cert,
+                policy.tls_key,
+                ca_file=policy.tls_ca,
+                require_client_cert=policy.tls_require_client_cert,
+                key_password=policy.tls_key_password,
+            )
+            if policy.tls_cert is not None
+            else None
+        )
+        self._server: _AssociationServer | None = None
+        self._tls_server: _AssociationServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
         # pynetdicom's "standard" handlers format a log record for every PDU and
@@ -99,6 +195,17 @@ class StorageSCP:
         if self._server is None:
             return self._port
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The port that speaks TLS (``port`` itself when it is the only one), or None."""
+        if self._tls_context is None:
+            return None
+        if self._tls_port is None:
+            return self.port
+        if self._tls_server is None:
+            return self._tls_port
+        return int(self._tls_server.server_address[1])
 
     @property
     def listening(self) -> bool:
@@ -122,7 +229,36 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening; returns once the socket is bound."""
+        ae = self._make_ae()
+        only_tls = self._tls_port is None
+        self._server = self._serve(ae, self._port, self._tls_context if only_tls else None)
+        if not only_tls:
+            assert self._tls_port is not None
+            try:
+                self._tls_server = self._serve(ae, self._tls_port, self._tls_context)
+            except OSError:
+                self.stop()
+                raise
+        policy = self._policy
+        log.info(
+            "scp.listening",
+            ae_title=policy.ae_title,
+            host=self._host,
+            port=self.port,
+            tls=self._tls_context is not None,
+            tls_port=self.tls_port,
+            plain_port=None if only_tls and self._tls_context is not None else self.port,
+            tls_require_client_cert=policy.tls_require_client_cert,
+            allowed_calling_aets=list(policy.allowed_calling_aets),
+            allowed_peer_addresses=list(policy.allowed_peer_addresses),
+            require_called_aet=policy.require_called_aet,
+            max_associations=policy.max_associations,
+        )
+
+    def _serve(self, ae: AE, port: int, tls_context: ssl.SSLContext | None) -> _AssociationServer:
+        """One listener on ``port`` (TLS when ``tls_context``), served on its own thread."""
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -130,21 +266,33 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        ae = self._make_ae()
-        self._server = ae.start_server((self._host, self._port), block=False, evt_handlers=handlers)
-        log.info(
-            "scp.listening",
-            ae_title=self._policy.ae_title,
-            host=self._host,
-            port=self.port,
-            allowed_calling_aets=list(self._policy.allowed_calling_aets),
+        server = cast(
+            _AssociationServer,
+            ae.make_server(
+                (self._host, port), evt_handlers=handlers, server_class=_AssociationServer
+            ),
         )
+        server.tls_context = tls_context
+        server.handshake_timeout_s = self._policy.acse_timeout_s
+        server.on_handshake_failed = self._on_handshake_failed
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"radnode-scp-{port}", daemon=True
+        )
+        thread.start()
+        # As AE.start_server does: the AE lists its servers (AE.shutdown, and
+        # AssociationServer.shutdown removes itself from the list).
+        ae._servers.append(server)
+        return server
 
     def stop(self) -> None:
         """Stop accepting associations and close the ones still open."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        stopped = False
+        for server in (self._tls_server, self._server):
+            if server is not None:
+                server.shutdown()
+                stopped = True
+        self._server = self._tls_server = None
+        if stopped:
             log.info("scp.stopped")
 
     # -- handlers -------------------------------------------------------------
@@ -183,6 +331,17 @@ class StorageSCP:
                 stats.failures += 1
         return int(status)
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ received: refuse peers outside the address allowlist."""
+        assoc: Association = event.assoc
+        if self._policy.address_allowed(str(assoc.requestor.address)):
+            return
+        # PS3.8 has no reason code for addresses: rejected-permanent, service-user,
+        # "no reason given" -- the peer learns nothing about the list.
+        assoc.acse.send_reject(0x01, 0x01, 0x01)
+        self._log_rejected(assoc, (0x01, 0x01, 0x01))
+        assoc.kill()
+
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         stats = _AssociationStats(
@@ -190,19 +349,45 @@ class StorageSCP:
         )
         with self._stats_lock:
             self._stats[id(event.assoc)] = stats
-        log.info("association.opened", peer_ae=stats.calling_ae, peer_address=stats.address)
+        log.info(
+            "association.opened",
+            peer_ae=stats.calling_ae,
+            peer_address=stats.address,
+            **_tls_fields(event.assoc),
+        )
         self._notify("accepted")
 
     def _on_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
+        primitive = event.assoc.acceptor.primitive
+        code = (
+            int(getattr(primitive, "result", 0) or 0),
+            int(getattr(primitive, "result_source", 0) or 0),
+            int(getattr(primitive, "diagnostic", 0) or 0),
+        )
+        self._log_rejected(event.assoc, code)
+
+    def _log_rejected(self, assoc: Association, code: tuple[int, int, int]) -> None:
+        reason, action = _REJECTIONS.get(
+            code, ("association not accepted", "check the peer's association request")
+        )
+        rq = assoc.requestor.primitive
         log.warning(
             "association.rejected",
-            peer_ae=requestor.ae_title.strip(),
-            peer_address=str(requestor.address),
-            reason="calling or called AE title not accepted",
-            action="add the calling AE title to node.allowed_calling_aets if it is expected",
+            peer_ae=str(getattr(rq, "calling_ae_title", "") or "").strip(),
+            called_ae=str(getattr(rq, "called_ae_title", "") or "").strip(),
+            peer_address=str(assoc.requestor.address),
+            reason=reason,
+            result="permanent" if code[0] == 1 else "transient",
+            source=code[1],
+            diagnostic=code[2],
+            action=action,
         )
         self._notify("rejected")
+
+    def _on_handshake_failed(self, client_address: Any, exc: BaseException) -> None:
+        reason, action = describe_handshake_error(exc)
+        address = client_address[0] if isinstance(client_address, tuple) else client_address
+        log.warning("tls.handshake_failed", peer_address=str(address), reason=reason, action=action)
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._stats_lock:
@@ -225,3 +410,22 @@ class StorageSCP:
     def _notify(self, outcome: str) -> None:
         if self._on_association is not None:
             self._on_association(outcome)
+
+
+def _tls_fields(assoc: Association) -> dict[str, Any]:
+    """TLS version, cipher and the peer certificate's subject CN of an association."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return {"tls": False}
+    fields: dict[str, Any] = {"tls": True, "tls_version": sock.version()}
+    cipher = sock.cipher()
+    if cipher:
+        fields["tls_cipher"] = cipher[0]
+    try:
+        certificate = sock.getpeercert() or {}
+    except (OSError, ValueError):
+        certificate = {}
+    subject = dict(pair for rdn in certificate.get("subject", ()) for pair in rdn)
+    if "commonName" in subject:
+        fields["peer_cert_cn"] = subject["commonName"]
+    return fields

@@ -20,10 +20,11 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from dicom_nodes.policy import ae_title_problem
+from dicom_nodes.policy import ae_title_problem, network_problem
 from service.errors import ConfigError
 from service.hl7 import Hl7DestinationSettings
 from service.routing import RouteRule, route_problems
@@ -56,8 +57,46 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(60.0, gt=0)
     #: Below this much free space in data_dir, C-STOREs are refused (A700).
     min_free_disk_mb: int = Field(1024, ge=0)
+    #: Peer IP addresses or CIDR networks allowed to associate; empty accepts any.
+    allowed_peer_addresses: list[str] = Field(default_factory=list)
+    #: Reject associations whose called AE title is not ours (reason 7).
+    require_called_aet: bool = True
+    #: DICOM TLS (BCP 195). With a certificate and no tls_port, ``port`` is TLS only;
+    #: with tls_port, ``port`` stays plain and tls_port speaks TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Password of an encrypted key; better in RADNODE_NODE__TLS_KEY_PASSWORD. Never logged.
+    tls_key_password: SecretStr | None = None
+    #: CA bundle that client certificates must chain to.
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+    tls_port: int | None = Field(None, ge=1, le=65535)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_peer_addresses")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        problems = [p for p in (network_problem(v) for v in values) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> NodeSettings:
+        if self.tls_cert is None:
+            given = [
+                name
+                for name in ("tls_key", "tls_ca", "tls_port")
+                if getattr(self, name) is not None
+            ]
+            if self.tls_require_client_cert:
+                given.append("tls_require_client_cert")
+            if given:
+                raise ValueError(f"{', '.join(given)} need node.tls_cert (TLS is off)")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ValueError("tls_require_client_cert needs node.tls_ca to check client certs")
+        return self
 
     @field_validator("allowed_calling_aets")
     @classmethod

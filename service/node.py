@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import StorageSCP
+from dicom_nodes.tls import TlsError
 from service import __version__
 from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
 from service.completion import CompletionMonitor
@@ -52,6 +53,15 @@ def _association_policy(settings: Settings) -> AssociationPolicy:
         max_pdu_bytes=node.max_pdu_bytes,
         dimse_timeout_s=node.dimse_timeout_s,
         network_timeout_s=node.network_timeout_s,
+        allowed_peer_addresses=tuple(node.allowed_peer_addresses),
+        require_called_aet=node.require_called_aet,
+        tls_cert=node.tls_cert,
+        tls_key=node.tls_key,
+        tls_key_password=node.tls_key_password.get_secret_value()
+        if node.tls_key_password
+        else None,
+        tls_ca=node.tls_ca,
+        tls_require_client_cert=node.tls_require_client_cert,
     )
 
 
@@ -81,13 +91,18 @@ class Node:
             min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
             metrics=self.metrics,
         )
-        self.scp = StorageSCP(
-            _association_policy(settings),
-            self.ingest,
-            host=settings.node.host,
-            port=settings.node.port,
-            on_association=self.metrics.association,
-        )
+        try:
+            self.scp = StorageSCP(
+                _association_policy(settings),
+                self.ingest,
+                host=settings.node.host,
+                port=settings.node.port,
+                on_association=self.metrics.association,
+                tls_port=settings.node.tls_port,
+            )
+        except (TlsError, ValueError) as exc:
+            self.index.close()
+            raise StartupError(f"DICOM TLS: {exc}") from exc
         self.dispatcher = Dispatcher(
             self.index,
             settings.routes,

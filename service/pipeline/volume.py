@@ -39,6 +39,7 @@ inverted within its stored range, so bright always means more attenuation/signal
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
 from pydicom.pixels.utils import get_expected_length
@@ -281,6 +283,33 @@ def read_headers(items: Sequence[SeriesItem]) -> list[Dataset]:
     return [_read_header(item, index) for index, item in enumerate(items)]
 
 
+#: What damaged header values raise inside pydicom, numpy and the checks below when
+#: they are not of the form the standard gives (a list where one value belongs, an odd
+#: byte count, a number that is text...). Each becomes a refusal, never a crash.
+_MALFORMED = (TypeError, ValueError, NotImplementedError, AttributeError, KeyError,
+              IndexError, OverflowError, BytesLengthException)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _refuse_malformed(what: str) -> Iterator[None]:
+    try:
+        yield
+    except SeriesRefused:
+        raise
+    except MemoryError:
+        raise SeriesRefused(
+            f"the series does not fit in memory while {what}; check Rows, Columns and"
+            " the number of frames, or route it to a node with more memory",
+            code="too_large",
+        ) from None
+    except _MALFORMED as exc:
+        raise SeriesRefused(
+            f"a header value is malformed ({type(exc).__name__} while {what}: {exc}); "
+            f"{_RESEND} or check the modality's export settings",
+            code="malformed_attribute",
+        ) from exc
+
+
 def plan_volume(
     headers: Sequence[Dataset],
     *,
@@ -289,8 +318,16 @@ def plan_volume(
 ) -> VolumePlan:
     """Check a series' headers and decide the volume's shape, dtype, order and geometry.
 
-    Raises :class:`SeriesRefused` for anything that would make the geometry a guess.
+    Raises :class:`SeriesRefused` for anything that would make the geometry a guess,
+    including header values too damaged to read.
     """
+    with _refuse_malformed("checking the headers"):
+        return _plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
+
+
+def _plan_volume(
+    headers: Sequence[Dataset], *, tolerances: Tolerances, max_voxels: int
+) -> VolumePlan:
     if not headers:
         raise SeriesRefused(
             "the series is empty: no instances were given. Check that the study was "
@@ -345,8 +382,11 @@ def load_series(
     syntaxes decode through pydicom's pixel handlers (pylibjpeg plugins: JPEG, JPEG-LS,
     JPEG 2000, RLE). Raises :class:`SeriesRefused`.
     """
-    plan = plan_volume(read_headers(items), tolerances=tolerances, max_voxels=max_voxels)
-    array = _decode(plan, items)
+    with _refuse_malformed("reading the headers"):
+        headers = read_headers(items)
+    plan = plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
+    with _refuse_malformed("decoding the pixel data"):
+        array = _decode(plan, items)
     return Volume(
         array=array,
         origin=plan.origin,

@@ -1,0 +1,165 @@
+"""Does the node still answer C-ECHO promptly while it is busy receiving?
+
+Starts ``radnode serve`` (as tests/conftest.py's RadnodeProcess does), sends
+``--senders`` (8) concurrent associations of ``--instances`` (300) small CT instances
+each with DCMTK ``storescu``, and meanwhile measures C-ECHO round trips every 100 ms in
+two ways:
+
+* ``echo (open association)``: one association held open, a C-ECHO on it every 100 ms
+  (DIMSE latency under load);
+* ``echo (new association)``: connect, associate, C-ECHO, release every 100 ms, as a
+  PACS's "verify node" button does (accept loop and association setup under load).
+
+Prints median / p95 / max of both, and whether every instance was acknowledged by the
+node and is on disk (spool files counted). Prints; never asserts.
+
+    python -m bench.echo_under_load --senders 8 --instances 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+
+from service.testing import write_ct_series  # noqa: E402
+from tests.conftest import RadnodeProcess, acknowledged_files, free_port, storescu  # noqa: E402
+
+
+class EchoProbe:
+    """C-ECHO every ``interval`` seconds until stopped; keeps round-trip times (s)."""
+
+    def __init__(self, port: int, *, fresh: bool, interval: float = 0.1) -> None:
+        self.port, self.fresh, self.interval = port, fresh, interval
+        self.times: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> EchoProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title="ECHOPROBE")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        return ae
+
+    def _run(self) -> None:
+        ae = self._ae()
+        held = None if self.fresh else ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                if held is None:
+                    assoc = ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
+                    ok = assoc.is_established and assoc.send_c_echo().Status == 0
+                    if assoc.is_established:
+                        assoc.release()
+                else:
+                    ok = held.is_established and held.send_c_echo().Status == 0
+            except Exception:  # a failed echo is a data point, not a crash
+                ok = False
+            elapsed = time.perf_counter() - started
+            if ok:
+                self.times.append(elapsed)
+            else:
+                self.failures += 1
+            self._stop.wait(max(0.0, self.interval - elapsed))
+        if held is not None and held.is_established:
+            held.release()
+
+
+def _summary(name: str, probe: EchoProbe) -> str:
+    if not probe.times:
+        return f"{name}: no successful echo ({probe.failures} failed)"
+    ms = sorted(t * 1000 for t in probe.times)
+    p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+    return (
+        f"{name}: n={len(ms)} median {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms, "
+        f"max {ms[-1]:.1f} ms, failed {probe.failures}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", type=int, default=8, help="concurrent associations")
+    parser.add_argument("--instances", type=int, default=300, help="instances per association")
+    parser.add_argument("--size", type=int, default=64, help="rows = columns of each image")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="radnode-echo-load-"))
+    print(f"work folder: {work}")
+    series = [
+        write_ct_series(
+            work / f"sender{k}", slices=args.instances, rows=args.size, columns=args.size, seed=k
+        )
+        for k in range(args.senders)
+    ]
+    total = args.senders * args.instances
+    print(
+        f"{args.senders} senders x {args.instances} instances ({args.size}x{args.size}) = {total}"
+    )
+
+    node = RadnodeProcess(
+        data_dir=work / "radnode-data",
+        port=free_port(),
+        http_port=free_port(),
+        extra_env={"RADNODE_NODE__MAX_ASSOCIATIONS": str(args.senders + 4)},
+    )
+    node.start()
+    try:
+        idle = EchoProbe(node.port, fresh=False).start()
+        time.sleep(2.0)
+        idle.stop()
+        print(_summary("idle echo (open association)", idle))
+
+        held = EchoProbe(node.port, fresh=False).start()
+        fresh = EchoProbe(node.port, fresh=True).start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=args.senders) as pool:
+            results = list(pool.map(lambda files: storescu(node.port, files), series))
+        seconds = time.monotonic() - started
+        held.stop()
+        fresh.stop()
+
+        acked = sum(len(acknowledged_files(r.stdout + r.stderr)) for r in results)
+        failed_senders = sum(1 for r in results if r.returncode != 0)
+        on_disk = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
+        print(f"sent in {seconds:.1f} s ({total / seconds:.0f} instances/s)")
+        print(_summary("echo (open association)", held))
+        print(_summary("echo (new association)", fresh))
+        print(
+            f"acknowledged {acked}/{total}, on disk {on_disk}/{total}, senders failed "
+            f"{failed_senders}: {'ALL STORED' if acked == on_disk == total else 'MISSING'}"
+        )
+    finally:
+        code = node.stop()
+        print(f"radnode exited with {code}")
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""Who may associate: address and AE title allowlists, the called AE title, the limits.
+
+Each refusal is an A-ASSOCIATE-RJ with the result, source and reason of PS3.8 9.3.4,
+seen by real peers (pynetdicom, DCMTK's echoscu) and logged once by the SCP with the
+reason and what to do. The SCP runs in process with a receiver that keeps nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from dicom_nodes.policy import AssociationPolicy, network_problem
+from dicom_nodes.scp import ReceivedInstance, StorageSCP
+from dicom_nodes.status import StoreStatus
+from tests.conftest import dcmtk_env, require_tool
+
+pytestmark = pytest.mark.integration
+
+PERMANENT, TRANSIENT = 1, 2
+SERVICE_USER, PRESENTATION = 1, 3
+NO_REASON, CALLING_AE, CALLED_AE, LOCAL_LIMIT = 1, 3, 7, 2
+
+
+class Discard:
+    def store(self, instance: ReceivedInstance) -> StoreStatus:
+        return StoreStatus.SUCCESS
+
+
+@pytest.fixture
+def start_scp() -> Iterator:
+    started: list[StorageSCP] = []
+
+    def start(policy: AssociationPolicy) -> tuple[StorageSCP, list[str]]:
+        outcomes: list[str] = []
+        scp = StorageSCP(
+            policy, Discard(), host="127.0.0.1", port=0, on_association=outcomes.append
+        )
+        scp.start()
+        started.append(scp)
+        return scp, outcomes
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+def associate(port: int, calling: str = "PACS", called: str = "RADNODE") -> Association:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def rejection(assoc: Association) -> tuple[int, int, int]:
+    assert assoc.is_rejected, "the association was not rejected"
+    rj = assoc.acceptor.primitive
+    return (rj.result, rj.result_source, rj.diagnostic)
+
+
+def rejected_events(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "association.rejected"]
+
+
+def echo(port: int, calling: str = "PACS") -> tuple[bool, str]:
+    cmd = [require_tool("echoscu"), "-v", "-aet", calling, "-aec", "RADNODE", "127.0.0.1"]
+    result = subprocess.run(
+        [*cmd, str(port)], env=dcmtk_env(), capture_output=True, text=True, timeout=60
+    )
+    return result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def test_loopback_in_the_address_allowlist_is_served(start_scp) -> None:
+    scp, _ = start_scp(AssociationPolicy(allowed_peer_addresses=("10.0.0.0/8", "127.0.0.0/8")))
+
+    ok, output = echo(scp.port)
+
+    assert ok, output
+
+
+def test_address_outside_the_allowlist_is_rejected_and_logged(start_scp) -> None:
+    scp, outcomes = start_scp(AssociationPolicy(allowed_peer_addresses=("10.0.0.0/8", "::1")))
+
+    with structlog.testing.capture_logs() as events:
+        assoc = associate(scp.port)
+        ok, output = echo(scp.port)
+
+    assert rejection(assoc) == (PERMANENT, SERVICE_USER, NO_REASON)
+    assert not ok and "Association Rejected" in output
+    logged = rejected_events(events)
+    assert len(logged) == 2
+    assert all(e["reason"] == "peer address not in node.allowed_peer_addresses" for e in logged)
+    assert all(e["peer_address"] == "127.0.0.1" and e["peer_ae"] == "PACS" for e in logged)
+    assert all("allowed_peer_addresses" in e["action"] for e in logged)
+    assert outcomes == ["rejected", "rejected"]
+
+
+def test_a_rejected_address_does_not_disturb_allowed_peers(start_scp) -> None:
+    """The refusal is per association: the same SCP keeps serving after it."""
+    scp, _ = start_scp(AssociationPolicy(allowed_peer_addresses=("10.0.0.0/8",)))
+    assert associate(scp.port).is_rejected
+    assert associate(scp.port).is_rejected  # the server thread is still accepting
+
+
+@pytest.mark.parametrize(
+    ("entry", "valid"),
+    [
+        ("127.0.0.1", True),
+        ("10.1.0.0/16", True),
+        ("10.1.2.3/16", True),  # host bits set: taken as its network
+        ("fd00::/8", True),
+        ("10.1.0.0/33", False),
+        ("pacs.hospital.org", False),
+        ("", False),
+    ],
+)
+def test_address_entries_are_ips_or_networks(entry: str, valid: bool) -> None:
+    assert (network_problem(entry) is None) is valid
+    if not valid:
+        with pytest.raises(ValueError, match="not an IP address or CIDR network"):
+            AssociationPolicy(allowed_peer_addresses=(entry,))
+
+
+def test_ipv4_peers_on_an_ipv6_socket_match_ipv4_entries() -> None:
+    policy = AssociationPolicy(allowed_peer_addresses=("192.168.0.0/24",))
+    assert policy.address_allowed("::ffff:192.168.0.7")
+    assert not policy.address_allowed("::ffff:192.168.1.7")
+    assert not policy.address_allowed("not-an-address")
+    assert AssociationPolicy().address_allowed("not-an-address")  # no list: anyone
+
+
+# --------------------------------------------------------------------------- AE titles
+
+
+def test_unknown_calling_ae_is_rejected_with_reason_3(start_scp) -> None:
+    scp, _ = start_scp(AssociationPolicy(allowed_calling_aets=("PACS",)))
+
+    with structlog.testing.capture_logs() as events:
+        assoc = associate(scp.port, calling="INTRUDER")
+
+    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLING_AE)
+    (logged,) = rejected_events(events)
+    assert logged["reason"] == "calling AE title not recognized"
+    assert logged["peer_ae"] == "INTRUDER" and "allowed_calling_aets" in logged["action"]
+
+
+def test_called_ae_mismatch_is_rejected_with_reason_7(start_scp) -> None:
+    scp, _ = start_scp(AssociationPolicy())
+
+    with structlog.testing.capture_logs() as events:
+        assoc = associate(scp.port, called="SOMEONE_ELSE")
+
+    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLED_AE)
+    (logged,) = rejected_events(events)
+    assert logged["reason"] == "called AE title not recognized"
+    assert logged["called_ae"] == "SOMEONE_ELSE" and "require_called_aet" in logged["action"]
+
+
+def test_called_ae_check_can_be_relaxed(start_scp) -> None:
+    scp, _ = start_scp(AssociationPolicy(require_called_aet=False))
+
+    assoc = associate(scp.port, called="ANY-SCP")
+
+    assert assoc.is_established
+    assoc.release()
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_max_associations_is_honoured_and_frees_up(start_scp) -> None:
+    scp, outcomes = start_scp(AssociationPolicy(max_associations=2))
+    held = [associate(scp.port), associate(scp.port)]
+    assert all(a.is_established for a in held)
+
+    with structlog.testing.capture_logs() as events:
+        third = associate(scp.port)
+
+    assert rejection(third) == (TRANSIENT, PRESENTATION, LOCAL_LIMIT)
+    (logged,) = rejected_events(events)
+    assert "too many concurrent associations" in logged["reason"]
+    held.pop().release()
+    _wait_until(lambda: outcomes.count("released") == 1)
+    fourth = associate(scp.port)
+    assert fourth.is_established
+    for assoc in (*held, fourth):
+        assoc.release()
+
+
+def test_max_pdu_length_is_announced(start_scp) -> None:
+    scp, _ = start_scp(AssociationPolicy(max_pdu_bytes=65536))
+
+    assoc = associate(scp.port)
+
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 65536
+    assoc.release()
+
+
+def test_concurrent_allowed_and_refused_peers_are_each_answered(start_scp) -> None:
+    """Rejections on some threads never stall associations on others."""
+    scp, _ = start_scp(AssociationPolicy(allowed_calling_aets=("PACS",), max_associations=8))
+    results: dict[str, list[bool]] = {"PACS": [], "INTRUDER": []}
+    lock = threading.Lock()
+
+    def run(calling: str) -> None:
+        assoc = associate(scp.port, calling=calling)
+        established = assoc.is_established
+        if established:
+            established = assoc.send_c_echo().Status == 0
+            assoc.release()
+        with lock:
+            results[calling].append(established)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ["PACS", "INTRUDER"] * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert results == {"PACS": [True] * 3, "INTRUDER": [False] * 3}
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
