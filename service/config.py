@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_nodes.policy import ae_title_problem, network_problem
+from service.dicom_delivery import DicomDestinationSettings
 from service.errors import ConfigError
 from service.hl7 import Hl7DestinationSettings
 from service.routing import RouteRule, route_problems
@@ -155,21 +156,6 @@ class LogSettings(_Section):
     """Logging. JSON lines on standard output."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-class DicomDestinationSettings(_Section):
-    """A DICOM Storage SCP that takes the result objects (the PACS)."""
-
-    name: str = Field(min_length=1)
-    type: Literal["dicom"]
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    ae_title: str | None = None
-
-    @field_validator("ae_title")
-    @classmethod
-    def _check_ae(cls, value: str | None) -> str | None:
-        return None if value is None else _check_ae_title(value)
 
 
 #: Where results go: a DICOM Storage SCP (the PACS) or an HL7 MLLP listener (RIS/EHR),

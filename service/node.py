@@ -26,6 +26,7 @@ from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
 from service.completion import CompletionMonitor
 from service.config import Settings
 from service.delivery import DeliveryState, DeliveryTarget, DeliveryWorker, Outbox
+from service.dicom_delivery import DicomDeliverer
 from service.dispatch import Dispatcher
 from service.errors import StartupError
 from service.headers import header_from_dataset
@@ -119,9 +120,11 @@ class Node:
         self.delivery = DeliveryWorker(
             self.outbox,
             {
-                d.name: DeliveryTarget(Hl7Deliverer(d), d.retry_policy())
+                d.name: DeliveryTarget(
+                    Hl7Deliverer(d) if isinstance(d, Hl7DestinationSettings) else DicomDeliverer(d),
+                    d.retry_policy(),
+                )
                 for d in settings.destinations
-                if isinstance(d, Hl7DestinationSettings)
             },
             poll_interval_s=1.0,
             lease_s=300,

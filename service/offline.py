@@ -24,6 +24,7 @@ from service.errors import RadnodeError
 from service.headers import header_from_dataset
 from service.pipeline.inference import InputMismatch, PipelineFailed, check_input, run_bundle
 from service.pipeline.volume import SeriesRefused, load_series
+from service.publish import DICOM_FOLDER, write_dicom
 from service.records import InstanceHeader, SeriesInfo
 from service.routing import plan
 from service.worker import PipelineCache
@@ -135,6 +136,8 @@ def _run_one(
         result = run_bundle(bundle, volume, load_s=load_s)
         target = out / label / name
         write_result_files(result, volume, target)
+        write_dicom(result, volume, [str(p) for p, _ in scan.series[series_uid]],
+                    target / DICOM_FOLDER)  # fmt: skip
     except SeriesRefused as exc:
         return OfflineOutcome(label, name, "refused", exc.reason)
     except (PipelineFailed, RadnodeError) as exc:

@@ -19,15 +19,19 @@ from pydicom import dcmread
 
 from service.config import Settings
 from service.delivery import Outbox
+from service.dicom_delivery import DicomDestinationSettings
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import PipelineResult
-from service.pipeline.volume import Volume
+from service.pipeline.volume import Volume, read_headers
 from service.records import Deliverable, JobReport, JobTicket
+from service.writers.dicom import write_dicom_results
 from service.writers.oru import build_oru, control_id_for
 
 log = structlog.get_logger("service.publish")
 
 OUTBOX_FILE = "outbox.sqlite3"
+#: Sub-folder of a job's results that holds its DICOM objects (what a PACS is sent).
+DICOM_FOLDER = "dicom"
 
 
 def outbox_path(settings: Settings) -> Path:
@@ -46,6 +50,7 @@ class ResultPublisher:
         deliverables: list[Deliverable] = []
         header = None
         out_dir = Path(ticket.result_dir)
+        written = write_dicom(result, volume, list(ticket.series_paths), out_dir / DICOM_FOLDER)
         for name in ticket.destinations:
             destination = self.destinations.get(name)
             if destination is None:
@@ -76,7 +81,30 @@ class ResultPublisher:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(message.to_bytes())
                 deliverables.append(Deliverable(name, "hl7", message.control_id, str(path)))
+            elif isinstance(destination, DicomDestinationSettings) and written:
+                # the SR's derived UID names the delivery: a re-run job sends nothing new
+                sr_uid = str(dcmread(written[0], stop_before_pixels=True).SOPInstanceUID)
+                deliverables.append(Deliverable(name, "dicom", sr_uid, str(out_dir / DICOM_FOLDER)))
         return deliverables
+
+
+def write_dicom(
+    result: PipelineResult, volume: Volume, series_paths: list[str], out_dir: Path
+) -> list[Path]:
+    """Write the job's DICOM result objects (SR first); an empty list if they cannot be
+    made, with the reason logged (the HL7 result and the files still go out)."""
+    try:
+        by_uid = {str(h.SOPInstanceUID): h for h in read_headers(series_paths)}
+        order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
+        return write_dicom_results(result, volume, [by_uid[uid] for uid in order], out_dir)
+    except Exception as exc:  # a writer bug must not lose the job's other results
+        log.exception(
+            "dicom.not_written",
+            pipeline=result.bundle.name,
+            reason=f"{type(exc).__name__}: {exc}",
+            action="report this with the job id; the HL7 result and result files still go out",
+        )
+        return []
 
 
 def enqueue_deliverables(outbox: Outbox, report: JobReport) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 #: Shared fixtures that live in their own modules.
-pytest_plugins = ["tests.support.mllp"]
+pytest_plugins = ["tests.support.mllp", "tests.support.orthanc"]
 
 REPO = Path(__file__).resolve().parent.parent
 RADNODE = Path(sys.executable).with_name("radnode")

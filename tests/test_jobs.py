@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from service.testing import write_ct_series, write_radiograph
 from tests.conftest import dcmtk_env, require_tool, storescu
@@ -158,3 +160,38 @@ def test_result_reaches_the_ris_as_a_strict_oru_over_mllp(
     assert len(probabilities) == 1 and "|%^percent^UCUM|" in probabilities[0]
     assert 0.0 <= float(probabilities[0].split("|")[5]) <= 100.0
     assert "O'BRIEN" not in "\n".join(node.lines)
+
+
+def test_results_reach_the_pacs_in_the_source_study(
+    radnode_factory, models: Path, tmp_path: Path, orthanc
+) -> None:
+    from tests.support.orthanc import orthanc_get
+
+    routes = [{"name": "ct", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+               "destinations": ["pacs"]}]  # fmt: skip
+    destinations = [{"name": "pacs", "type": "dicom", "host": "127.0.0.1",
+                     "port": orthanc["port"], "ae_title": "ORTHANC", "backoff_s": 0.2}]  # fmt: skip
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=json.dumps(routes),
+        RADNODE_DESTINATIONS=json.dumps(destinations),
+    ).start()
+    ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96,
+                         pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+    assert storescu(node.port, ct).returncode == 0
+    node.wait_for_event("dicom.sent", timeout=120)
+    study_uid = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    (study,) = [s for s in orthanc_get(orthanc["http"], "/studies?expand")
+                if s["MainDicomTags"]["StudyInstanceUID"] == study_uid]  # fmt: skip
+    modalities = sorted(
+        orthanc_get(orthanc["http"], f"/series/{series}")["MainDicomTags"]["Modality"]
+        for series in study["Series"]
+    )
+    assert modalities == ["OT", "SEG", "SR"]  # the results only: the CT went to radnode
+    # a PACS that auto-routes everything sends radnode its own results back: no new job
+    results = sorted((node.data_dir / "results").glob("*/dicom/*.dcm"))
+    assert len(results) == 3
+    assert storescu(node.port, results, "-R").returncode == 0
+    node.wait_for_event("study.complete", count=2, timeout=60)
+    time.sleep(1.0)  # give the dispatcher a chance to (wrongly) queue something
+    assert len(node.events("job.queued")) == 1

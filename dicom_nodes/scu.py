@@ -1,0 +1,358 @@
+"""Storage SCU: send a list of PS3.10 files to one peer in one association.
+
+A thin network edge (ARCHITECTURE.md, habit 1): it sends and reports, and decides
+nothing about retrying; ``service.dicom_delivery`` turns a :class:`SendReport` into an
+outbox outcome. It never imports ``service``.
+
+What it does:
+
+* Reads each file's header only (SOP Class, SOP Instance, transfer syntax).
+* Proposes, per (SOP class, file transfer syntax), a context with only that syntax
+  and one with Explicit and Implicit VR Little Endian. A file whose own syntax was
+  accepted is streamed from disk unchanged; otherwise it is read and pynetdicom
+  converts it to the accepted uncompressed syntax (a compressed file cannot be
+  converted and fails with ``no_context``). At most 128 contexts (PS3.8).
+* Announces a 4 MiB maximum PDU and sends PDVs as large as the peer accepts: the
+  pynetdicom default of 16 KiB costs a lot of time on large series.
+* Sends every file from disk (pynetdicom streams the encoded data set) and records the
+  status the peer ANSWERED for each: 0x0000 Success and 0xB000-0xBFFF warnings count as
+  acknowledged; everything else, and every file the peer never answered (association
+  aborted, DIMSE timeout), does not. Nothing is assumed from our own exit.
+* Reports association rejection (result, source, reason), abort, connection failure
+  and timeouts as such (:class:`AssociationState`).
+
+Log events (structlog, ``dicom_nodes.scu``): ``scu.association_failed``,
+``scu.sent`` (counts per outcome); no patient data, only UIDs of SOP classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import build_context
+
+log = structlog.get_logger("dicom_nodes.scu")
+
+#: The same implementation identity as the node's Storage SCP and spool files.
+IMPLEMENTATION_CLASS_UID = "2.25.186415519836318406418423104426519003785"
+IMPLEMENTATION_VERSION_NAME = "RADNODE_010"
+#: Largest PDU we announce we can receive (and the size we fragment to, at most).
+MAX_PDU_BYTES = 4 * 1024 * 1024
+#: PS3.8: at most 128 presentation contexts per association.
+MAX_CONTEXTS = 128
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class AssociationState(StrEnum):
+    """How the association went."""
+
+    ACCEPTED = "accepted"  # established and released normally
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ
+    ABORTED = "aborted"  # A-ABORT (either side) or connection lost mid-way
+    CONNECT_FAILED = "connect_failed"  # no TCP connection
+    TIMEOUT = "timeout"  # no answer to the association request in time
+    NOT_ATTEMPTED = "not_attempted"  # nothing to send
+
+
+class FileState(StrEnum):
+    SUCCESS = "success"  # status 0x0000
+    WARNING = "warning"  # 0xB000-0xBFFF: stored, with a warning
+    FAILED = "failed"  # the peer answered a failure status
+    NO_CONTEXT = "no_context"  # no presentation context accepted for it
+    UNREADABLE = "unreadable"  # not a DICOM file we can send
+    NOT_ACKNOWLEDGED = "not_acknowledged"  # sent or not, the peer never answered
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: FileState
+    status: int | None = None
+    reason: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.state in (FileState.SUCCESS, FileState.WARNING)
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """What happened to one association and each of its files."""
+
+    association: AssociationState
+    outcomes: tuple[FileOutcome, ...] = ()
+    #: Rejection (result, source, reason) or abort/connection text; no patient data.
+    reason: str = ""
+    rejection: tuple[int, int, int] | None = None
+    seconds: float = 0.0
+    bytes_sent: int = 0
+
+    @property
+    def all_acknowledged(self) -> bool:
+        return bool(self.outcomes) and all(o.acknowledged for o in self.outcomes)
+
+    def count(self, state: FileState) -> int:
+        return sum(1 for o in self.outcomes if o.state is state)
+
+
+@dataclass(frozen=True)
+class StorageDestination:
+    """Where to send: the peer's address and AE titles, and how long to wait."""
+
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str = "RADNODE"
+    connect_timeout_s: float = 10.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu_bytes: int = MAX_PDU_BYTES
+
+
+@dataclass
+class _Item:
+    path: Path
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    transfer_syntax: str = ""
+    size: int = 0
+    problem: str = ""
+    outcome: FileOutcome | None = field(default=None)
+
+
+def _read_item(path: Path) -> _Item:
+    item = _Item(path=Path(path))
+    try:
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
+        meta = ds.file_meta
+        item.sop_class_uid = str(meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID)
+        item.sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID") or ds.SOPInstanceUID)
+        item.transfer_syntax = str(meta.TransferSyntaxUID)
+        item.size = item.path.stat().st_size
+    except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        item.problem = f"not a sendable DICOM file: {type(exc).__name__}"
+    return item
+
+
+def _contexts(items: Sequence[_Item]) -> list:
+    """Per (SOP class, file transfer syntax): one context with only the file's syntax
+    (so a peer that supports it must accept it: the file is then streamed as it is) and
+    one with Explicit and Implicit VR Little Endian as a fallback (pynetdicom converts)."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for item in items:
+        if not item.problem:
+            wanted[(item.sop_class_uid, (item.transfer_syntax,))] = None
+            wanted[(item.sop_class_uid, _UNCOMPRESSED)] = None
+    contexts = [build_context(sop, list(syntaxes)) for sop, syntaxes in wanted]
+    if len(contexts) > MAX_CONTEXTS:
+        # Too many: one context per SOP class with the uncompressed syntaxes only.
+        classes = dict.fromkeys(sop for sop, _ in wanted)
+        contexts = [build_context(sop, list(_UNCOMPRESSED)) for sop in classes]
+    return contexts[:MAX_CONTEXTS]
+
+
+def _accepted_as_is(assoc: object, item: _Item) -> bool:
+    """True when a context for the file's own class and transfer syntax was accepted."""
+    return any(
+        cx.abstract_syntax == item.sop_class_uid and cx.transfer_syntax[0] == item.transfer_syntax
+        for cx in assoc.accepted_contexts  # type: ignore[attr-defined]
+    )
+
+
+def _ae(destination: StorageDestination, items: Sequence[_Item]) -> AE:
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_pdu_size = destination.max_pdu_bytes
+    ae.connection_timeout = destination.connect_timeout_s
+    ae.acse_timeout = destination.acse_timeout_s
+    ae.dimse_timeout = destination.dimse_timeout_s
+    ae.network_timeout = destination.network_timeout_s
+    ae.requested_contexts = _contexts(items)
+    return ae
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Disable Nagle's algorithm: with it, each C-STORE's last small PDU waits for the
+    peer's delayed ACK (pynetdicom leaves the socket option alone)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _status_state(status: int) -> FileState:
+    if status == 0x0000:
+        return FileState.SUCCESS
+    if 0xB000 <= status <= 0xBFFF or status == 0x0001:
+        return FileState.WARNING
+    return FileState.FAILED
+
+
+def _can_connect(host: str, port: int, timeout: float) -> str:
+    """Why no TCP connection could be made ('' if one can)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return ""
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> SendReport:
+    """Send ``files`` to ``destination`` in one association; never raises for peer trouble.
+
+    Returns one :class:`FileOutcome` per file, in order.
+    """
+    started = time.monotonic()
+    items = [_read_item(Path(f)) for f in files]
+    for item in items:
+        if item.problem:
+            item.outcome = _outcome(item, FileState.UNREADABLE, reason=item.problem)
+    sendable = [item for item in items if not item.problem]
+    if not sendable:
+        return SendReport(
+            AssociationState.NOT_ATTEMPTED,
+            tuple(_final(items, "nothing to send")),
+            reason="nothing to send",
+        )
+    ae = _ae(destination, sendable)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        max_pdu=destination.max_pdu_bytes,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
+    )
+    if not assoc.is_established:
+        state, reason, rejection = _why_not_established(assoc, destination)
+        log.warning(
+            "scu.association_failed",
+            peer=f"{destination.ae_title}@{destination.host}:{destination.port}",
+            state=state.value,
+            reason=reason,
+        )
+        return SendReport(
+            state,
+            tuple(_final(items, f"association {state.value}: {reason}")),
+            reason=reason,
+            rejection=rejection,
+            seconds=time.monotonic() - started,
+        )
+    bytes_sent = 0
+    try:
+        for message_id, item in enumerate(sendable, start=1):
+            if not assoc.is_established:
+                break
+            try:
+                # As is: streamed from the file. Otherwise read, so pynetdicom can convert
+                # it to an accepted uncompressed syntax (or refuse: no_context).
+                payload = item.path if _accepted_as_is(assoc, item) else pydicom.dcmread(item.path)
+                status = assoc.send_c_store(payload, msg_id=message_id % 65536)
+            except ValueError as exc:  # no accepted context for its class / syntax
+                item.outcome = _outcome(item, FileState.NO_CONTEXT, reason=_clip(str(exc)))
+                continue
+            except (OSError, RuntimeError) as exc:
+                item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=type(exc).__name__)
+                continue
+            if "Status" not in status:
+                reason = "no response (DIMSE timeout or association aborted)"
+                item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=reason)
+                continue
+            code = int(status.Status)
+            comment = str(status.get("ErrorComment", "") or "")
+            item.outcome = _outcome(item, _status_state(code), status=code, reason=comment)
+            bytes_sent += item.size
+    finally:
+        aborted = assoc.is_aborted
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    state = AssociationState.ABORTED if aborted else AssociationState.ACCEPTED
+    report = SendReport(
+        state,
+        tuple(_final(items, "association aborted before it was sent")),
+        reason="association aborted" if aborted else "",
+        seconds=time.monotonic() - started,
+        bytes_sent=bytes_sent,
+    )
+    log.info(
+        "scu.sent",
+        peer=f"{destination.ae_title}@{destination.host}:{destination.port}",
+        association=state.value,
+        files=len(items),
+        acknowledged=sum(1 for o in report.outcomes if o.acknowledged),
+        failed=report.count(FileState.FAILED),
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def _why_not_established(
+    assoc: object, destination: StorageDestination
+) -> tuple[AssociationState, str, tuple[int, int, int] | None]:
+    if getattr(assoc, "is_rejected", False):
+        primitive = assoc.acceptor.primitive  # type: ignore[attr-defined]
+        try:
+            codes = (int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+            text = (
+                f"{primitive.result_str}, source {primitive.source_str}, "
+                f"reason {primitive.reason_str}"
+            )
+        except (AttributeError, TypeError, ValueError):
+            codes, text = None, "rejected"
+        return AssociationState.REJECTED, text, codes
+    # pynetdicom reports a refused TCP connection as an abort too: ask the socket.
+    why = _can_connect(destination.host, destination.port, destination.connect_timeout_s)
+    if why == "timeout":
+        return AssociationState.TIMEOUT, "connection timed out", None
+    if why:
+        return AssociationState.CONNECT_FAILED, f"cannot connect: {why}", None
+    if getattr(assoc, "is_aborted", False):
+        return AssociationState.ABORTED, "association aborted during negotiation", None
+    return AssociationState.TIMEOUT, "no answer to the association request", None
+
+
+def _outcome(
+    item: _Item, state: FileState, *, status: int | None = None, reason: str = ""
+) -> FileOutcome:
+    return FileOutcome(
+        path=item.path,
+        sop_class_uid=item.sop_class_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        state=state,
+        status=status,
+        reason=reason,
+    )
+
+
+def _final(items: Sequence[_Item], reason: str) -> list[FileOutcome]:
+    """Every item's outcome; those without one were never acknowledged."""
+    return [
+        item.outcome or _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=reason) for item in items
+    ]
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

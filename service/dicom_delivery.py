@@ -1,0 +1,181 @@
+"""DICOM delivery: the outbox's :class:`~service.delivery.Deliverer` for a Storage SCP.
+
+One delivery is one job's results folder (``payload_ref``: the folder of PS3.10 files
+that :func:`service.writers.dicom.write_dicom_results` wrote), sent to one destination
+in one association by :func:`dicom_nodes.scu.send_files`. What came back decides:
+
+=============================================  ==========  ==============================
+what the peer did                              outcome     why
+=============================================  ==========  ==============================
+every file 0000 or Bxxx (warning)              DELIVERED   the peer has every object
+association rejected, aborted, refused,        RETRY       the PACS or network is down,
+connect/DIMSE timeout, a file not answered                 busy or being reconfigured
+a file A7xx (out of resources)                 RETRY       transient on the peer's side
+failures mixed with successes/retryables       RETRY       send again: acknowledged files
+                                                           are replaced (same UIDs)
+every file failed permanently (A9xx, Cxxx,     REJECTED    sending the same bytes again
+01xx, other failures; or no presentation                   would be refused again
+context accepted for it)
+folder missing, empty, or holds no DICOM       REJECTED    nothing that could ever be sent
+=============================================  ==========  ==============================
+
+A re-send after a partial failure sends the whole folder again: the result UIDs are
+deterministic, so the PACS replaces what it already has (at-least-once, like HL7).
+
+``DicomDestinationSettings`` is the configuration of one ``type = "dicom"`` destination.
+Log events ``dicom.attempt`` carry delivery and job ids, counts and status codes; never
+patient data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dicom_nodes.scu import (
+    AssociationState,
+    FileState,
+    SendReport,
+    StorageDestination,
+    send_files,
+)
+from service.delivery import Delivery, DeliveryOutcome, RetryPolicy
+
+log = structlog.get_logger("service.dicom_delivery")
+
+#: Suffix of the files sent from a results folder (what the writers produce).
+RESULT_SUFFIX = ".dcm"
+
+
+class DicomDestinationSettings(BaseModel):
+    """One PACS (or other Storage SCP) that takes results (``[[destinations]]``, type dicom)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    type: Literal["dicom"] = "dicom"
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    #: Called AE title: the PACS's.
+    ae_title: str = Field(min_length=1, max_length=16)
+    #: Calling AE title: how the PACS knows radnode.
+    calling_ae_title: str = Field("RADNODE", min_length=1, max_length=16)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    #: Longest wait for one C-STORE response (and for association negotiation).
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    #: Attempts before a delivery is dead-lettered (network and A7xx failures retry).
+    max_attempts: int = Field(20, ge=1)
+    backoff_s: float = Field(5.0, ge=0)
+    max_backoff_s: float = Field(900.0, ge=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if value != value.strip() or "\\" in value or not value.isprintable():
+            raise ValueError("an AE title is printable, without backslash or edge spaces")
+        return value
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+        )
+
+    def storage_destination(self) -> StorageDestination:
+        return StorageDestination(
+            host=self.host,
+            port=self.port,
+            ae_title=self.ae_title,
+            calling_ae_title=self.calling_ae_title,
+            connect_timeout_s=self.connect_timeout_s,
+            acse_timeout_s=self.dimse_timeout_s,
+            dimse_timeout_s=self.dimse_timeout_s,
+            network_timeout_s=self.dimse_timeout_s,
+        )
+
+
+def result_files(folder: Path) -> list[Path]:
+    """The files of one results folder that are sent, in a stable order (SR first)."""
+    files = sorted(p for p in folder.glob(f"*{RESULT_SUFFIX}") if p.is_file())
+    return sorted(files, key=lambda p: (not p.name.startswith("SR_"), p.name))
+
+
+def _is_transient(status: int | None) -> bool:
+    return status is not None and 0xA700 <= status <= 0xA7FF
+
+
+def outcome_of(report: SendReport) -> DeliveryOutcome:
+    """Map one association's report to DELIVERED / RETRY / REJECTED (see module doc)."""
+    if report.association in (
+        AssociationState.REJECTED,
+        AssociationState.CONNECT_FAILED,
+        AssociationState.TIMEOUT,
+    ):
+        return DeliveryOutcome.retry(f"association {report.association.value}: {report.reason}")
+    if report.association is AssociationState.NOT_ATTEMPTED:
+        return DeliveryOutcome.rejected(f"nothing sendable: {report.reason}")
+    if report.all_acknowledged:
+        return DeliveryOutcome.delivered()
+    failed = [o for o in report.outcomes if not o.acknowledged]
+    summary = _summary(report)
+    permanent = [
+        o
+        for o in failed
+        if o.state in (FileState.NO_CONTEXT, FileState.UNREADABLE)
+        or (o.state is FileState.FAILED and not _is_transient(o.status))
+    ]
+    if len(permanent) == len(report.outcomes):
+        return DeliveryOutcome.rejected(f"every object refused: {summary}")
+    return DeliveryOutcome.retry(summary)
+
+
+def _summary(report: SendReport) -> str:
+    """e.g. ``3/5 acknowledged; failed: C000 x2; association aborted``."""
+    acked = sum(1 for o in report.outcomes if o.acknowledged)
+    parts = [f"{acked}/{len(report.outcomes)} acknowledged"]
+    statuses: dict[str, int] = {}
+    for o in report.outcomes:
+        if o.acknowledged:
+            continue
+        key = f"{o.status:04X}" if o.status is not None else o.state.value
+        statuses[key] = statuses.get(key, 0) + 1
+    if statuses:
+        parts.append("failed: " + ", ".join(f"{k} x{n}" for k, n in sorted(statuses.items())))
+    if report.association is AssociationState.ABORTED:
+        parts.append("association aborted")
+    return "; ".join(parts)
+
+
+class DicomDeliverer:
+    """Sends outbox deliveries of kind ``dicom`` (a results folder) to one Storage SCP."""
+
+    def __init__(self, settings: DicomDestinationSettings) -> None:
+        self.settings = settings
+        self.destination = settings.storage_destination()
+
+    def deliver(self, item: Delivery) -> DeliveryOutcome:
+        ids = {"delivery": item.id, "job": item.job_id, "destination": item.destination}
+        if not item.payload_ref:
+            return DeliveryOutcome.rejected("DICOM delivery has no payload_ref (results folder)")
+        folder = Path(item.payload_ref)
+        if not folder.is_dir():
+            return DeliveryOutcome.rejected("results folder does not exist")
+        files = result_files(folder)
+        if not files:
+            return DeliveryOutcome.rejected("results folder holds no DICOM files")
+        report = send_files(self.destination, files)
+        outcome = outcome_of(report)
+        log.info(
+            "dicom.attempt",
+            **ids,
+            association=report.association.value,
+            files=len(report.outcomes),
+            acknowledged=sum(1 for o in report.outcomes if o.acknowledged),
+            outcome=outcome.status.value,
+            seconds=round(report.seconds, 3),
+        )
+        return outcome

@@ -1,0 +1,134 @@
+"""The one entry point that turns a pipeline result into DICOM objects on disk.
+
+:func:`write_dicom_results` writes, as PS3.10 files in one folder, every object the
+task kind calls for:
+
+==============  ==============================================================
+kind            objects (each a new series in the source study)
+==============  ==============================================================
+segmentation    SEG (if any label has a voxel) + Comprehensive 3D SR + SC key slices
+classification Comprehensive 3D SR + SC (radiograph with heatmap and findings)
+reconstruction  derived image series (same SOP class as the source) + SR note
+==============  ==============================================================
+
+All objects join the source study (same Study Instance UID, patient and study modules
+copied from the source headers by highdicom), carry the algorithm's provenance
+(:mod:`service.writers.provenance`) and have deterministic UIDs, so writing the same job
+again gives the same files names and SOP Instance UIDs. File names are
+``<modality>_<SOP Instance UID>.dcm``; the folder holds nothing else of ours, so it
+can be the ``payload_ref`` of one outbox delivery (:mod:`service.dicom_delivery`).
+
+2D images (radiographs: no Frame of Reference, no Image Position) are fine: SC needs
+neither and SEG is not written for classification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from service.pipeline.result import PipelineResult, TaskKind
+from service.pipeline.volume import Volume
+from service.writers.derived import derived_series_info, iter_derived_series
+from service.writers.provenance import Provenance
+from service.writers.sc import build_sc_images
+from service.writers.seg import build_seg
+from service.writers.sr import build_sr, segment_stats
+
+#: Suffix of every result file; the SCU sends ``*.dcm`` of a results folder.
+SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    """One file written: where, and what it is (for logs and the outbox)."""
+
+    path: Path
+    modality: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+def write_dicom_results(
+    result: PipelineResult,
+    volume: Volume,
+    source_headers: list[Dataset],
+    out_dir: Path,
+) -> list[Path]:
+    """Write the DICOM objects of ``result`` into ``out_dir``; return their paths.
+
+    ``source_headers`` are the source instances' headers (pixel data not needed), in
+    ``volume.sources`` order. The SR is always the first path returned: its SOP
+    Instance UID is a good outbox ``message_id`` for the job.
+    """
+    return [obj.path for obj in write_dicom_objects(result, volume, source_headers, out_dir)]
+
+
+def write_dicom_objects(
+    result: PipelineResult,
+    volume: Volume,
+    source_headers: Sequence[Dataset],
+    out_dir: Path,
+) -> list[WrittenObject]:
+    """:func:`write_dicom_results` with what each file is (SR first)."""
+    _check_sources(volume, source_headers)
+    provenance = Provenance.of(result.bundle, volume.series_uid)
+    datasets: list[Dataset] = []
+    if result.kind is TaskKind.SEGMENTATION:
+        stats = segment_stats(result, volume)
+        seg = None
+        if not volume.is_2d or len(source_headers) == 1:
+            seg = build_seg(
+                result,
+                source_headers,
+                provenance,
+                {value: stat.voxels for value, stat in stats.items()},
+            )
+        sr = build_sr(result, volume, source_headers, provenance, seg=seg, stats=stats)
+        datasets.append(sr)
+        if seg is not None:
+            datasets.append(seg.dataset)
+        datasets.extend(build_sc_images(result, volume, source_headers, provenance, stats=stats))
+    elif result.kind is TaskKind.CLASSIFICATION:
+        datasets.append(build_sr(result, volume, source_headers, provenance))
+        datasets.extend(build_sc_images(result, volume, source_headers, provenance))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if result.kind is TaskKind.RECONSTRUCTION:
+        # Saved one by one as they are made: a long series is never in memory twice.
+        derived = [
+            _save(ds, out_dir)
+            for ds in iter_derived_series(result, volume, source_headers, provenance)
+        ]
+        info = derived_series_info(provenance, len(derived))
+        sr = build_sr(result, volume, source_headers, provenance, derived=info)
+        return [_save(sr, out_dir), *derived]
+    return [_save(ds, out_dir) for ds in datasets]
+
+
+def _check_sources(volume: Volume, source_headers: Sequence[Dataset]) -> None:
+    expected = list(dict.fromkeys(s.sop_instance_uid for s in volume.sources))
+    given = [str(h.SOPInstanceUID) for h in source_headers]
+    if given != expected:
+        raise ValueError(
+            "source_headers must be the volume's source instances in volume.sources order "
+            f"({len(given)} given, {len(expected)} expected)"
+        )
+
+
+def _save(ds: Dataset, out_dir: Path) -> WrittenObject:
+    modality = str(ds.get("Modality", "OT"))
+    path = out_dir / f"{modality}_{ds.SOPInstanceUID}{SUFFIX}"
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return WrittenObject(
+        path=path,
+        modality=modality,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+    )

@@ -1,0 +1,268 @@
+"""Secondary Capture RGB images (highdicom SCImage) for viewers that show nothing else.
+
+Many PACS viewers cannot draw a SEG or read an SR; every viewer shows an image. So:
+
+* **segmentation**: up to :data:`MAX_IMAGES` key slices (for each label, the slice with
+  its largest area; labels sharing a slice share an image) with each segment drawn as a
+  translucent fill and a solid contour in the SEG's display colours, and a legend.
+* **classification**: the source radiograph with the class-activation ``heatmap``
+  blended over it (where the pipeline made one) and the probabilities.
+* **reconstruction**: none (the derived series is itself viewable).
+
+Each image is windowed for reading (CT: abdomen W400/L40; radiographs and others: the
+1st-99th percentile), scaled so that the banner is legible, carries a burned-in banner
+naming the algorithm and "NOT FOR DIAGNOSTIC USE" (so Burned In Annotation is YES),
+and references its source image (Source Image Sequence, purpose DCM 121322).
+Text is drawn with Pillow's built-in font.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+
+from service.pipeline.result import PipelineResult, TaskKind
+from service.pipeline.volume import Volume
+from service.writers.provenance import (
+    MANUFACTURER,
+    SERIES_NUMBERS,
+    Provenance,
+    patient_orientation,
+    source_image_items,
+)
+from service.writers.seg import color_of
+from service.writers.sr import SegmentStats
+
+#: At most this many SC images per result.
+MAX_IMAGES = 5
+#: CT abdomen window (width, level) in HU.
+CT_WINDOW = (400.0, 40.0)
+#: Images are scaled so that their longer side lies within these bounds (pixels).
+MIN_SIDE, MAX_SIDE = 512, 1024
+FILL_ALPHA = 0.35
+HEATMAP_ALPHA = 0.5
+
+
+def build_sc_images(
+    result: PipelineResult,
+    volume: Volume,
+    source_headers: Sequence[Dataset],
+    provenance: Provenance,
+    *,
+    stats: dict[int, SegmentStats] | None = None,
+) -> list[hd.sc.SCImage]:
+    """The SC images of ``result`` (see the module docstring); may be empty."""
+    if result.kind is TaskKind.SEGMENTATION and result.label_map is not None:
+        return _segmentation_images(result, volume, source_headers, provenance, stats or {})
+    if result.kind is TaskKind.CLASSIFICATION:
+        return _classification_images(result, volume, source_headers, provenance)
+    return []
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+def key_slices(label_map: NDArray, values: Sequence[int], limit: int = MAX_IMAGES) -> list[int]:
+    """For each label value (in order), the slice with its largest area; unique, sorted."""
+    chosen: list[int] = []
+    for value in values:
+        areas = np.count_nonzero(label_map == value, axis=(1, 2))
+        if areas.max(initial=0) == 0:
+            continue
+        k = int(np.argmax(areas))
+        if k not in chosen:
+            chosen.append(k)
+        if len(chosen) == limit:
+            break
+    return sorted(chosen)
+
+
+def _segmentation_images(
+    result: PipelineResult,
+    volume: Volume,
+    source_headers: Sequence[Dataset],
+    provenance: Provenance,
+    stats: dict[int, SegmentStats],
+) -> list[hd.sc.SCImage]:
+    label_map = result.label_map
+    assert label_map is not None
+    slices = key_slices(label_map, [label.value for label in result.labels])
+    if not slices:  # nothing found: show the middle slice, so the viewer says so
+        slices = [label_map.shape[0] // 2]
+    images = []
+    for number, k in enumerate(slices, start=1):
+        rgb = _grey_rgb(volume.array[k], volume.modality)
+        legend = []
+        for position, label in enumerate(result.labels):
+            mask = label_map[k] == label.value
+            if not mask.any():
+                continue
+            color = color_of(position)
+            rgb = _overlay_mask(rgb, mask, color)
+            stat = stats.get(label.value)
+            text = f"{label.name}: {stat.volume_ml:.1f} mL" if stat else label.name
+            legend.append((text, color))
+        if not legend:
+            legend.append(("no finding segmented", (255, 255, 255)))
+        image, scale = _scaled(rgb)
+        _banner(image, provenance, legend, f"slice {k + 1}/{label_map.shape[0]}")
+        images.append(_sc_image(image, scale, source_headers[k], provenance, number, volume))
+    return images
+
+
+def _classification_images(
+    result: PipelineResult,
+    volume: Volume,
+    source_headers: Sequence[Dataset],
+    provenance: Provenance,
+) -> list[hd.sc.SCImage]:
+    heatmap = result.heatmap
+    k = 0
+    if heatmap is not None and heatmap.shape[0] > 1:
+        k = int(np.argmax(heatmap.reshape(heatmap.shape[0], -1).max(axis=1)))
+    rgb = _grey_rgb(volume.array[k], volume.modality)
+    if heatmap is not None:
+        rgb = _overlay_heatmap(rgb, heatmap[k])
+    legend = [
+        (f"{label.name}: {100.0 * p:.1f} %", (255, 255, 255))
+        for label, p in zip(result.labels, result.probabilities or (), strict=True)
+    ]
+    image, scale = _scaled(rgb)
+    detail = "class activation map" if heatmap is not None else ""
+    _banner(image, provenance, legend, detail)
+    return [_sc_image(image, scale, source_headers[k], provenance, 1, volume)]
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def _grey_rgb(pixels: NDArray, modality: str) -> NDArray[np.uint8]:
+    """Window a slice to 8 bits (CT W400/L40, else percentiles) as RGB."""
+    values = pixels.astype(np.float32, copy=False)
+    if modality.upper() == "CT":
+        width, level = CT_WINDOW
+        low, high = level - width / 2, level + width / 2
+    else:
+        low, high = (float(v) for v in np.percentile(values, (1.0, 99.0)))
+        if high <= low:
+            high = low + 1.0
+    grey = np.clip((values - low) / (high - low), 0.0, 1.0)
+    grey8 = (grey * 255.0 + 0.5).astype(np.uint8)
+    return np.repeat(grey8[:, :, np.newaxis], 3, axis=2)
+
+
+def _overlay_mask(
+    rgb: NDArray[np.uint8], mask: NDArray[np.bool_], color: tuple[int, int, int]
+) -> NDArray[np.uint8]:
+    out = rgb.astype(np.float32)
+    tint = np.asarray(color, dtype=np.float32)
+    out[mask] = (1 - FILL_ALPHA) * out[mask] + FILL_ALPHA * tint
+    out[_contour(mask)] = tint
+    return out.astype(np.uint8)
+
+
+def _contour(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Mask pixels with a 4-neighbour outside the mask."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~inner
+
+
+def _overlay_heatmap(rgb: NDArray[np.uint8], heatmap: NDArray) -> NDArray[np.uint8]:
+    """Blend a [0, 1] map in a blue-green-yellow-red ramp, weighted by its value."""
+    h = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
+    ramp = np.stack(
+        [
+            np.clip(1.5 - np.abs(4 * h - 3), 0, 1),
+            np.clip(1.5 - np.abs(4 * h - 2), 0, 1),
+            np.clip(1.5 - np.abs(4 * h - 1), 0, 1),
+        ],
+        axis=2,
+    )
+    alpha = (HEATMAP_ALPHA * h)[:, :, np.newaxis]
+    out = (1 - alpha) * rgb.astype(np.float32) + alpha * ramp * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _scaled(rgb: NDArray[np.uint8]) -> tuple[Image.Image, float]:
+    """A Pillow image whose longer side is within [MIN_SIDE, MAX_SIDE]; and the scale."""
+    image = Image.fromarray(rgb, mode="RGB")
+    longer = max(image.size)
+    scale = 1.0
+    if longer < MIN_SIDE:
+        scale = float(int(np.ceil(MIN_SIDE / longer)))
+    elif longer > MAX_SIDE:
+        scale = MAX_SIDE / longer
+    if scale != 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        image = image.resize(size, resample)
+    return image, scale
+
+
+def _banner(
+    image: Image.Image,
+    provenance: Provenance,
+    legend: list[tuple[str, tuple[int, int, int]]],
+    detail: str,
+) -> None:
+    """Burn the algorithm's name, NOT FOR DIAGNOSTIC USE, and the legend into the image."""
+    size = max(12, image.width // 36)
+    font = ImageFont.load_default(size=size)
+    lines = [
+        (f"{provenance.name} {provenance.version} - AI result", (255, 255, 255)),
+        ("NOT FOR DIAGNOSTIC USE", (255, 80, 80)),
+        *legend,
+    ]
+    if detail:
+        lines.append((detail, (200, 200, 200)))
+    draw = ImageDraw.Draw(image, "RGBA")
+    pad = size // 3
+    height = len(lines) * (size + pad) + pad
+    width = max(draw.textlength(text, font=font) for text, _ in lines) + 2 * pad
+    draw.rectangle((0, 0, min(image.width, int(width)), height), fill=(0, 0, 0, 170))
+    y = pad
+    for text, color in lines:
+        draw.text((pad, y), text, fill=color, font=font)
+        y += size + pad
+
+
+def _sc_image(
+    image: Image.Image,
+    scale: float,
+    source: Dataset,
+    provenance: Provenance,
+    number: int,
+    volume: Volume,
+) -> hd.sc.SCImage:
+    pixel_spacing = None
+    if volume.pixel_spacing_source != "default":
+        # Volume spacing is (x, y); DICOM Pixel Spacing is (row, column) = (y, x).
+        pixel_spacing = (volume.spacing[1] / scale, volume.spacing[0] / scale)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=np.asarray(image, dtype=np.uint8),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=provenance.uid("series:sc"),
+        series_number=SERIES_NUMBERS["SC"],
+        sop_instance_uid=provenance.uid("sc", number),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=pixel_spacing,
+        patient_orientation=patient_orientation(source),
+        transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+        **provenance.common_kwargs("SC"),
+    )
+    sc.BurnedInAnnotation = "YES"
+    sc.Laterality = None  # Type 2C in General Series: present, empty (not a paired organ)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ImageComments = provenance.banner
+    sc.SourceImageSequence = source_image_items([source])
+    return sc

@@ -1,0 +1,50 @@
+"""A real Orthanc (the PACS of the tests) on free loopback ports, as a fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import free_port, require_tool, wait_for_port
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[dict]:
+    """A real Orthanc on free loopback ports with a throw-away storage directory."""
+    binary = require_tool("Orthanc")
+    root = tmp_path_factory.mktemp("orthanc")
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "radnode-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+    }
+    path = root / "orthanc.json"
+    path.write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("w")
+    proc = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(dicom_port, proc=proc)
+        wait_for_port(http_port, proc=proc)
+        yield {"port": dicom_port, "http": f"http://127.0.0.1:{http_port}"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def orthanc_get(base: str, path: str):
+    """GET a JSON document from Orthanc's REST API."""
+    with urllib.request.urlopen(base + path, timeout=10) as answer:
+        return json.loads(answer.read())

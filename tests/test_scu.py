@@ -1,0 +1,306 @@
+"""Storage SCU and DICOM delivery against real peers: Orthanc, DCMTK storescp, pynetdicom.
+
+* Orthanc (a real PACS): a job's results arrive, every object, in the source study.
+* DCMTK storescp ``--refuse`` / ``--abort-after``: association rejected / aborted -> retry.
+* Nothing listening: retry.
+* A pynetdicom Storage SCP answering a chosen status for every C-STORE: Bxxx -> delivered,
+  A700 -> retry, C000 -> rejected (storescp cannot answer failure statuses).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from dicom_nodes.scu import AssociationState, FileState, StorageDestination, send_files
+from service.delivery import DeliveryState, DeliveryTarget, DeliveryWorker, Outbox
+from service.dicom_delivery import (
+    DicomDeliverer,
+    DicomDestinationSettings,
+    outcome_of,
+    result_files,
+)
+from service.pipeline.result import (
+    BundleIdentity,
+    CodedConcept,
+    Label,
+    PipelineResult,
+    StageTimings,
+    TaskKind,
+)
+from service.pipeline.volume import load_series, read_headers
+from service.testing import write_ct_series
+from service.writers.dicom import write_dicom_results
+from tests.conftest import dcmtk_env, free_port, require_tool, wait_for_port
+from tests.support.orthanc import orthanc_get as _get
+
+pytestmark = pytest.mark.integration
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@pytest.fixture
+def storescp(tmp_path) -> Iterator:
+    """Start DCMTK storescp with extra options; returns its port."""
+    started: list[subprocess.Popen] = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                require_tool("storescp"),
+                *options,
+                "-aet",
+                "STORESCP",
+                "-od",
+                str(tmp_path),
+                str(port),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        wait_for_port(port, proc=proc)
+        return port
+
+    yield start
+    for proc in started:
+        proc.kill()  # storescp may sit in a blocking accept; no state to flush
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def status_scp() -> Iterator:
+    """A pynetdicom Storage SCP answering ``status`` to every C-STORE."""
+    servers = []
+
+    def start(status: int) -> int:
+        ae = AE(ae_title="STATUSSCP")
+        for context in _storage_contexts():
+            ae.add_supported_context(context)
+        port = free_port()
+        handlers = [(evt.EVT_C_STORE, lambda event: status)]
+        servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
+        return port
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _storage_contexts():
+    from pynetdicom import StoragePresentationContexts
+
+    return [c.abstract_syntax for c in StoragePresentationContexts]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    """A CT series and the results folder of one segmentation job on it."""
+    root = tmp_path_factory.mktemp("job")
+    sources = write_ct_series(
+        root / "ct", slices=20, rows=64, columns=64, pixel_spacing=(5.0, 5.0), slice_thickness=5.0
+    )
+    volume = load_series(sources)
+    by_uid = {h.SOPInstanceUID: h for h in read_headers(sources)}
+    headers = [by_uid[s.sop_instance_uid] for s in volume.sources]
+    label_map = np.zeros(volume.array.shape, dtype=np.uint8)
+    label_map[5:15, 20:40, 20:40] = 1
+    result = PipelineResult(
+        bundle=BundleIdentity("ct_abdomen_segmentation", "0.1.0", TaskKind.SEGMENTATION),
+        labels=(Label(1, "liver", CodedConcept("10200004", "SCT", "Liver")),),
+        device="cpu",
+        timings=StageTimings(),
+        label_map=label_map,
+    )
+    folder = root / "results"
+    written = write_dicom_results(result, volume, headers, folder)
+    return {"sources": sources, "folder": folder, "written": written, "study": volume.study_uid}
+
+
+def _settings(port: int, ae_title: str = "ANY", **extra) -> DicomDestinationSettings:
+    return DicomDestinationSettings(
+        name="pacs",
+        host="127.0.0.1",
+        port=port,
+        ae_title=ae_title,
+        connect_timeout_s=3,
+        dimse_timeout_s=5,
+        **extra,
+    )
+
+
+def _deliver(settings: DicomDestinationSettings, folder: Path, tmp_path: Path):
+    """Enqueue the folder in a real outbox and run one worker pass; return the delivery."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    try:
+        item = outbox.enqueue(
+            job_id="job-1",
+            destination=settings.name,
+            kind="dicom",
+            message_id=pydicom.dcmread(
+                result_files(folder)[0], stop_before_pixels=True
+            ).SOPInstanceUID,
+            payload_ref=str(folder),
+        )
+        target = DeliveryTarget(DicomDeliverer(settings), settings.retry_policy())
+        DeliveryWorker(outbox, {settings.name: target}).run_once()
+        return outbox.get(item.id)
+    finally:
+        outbox.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_results_arrive_in_orthanc_in_the_source_study(orthanc, job, tmp_path):
+    sent = send_files(StorageDestination("127.0.0.1", orthanc["port"], "ORTHANC"), job["sources"])
+    assert sent.all_acknowledged
+
+    delivery = _deliver(_settings(orthanc["port"], "ORTHANC"), job["folder"], tmp_path)
+
+    assert delivery.state is DeliveryState.SENT, delivery.last_error
+    expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in job["written"]}
+    studies = _get(orthanc["http"], "/studies")
+    assert len(studies) == 1  # results joined the source study
+    study = _get(orthanc["http"], f"/studies/{studies[0]}")
+    assert study["MainDicomTags"]["StudyInstanceUID"] == job["study"]
+    modalities = {}
+    stored = set()
+    for series_id in study["Series"]:
+        series = _get(orthanc["http"], f"/series/{series_id}")
+        modalities[series["MainDicomTags"]["Modality"]] = len(series["Instances"])
+        for instance_id in series["Instances"]:
+            tags = _get(orthanc["http"], f"/instances/{instance_id}/simplified-tags")
+            stored.add(tags["SOPInstanceUID"])
+    assert expected <= stored
+    assert modalities["CT"] == 20 and modalities["SEG"] == 1 and modalities["SR"] == 1
+    assert modalities["OT"] >= 1
+    assert len(_get(orthanc["http"], "/instances")) == 20 + len(job["written"])
+
+
+def test_sending_again_replaces_rather_than_duplicates(orthanc, job):
+    before = len(_get(orthanc["http"], "/instances"))
+    report = send_files(StorageDestination("127.0.0.1", orthanc["port"], "ORTHANC"), job["written"])
+    assert report.all_acknowledged
+    assert len(_get(orthanc["http"], "/instances")) == before
+
+
+def test_refused_association_is_retried(storescp, job, tmp_path):
+    port = storescp("--refuse")
+    delivery = _deliver(_settings(port), job["folder"], tmp_path)
+    assert delivery.state is DeliveryState.PENDING
+    assert delivery.attempts == 1
+    assert "association" in (delivery.last_error or "")  # rejected, or dropped with it
+
+
+def test_aborted_association_is_retried(storescp, job):
+    port = storescp("--abort-after")
+    destination = StorageDestination("127.0.0.1", port, "STORESCP", dimse_timeout_s=2)
+    report = send_files(destination, job["written"])
+    assert report.association is AssociationState.ABORTED
+    assert not any(o.acknowledged for o in report.outcomes)
+    assert outcome_of(report).status.value == "retry"
+
+
+def test_peer_down_is_retried_and_dead_lettered_after_the_last_attempt(job, tmp_path):
+    port = free_port()  # nothing listens
+    delivery = _deliver(_settings(port), job["folder"], tmp_path)
+    assert delivery.state is DeliveryState.PENDING
+    assert "connect" in (delivery.last_error or "")
+    last = _deliver(_settings(port, max_attempts=1), job["folder"], tmp_path / "x")
+    assert last.state is DeliveryState.DEAD
+
+
+def test_storescp_acknowledges_every_file(storescp, job, tmp_path):
+    port = storescp()
+    report = send_files(StorageDestination("127.0.0.1", port, "STORESCP"), job["written"])
+    assert report.association is AssociationState.ACCEPTED
+    assert [o.state for o in report.outcomes] == [FileState.SUCCESS] * len(job["written"])
+    assert {p.name for p in tmp_path.iterdir() if p.is_file()}  # storescp wrote them
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(0xB000, "delivered"), (0xA700, "retry"), (0xC000, "rejected"), (0xA900, "rejected")],
+)
+def test_peer_status_decides_the_outcome(status_scp, job, status, outcome):
+    port = status_scp(status)
+    result = DicomDeliverer(_settings(port)).deliver(_fake_delivery(job["folder"]))
+    assert result.status.value == outcome
+    if outcome != "delivered":
+        assert f"{status:04X}" in result.reason
+
+
+def test_unanswered_files_are_not_counted_as_sent(status_scp, job):
+    port = status_scp(0x0000)
+    files = [*job["written"], job["folder"] / "missing.dcm"]
+    report = send_files(StorageDestination("127.0.0.1", port, "ANY"), files)
+    assert not report.all_acknowledged
+    assert report.outcomes[-1].state is FileState.UNREADABLE
+    assert sum(o.acknowledged for o in report.outcomes) == len(job["written"])
+
+
+def test_classes_the_peer_does_not_take_are_reported(job):
+    ae = AE(ae_title="CTONLY")
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    handlers = [(evt.EVT_C_STORE, lambda event: 0x0000)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        files = [job["sources"][0], *job["written"]]
+        report = send_files(StorageDestination("127.0.0.1", port, "CTONLY"), files)
+    finally:
+        server.shutdown()
+    states = {
+        pydicom.dcmread(o.path, stop_before_pixels=True).SOPClassUID: o.state
+        for o in report.outcomes
+    }
+    assert states[CTImageStorage] is FileState.SUCCESS
+    assert states[Comprehensive3DSRStorage] is FileState.NO_CONTEXT
+    assert states[SecondaryCaptureImageStorage] is FileState.NO_CONTEXT
+    assert outcome_of(report).status.value == "retry"  # not every object was refused
+
+
+def _fake_delivery(folder: Path):
+    from service.delivery import Delivery
+
+    now = time.time()
+    return Delivery(
+        id=1,
+        job_id="job-1",
+        destination="pacs",
+        kind="dicom",
+        message_id="1.2.3",
+        payload=None,
+        payload_ref=str(folder),
+        state=DeliveryState.PENDING,
+        attempts=1,
+        created_at=now,
+        next_attempt_at=now,
+        finished_at=None,
+        last_error=None,
+    )
+
+
+def test_missing_folder_is_rejected(tmp_path):
+    outcome = DicomDeliverer(_settings(free_port())).deliver(_fake_delivery(tmp_path / "gone"))
+    assert outcome.status.value == "rejected"

@@ -1,0 +1,309 @@
+"""DICOM result writers: SEG, Comprehensive 3D SR, SC and derived series.
+
+Results are built directly as PipelineResults on synthetic volumes (a 30-slice CT with a
+known sphere, a 512x512 radiograph) and every written file is checked by dciodvfy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from service.pipeline.result import (
+    BundleIdentity,
+    CodedConcept,
+    Label,
+    PipelineResult,
+    StageTimings,
+    TaskKind,
+)
+from service.pipeline.volume import Volume, load_series, read_headers
+from service.testing import write_ct_series, write_radiograph
+from service.writers.dicom import write_dicom_results
+from service.writers.provenance import device_uid, result_uid
+from tests.conftest import require_tool
+
+LIVER = Label(
+    1,
+    "liver",
+    CodedConcept("10200004", "SCT", "Liver"),
+    CodedConcept("123037004", "SCT", "Anatomical Structure"),
+)
+UNCODED = Label(3, "blob")  # no codes: falls back to SCT Tissue
+EMPTY = Label(4, "nothing here", CodedConcept("18639004", "SCT", "Left kidney"))
+NODULE = Label(0, "lung nodule", CodedConcept("427359005", "SCT", "Solitary nodule of lung"))
+SPHERE_RADIUS_MM = 40.0
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory) -> tuple[Volume, list[pydicom.Dataset]]:
+    folder = tmp_path_factory.mktemp("ct")
+    paths = write_ct_series(
+        folder, slices=30, rows=64, columns=64, pixel_spacing=(5.0, 5.0), slice_thickness=5.0
+    )
+    volume = load_series(paths)
+    by_uid = {h.SOPInstanceUID: h for h in read_headers(paths)}
+    return volume, [by_uid[s.sop_instance_uid] for s in volume.sources]
+
+
+@pytest.fixture(scope="module")
+def radiograph(tmp_path_factory) -> tuple[Volume, list[pydicom.Dataset]]:
+    path = write_radiograph(tmp_path_factory.mktemp("xr") / "xr.dcm", rows=512, columns=512)
+    return load_series([path]), read_headers([path])
+
+
+def _sphere(volume: Volume) -> np.ndarray:
+    """Label 1: a sphere of SPHERE_RADIUS_MM at the volume centre; label 3: a small cube."""
+    z, y, x = np.indices(volume.array.shape)
+    sx, sy, sz = volume.spacing
+    centre = np.asarray(volume.array.shape) / 2.0
+    r2 = ((z - centre[0]) * sz) ** 2 + ((y - centre[1]) * sy) ** 2 + ((x - centre[2]) * sx) ** 2
+    label_map = np.zeros(volume.array.shape, dtype=np.uint8)
+    label_map[r2 <= SPHERE_RADIUS_MM**2] = 1
+    label_map[2:5, 2:6, 2:6] = 3
+    return label_map
+
+
+def _segmentation(volume: Volume) -> PipelineResult:
+    return PipelineResult(
+        bundle=BundleIdentity("ct_abdomen_segmentation", "0.1.0", TaskKind.SEGMENTATION),
+        labels=(LIVER, UNCODED, EMPTY),
+        device="cpu",
+        timings=StageTimings(),
+        label_map=_sphere(volume),
+    )
+
+
+def _classification(probability: float) -> PipelineResult:
+    heatmap = np.zeros((1, 512, 512), dtype=np.float32)
+    heatmap[0, 150:250, 300:400] = 0.9
+    return PipelineResult(
+        bundle=BundleIdentity("cxr_nodule_classification", "0.1.0", TaskKind.CLASSIFICATION),
+        labels=(NODULE,),
+        device="cpu",
+        timings=StageTimings(),
+        probabilities=(probability,),
+        heatmap=heatmap,
+    )
+
+
+def _reconstruction(volume: Volume) -> PipelineResult:
+    return PipelineResult(
+        bundle=BundleIdentity("ct_lowdose_denoising", "0.1.0", TaskKind.RECONSTRUCTION),
+        labels=(),
+        device="cpu",
+        timings=StageTimings(),
+        image=(volume.array.astype(np.float32) * 0.5),
+    )
+
+
+def _read(paths: list[Path]) -> dict[str, list[pydicom.Dataset]]:
+    by_modality: dict[str, list[pydicom.Dataset]] = {}
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        by_modality.setdefault(ds.Modality, []).append(ds)
+    return by_modality
+
+
+def _content_items(ds: pydicom.Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _num(ds: pydicom.Dataset, code_value: str) -> list[float]:
+    return [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _content_items(ds)
+        if item.get("ValueType") == "NUM"
+        and item.ConceptNameCodeSequence[0].CodeValue == code_value
+    ]
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    tool = require_tool("dciodvfy")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    warnings = sorted({line for line in lines if line.startswith("Warning")})
+    if warnings:
+        print(f"{path.name}: " + " | ".join(warnings))
+    return [line for line in lines if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def written(ct, radiograph, tmp_path_factory) -> dict[str, list[Path]]:
+    out = tmp_path_factory.mktemp("results")
+    volume, headers = ct
+    xr_volume, xr_headers = radiograph
+    return {
+        "segmentation": write_dicom_results(_segmentation(volume), volume, headers, out / "seg"),
+        "classification": write_dicom_results(
+            _classification(0.87), xr_volume, xr_headers, out / "cls"
+        ),
+        "reconstruction": write_dicom_results(
+            _reconstruction(volume), volume, headers, out / "rec"
+        ),
+    }
+
+
+def test_every_object_passes_dciodvfy(written):
+    paths = [p for kind in written.values() for p in kind]
+    checked = paths[:8] + [p for p in paths[8:] if not p.name.startswith("CT_")]
+    errors = {p.name: e for p in checked if (e := _dciodvfy_errors(p))}
+    assert errors == {}
+
+
+def test_segmentation_writes_sr_seg_and_sc(written):
+    objects = _read(written["segmentation"])
+    assert sorted(objects) == ["OT", "SEG", "SR"]
+    assert len(objects["SEG"]) == 1 and len(objects["SR"]) == 1
+    assert 1 <= len(objects["OT"]) <= 5
+
+
+def test_seg_has_one_segment_per_nonempty_label_on_the_source_frames(written, ct):
+    volume, headers = ct
+    seg = _read(written["segmentation"])["SEG"][0]
+    segments = seg.SegmentSequence
+    assert [s.SegmentLabel for s in segments] == ["liver", "blob"]  # "nothing here" is empty
+    assert segments[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert segments[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"
+    assert segments[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert segments[0].SegmentAlgorithmName == "ct_abdomen_segmentation"
+    assert seg.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == volume.frame_of_reference_uid
+    assert seg.PatientID == headers[0].PatientID
+    label_map = _sphere(volume)
+    expected_frames = sum(int((label_map[k] == v).any()) for k in range(30) for v in (1, 3))
+    assert int(seg.NumberOfFrames) == expected_frames  # empty frames omitted
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for ref in frame.DerivationImageSequence[0].SourceImageSequence
+    }
+    source_uids = {h.SOPInstanceUID for h in headers}
+    assert referenced and referenced <= source_uids
+
+
+def test_sr_reports_the_sphere_volume_and_references_the_segment(written, ct):
+    volume, headers = ct
+    objects = _read(written["segmentation"])
+    sr, seg = objects["SR"][0], objects["SEG"][0]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.StudyInstanceUID == headers[0].StudyInstanceUID
+    volumes = _num(sr, "118565006")
+    voxels = int((_sphere(volume) == 1).sum())
+    assert volumes[0] == pytest.approx(voxels * 125.0 / 1000.0, rel=1e-3)
+    assert volumes[0] == pytest.approx(4 / 3 * np.pi * SPHERE_RADIUS_MM**3 / 1000, rel=0.1)
+    assert volumes[2] == 0.0  # the empty label still gets a group
+    assert len(_num(sr, "112031")) == 2  # mean HU of both non-empty segments (CT)
+    refs = [
+        item
+        for item in _content_items(sr)
+        if item.get("ValueType") == "IMAGE"
+        and "ReferencedSegmentNumber" in item.ReferencedSOPSequence[0]
+    ]
+    assert {r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in refs} == {
+        seg.SOPInstanceUID
+    }
+    device = [i for i in _content_items(sr) if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    assert device and device_uid("ct_abdomen_segmentation", "0.1.0") == device[0].UID
+    assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_classification_sr_has_probability_and_present_finding(written, radiograph):
+    _, headers = radiograph
+    objects = _read(written["classification"])
+    assert sorted(objects) == ["OT", "SR"]  # no SEG for classification
+    sr = objects["SR"][0]
+    assert _num(sr, "122157") == [pytest.approx(87.0)]
+    evaluations = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in _content_items(sr)
+        if i.get("ValueType") == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "427359005"
+    ]
+    assert evaluations == ["52101004"]  # Present, 0.87 >= 0.5
+    sc = objects["OT"][0]
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == headers[0].SOPInstanceUID
+    assert sc.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert sc.PhotometricInterpretation == "RGB"
+
+
+def test_low_probability_is_absent(radiograph, tmp_path):
+    volume, headers = radiograph
+    paths = write_dicom_results(_classification(0.2), volume, headers, tmp_path)
+    sr = _read(paths)["SR"][0]
+    codes = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in _content_items(sr)
+        if i.get("ValueType") == "CODE"
+    ]
+    assert "272519000" in codes and "52101004" not in codes
+
+
+def test_derived_series_keeps_class_geometry_and_rescale(written, ct):
+    volume, headers = ct
+    objects = _read(written["reconstruction"])
+    assert sorted(objects) == ["CT", "SR"]
+    derived = sorted(objects["CT"], key=lambda ds: int(ds.InstanceNumber))
+    assert len(derived) == len(headers)
+    assert len({ds.SeriesInstanceUID for ds in derived}) == 1
+    assert derived[0].SeriesInstanceUID != headers[0].SeriesInstanceUID
+    for ds, source in zip(derived, headers, strict=True):
+        assert ds.SOPClassUID == source.SOPClassUID
+        assert ds.ImagePositionPatient == source.ImagePositionPatient
+        assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    hu = derived[5].pixel_array * float(derived[5].RescaleSlope) + float(
+        derived[5].RescaleIntercept
+    )
+    assert np.allclose(hu, np.rint(volume.array[5] * 0.5), atol=1.0)
+    note = [
+        i.TextValue
+        for i in _content_items(objects["SR"][0])
+        if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+    assert note and derived[0].SeriesInstanceUID in note[0]
+
+
+def test_every_object_names_the_algorithm(written):
+    for path in [p for kind in written.values() for p in kind][:40]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        items = [
+            item
+            for item in ds.ContributingEquipmentSequence
+            if item.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+        ]
+        assert len(items) == 1, path.name
+        item = items[0]
+        assert item.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+        assert item.Manufacturer == "radnode"
+        assert item.SoftwareVersions == "0.1.0"
+        assert "not for diagnostic use" in item.ContributionDescription
+        assert ds.SeriesDescription.startswith("AI ")
+
+
+def test_rewriting_gives_the_same_uids(ct, tmp_path):
+    volume, headers = ct
+    first = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "a")
+    second = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "b")
+    assert [p.name for p in first] == [p.name for p in second]
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in first]
+    assert uids[0] == result_uid(volume.series_uid, "ct_abdomen_segmentation", "0.1.0", "sr", 0)
+
+
+def test_new_model_version_gets_new_uids_and_device_uid():
+    assert result_uid("1.2.3", "p", "1.0", "sr") != result_uid("1.2.3", "p", "1.1", "sr")
+    assert device_uid("p", "1.0") != device_uid("p", "1.1")
+    assert len(result_uid("1.2.3", "p", "1.0", "sr")) <= 64
+
+
+def test_headers_out_of_order_are_refused(ct, tmp_path):
+    volume, headers = ct
+    with pytest.raises(ValueError, match=r"volume\.sources order"):
+        write_dicom_results(_segmentation(volume), volume, headers[::-1], tmp_path)
