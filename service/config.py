@@ -201,9 +201,6 @@ class Settings(BaseSettings):
         names = [d.name for d in self.destinations]
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"destinations: the name {name!r} is used more than once")
-        for i, dest in enumerate(self.destinations):
-            if isinstance(dest, DicomDestinationSettings) and not dest.ae_title:
-                problems.append(f"destinations[{i}].ae_title: required for a dicom destination")
         for i, route in enumerate(self.routes):
             for dest_name in route.destinations:
                 if dest_name not in names:
@@ -224,7 +221,9 @@ def _format_validation_error(error: ValidationError) -> list[str]:
             key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
         key = key or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "missing":
+            message = "required, and has no default"
+        elif item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
         elif "input" in item and item["type"] not in ("missing",):
             message = f"{message} (got {item['input']!r})"

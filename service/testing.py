@@ -46,10 +46,14 @@ from pydicom.uid import (
 )
 
 __all__ = [
+    "CT_PHANTOM_LABELS",
+    "CTPhantom",
     "Orientation",
     "iter_ct_series",
+    "make_ct_phantom",
     "make_ct_series",
     "make_radiograph",
+    "write_ct_phantom",
     "write_ct_series",
     "write_radiograph",
 ]
@@ -117,7 +121,7 @@ def _add_series(
 
 def _add_equipment(ds: Dataset) -> None:
     """General Equipment module: says plainly that no real device made this."""
-    ds.Manufacturer = "radnode"
+    ds.Manufacturer = "radnode test phantoms"  # not "radnode": routable
     ds.ManufacturerModelName = "synthetic phantom"
     ds.StationName = "RADNODE-SIM"
     ds.DeviceSerialNumber = "0"
@@ -368,11 +372,18 @@ def iter_ct_series(
     series_description: str = "CT ABDOMEN PHANTOM",
     body_part: str = "ABDOMEN",
     seed: int = 0,
+    volume: np.ndarray | None = None,
 ) -> Iterator[Dataset]:
     """Yield the slices of :func:`make_ct_series` one at a time (same arguments).
 
     Only one slice is in memory at a time, which keeps long series cheap to write.
     """
+    if volume is not None:
+        if orientation != "axial":
+            raise ValueError("a given volume is written as an axial series only")
+        if volume.ndim != 3:
+            raise ValueError("volume must be (slices, rows, columns) in HU")
+        slices, rows, columns = (int(n) for n in volume.shape)
     spacing = slice_thickness if spacing_between_slices is None else spacing_between_slices
     geometry = _CTGeometry.build(
         rows=rows,
@@ -451,7 +462,7 @@ def iter_ct_series(
         ds.WindowWidth = "400"
         _add_pixels(
             ds,
-            _ct_stored_values(_ct_hu_slice(geometry, k, rng)),
+            _ct_stored_values(_ct_hu_slice(geometry, k, rng) if volume is None else volume[k]),
             bits_stored=16,
             photometric="MONOCHROME2",
         )
@@ -475,6 +486,7 @@ def make_ct_series(
     series_description: str = "CT ABDOMEN PHANTOM",
     body_part: str = "ABDOMEN",
     seed: int = 0,
+    volume: np.ndarray | None = None,
 ) -> list[Dataset]:
     """Return a CT abdomen phantom series as CT Image Storage datasets, in slice order.
 
@@ -485,6 +497,9 @@ def make_ct_series(
     signed 16-bit, HU = stored - 1024. The pixel noise is drawn from ``seed``; UIDs not
     given are generated, and SOP Instance and Frame of Reference UIDs are derived from
     the series UID, so fixed UIDs and seed give identical datasets.
+
+    ``volume`` (HU, shape (slices, rows, columns), e.g. :attr:`CTPhantom.hu`) replaces
+    the fixed phantom: the series then has its shape, is axial, and ``seed`` is unused.
     """
     return list(
         iter_ct_series(
@@ -503,6 +518,7 @@ def make_ct_series(
             series_description=series_description,
             body_part=body_part,
             seed=seed,
+            volume=volume,
         )
     )
 
@@ -529,6 +545,233 @@ def write_ct_series(
 
 
 # ---------------------------------------------------------------------------------------
+# Randomised, labelled CT phantom (training and evaluation data for the reference models)
+# ---------------------------------------------------------------------------------------
+
+#: Label values of :attr:`CTPhantom.labels`; 0 is everything else.
+CT_PHANTOM_LABELS: dict[int, str] = {
+    1: "liver",
+    2: "spleen",
+    3: "right kidney",
+    4: "left kidney",
+}
+
+# Half-extents (mm) of the default series' box: the fixed phantom's normalised units.
+_HALF_BOX_MM = (179.2, 179.2, 187.5)
+
+
+@dataclass(frozen=True, eq=False)
+class CTPhantom:
+    """One randomised abdomen: HU volume, label map and the voxel spacing.
+
+    ``hu`` and ``labels`` are indexed ``[slice, row, column]`` (z, y, x) like
+    :attr:`service.pipeline.volume.Volume.array`; slice ``k`` of an axial series lies
+    at z = ``(k - (slices - 1) / 2) * spacing[2]`` mm, the box centred on the origin as
+    in :func:`make_ct_series`. ``spacing`` is (x=column, y=row, z=slice) in mm.
+    ``labels`` uses :data:`CT_PHANTOM_LABELS`. ``clean`` is ``hu`` before the noise.
+    """
+
+    hu: np.ndarray
+    labels: np.ndarray
+    clean: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class _Organ:
+    """A rotated ellipsoid in mm; ``label`` goes into the label map where it is painted."""
+
+    center: tuple[float, float, float]
+    radii: tuple[float, float, float]
+    hu: float
+    label: int = 0
+    angle: float = 0.0  # rotation about z, radians
+
+
+def _random_abdomen(rng: np.random.Generator) -> list[_Organ]:
+    """The fixed phantom's shapes in mm, each jittered: size, place, turn, contrast."""
+    hx, hy, hz = _HALF_BOX_MM
+    body = (rng.uniform(0.85, 1.12), rng.uniform(0.82, 1.15), rng.uniform(0.88, 1.12))
+
+    def mm(center: Sequence[float], radii: Sequence[float]) -> tuple[tuple, tuple]:
+        c = (center[0] * hx * body[0], center[1] * hy * body[1], center[2] * hz * body[2])
+        r = (radii[0] * hx * body[0], radii[1] * hy * body[1], radii[2] * hz * body[2])
+        return c, r
+
+    def organ(center, radii, hu, label=0, move=0.0, grow=0.0, turn=0.0) -> _Organ:
+        c, r = mm(center, radii)
+        c = tuple(v + rng.normal(0.0, move) for v in c)
+        r = tuple(v * rng.uniform(1.0 - grow, 1.0 + grow) for v in r)
+        return _Organ(c, r, hu, label, rng.uniform(-turn, turn))  # type: ignore[arg-type]
+
+    fat = rng.uniform(0.05, 0.16)  # subcutaneous fat thickness, fraction of the body
+    shapes = [
+        organ((0.0, 0.02, 0.0), (0.88, 0.62, _INF), rng.uniform(-115, -85)),
+        organ((0.0, 0.02, 0.0), (0.88 - fat, 0.62 - 0.9 * fat, _INF), rng.uniform(35, 45)),
+    ]
+    # Bowel loops and gas, under the solid organs.
+    for _ in range(int(rng.integers(3, 8))):
+        gas = rng.random() < 0.35
+        shapes.append(
+            organ(
+                (rng.uniform(-0.45, 0.45), rng.uniform(-0.40, 0.05), rng.uniform(-0.8, 0.4)),
+                (rng.uniform(0.04, 0.10), rng.uniform(0.03, 0.08), rng.uniform(0.05, 0.15)),
+                rng.uniform(-950, -700) if gas else rng.uniform(10, 35),
+                turn=math.pi,
+            )
+        )
+    liver_hu = rng.uniform(55, 65)
+    kidney_hu = rng.uniform(28, 36)
+    shapes += [
+        organ((-0.36, -0.04, 0.30), (0.36, 0.33, 0.50), liver_hu, 1, 8.0, 0.15, 0.35),
+        # left lobe: reaches across the midline, size varies a lot
+        organ((-0.05, -0.20, 0.40), (0.22, 0.13, 0.22), liver_hu, 1, 10.0, 0.35, 0.4),
+        organ((0.50, 0.16, 0.38), (0.15, 0.17, 0.28), rng.uniform(45, 52), 2, 8.0, 0.25, 0.6),
+        organ((-0.27, 0.27, -0.12), (0.10, 0.12, 0.30), kidney_hu, 3, 6.0, 0.15, 0.4),
+        organ((0.27, 0.27, -0.04), (0.10, 0.12, 0.30), kidney_hu, 4, 6.0, 0.15, 0.4),
+    ]
+    # Renal sinus fat inside each kidney (not kidney: label 0).
+    for kidney in shapes[-2:]:
+        r = kidney.radii
+        shapes.append(
+            _Organ(
+                (kidney.center[0] * 0.96, kidney.center[1] + 0.2 * r[1], kidney.center[2]),
+                (0.4 * r[0], 0.42 * r[1], 0.47 * r[2]),
+                -60.0,
+                0,
+                kidney.angle,
+            )
+        )
+    shapes += [
+        organ((0.06, 0.15, 0.0), (0.05, 0.05, _INF), rng.uniform(40, 50), move=3.0),  # aorta
+        organ((-0.07, 0.16, 0.0), (0.045, 0.04, _INF), 40.0, move=3.0),  # IVC
+        organ((0.0, 0.33, 0.0), (0.09, 0.10, _INF), rng.uniform(600, 800)),  # vertebrae
+    ]
+    spine = shapes[-1]
+    step = 0.17 * hz * body[2]
+    phase = rng.uniform(0, step)
+    shapes += [
+        _Organ(
+            (spine.center[0], spine.center[1], -1.2 * hz + phase + step * k),
+            (spine.radii[0] * 0.94, spine.radii[1] * 0.95, 0.025 * hz),
+            80.0,
+        )
+        for k in range(16)
+    ]
+    shapes += [
+        _Organ(
+            (spine.center[0], spine.center[1] + 0.135 * hy * body[1], 0.0),
+            (0.035 * hx, 0.035 * hy, _INF),
+            15.0,
+        ),
+        _Organ(
+            (spine.center[0], spine.center[1] + 0.21 * hy * body[1], 0.0),
+            (0.022 * hx, 0.05 * hy, _INF),
+            rng.uniform(600, 800),
+        ),
+    ]
+    return shapes
+
+
+def _smooth_warp(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray, amplitude: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates displaced by a few long sine waves: organs bend instead of staying ellipsoids."""
+    out = [x, y, z]
+    for axis in range(3):
+        shift = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.float32)
+        for _ in range(3):
+            k = rng.normal(0.0, 1.0, 3)
+            k *= 2 * math.pi / rng.uniform(150.0, 350.0) / np.linalg.norm(k)
+            shift += np.float32(amplitude / 3 * rng.uniform(0.5, 1.5)) * np.sin(
+                (k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * math.pi)).astype(np.float32)
+            )
+        out[axis] = out[axis] + shift
+    return out[0], out[1], out[2]
+
+
+def make_ct_phantom(
+    *,
+    seed: int = 0,
+    rows: int = 128,
+    columns: int | None = None,
+    pixel_spacing: float | None = None,
+    slice_spacing: float | None = None,
+    slices: int | None = None,
+    noise_hu: float = 10.0,
+) -> CTPhantom:
+    """A randomised abdominal CT phantom with its label map (liver, spleen, kidneys).
+
+    Everything not given is drawn from ``seed``: the anatomy (body habitus, fat
+    thickness, organ sizes, positions, turns, a smooth bending of the whole abdomen,
+    bowel loops and gas, HU of each tissue), the field of view (340-440 mm, so
+    ``pixel_spacing`` = FOV / ``rows``), the slice spacing (2-5 mm), the scanned
+    length (200-380 mm, so ``slices``) and where along the body the scan starts.
+    Sizes are adult, in millimetres, so the phantom does not scale with the image as
+    :func:`make_ct_series` does. Gaussian noise of ``noise_hu`` is added to ``hu``
+    (``clean`` has none). Write it as a DICOM series with :func:`write_ct_phantom`.
+    """
+    rng = np.random.default_rng(seed)
+    columns = rows if columns is None else columns
+    if pixel_spacing is None:
+        pixel_spacing = rng.uniform(340.0, 440.0) / max(rows, columns)
+    if slice_spacing is None:
+        slice_spacing = rng.uniform(2.0, 5.0)
+    if slices is None:
+        slices = max(8, round(rng.uniform(200.0, 380.0) / slice_spacing))
+    z_offset = rng.uniform(-70.0, 70.0)  # where the scan is centred on the anatomy
+    shapes = _random_abdomen(rng)
+
+    x = ((np.arange(columns) - (columns - 1) / 2) * pixel_spacing).astype(np.float32)
+    y = ((np.arange(rows) - (rows - 1) / 2) * pixel_spacing).astype(np.float32)
+    z = ((np.arange(slices) - (slices - 1) / 2) * slice_spacing + z_offset).astype(np.float32)
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    xx, yy, zz = _smooth_warp(rng, xx, yy, zz, amplitude=rng.uniform(4.0, 14.0))
+
+    clean = np.full((slices, rows, columns), -1000.0, dtype=np.float32)
+    labels = np.zeros((slices, rows, columns), dtype=np.uint8)
+    for shape in shapes:
+        cos, sin = math.cos(shape.angle), math.sin(shape.angle)
+        dx, dy, dz = xx - shape.center[0], yy - shape.center[1], zz - shape.center[2]
+        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+        inside = (u / shape.radii[0]) ** 2 + (v / shape.radii[1]) ** 2
+        if not math.isinf(shape.radii[2]):
+            inside += (dz / shape.radii[2]) ** 2
+        mask = inside <= 1.0
+        clean[mask] = shape.hu
+        labels[mask] = shape.label
+    hu = clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_hu)
+    return CTPhantom(
+        hu=hu,
+        labels=labels,
+        clean=clean,
+        spacing=(float(pixel_spacing), float(pixel_spacing), float(slice_spacing)),
+    )
+
+
+def write_ct_phantom(
+    out_dir: Path | str,
+    phantom: CTPhantom,
+    *,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **kwargs: object,
+) -> list[Path]:
+    """Write a :class:`CTPhantom` as an axial CT series (see :func:`write_ct_series`).
+
+    ``kwargs`` go to :func:`iter_ct_series` (UIDs, names, descriptions); the geometry
+    comes from the phantom. HU are rounded to integers as stored values.
+    """
+    return write_ct_series(
+        out_dir,
+        transfer_syntax=transfer_syntax,
+        volume=phantom.hu,
+        pixel_spacing=(phantom.spacing[1], phantom.spacing[0]),
+        slice_thickness=phantom.spacing[2],
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Chest radiograph phantom
 # ---------------------------------------------------------------------------------------
 
@@ -549,27 +792,68 @@ def _projected_ellipsoid(
     return np.sqrt(np.clip(1.0 - r2, 0.0, None))
 
 
+@dataclass(frozen=True)
+class _ChestAnatomy:
+    """How one chest differs from the standard one (the defaults are the standard)."""
+
+    shift: tuple[float, float] = (0.0, 0.0)  # whole chest, normalised u, v
+    body: tuple[float, float] = (1.0, 1.0)  # scale of the body outline
+    lungs: tuple[float, float] = (1.0, 1.0)  # scale of both lung fields
+    heart: float = 1.0  # scale of the heart
+    heart_shift: float = 0.0  # u
+    rib_period: float = 0.13
+    rib_phase: float = 0.0
+    nodule_contrast: float = 0.12
+
+
+def _random_chest_anatomy(rng: np.random.Generator) -> _ChestAnatomy:
+    return _ChestAnatomy(
+        shift=(rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)),
+        body=(rng.uniform(0.9, 1.08), rng.uniform(0.92, 1.06)),
+        lungs=(rng.uniform(0.88, 1.08), rng.uniform(0.88, 1.08)),
+        heart=rng.uniform(0.85, 1.25),
+        heart_shift=rng.uniform(-0.04, 0.05),
+        rib_period=rng.uniform(0.11, 0.15),
+        rib_phase=rng.uniform(0.0, 2 * math.pi),
+        nodule_contrast=rng.uniform(0.08, 0.16),
+    )
+
+
 def _chest_density(
-    rows: int, columns: int, nodule: tuple[float, float, float] | None
+    rows: int,
+    columns: int,
+    nodule: tuple[float, float, float] | None,
+    anatomy: _ChestAnatomy | None = None,
 ) -> np.ndarray:
     """Attenuation (about 0..1) of a PA chest; image left is the patient's right.
 
     ``u`` runs from -1 (image left) to 1 (image right), ``v`` from -1 (head) to 1 (feet).
     """
+    a = anatomy or _ChestAnatomy()
     u = ((np.arange(columns, dtype=np.float32) - (columns - 1) / 2) / (columns / 2))[None, :]
     v = ((np.arange(rows, dtype=np.float32) - (rows - 1) / 2) / (rows / 2))[:, None]
+    if nodule is not None:  # the nodule moves with the chest it is in
+        nodule = (nodule[0] * a.lungs[0], nodule[1] * a.lungs[1], nodule[2])
+    u = (u - np.float32(a.shift[0])) / np.float32(a.body[0])
+    v = (v - np.float32(a.shift[1])) / np.float32(a.body[1])
+    bu, bv = a.body
+    lu, lv = a.lungs[0] / bu, a.lungs[1] / bv
     body = _projected_ellipsoid(u, v, 0.0, 0.15, 0.84, 1.15)
     neck = _projected_ellipsoid(u, v, 0.0, -0.95, 0.22, 0.35)
-    right_lung = _projected_ellipsoid(u, v, -0.38, -0.08, 0.30, 0.62)
-    left_lung = _projected_ellipsoid(u, v, 0.37, -0.05, 0.28, 0.60)
+    right_lung = _projected_ellipsoid(u, v, -0.38 * lu, -0.08 * lv, 0.30 * lu, 0.62 * lv)
+    left_lung = _projected_ellipsoid(u, v, 0.37 * lu, -0.05 * lv, 0.28 * lu, 0.60 * lv)
     lungs = right_lung + left_lung
-    heart = _projected_ellipsoid(u, v, 0.10, 0.30, 0.30, 0.24)
+    heart = _projected_ellipsoid(
+        u, v, 0.10 + a.heart_shift, 0.30, 0.30 * a.heart, 0.24 * math.sqrt(a.heart)
+    )
     mediastinum = _projected_ellipsoid(u, v, 0.0, -0.15, 0.13, 0.75)
     spine = _projected_ellipsoid(u, v, 0.0, 0.0, 0.07, 1.6)
     liver_dome = _projected_ellipsoid(u, v, -0.30, 0.80, 0.55, 0.35)
     # Posterior ribs: faint bands that curve down laterally, only over the thorax.
     thorax = _projected_ellipsoid(u, v, 0.0, -0.06, 0.74, 0.70)
-    rib_phase = (v - 0.45 * u * u) * np.float32(2 * math.pi / 0.13)
+    rib_phase = (v - 0.45 * u * u) * np.float32(2 * math.pi / a.rib_period) + np.float32(
+        a.rib_phase
+    )
     beside_spine = np.clip((np.abs(u) - 0.06) / 0.10, 0.0, 1.0)
     ribs = np.clip(np.cos(rib_phase), 0.0, None) ** 6 * np.minimum(thorax * 3.0, 1.0)
     ribs *= beside_spine
@@ -590,16 +874,19 @@ def _chest_density(
     )
     if nodule is not None:
         nu, nv, radius = nodule
-        density = density + 0.12 * np.exp(-(((u - nu) ** 2 + (v - nv) ** 2) / (radius * radius)))
+        blob = np.exp(-(((u - nu) ** 2 + (v - nv) ** 2) / (radius * radius)))
+        density = density + a.nodule_contrast * blob
     return density.astype(np.float32)
 
 
-def _nodule_position(rng: np.random.Generator) -> tuple[float, float, float]:
+def _nodule_position(
+    rng: np.random.Generator, radius_range: tuple[float, float] = (0.04, 0.07)
+) -> tuple[float, float, float]:
     """A nodule centre and radius (normalised) well inside one of the lung fields."""
     cu, cv, ru, rv = (-0.38, -0.08, 0.30, 0.62) if rng.random() < 0.5 else (0.37, -0.05, 0.28, 0.60)
     angle = rng.uniform(0.0, 2 * math.pi)
     distance = rng.uniform(0.0, 0.5)
-    radius = rng.uniform(0.04, 0.07)  # about 8-14 mm at 0.2 mm pixels, 2000 columns
+    radius = rng.uniform(*radius_range)  # 0.04-0.07: about 8-14 mm at 0.2 mm, 2000 columns
     return (
         cu + distance * ru * math.cos(angle),
         cv + distance * rv * math.sin(angle),
@@ -622,6 +909,7 @@ def make_radiograph(
     study_uid: str | None = None,
     series_uid: str | None = None,
     seed: int = 0,
+    vary_anatomy: bool = False,
 ) -> Dataset:
     """Return a PA chest radiograph phantom as a DX (for presentation) or CR dataset.
 
@@ -631,6 +919,10 @@ def make_radiograph(
     display the same. ``pixel_spacing`` is the detector pixel pitch (mm); the Pixel
     Spacing at the patient is smaller by the geometric magnification. The noise and,
     with ``with_nodule``, the nodule's place in a lung field and size come from ``seed``.
+
+    ``vary_anatomy`` also draws the chest from ``seed``: position, body and lung size,
+    heart size, rib spacing, exposure, and a nodule that may be smaller and
+    fainter on average (6-14 mm); without it every chest is the same standard one.
     """
     if modality not in _RADIOGRAPH_SOP_CLASSES:
         raise ValueError("modality must be 'DX' or 'CR'")
@@ -638,14 +930,24 @@ def make_radiograph(
         raise ValueError("photometric must be 'MONOCHROME1' or 'MONOCHROME2'")
     if not 8 <= bits_stored <= 16:
         raise ValueError("bits_stored must be between 8 and 16")
-    noise_rng, nodule_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)
+    noise_rng, nodule_rng, anatomy_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
-    nodule = _nodule_position(nodule_rng) if with_nodule else None
+    anatomy = _random_chest_anatomy(anatomy_rng) if vary_anatomy else None
+    radii = (0.03, 0.07) if vary_anatomy else (0.04, 0.07)
+    nodule = _nodule_position(nodule_rng, radii) if with_nodule else None
     max_value = 2**bits_stored - 1
-    signal = _chest_density(rows, columns, nodule) * np.float32(0.9 * max_value)
+    gain, noise = (
+        (0.9, 0.004)
+        if anatomy is None
+        else (
+            anatomy_rng.uniform(0.7, 0.95),
+            anatomy_rng.uniform(0.002, 0.008),
+        )
+    )
+    signal = _chest_density(rows, columns, nodule, anatomy) * np.float32(gain * max_value)
     signal += noise_rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
-        0.004 * max_value
+        noise * max_value
     )
     pixels = np.rint(np.clip(signal, 0, max_value)).astype(np.uint16)
     if photometric == "MONOCHROME1":

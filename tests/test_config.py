@@ -63,14 +63,22 @@ def test_cross_references_are_checked(tmp_path: Path) -> None:
     config = tmp_path / "routes.toml"
     config.write_text(
         '[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "h"\nport = 104\n'
+        'ae_title = "PACS"\n'
         '[[routes]]\nname = "r"\npipeline = "p"\ndestinations = ["ris"]\n'
     )
     with pytest.raises(ConfigError) as caught:
         load_settings(config)
     assert caught.value.problems == [
-        "destinations[0].ae_title: required for a dicom destination",
         "routes[0].destinations: 'ris' is not a configured destination",
     ]
+
+
+def test_a_dicom_destination_needs_the_pacs_ae_title(tmp_path: Path) -> None:
+    config = tmp_path / "dest.toml"
+    config.write_text('[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "h"\nport = 104\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert caught.value.problems == ["destinations[0].ae_title: required, and has no default"]
 
 
 def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
