@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -45,6 +45,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+if TYPE_CHECKING:
+    from service.pipeline.volume import Volume
+
 __all__ = [
     "CT_PHANTOM_LABELS",
     "CTPhantom",
@@ -53,6 +56,7 @@ __all__ = [
     "make_ct_phantom",
     "make_ct_series",
     "make_radiograph",
+    "phantom_volume",
     "write_ct_phantom",
     "write_ct_series",
     "write_radiograph",
@@ -771,6 +775,42 @@ def write_ct_phantom(
     )
 
 
+def phantom_volume(
+    array: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    modality: str = "CT",
+    is_2d: bool = False,
+) -> Volume:
+    """An array as the :class:`~service.pipeline.volume.Volume` radnode would read.
+
+    For training and measuring bundles on generated data without writing DICOM files:
+    ``array`` is (z, y, x) in modality units (a radiograph: (1, rows, columns), bright =
+    dense), ``spacing`` (x, y, z) mm. The geometry is that of :func:`make_ct_series`:
+    axial, the box centred on the origin (a 2D image: no patient geometry).
+    """
+    from service.pipeline.volume import Volume
+
+    shape = np.asarray(array.shape[::-1], dtype=np.float64)  # (x, y, z)
+    origin = (0.0, 0.0, 0.0) if is_2d else tuple(-(shape - 1) * np.asarray(spacing) / 2)
+    return Volume(
+        array=array,
+        origin=tuple(float(v) for v in origin),
+        spacing=tuple(float(v) for v in spacing),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        frame_of_reference_uid=None,
+        modality=modality,
+        study_uid="1.2.826.0.1.3680043.8.498.1",
+        series_uid="1.2.826.0.1.3680043.8.498.1.1",
+        sources=(),
+        is_2d=is_2d,
+        inverted_monochrome1=False,
+        bits_stored=16,
+        pixel_spacing_source="PixelSpacing",
+        slice_spacing_source="positions",
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Chest radiograph phantom
 # ---------------------------------------------------------------------------------------
@@ -815,7 +855,7 @@ def _random_chest_anatomy(rng: np.random.Generator) -> _ChestAnatomy:
         heart_shift=rng.uniform(-0.04, 0.05),
         rib_period=rng.uniform(0.11, 0.15),
         rib_phase=rng.uniform(0.0, 2 * math.pi),
-        nodule_contrast=rng.uniform(0.08, 0.16),
+        nodule_contrast=rng.uniform(0.12, 0.22),
     )
 
 
@@ -922,7 +962,7 @@ def make_radiograph(
 
     ``vary_anatomy`` also draws the chest from ``seed``: position, body and lung size,
     heart size, rib spacing, exposure, and a nodule that may be smaller and
-    fainter on average (6-14 mm); without it every chest is the same standard one.
+    fainter on average (7-14 mm); without it every chest is the same standard one.
     """
     if modality not in _RADIOGRAPH_SOP_CLASSES:
         raise ValueError("modality must be 'DX' or 'CR'")
@@ -934,7 +974,7 @@ def make_radiograph(
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
     anatomy = _random_chest_anatomy(anatomy_rng) if vary_anatomy else None
-    radii = (0.03, 0.07) if vary_anatomy else (0.04, 0.07)
+    radii = (0.035, 0.07) if vary_anatomy else (0.04, 0.07)
     nodule = _nodule_position(nodule_rng, radii) if with_nodule else None
     max_value = 2**bits_stored - 1
     gain, noise = (

@@ -97,8 +97,12 @@ class BundleSpec:
     output_key: str = "pred"
 
 
-def read_bundle_spec(path: Path) -> BundleSpec:
-    """Read a bundle folder's metadata; raise :class:`BundleError` saying what is wrong."""
+def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
+    """Read a bundle folder's metadata; raise :class:`BundleError` saying what is wrong.
+
+    ``require_weights=False`` is for training: the weights file may not exist yet
+    (``weights_file`` is then ``models/model.pt``, where training writes it).
+    """
     path = Path(path)
     configs = path / "configs"
     meta_file = configs / "metadata.json"
@@ -117,6 +121,8 @@ def read_bundle_spec(path: Path) -> BundleSpec:
     weights = next(
         (path / "models" / n for n in _WEIGHT_NAMES if (path / "models" / n).is_file()), None
     )
+    if weights is None and not require_weights:
+        weights = path / "models" / "model.pt"
     if weights is None:
         raise BundleError(
             f"bundle {path.name}: no models/model.pt or models/model.ts; train the bundle or"
@@ -287,15 +293,17 @@ def _bundle_on_path(path: Path) -> Iterator[None]:
                 sys.path.remove(str(path))
 
 
-def load_bundle(spec: BundleSpec, device: Any = None) -> LoadedBundle:
+def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -> LoadedBundle:
     """Parse the inference config, swap file I/O for identities, load the weights.
 
+    ``weights=False`` leaves ``network_def`` freshly initialised (and in training mode):
+    the bundle's training scripts train exactly the network and transforms radnode runs.
     Raises :class:`BundleError` with the bundle name and what to fix.
     """
     import torch
     from monai.bundle import ConfigParser
 
-    device = device or choose_device()
+    device = torch.device(device) if device is not None else choose_device()
     parser = ConfigParser()
     try:
         parser.read_config(str(spec.config_file))
@@ -329,14 +337,19 @@ def load_bundle(spec: BundleSpec, device: Any = None) -> LoadedBundle:
                 if "postprocessing" in parser
                 else None
             )
-            network = _load_network(spec, parser, device, torch)
+            network = (
+                _load_network(spec, parser, device, torch)
+                if weights
+                else parser.get_parsed_content("network_def", instantiate=True).to(device)
+            )
         except BundleError:
             raise
         except Exception as exc:
             raise BundleError(
                 f"bundle {spec.name}: its inference config does not instantiate: {exc}"
             ) from exc
-    network.eval()
+    if weights:
+        network.eval()
     return LoadedBundle(
         spec=spec,
         device=device,
