@@ -1,0 +1,1 @@
+"""Code of the ct_lowdose_denoising bundle that its configs cannot express."""
