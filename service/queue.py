@@ -3,7 +3,7 @@
 A task carries a :class:`~service.records.JobTicket` (everything the worker needs) and
 returns a :class:`~service.records.JobReport`, which huey keeps in its result store
 until the edge has recorded it. While it runs, the worker writes a heartbeat
-(``hb:<job id>``) every few seconds; the edge reads both, so the study index has one
+(``hb:<job id>:<attempt>``) every few seconds; the edge reads both, so the study index has one
 writer (the edge) and a worker that dies mid-job is noticed by its silent heartbeat.
 
 The study index, not the queue, is the truth about jobs (ARCHITECTURE step 5): the
@@ -81,13 +81,19 @@ class JobQueue:
         value = self.huey.result(task_id, preserve=True)
         return value if isinstance(value, JobReport) else None
 
-    def heartbeat(self, job_id: str) -> Heartbeat | None:
-        value = self.huey.get(f"hb:{job_id}", peek=True)
+    def heartbeat(self, job_id: str, attempt: int) -> Heartbeat | None:
+        """The latest beat of run ``attempt`` of the job.
+
+        Keyed by attempt: a superseded run that is still going (its worker stalled, the
+        edge gave up on it and queued the job again) must not pass for the new run.
+        """
+        value = self.huey.get(_heartbeat_key(job_id, attempt), peek=True)
         return value if isinstance(value, Heartbeat) else None
 
-    def forget(self, job_id: str, task_id: str | None) -> None:
-        """Drop a run's report and heartbeat once the edge has recorded them."""
-        self.huey.get(f"hb:{job_id}")
+    def forget(self, job_id: str, task_id: str | None, attempts: int) -> None:
+        """Drop a job's report and the heartbeats of its runs so far (and the next)."""
+        for attempt in range(1, attempts + 2):
+            self.huey.get(_heartbeat_key(job_id, attempt))
         if task_id:
             self.huey.get(task_id)
 
@@ -118,7 +124,7 @@ class JobQueue:
         stop = threading.Event()
 
         def put() -> None:
-            self.huey.put(f"hb:{job_id}", Heartbeat(worker, attempt, time.time()))
+            self.huey.put(_heartbeat_key(job_id, attempt), Heartbeat(worker, attempt, time.time()))
 
         def beat() -> None:
             while not stop.wait(self.heartbeat_s):
@@ -145,3 +151,7 @@ class JobQueue:
             max_delay=0.5,
             check_worker_health=True,
         )
+
+
+def _heartbeat_key(job_id: str, attempt: int) -> str:
+    return f"hb:{job_id}:{attempt}"

@@ -91,7 +91,7 @@ class JobTracker:
             if local_workers_only:
                 if job.state is JobState.RUNNING:
                     self.index.back_to_queue(job.job_id)
-                self.queue.forget(job.job_id, job.task_id)
+                self.queue.forget(job.job_id, job.task_id, job.attempts)
                 self.submit(job)
                 requeued.append(job.job_id)
             elif job.task_id is None:
@@ -118,10 +118,12 @@ class JobTracker:
                 if report is not None:
                     self._record(job, report)
                     continue
-                beat = self.queue.heartbeat(job.job_id)
-                if beat is not None and job.state is JobState.QUEUED:
-                    self.index.start_job(job.job_id, worker=beat.worker)
+                if job.state is JobState.QUEUED:
+                    beat = self.queue.heartbeat(job.job_id, job.attempts + 1)
+                    if beat is not None:
+                        self.index.start_job(job.job_id, worker=beat.worker)
                 elif job.state is JobState.RUNNING:
+                    beat = self.queue.heartbeat(job.job_id, job.attempts)
                     last = beat.at if beat is not None else (job.started_at or now)
                     if now - last > SILENT_BEATS * self.queue.heartbeat_s:
                         self._lost(job, "its worker stopped sending heartbeats")
@@ -138,7 +140,7 @@ class JobTracker:
         for job in self.index.unfinished_jobs():
             if job.state is not JobState.QUEUED or job.task_id is None or job.task_id in pending:
                 continue
-            if self.queue.heartbeat(job.job_id) or self.queue.report(job.task_id):
+            if self.queue.heartbeat(job.job_id, job.attempts + 1) or self.queue.report(job.task_id):
                 continue
             since = self._untraced.get(job.job_id, now)
             seen[job.job_id] = since
@@ -158,7 +160,7 @@ class JobTracker:
             timings=report.timings,
         )
         queued = enqueue_deliverables(self.outbox, report)
-        self.queue.forget(job.job_id, job.task_id)
+        self.queue.forget(job.job_id, job.task_id, job.attempts)
         log.info(
             "job.recorded",
             job=job.job_id,
@@ -172,7 +174,7 @@ class JobTracker:
             self.on_delivery()
 
     def _lost(self, job: JobRecord, why: str) -> None:
-        self.queue.forget(job.job_id, job.task_id)
+        self.queue.forget(job.job_id, job.task_id, job.attempts)
         if job.attempts >= self.settings.queue.max_attempts:
             reason = (
                 f"{why} on each of {job.attempts} runs (out of memory?); fix the cause, then"
