@@ -13,7 +13,12 @@ two ways:
 Prints median / p95 / max of both, and whether every instance was acknowledged by the
 node and is on disk (spool files counted). Prints; never asserts.
 
-    python -m bench.echo_under_load --senders 8 --instances 300
+``--with-model``: the node runs on the reference routes and bundles of ``models/``; a
+phantom abdomen CT goes first and the load starts once its segmentation job has
+started, so the receive path competes with a model for the CPU, as it does in a
+hospital. Whether the job was still running when the load ended is printed.
+
+    python -m bench.echo_under_load --senders 8 --instances 300 [--with-model]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ if str(REPO) not in sys.path:
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
 
-from service.testing import write_ct_series  # noqa: E402
+from service.testing import make_ct_phantom, write_ct_phantom, write_ct_series  # noqa: E402
 from tests.conftest import RadnodeProcess, acknowledged_files, free_port, storescu  # noqa: E402
 
 
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=300, help="instances per association")
     parser.add_argument("--size", type=int, default=64, help="rows = columns of each image")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--with-model", action="store_true", help="keep a segmentation model running"
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="radnode-echo-load-"))
@@ -123,10 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=work / "radnode-data",
         port=free_port(),
         http_port=free_port(),
-        extra_env={"RADNODE_NODE__MAX_ASSOCIATIONS": str(args.senders + 4)},
+        extra_env={
+            "RADNODE_NODE__MAX_ASSOCIATIONS": str(args.senders + 4),
+            **(
+                {"RADNODE_ROUTES": None, "RADNODE_MODELS__DIR": str(REPO / "models")}
+                if args.with_model
+                else {}
+            ),
+        },
     )
     node.start()
     try:
+        if args.with_model:
+            phantom = write_ct_phantom(work / "phantom", make_ct_phantom(seed=10400, rows=256))
+            storescu(node.port, phantom)
+            node.wait_for_event("job.started", timeout=300)
+            print("a segmentation job is running; starting the load")
         idle = EchoProbe(node.port, fresh=False).start()
         time.sleep(2.0)
         idle.stop()
@@ -145,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         failed_senders = sum(1 for r in results if r.returncode != 0)
         on_disk = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
         print(f"sent in {seconds:.1f} s ({total / seconds:.0f} instances/s)")
+        if args.with_model:
+            busy = not node.events("job.recorded")
+            print(f"the model job was {'still running' if busy else 'finished'} at the end")
         print(_summary("echo (open association)", held))
         print(_summary("echo (new association)", fresh))
         print(

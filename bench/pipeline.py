@@ -1,6 +1,6 @@
 """Pipeline host overhead: each stage of a job next to the bare MONAI inference.
 
-    .venv/bin/python bench/pipeline.py [--slices 300] [--repeats 3] [--ct-bundle DIR]
+    .venv/bin/python bench/pipeline.py [--slices 300] [--repeats 3] [--ct-bundle DIR ...]
                                        [--cxr-bundle DIR] [--device cpu|cuda]
 
 For a synthetic CT series (512x512, ``--slices`` slices) and one 2000x2000 12-bit
@@ -11,7 +11,8 @@ overhead is everything the node adds around the forward pass, as a share of the 
 
 Defaults use the test bundles with the model zoo's shapes (spleen UNet at 1.5x1.5x2 mm
 with a 96^3 sliding window; DenseNet121 at 224^2): timings do not depend on weights.
-Pass ``--ct-bundle models/ct_abdomen_segmentation`` to time a shipped bundle.
+Pass ``--ct-bundle models/ct_abdomen_segmentation`` (repeatable) and ``--cxr-bundle
+models/cxr_nodule_classification`` to time the shipped bundles.
 """
 
 from __future__ import annotations
@@ -81,19 +82,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ct-bundle", type=Path)
+    parser.add_argument("--ct-bundle", type=Path, action="append", help="repeatable")
     parser.add_argument("--cxr-bundle", type=Path)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ct_bundle = args.ct_bundle or write_zoo_spleen_bundle(root / "models")
+        ct_bundles = args.ct_bundle or [write_zoo_spleen_bundle(root / "models")]
         cxr_bundle = args.cxr_bundle or write_classifier_bundle(root / "models")
         ct = write_ct_series(root / "ct", slices=args.slices)
         cxr = [write_radiograph(root / "cxr.dcm", rows=2000, columns=2000, bits_stored=12)]
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-        measure("CT segmentation", Path(ct_bundle), ct, args.repeats, device)
+        for ct_bundle in ct_bundles:
+            measure("CT", Path(ct_bundle), ct, args.repeats, device)
         measure("Radiograph classification", Path(cxr_bundle), cxr, args.repeats, device)
 
 
