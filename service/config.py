@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -28,6 +29,7 @@ from dicom_nodes.policy import ae_title_problem, network_problem
 from service.dicom_delivery import DicomDestinationSettings
 from service.errors import ConfigError
 from service.hl7 import Hl7DestinationSettings
+from service.reference_routes import reference_routes
 from service.routing import RouteRule, route_problems
 
 
@@ -196,6 +198,14 @@ class Settings(BaseSettings):
         # The file's values arrive as init arguments; the environment overrides them.
         return (env_settings, init_settings)
 
+    #: True when no routes were configured and :func:`load_settings` used the reference ones.
+    _reference_routes: bool = PrivateAttr(default=False)
+
+    @property
+    def routes_source(self) -> str:
+        """Where the routes came from, for the start-up log."""
+        return "reference bundles" if self._reference_routes else "configuration"
+
     def model_post_init(self, __context: Any) -> None:
         problems: list[str] = list(route_problems(self.routes))
         names = [d.name for d in self.destinations]
@@ -234,6 +244,8 @@ def _format_validation_error(error: ValidationError) -> list[str]:
 def load_settings(path: Path | None = None) -> Settings:
     """Read defaults, the TOML file at ``path`` (if any) and the environment.
 
+    Without any ``routes`` (not even ``routes = []``), the routes of the reference
+    bundles installed in ``models.dir`` apply (:mod:`service.reference_routes`).
     Raises :class:`ConfigError` listing every problem found.
     """
     data: dict[str, Any] = {}
@@ -245,6 +257,11 @@ def load_settings(path: Path | None = None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from exc
+    if "routes" not in settings.model_fields_set:
+        # No routes configured (file or environment): the reference bundles' routes.
+        settings = settings.model_copy(update={"routes": reference_routes(settings.models.dir)})
+        settings._reference_routes = True
+    return settings

@@ -220,6 +220,11 @@ class Node:
                     action="install the bundle in models.dir or fix the route's pipeline",
                 )
         log.info("pipelines.found", pipelines=sorted(specs))
+        log.info(
+            "routes.active",
+            routes=[route.name for route in self.settings.routes if route.enabled],
+            source=self.settings.routes_source,
+        )
 
     def _worker_died(self, pid: int) -> None:
         self.tracker.worker_died(worker_name(pid))

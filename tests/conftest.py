@@ -98,21 +98,25 @@ class RadnodeProcess:
     data_dir: Path
     port: int
     http_port: int
-    extra_env: dict[str, str] = field(default_factory=dict)
+    #: Overrides of :meth:`env`; ``None`` unsets a variable.
+    extra_env: dict[str, str | None] = field(default_factory=dict)
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
 
     def env(self) -> dict[str, str]:
-        return {
+        env: dict[str, str | None] = {
             **os.environ,
             "RADNODE_NODE__PORT": str(self.port),
             "RADNODE_NODE__DATA_DIR": str(self.data_dir),
             "RADNODE_NODE__MIN_FREE_DISK_MB": "1",
             "RADNODE_HTTP__PORT": str(self.http_port),
             "RADNODE_STUDY__COMPLETION_TIMEOUT_S": "2",
+            # No routes unless a test asks: the reference routes would run real models.
+            "RADNODE_ROUTES": "[]",
             **self.extra_env,
         }
+        return {key: value for key, value in env.items() if value is not None}
 
     def start(self, *args: str) -> RadnodeProcess:
         self.proc = subprocess.Popen(
@@ -178,7 +182,7 @@ def radnode_factory(tmp_path: Path) -> Iterator:
     """Make RadnodeProcess objects; every one still running is stopped at the end."""
     started: list[RadnodeProcess] = []
 
-    def make(**env: str) -> RadnodeProcess:
+    def make(**env: str | None) -> RadnodeProcess:
         node = RadnodeProcess(
             data_dir=tmp_path / "radnode-data",
             port=free_port(),

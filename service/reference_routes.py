@@ -1,0 +1,61 @@
+"""The routes radnode uses when the configuration names none: the reference bundles.
+
+Why: a new node should show real results the first time a study arrives, before
+anyone has written a routing rule. These routes send no results anywhere (no
+destinations); results stay under ``<data_dir>/results`` and in the status API until
+the operator configures ``[[routes]]``, which replaces all of these. A route whose
+bundle folder is missing from ``models.dir`` is left out, so a node with other models
+is not flooded with failing jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from service.routing import RouteRule
+
+#: Body parts a CT abdomen model has no business reading (BodyPartExamined).
+_NOT_ABDOMEN = "(?i)head|brain|skull|neck|extremity|arm|hand|knee|leg|foot|ankle|shoulder"
+
+_REFERENCE: list[dict[str, Any]] = [
+    {
+        "name": "ct-abdomen-organs",
+        "pipeline": "ct_abdomen_segmentation",
+        "match": {
+            "Modality": {"equals": "CT"},
+            "ImageType": {"excludes": ["LOCALIZER"]},
+            "InstanceCount": {"min": 20},
+            "Orientation": {"equals": "axial"},
+            "BodyPartExamined": {"not_regex": _NOT_ABDOMEN},
+        },
+    },
+    {
+        "name": "ct-low-dose-denoising",
+        "pipeline": "ct_lowdose_denoising",
+        "match": {
+            "Modality": {"equals": "CT"},
+            "ImageType": {"excludes": ["LOCALIZER"]},
+            "Orientation": {"equals": "axial"},
+            "SeriesDescription": {"regex": r"(?i)low.?dose|\bLDCT\b"},
+        },
+    },
+    {
+        "name": "chest-radiograph-nodule",
+        "pipeline": "cxr_nodule_classification",
+        "match": {
+            "Modality": {"any_of": ["CR", "DX"]},
+            "ImageType": {"excludes": ["DERIVED", "SECONDARY"]},
+            "BodyPartExamined": {"regex": "(?i)chest|thorax|lung"},
+        },
+    },
+]
+
+
+def reference_routes(models_dir: Path) -> list[RouteRule]:
+    """The reference routes whose bundle is installed in ``models_dir``."""
+    return [
+        RouteRule.model_validate(route)
+        for route in _REFERENCE
+        if (models_dir / route["pipeline"] / "configs").is_dir()
+    ]
