@@ -52,6 +52,9 @@ COPY --from=build /opt/venv /opt/venv
 # Shipped bundles; a named volume on /models starts with them, a bind mount replaces
 # them. Owned by root: radnode reads bundles, never writes them.
 COPY models /models
+# deepbet's published networks for models/mr_brain_extraction, fetched and SHA-256
+# checked at build time (never at run time); see that bundle's model card.
+RUN /opt/venv/bin/python /models/mr_brain_extraction/scripts/install_weights.py
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -4,8 +4,9 @@ Why: a new node should show real results the first time a study arrives, before
 anyone has written a routing rule. These routes send no results anywhere (no
 destinations); results stay under ``<data_dir>/results`` and in the status API until
 the operator configures ``[[routes]]``, which replaces all of these. A route whose
-bundle folder is missing from ``models.dir`` is left out, so a node with other models
-is not flooded with failing jobs.
+bundle folder or weights are missing from ``models.dir`` is left out, so a node with
+other models (or without mr_brain_extraction's install step) is not flooded with
+failing jobs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from service.routing import RouteRule
 
 #: Body parts a CT abdomen model has no business reading (BodyPartExamined).
 _NOT_ABDOMEN = "(?i)head|brain|skull|neck|extremity|arm|hand|knee|leg|foot|ankle|shoulder"
+
+#: T1-weighted series descriptions: "T1 3D", "t1_mprage_sag", "SAG FSPGR BRAVO", "3D TFE".
+_T1 = r"(?i)(^|[^a-z0-9])t1|mp-?rage|spgr|bravo|(^|[^a-z0-9])tfe([^a-z0-9]|$)"
+#: Body parts a brain model has no business reading.
+_NOT_HEAD = "(?i)spine|neck|chest|breast|abdomen|pelvis|knee|hip|shoulder|extremity|cardiac"
 
 _REFERENCE: list[dict[str, Any]] = [
     {
@@ -41,6 +47,17 @@ _REFERENCE: list[dict[str, Any]] = [
         },
     },
     {
+        "name": "mr-brain-extraction",
+        "pipeline": "mr_brain_extraction",
+        "match": {
+            "Modality": {"equals": "MR"},
+            "ImageType": {"excludes": ["LOCALIZER"]},
+            "InstanceCount": {"min": 60},
+            "SeriesDescription": {"regex": _T1},
+            "BodyPartExamined": {"not_regex": _NOT_HEAD},
+        },
+    },
+    {
         "name": "chest-radiograph-nodule",
         "pipeline": "cxr_nodule_classification",
         "match": {
@@ -52,10 +69,16 @@ _REFERENCE: list[dict[str, Any]] = [
 ]
 
 
+def _installed(bundle: Path) -> bool:
+    """A bundle folder with its weights (mr_brain_extraction's come by an install step)."""
+    weights = (bundle / "models" / name for name in ("model.pt", "model.ts"))
+    return (bundle / "configs").is_dir() and any(path.is_file() for path in weights)
+
+
 def reference_routes(models_dir: Path) -> list[RouteRule]:
-    """The reference routes whose bundle is installed in ``models_dir``."""
+    """The reference routes whose bundle is installed, with weights, in ``models_dir``."""
     return [
         RouteRule.model_validate(route)
         for route in _REFERENCE
-        if (models_dir / route["pipeline"] / "configs").is_dir()
+        if _installed(models_dir / route["pipeline"])
     ]

@@ -27,6 +27,7 @@ def test_reference_routes_apply_only_when_no_routes_are_configured(
         "ct_abdomen_segmentation",
         "ct_lowdose_denoising",
         "cxr_nodule_classification",
+        "mr_brain_extraction",  # installed by the README's test command
     }
     explicit = tmp_path / "none.toml"
     explicit.write_text("routes = []\n")
@@ -44,7 +45,7 @@ def test_serve_on_defaults_runs_the_reference_models_on_a_phantom_study(
     cxr = write_radiograph(tmp_path / "cxr.dcm", rows=1024, columns=1024, with_nodule=True,
                            seed=5, study_uid="1.2.826.0.1.3680043.8.498.8")  # fmt: skip
     (active,) = node.events("routes.active")
-    assert active["source"] == "reference bundles" and len(active["routes"]) == 3
+    assert active["source"] == "reference bundles" and len(active["routes"]) == 4
     assert storescu(node.port, [*ct, cxr]).returncode == 0
 
     finished = node.wait_for_event("job.recorded", count=2, timeout=300)

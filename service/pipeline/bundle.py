@@ -124,9 +124,15 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
     if weights is None and not require_weights:
         weights = path / "models" / "model.pt"
     if weights is None:
+        installer = path / "scripts" / "install_weights.py"
+        remedy = (
+            f"install them once with: python {installer}"
+            if installer.is_file()
+            else "train the bundle or copy its weights there"
+        )
         raise BundleError(
-            f"bundle {path.name}: no models/model.pt or models/model.ts; train the bundle or"
-            " copy its weights there (radnode never downloads weights)"
+            f"bundle {path.name}: no models/model.pt or models/model.ts; {remedy}"
+            " (radnode never downloads weights at run time)"
         )
     section = meta.get("radnode") or {}
     kind = _task_kind(path.name, meta, section)

@@ -1,0 +1,1 @@
+"""Code of the mr_brain_extraction bundle that its configs cannot express."""
