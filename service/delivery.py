@@ -23,7 +23,8 @@ Durability and order:
 * Attempts are counted when a delivery is claimed, so a payload that crashes the process
   still reaches its attempt limit instead of looping forever.
 * A claim is a lease: ``next_attempt_at`` moves ``lease_s`` ahead while the attempt runs,
-  so a crash mid-attempt only delays the delivery. The price is at-least-once delivery:
+  so a crash mid-attempt only delays the delivery, and only until the node starts again
+  (:meth:`Outbox.due_now_after_restart`). The price is at-least-once delivery:
   a crash after the peer answered but before ``sent`` is recorded sends it again (HL7
   receivers detect this by MSH-10, DICOM by SOP Instance UID).
 * Each destination is a FIFO: only its oldest pending delivery is ever attempted, so a
@@ -388,6 +389,24 @@ class Outbox:
             ] = int(count)
         return result
 
+    def due_now_after_restart(self) -> int:
+        """Make every pending delivery due now; returns how many were waiting.
+
+        Called once at start, before any sender runs. Why: a delivery claimed by a process
+        that then died keeps its lease (``next_attempt_at`` up to ``lease_s`` ahead) and
+        would sit idle for minutes after the restart. The edge is the only sender, so at
+        start no claim is alive. Deliveries waiting out a back-off are made due as well:
+        one early attempt per restart, which a restart after an outage wants anyway.
+        """
+        now = self._clock()
+        with self._lock:
+            count = self._db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? "
+                "WHERE state = 'pending' AND next_attempt_at > ?",
+                (now, now),
+            ).rowcount
+        return int(count)
+
     def resend(self, delivery_id: int) -> Delivery:
         """Put a delivery (dead, sent or pending) back in its queue, due now, with a fresh
         attempt count. The payload is sent unchanged (same HL7 message control id)."""
@@ -456,6 +475,9 @@ class DeliveryWorker:
     def start(self) -> None:
         if self._thread is not None:
             return
+        resumed = self.outbox.due_now_after_restart()
+        if resumed:
+            log.info("delivery.resumed", count=resumed)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="radnode-delivery", daemon=True)
         self._thread.start()

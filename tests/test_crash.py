@@ -1,24 +1,37 @@
-"""SIGKILL during a transfer loses nothing that was acknowledged.
+"""SIGKILL at random moments loses nothing that was acknowledged, and sends once.
 
-The sender is DCMTK's storescu; its -v output says which files got Success. The
-node is killed at a random moment while the series streams in, restarted on the
-same data dir, and every acknowledged instance must be on disk, byte-identical, and
-in the index (the restart reconciles the index with the spool).
+During receive: the sender is DCMTK's storescu; its -v output says which files got
+Success. The node is killed at a random moment while the series streams in, restarted
+on the same data dir, and every acknowledged instance must be on disk, byte-identical,
+and in the index (the restart reconciles the index with the spool).
+
+During inference and during delivery: a complete study is routed to a pipeline whose
+results go to a real Orthanc and a real MLLP listener; the node (and with it its
+worker, which dies with its parent) is killed a random moment after the job starts or
+after its result is recorded, and restarted. The study must still end ``done``, every
+result object must be in Orthanc once (a re-run writes the same UIDs, so a re-send
+replaces rather than duplicates), and every HL7 message the RIS got must be the same
+message (same MSH-10).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
+from service.publish import OUTBOX_FILE
 from service.testing import write_ct_series
-from tests.conftest import acknowledged_files, dcmtk_env, require_tool
+from tests.conftest import acknowledged_files, dcmtk_env, require_tool, storescu
+from tests.support.bundles import write_threshold_bundle
+from tests.support.orthanc import orthanc_get
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +104,72 @@ def test_sigkill_during_receive_loses_no_acknowledged_instance(
     assert resend.returncode == 0
     (complete,) = restarted.wait_for_event("study.complete")
     assert complete["instances"] == len(series)
+
+
+def deliveries(data_dir: Path) -> set[str]:
+    """The states of the outbox's deliveries (empty before the job has published)."""
+    path = data_dir / OUTBOX_FILE
+    if not path.exists():
+        return set()
+    with sqlite3.connect(path) as db:
+        return {state for (state,) in db.execute("SELECT state FROM deliveries")}
+
+
+@pytest.mark.parametrize(
+    ("moment", "run"), [("inference", 0), ("inference", 1), ("delivery", 0), ("delivery", 1)]
+)
+def test_sigkill_during_inference_or_delivery_still_delivers_once(
+    radnode_factory, orthanc, listener_factory, tmp_path: Path, moment: str, run: int
+) -> None:
+    rng = random.Random(f"{moment}-{run}")
+    models = tmp_path / "models"
+    write_threshold_bundle(models)
+    ris = listener_factory("AA")
+    study_uid = f"1.2.826.0.1.3680043.8.498.{61 + 2 * run + (moment == 'delivery')}"
+    env = {
+        "RADNODE_MODELS__DIR": str(models),
+        "RADNODE_QUEUE__HEARTBEAT_S": "0.5",
+        "RADNODE_ROUTES": json.dumps(
+            [{"name": "ct", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+              "destinations": ["pacs", "ris"]}]
+        ),
+        "RADNODE_DESTINATIONS": json.dumps(
+            [{"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": orthanc["port"],
+              "ae_title": "ORTHANC", "backoff_s": 0.2},
+             {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port,
+              "backoff_s": 0.2}]
+        ),
+    }  # fmt: skip
+    ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96, study_uid=study_uid,
+                         pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+    node = radnode_factory(**env).start()
+    assert storescu(node.port, ct).returncode == 0
+    node.wait_for_event("job.started" if moment == "inference" else "job.recorded", timeout=120)
+    time.sleep(rng.uniform(0.0, 0.4))
+    node.kill()
+
+    restarted = radnode_factory(**env).start()  # same data dir
+    deadline = time.monotonic() + 180
+    while deliveries(restarted.data_dir) != {"sent"}:
+        assert time.monotonic() < deadline, "\n".join(restarted.lines[-20:])
+        time.sleep(0.2)
+    with sqlite3.connect(restarted.data_dir / "index.sqlite3") as db:
+        jobs = db.execute("SELECT state FROM jobs").fetchall()
+        stored = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    assert jobs == [("done",)]
+    assert stored == len(ct)
+    written = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in (restarted.data_dir / "results").glob("*/dicom/*.dcm")
+    }
+    assert len(written) == 3  # SEG, SR and Secondary Capture, whatever ran twice
+    (study,) = [s for s in orthanc_get(orthanc["http"], "/studies?expand")
+                if s["MainDicomTags"]["StudyInstanceUID"] == study_uid]  # fmt: skip
+    in_pacs = {
+        orthanc_get(orthanc["http"], f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+        for series in study["Series"]
+        for i in orthanc_get(orthanc["http"], f"/series/{series}")["Instances"]
+    }
+    assert in_pacs == written
+    control_ids = {message.split("\r")[0].split("|")[9] for message in ris.received}
+    assert len(ris.received) >= 1 and len(control_ids) == 1, ris.received

@@ -193,6 +193,22 @@ def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
     assert after.get(waiting.id).state is DeliveryState.SENT
 
 
+def test_a_restarted_node_sends_what_a_dead_process_had_claimed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    clock = FakeClock()
+    before = Outbox(path, clock=clock)
+    in_flight = enqueue(before, "in-flight")
+    assert before.claim_next(lease_s=300) is not None  # then the process dies
+    before.close()
+
+    after = Outbox(path, clock=clock)
+    assert after.due_now_after_restart() == 1  # what DeliveryWorker.start() does first
+    deliverer = Scripted(DeliveryOutcome.delivered())
+    DeliveryWorker(after, {"ris": DeliveryTarget(deliverer, RetryPolicy())}).run_once()
+    assert after.get(in_flight.id).state is DeliveryState.SENT  # no 300 s wait
+    assert after.due_now_after_restart() == 0
+
+
 def test_a_delivery_for_an_unconfigured_destination_is_dead_lettered(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     item = enqueue(outbox, destination="gone")
