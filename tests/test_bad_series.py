@@ -178,11 +178,6 @@ def test_absurd_volume_is_refused_before_any_allocation(tmp_path: Path) -> None:
     assert peak < 50 * 2**20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py allocates the output array before it checks each instance's Pixel "
-    "Data length: a header promising 8000 x 8000 over 16 x 16 pixels reserves GBs",
-)
 def test_header_promising_more_pixels_than_it_has_is_refused_before_allocating(
     tmp_path: Path,
 ) -> None:

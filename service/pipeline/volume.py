@@ -7,14 +7,16 @@ patient space) and the ordered list of source frames it came from.
 
 Work is done in two passes so that a bad series costs little:
 
-1. :func:`read_headers` reads every instance without its pixel data.
+1. The headers of every instance are read without their pixel data (:func:`read_headers`;
+   :func:`load_series` keeps Pixel Data's length, deferred, to check it before step 3).
 2. :func:`plan_volume` checks the geometry (one series, one frame of reference, one size,
    one orientation, positions on a regular grid along the slice normal, ...) and decides
    the slice order, the output shape and dtype. Every problem raises
    :class:`SeriesRefused`, whose ``reason`` names what is wrong and what an operator can
    do about it, and whose ``code`` is a short stable token for metrics.
-3. Only then does :func:`load_series` decode the pixel data, one instance at a time, into
-   one preallocated array (a 1000-slice study is never held twice).
+3. Only then, once every native Pixel Data length matches its header, does
+   :func:`load_series` decode the pixel data, one instance at a time, into one
+   preallocated array (a 1000-slice study is never held twice).
 
 Conventions (the same as ITK and NIfTI/MONAI, so nothing is re-derived downstream):
 
@@ -49,11 +51,13 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
 from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import Tag
 
 from service.errors import RadnodeError
 
@@ -383,9 +387,11 @@ def load_series(
     JPEG 2000, RLE). Raises :class:`SeriesRefused`.
     """
     with _refuse_malformed("reading the headers"):
-        headers = read_headers(items)
+        # Pixel Data deferred, not skipped: its length is known without reading it.
+        headers = [_read_header(item, i, defer_pixels=True) for i, item in enumerate(items)]
     plan = plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
     with _refuse_malformed("decoding the pixel data"):
+        _check_pixel_lengths(plan, headers)  # before the volume's array is allocated
         array = _decode(plan, items)
     return Volume(
         array=array,
@@ -408,15 +414,36 @@ def load_series(
 # --------------------------------------------------------------------------- reading
 
 
-def _read_header(item: SeriesItem, index: int) -> Dataset:
+def _read_header(item: SeriesItem, index: int, *, defer_pixels: bool = False) -> Dataset:
+    """The header of one item; ``defer_pixels`` keeps Pixel Data's length, not its bytes.
+
+    Only :func:`load_series` defers: a deferred element is read from the file when it
+    is touched, which the writers (who iterate over source headers) must never do.
+    """
     if isinstance(item, Dataset):
         return item
+    if defer_pixels:
+        return _dcmread(item, index, stop_before_pixels=False, defer_size=_DEFER_BYTES)
     return _dcmread(item, index, stop_before_pixels=True)
 
 
-def _dcmread(path: str | PathLike[str], index: int, *, stop_before_pixels: bool) -> Dataset:
+#: Values longer than this stay in the file while headers are read (Pixel Data, overlays,
+#: icons); their lengths are known, their bytes are not read.
+_DEFER_BYTES = 4096
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+def _dcmread(
+    path: str | PathLike[str],
+    index: int,
+    *,
+    stop_before_pixels: bool,
+    defer_size: int | None = None,
+) -> Dataset:
     try:
-        return pydicom.dcmread(fspath(path), stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(
+            fspath(path), stop_before_pixels=stop_before_pixels, defer_size=defer_size
+        )
     except Exception as exc:  # pydicom and the OS raise many types on bad files
         raise SeriesRefused(
             f"input item {index} could not be read as DICOM ({type(exc).__name__}: {exc}). "
@@ -961,9 +988,33 @@ def _full_dataset(item: SeriesItem, frame: PlannedFrame) -> Dataset:
     return ds
 
 
+def _pixel_data_length(ds: Dataset) -> int:
+    """Bytes of Pixel Data, without reading a deferred value (0 when there is none)."""
+    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if element is None:
+        return 0
+    if isinstance(element, RawDataElement):
+        return 0 if element.value is None and element.length == 0 else int(element.length)
+    return len(element.value) if element.value is not None else 0
+
+
+def _check_pixel_lengths(plan: VolumePlan, headers: Sequence[Dataset]) -> None:
+    """Every instance's native Pixel Data is as long as its header promises.
+
+    Why before allocating: a header that claims 8000 x 8000 pixels over a few bytes of
+    data would otherwise reserve gigabytes for a series that is refused anyway.
+    """
+    first_frames: dict[int, PlannedFrame] = {}
+    for frame in plan.frames:
+        first_frames.setdefault(frame.item_index, frame)
+    for item_index, frame in sorted(first_frames.items()):
+        _check_pixel_data(headers[item_index], frame)
+
+
 def _check_pixel_data(ds: Dataset, frame: PlannedFrame) -> None:
     """Missing or mis-sized native Pixel Data is refused before any decoder sees it."""
-    if "PixelData" not in ds or ds.PixelData is None or len(ds.PixelData) == 0:
+    actual = _pixel_data_length(ds)
+    if actual == 0:
         raise SeriesRefused(
             f"{frame.label} has no Pixel Data (or only Float Pixel Data, which is not "
             f"supported). {_RESEND.capitalize()}, or route the series elsewhere.",
@@ -973,7 +1024,6 @@ def _check_pixel_data(ds: Dataset, frame: PlannedFrame) -> None:
     if transfer_syntax is not None and transfer_syntax.is_encapsulated:
         return  # compressed: the decoder checks the frames it finds
     expected = get_expected_length(ds, "bytes")
-    actual = len(ds.PixelData)
     if actual not in (expected, expected + expected % 2):
         raise SeriesRefused(
             f"{frame.label} has {actual} bytes of Pixel Data where Rows, Columns, "
