@@ -60,6 +60,10 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(60.0, gt=0)
     #: Below this much free space in data_dir, C-STOREs are refused (A700).
     min_free_disk_mb: int = Field(1024, ge=0)
+    #: Largest study the node accepts, in MB of stored instances; an instance that would
+    #: take its study past it is refused with 0xA700. 0: no limit (min_free_disk_mb still
+    #: protects the disk).
+    max_study_mb: int = Field(0, ge=0)
     #: Peer IP addresses or CIDR networks allowed to associate; empty accepts any.
     allowed_peer_addresses: list[str] = Field(default_factory=list)
     #: Reject associations whose called AE title is not ours (reason 7).

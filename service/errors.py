@@ -58,6 +58,10 @@ class StorageFull(RadnodeError):
     """The spool cannot take the instance (free-space threshold or write error)."""
 
 
+class StudyTooLarge(StorageFull):
+    """The instance would take its study past ``node.max_study_mb``."""
+
+
 class StartupError(RadnodeError):
     """The node cannot start; the message says what to change."""
 

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL REFERENCES studies (study_uid),
@@ -151,6 +152,15 @@ class StudyIndex:
                 "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchone()
         return row is not None
+
+    def study_bytes(self, study_uid: str) -> int:
+        """Bytes of the study's stored instances (spool files, file meta included)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM instances WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+        return int(row[0])
 
     def add_instance(self, stored: StoredInstance, now: float | None = None) -> IndexOutcome:
         """Record a durable instance; a study that was complete is reopened."""

@@ -2,9 +2,10 @@
 
 :class:`Ingest` is the :class:`dicom_nodes.scp.Receiver` of the node. For each
 instance it checks free space, validates the UIDs before they name a path, parses
-the header (no pixel decoding), writes the spool file durably, records it in the
-index, and only then answers Success. Every refusal gets its own status and one log
-line that says what the operator can do, and is counted in :mod:`service.metrics`.
+the header (no pixel decoding), checks the study's size limit, writes the spool file
+durably, records it in the index, and only then answers Success. Every refusal gets
+its own status and one log line that says what the operator can do, and is counted in
+:mod:`service.metrics`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import structlog
 
 from dicom_nodes.scp import ReceivedInstance
 from dicom_nodes.status import StoreStatus
-from service.errors import DatasetMismatch, InvalidUID, StorageFull, UnreadableDataset
+from service.errors import (
+    DatasetMismatch,
+    InvalidUID,
+    StorageFull,
+    StudyTooLarge,
+    UnreadableDataset,
+)
 from service.headers import parse_header
 from service.index import StudyIndex
 from service.metrics import Metrics
@@ -34,12 +41,14 @@ class Ingest:
         *,
         ae_title: str,
         min_free_bytes: int,
+        max_study_bytes: int = 0,
         metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
         self._index = index
         self._ae_title = ae_title
         self._min_free_bytes = min_free_bytes
+        self._max_study_bytes = max_study_bytes
         # Without the node's Metrics (tests, tools) count into a private registry.
         self._metrics = metrics if metrics is not None else Metrics()
 
@@ -84,6 +93,16 @@ class Ingest:
             )
             self._metrics.instance_refused(status, size)
             return status
+        except StudyTooLarge as exc:
+            log.warning(
+                "store.refused",
+                reason=str(exc),
+                status="0xA700",
+                action="raise node.max_study_mb if the study is genuine; not stored",
+                **peer,
+            )
+            self._metrics.instance_refused(StoreStatus.OUT_OF_RESOURCES, size)
+            return StoreStatus.OUT_OF_RESOURCES
         except StorageFull as exc:
             log.error(
                 "store.refused",
@@ -109,6 +128,7 @@ class Ingest:
             raise StorageFull("free disk space is below node.min_free_disk_mb")
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)
         self._check_header(header, instance)
+        self._check_study_size(header.study_uid, len(instance.dataset))
         target = self._spool.path_for(header.study_uid, header.series_uid, sop_instance_uid)
         meta = file_meta_bytes(
             sop_class_uid=instance.sop_class_uid,
@@ -133,6 +153,15 @@ class Ingest:
             log.info("study.reopened", study=key, cause="new instance after completion")
         self._metrics.instance_stored(len(instance.dataset))
         return StoreStatus.SUCCESS
+
+    def _check_study_size(self, study_uid: str, incoming: int) -> None:
+        if not self._max_study_bytes:
+            return
+        if self._index.study_bytes(study_uid) + incoming > self._max_study_bytes:
+            raise StudyTooLarge(
+                f"the study would exceed node.max_study_mb"
+                f" ({self._max_study_bytes // (1024 * 1024)} MB)"
+            )
 
     @staticmethod
     def _check_header(header: InstanceHeader, instance: ReceivedInstance) -> None:

@@ -90,6 +90,7 @@ class Node:
             self.index,
             ae_title=settings.node.ae_title,
             min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+            max_study_bytes=settings.node.max_study_mb * 1024 * 1024,
             metrics=self.metrics,
         )
         try:

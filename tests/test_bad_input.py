@@ -111,3 +111,25 @@ def test_bad_input_gets_failure_statuses_and_node_keeps_receiving(
     # and a real sender on a new association is still served
     after = storescu(radnode.port, [Path(get_testdata_file("MR_small.dcm"))])
     assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_a_study_past_max_study_mb_is_refused_with_a700_and_others_go_on(
+    radnode_factory, tmp_path: Path
+) -> None:
+    from service.testing import write_ct_series
+    from tests.conftest import acknowledged_files
+
+    node = radnode_factory(RADNODE_NODE__MAX_STUDY_MB="1").start()
+    big = write_ct_series(tmp_path / "big", slices=20, rows=256, columns=256)  # 2.6 MB
+    small = write_ct_series(tmp_path / "small", slices=3, rows=64, columns=64)
+
+    sent = storescu(node.port, big)
+    acked = acknowledged_files(sent.stdout + sent.stderr)
+    assert 5 <= len(acked) <= 8, len(acked)  # 131 kB each: about 1 MB of them fit
+    refused = node.wait_for_event("store.refused")
+    assert refused[0]["status"] == "0xA700" and "max_study_mb" in refused[0]["reason"]
+    study_dir = next((node.data_dir / "spool").glob("1.*"))
+    assert sum(1 for _ in study_dir.rglob("*.dcm")) == len(acked)
+
+    other = storescu(node.port, small)
+    assert other.returncode == 0 and len(acknowledged_files(other.stdout + other.stderr)) == 3
