@@ -54,65 +54,56 @@ class Ingest:
 
     def store(self, instance: ReceivedInstance) -> StoreStatus:
         """Store one instance; the returned status is what the sender sees."""
-        peer = {"peer_ae": instance.calling_ae, "peer_address": instance.peer_address}
-        size = len(instance.dataset)
         try:
             return self._store(instance)
         except InvalidUID as exc:
-            log.warning(
-                "store.refused",
-                reason=f"invalid UID: {exc}",
-                status="0xC001",
-                action="fix the sending system's UIDs; the instance was not stored",
-                **peer,
-            )
-            self._metrics.instance_refused(StoreStatus.INVALID_UID, size)
-            return StoreStatus.INVALID_UID
+            return self._refuse(
+                instance, StoreStatus.INVALID_UID, f"invalid UID: {exc}",
+                "fix the sending system's UIDs; the instance was not stored",
+            )  # fmt: skip
         except UnreadableDataset as exc:
-            log.warning(
-                "store.refused",
-                reason=str(exc),
-                status="0xC000",
-                action="check the file on the sending system; it was not stored",
-                **peer,
-            )
-            self._metrics.instance_refused(StoreStatus.CANNOT_UNDERSTAND, size)
-            return StoreStatus.CANNOT_UNDERSTAND
+            return self._refuse(
+                instance, StoreStatus.CANNOT_UNDERSTAND, str(exc),
+                "check the file on the sending system; it was not stored",
+            )  # fmt: skip
         except DatasetMismatch as exc:
-            status = (
-                StoreStatus.SOP_CLASS_MISMATCH
-                if exc.sop_class
-                else (StoreStatus.SOP_INSTANCE_MISMATCH)
+            status = StoreStatus.SOP_INSTANCE_MISMATCH
+            if exc.sop_class:
+                status = StoreStatus.SOP_CLASS_MISMATCH
+            return self._refuse(
+                instance, status, str(exc), "the sender's request and data set disagree; not stored"
             )
-            log.warning(
-                "store.refused",
-                reason=str(exc),
-                status=f"0x{status:04X}",
-                action="the sender's request and data set disagree; not stored",
-                **peer,
-            )
-            self._metrics.instance_refused(status, size)
-            return status
         except StudyTooLarge as exc:
-            log.warning(
-                "store.refused",
-                reason=str(exc),
-                status="0xA700",
-                action="raise node.max_study_mb if the study is genuine; not stored",
-                **peer,
-            )
-            self._metrics.instance_refused(StoreStatus.OUT_OF_RESOURCES, size)
-            return StoreStatus.OUT_OF_RESOURCES
+            return self._refuse(
+                instance, StoreStatus.OUT_OF_RESOURCES, str(exc),
+                "raise node.max_study_mb if the study is genuine; not stored",
+            )  # fmt: skip
         except StorageFull as exc:
-            log.error(
-                "store.refused",
-                reason=str(exc),
-                status="0xA700",
-                action="free disk space under node.data_dir; senders will retry",
-                **peer,
-            )
-            self._metrics.instance_refused(StoreStatus.OUT_OF_RESOURCES, size)
-            return StoreStatus.OUT_OF_RESOURCES
+            return self._refuse(
+                instance, StoreStatus.OUT_OF_RESOURCES, str(exc),
+                "free disk space under node.data_dir; senders will retry", error=True,
+            )  # fmt: skip
+
+    def _refuse(
+        self,
+        instance: ReceivedInstance,
+        status: StoreStatus,
+        reason: str,
+        action: str,
+        *,
+        error: bool = False,
+    ) -> StoreStatus:
+        """One ``store.refused`` line (error: the node's fault; warning: the sender's)."""
+        (log.error if error else log.warning)(
+            "store.refused",
+            reason=reason,
+            status=f"0x{status:04X}",
+            action=action,
+            peer_ae=instance.calling_ae,
+            peer_address=instance.peer_address,
+        )
+        self._metrics.instance_refused(status, len(instance.dataset))
+        return status
 
     def _store(self, instance: ReceivedInstance) -> StoreStatus:
         sop_instance_uid = require_uid(instance.sop_instance_uid, "Affected SOP Instance UID")
