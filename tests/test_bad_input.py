@@ -133,3 +133,19 @@ def test_a_study_past_max_study_mb_is_refused_with_a700_and_others_go_on(
 
     other = storescu(node.port, small)
     assert other.returncode == 0 and len(acknowledged_files(other.stdout + other.stderr)) == 3
+
+
+def test_an_unsupported_transfer_syntax_is_refused_in_negotiation(radnode: RadnodeProcess) -> None:
+    mpeg2 = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile: not a syntax radnode takes
+    ae = AE(ae_title="VIDEO")
+    ae.add_requested_context(CT_IMAGE_STORAGE, mpeg2)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification, so the association opens
+    assoc = ae.associate("127.0.0.1", radnode.port, ae_title="RADNODE")
+    assert assoc.is_established
+    try:
+        (rejected,) = assoc.rejected_contexts
+        assert rejected.abstract_syntax == CT_IMAGE_STORAGE
+        assert rejected.result == 0x04  # transfer syntaxes not supported
+        assert int(assoc.send_c_echo().Status) == 0x0000  # the node goes on
+    finally:
+        assoc.release()
