@@ -626,7 +626,7 @@ def _random_abdomen(rng: np.random.Generator) -> list[_Organ]:
         )
     liver_hu = rng.uniform(55, 65)
     kidney_hu = rng.uniform(28, 36)
-    shapes += [
+    solid = [
         organ((-0.36, -0.04, 0.30), (0.36, 0.33, 0.50), liver_hu, 1, 8.0, 0.15, 0.35),
         # left lobe: reaches across the midline, size varies a lot
         organ((-0.05, -0.20, 0.40), (0.22, 0.13, 0.22), liver_hu, 1, 10.0, 0.35, 0.4),
@@ -634,6 +634,16 @@ def _random_abdomen(rng: np.random.Generator) -> list[_Organ]:
         organ((-0.27, 0.27, -0.12), (0.10, 0.12, 0.30), kidney_hu, 3, 6.0, 0.15, 0.4),
         organ((0.27, 0.27, -0.04), (0.10, 0.12, 0.30), kidney_hu, 4, 6.0, 0.15, 0.4),
     ]
+    # Perirenal fat (thicker in heavier patients) and a thin perisplenic rim: painted
+    # under the organs, so the liver, the aorta and the spine still touch them.
+    fat_hu = shapes[0].hu + rng.uniform(-10, 10)
+    perirenal = rng.uniform(3.0, 8.0) + 60.0 * fat
+    perisplenic = rng.uniform(1.5, 5.0)
+    shapes += [
+        _Organ(o.center, tuple(r + pad for r in o.radii), fat_hu, 0, o.angle)  # type: ignore[arg-type]
+        for o, pad in ((solid[2], perisplenic), (solid[3], perirenal), (solid[4], perirenal))
+    ]
+    shapes += solid
     # Renal sinus fat inside each kidney (not kidney: label 0).
     for kidney in shapes[-2:]:
         r = kidney.radii
@@ -707,7 +717,8 @@ def make_ct_phantom(
     """A randomised abdominal CT phantom with its label map (liver, spleen, kidneys).
 
     Everything not given is drawn from ``seed``: the anatomy (body habitus, fat
-    thickness, organ sizes, positions, turns, a smooth bending of the whole abdomen,
+    thickness, perirenal fat that grows with it, a thin perisplenic fat rim, organ
+    sizes, positions, turns, a smooth bending of the whole abdomen,
     bowel loops and gas, HU of each tissue), the field of view (340-440 mm, so
     ``pixel_spacing`` = FOV / ``rows``), the slice spacing (2-5 mm), the scanned
     length (200-380 mm, so ``slices``) and where along the body the scan starts.

@@ -30,7 +30,12 @@ from service.testing import (
 )
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-BUNDLES = ("ct_abdomen_segmentation", "cxr_nodule_classification", "ct_lowdose_denoising")
+BUNDLES = (
+    "ct_abdomen_segmentation",
+    "cxr_nodule_classification",
+    "ct_lowdose_denoising",
+    "mr_brain_extraction",
+)
 SNOMED = {
     "10200004": "Liver",
     "78961009": "Spleen",
@@ -41,6 +46,7 @@ SNOMED = {
     "427359005": "Solitary nodule of lung",
     "786838002": "Pulmonary nodule",
     "404684003": "Finding",
+    "12738006": "Brain",
 }
 
 
@@ -70,7 +76,8 @@ def test_metadata_has_monai_keys_and_a_radnode_section_with_valid_codes(
             assert concept["scheme"] == "SCT"
             assert SNOMED[concept["value"]].lower() == concept["meaning"].lower()
     if section["task"] == "segmentation":
-        assert [label["value"] for label in section["labels"]] == [1, 2, 3, 4]
+        values = [label["value"] for label in section["labels"]]
+        assert values == list(range(1, len(values) + 1))
     if section["task"] == "classification":
         assert section["heatmap"]["target_layer"]
 
@@ -86,6 +93,15 @@ def test_ct_phantom_is_seeded_varied_and_written_with_its_geometry(tmp_path: Pat
     assert a.spacing != other.spacing or a.hu.shape != other.hu.shape
     for value, (low, high) in {1: (50, 70), 2: (40, 57), 3: (23, 41), 4: (23, 41)}.items():
         assert low < float(np.median(a.clean[a.labels == value])) < high, value
+    # Perirenal fat: most of each kidney's in-plane rim is fat, as in a real abdomen.
+    for kidney in (3, 4):
+        inside = a.labels == kidney
+        rim = np.zeros_like(inside)
+        for axis in (1, 2):
+            for shift in (-1, 1):
+                rim |= np.roll(inside, shift, axis=axis)
+        rim &= ~inside & (a.labels == 0)
+        assert np.mean(a.clean[rim] < -50) > 0.5, kidney
 
     volume = load_series(write_ct_phantom(tmp_path, a))
     assert volume.array.shape == a.hu.shape
@@ -110,9 +126,7 @@ def test_segmentation_finds_the_organs_of_a_held_out_dicom_phantom(tmp_path: Pat
 
     assert labels is not None and labels.shape == phantom.labels.shape
     scores = {name: dice(labels, phantom.labels, v) for v, name in CT_PHANTOM_LABELS.items()}
-    assert scores["liver"] > 0.93, scores
-    assert scores["spleen"] > 0.85, scores
-    assert min(scores["right kidney"], scores["left kidney"]) > 0.75, scores
+    assert min(scores.values()) >= 0.90, scores  # the project's target, per organ
 
 
 # --- classification --------------------------------------------------------------------
