@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             storescu(node.port, phantom)
             node.wait_for_event("job.started", timeout=300)
             print("a segmentation job is running; starting the load")
+        spool = node.data_dir / "spool"
+        before = sum(1 for _ in spool.rglob("*.dcm"))  # the phantom, with --with-model
         idle = EchoProbe(node.port, fresh=False).start()
         time.sleep(2.0)
         idle.stop()
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         acked = sum(len(acknowledged_files(r.stdout + r.stderr)) for r in results)
         failed_senders = sum(1 for r in results if r.returncode != 0)
-        on_disk = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
+        on_disk = sum(1 for _ in spool.rglob("*.dcm")) - before
         print(f"sent in {seconds:.1f} s ({total / seconds:.0f} instances/s)")
         if args.with_model:
             busy = not node.events("job.recorded")
