@@ -387,3 +387,19 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
 def test_status_view_says_what_to_check_when_the_node_is_down() -> None:
     with pytest.raises(StatusUnavailable, match="radnode serve"):
         fetch_status(f"http://127.0.0.1:{free_port()}", timeout=2)
+
+
+def test_the_api_token_never_reaches_the_log(radnode_factory) -> None:
+    secret = "tok-7f3a9c-never-log-me"
+    node = radnode_factory(RADNODE_HTTP__TOKEN=secret).start()
+    node.wait_for_event("api.listening")
+    url = f"http://127.0.0.1:{node.http_port}/api/jobs/no-such-job/retry"
+    for token in (secret, secret + "-wrong"):
+        request = urllib.request.Request(
+            url, method="POST", headers={"Authorization": f"Bearer {token}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10)
+        assert answer.value.code in (403, 404)
+    node.stop()
+    assert node.lines and not [line for line in node.lines if secret in line]
