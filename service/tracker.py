@@ -55,7 +55,7 @@ class JobTracker:
         self.on_delivery = on_delivery
         self.poll_s = poll_s
         self.results_dir = Path(settings.node.data_dir) / "results"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
         self._untraced: dict[str, float] = {}
         self._next_trace_check = 0.0
@@ -74,7 +74,21 @@ class JobTracker:
         )
 
     def submit(self, job: JobRecord) -> str:
-        """Put a run of ``job`` in the queue and remember its task id."""
+        """Put a run of ``job`` in the queue, unless one was put there meanwhile.
+
+        Why the check: the dispatcher creates a job and then submits it, while this
+        tracker's own pass submits any unfinished job without a task. Both could see
+        the new job without one, and the study would run twice. Under the tracker's lock
+        the job is read again; a task id means its run is already queued.
+        """
+        with self._lock:
+            current = self.index.job(job.job_id) or job
+            if current.task_id is not None:
+                return current.task_id
+            return self._submit(current)
+
+    def _submit(self, job: JobRecord) -> str:
+        """Put a run of ``job`` in the queue and remember its task id (no checks)."""
         task_id = self.queue.submit(self.ticket(job))
         self.index.set_task(job.job_id, task_id)
         return task_id
@@ -92,10 +106,10 @@ class JobTracker:
                 if job.state is JobState.RUNNING:
                     self.index.back_to_queue(job.job_id)
                 self.queue.forget(job.job_id, job.task_id, job.attempts)
-                self.submit(job)
+                self._submit(job)
                 requeued.append(job.job_id)
             elif job.task_id is None:
-                self.submit(job)
+                self._submit(job)
                 requeued.append(job.job_id)
         if requeued:
             log.info("jobs.requeued", jobs=requeued, reason="node restarted")
@@ -112,7 +126,7 @@ class JobTracker:
             now = time.time()
             for job in self.index.unfinished_jobs():
                 if job.task_id is None:
-                    self.submit(job)
+                    self._submit(job)
                     continue
                 report = self.queue.report(job.task_id)
                 if report is not None:
@@ -185,7 +199,7 @@ class JobTracker:
                       reason=reason)  # fmt: skip
             return
         self.index.back_to_queue(job.job_id)
-        self.submit(job)
+        self._submit(job)
         log.warning("job.requeued", job=job.job_id, study=job.study_key, reason=why,
                     attempts=job.attempts)  # fmt: skip
 

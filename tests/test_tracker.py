@@ -1,0 +1,50 @@
+"""The edge's job tracker on a real index, queue (huey on SQLite) and outbox; no workers.
+
+Found by ``bench/end_to_end.py``: a CT job sometimes ran twice. The dispatcher creates a
+job and then submits it; the tracker's periodic pass submits any unfinished job that
+has no task yet. When the pass ran between the two, both submitted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+
+from dicom_nodes.scp import ReceivedInstance
+from service.config import Settings
+from service.delivery import Outbox
+from service.index import StudyIndex
+from service.ingest import Ingest
+from service.queue import JobQueue
+from service.spool import Spool
+from service.tracker import JobTracker
+
+
+def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    data = encode(ds, False, True)
+    assert data is not None
+    instance = ReceivedInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, data,
+        "PACS", "RADNODE", "127.0.0.1",
+    )  # fmt: skip
+    Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
+    queue = JobQueue(settings)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None and job.task_id is None
+    tracker.check_now()  # the periodic pass comes first and submits the new job
+    task = tracker.submit(job)  # then the dispatcher, with its record from before
+
+    assert queue.pending_task_ids() == {task}
+    assert index.job(job.job_id).task_id == task
+    index.close()
