@@ -112,9 +112,10 @@ class PipelineResult:
         """Voxels per label value of a segmentation (labels with no voxel give 0)."""
         if self.label_map is None:
             return {}
-        counts = np.bincount(self.label_map.ravel().astype(np.int64, copy=False))
+        # One comparison pass per label: a few labels over a 300 x 512 x 512 map take a
+        # tenth of a second, where bincount first widens the whole map to int64.
         return {
-            label.value: int(counts[label.value]) if label.value < len(counts) else 0
+            label.value: int(np.count_nonzero(self.label_map == label.value))
             for label in self.labels
         }
 
