@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, require_tool, wait_for_port
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory) -> Iterator[dict]:
-    """A real Orthanc on free loopback ports with a throw-away storage directory."""
+@contextlib.contextmanager
+def running_orthanc(root: Path) -> Iterator[dict]:
+    """A real Orthanc on free loopback ports, its storage under ``root``; for tests and
+    benchmarks. Yields ``{"port": DICOM port, "http": REST base URL}``."""
     binary = require_tool("Orthanc")
-    root = tmp_path_factory.mktemp("orthanc")
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "radnode-test",
@@ -42,6 +44,13 @@ def orthanc(tmp_path_factory) -> Iterator[dict]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[dict]:
+    """A real Orthanc on free loopback ports with a throw-away storage directory."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as peer:
+        yield peer
 
 
 def orthanc_get(base: str, path: str):
