@@ -157,3 +157,42 @@ def test_broken_bundles_are_named_with_what_to_fix(models: Path, tmp_path: Path)
     shutil.copy(models / "cxr_test_classifier" / "models" / "model.pt", broken / "models")
     with pytest.raises(BundleError, match="does not fit network_def"):
         load_bundle(read_bundle_spec(broken))
+
+
+# --- bringing a coarse label map back to the source grid ----------------------------
+
+
+def _grids(rotate: bool = False):
+    from monai.data import MetaTensor
+
+    rng = np.random.default_rng(1)
+    coarse = np.diag([3.0, 3.0, 3.0, 1.0])
+    coarse[:3, 3] = [-60.213, -55.731, -40.117]  # no sample falls on a tie
+    labels = rng.integers(0, 5, (1, 40, 38, 30)).astype(np.float32)
+    source = np.diag([-0.7, -0.7, 1.25, 1.0])  # an axial series: x and y flipped in RAS
+    source[:3, 3] = [59.031, 60.347, -45.009]
+    if rotate:
+        c, s = np.cos(0.3), np.sin(0.3)
+        source[:3, :3] = source[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    prediction = MetaTensor(torch.as_tensor(labels), affine=torch.as_tensor(coarse))
+    reference = MetaTensor(torch.zeros(1, 171, 165, 90), affine=torch.as_tensor(source))
+    return prediction, reference
+
+
+def test_nearest_resampling_by_index_equals_monai_on_an_aligned_grid() -> None:
+    from monai.transforms import ResampleToMatch
+
+    from service.pipeline.inference import _nearest_on_aligned_grid
+
+    prediction, reference = _grids()
+    expected = ResampleToMatch(mode="nearest", padding_mode="zeros")(prediction, reference)
+    fast = _nearest_on_aligned_grid(prediction, reference)
+    assert fast is not None
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(expected))
+    assert 0 < float((np.asarray(fast) == 0).mean()) < 1  # part of the source is outside
+
+
+def test_nearest_resampling_by_index_declines_a_rotated_grid() -> None:
+    from service.pipeline.inference import _nearest_on_aligned_grid
+
+    assert _nearest_on_aligned_grid(*_grids(rotate=True)) is None

@@ -247,7 +247,49 @@ def _to_source_grid(prediction: Any, reference: Any, mode: str, notes: dict[str,
             " back; add Invertd to its postprocessing"
         )
     notes["resampled_by_radnode"] = True
+    if mode == "nearest":
+        fast = _nearest_on_aligned_grid(prediction, reference)
+        if fast is not None:
+            return fast
     return ResampleToMatch(mode=mode, padding_mode="zeros")(prediction.float(), reference)
+
+
+def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
+    """Nearest-neighbour resampling by index arithmetic, or None when it does not apply.
+
+    Why: a label map from a bundle that worked on a coarser grid (3 mm) has to come back
+    to a 512 x 512 x 300 series; a general resampler builds a coordinate for every
+    output voxel (seconds and gigabytes). When each axis of the source grid maps onto
+    one axis of the prediction's grid (scaled, shifted, flipped: the usual Spacing and
+    Orientation), the nearest voxel along each axis is a rounded linear function of the
+    index, and the output is one fancy-indexing step. Voxels that fall outside the
+    prediction are 0, as with ``padding_mode="zeros"``.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    if prediction.ndim != 4 or reference.ndim != 4:
+        return None
+    to_prediction = np.linalg.inv(np.asarray(prediction.affine, dtype=np.float64)) @ np.asarray(
+        reference.affine, dtype=np.float64
+    )
+    linear = to_prediction[:3, :3]
+    if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
+        return None
+    indices, inside = [], []
+    for axis, size in enumerate(reference.shape[1:]):
+        position = to_prediction[axis, axis] * np.arange(size) + to_prediction[axis, 3]
+        index = np.rint(position).astype(np.int64)  # ties to even, as torch rounds
+        valid = (index >= 0) & (index < prediction.shape[axis + 1])
+        indices.append(np.clip(index, 0, prediction.shape[axis + 1] - 1))
+        inside.append(valid)
+    source = np.asarray(prediction.detach().cpu().numpy()[0])
+    out = source[np.ix_(*indices)]
+    if not all(valid.all() for valid in inside):
+        x, y, z = inside  # np.ix_ would turn boolean masks into index lists
+        out = np.where(x[:, None, None] & y[None, :, None] & z[None, None, :], out, 0)
+    tensor = torch.as_tensor(np.ascontiguousarray(out)[np.newaxis])
+    return MetaTensor(tensor, affine=reference.affine)
 
 
 def _to_volume_layout(prediction: Any, volume: Volume) -> NDArray[Any]:
