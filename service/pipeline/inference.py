@@ -187,10 +187,13 @@ def _interpret(
             prediction = _keep_meta(prediction, prediction.argmax(0, keepdim=True))
             notes["argmax_by_radnode"] = True
         prediction = _to_source_grid(prediction, reference, "nearest", notes)
-        labels = np.rint(_to_volume_layout(prediction, volume)).astype(np.int64)
-        top = max((label.value for label in bundle.spec.labels), default=int(labels.max()))
-        dtype = np.uint8 if max(top, int(labels.max(initial=0))) < 256 else np.uint16
-        return {"label_map": labels.astype(dtype)}
+        labels = _to_volume_layout(prediction, volume)
+        if not np.issubdtype(labels.dtype, np.integer):
+            labels = np.rint(labels)
+        highest = int(labels.max(initial=0))
+        top = max((label.value for label in bundle.spec.labels), default=highest)
+        dtype = np.uint8 if max(top, highest) < 256 else np.uint16
+        return {"label_map": labels.astype(dtype, copy=False)}
     prediction = _to_source_grid(prediction[:1], reference, "bilinear", notes)
     return {"image": _to_volume_layout(prediction, volume).astype(np.float32)}
 
@@ -284,6 +287,10 @@ def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
         indices.append(np.clip(index, 0, prediction.shape[axis + 1] - 1))
         inside.append(valid)
     source = np.asarray(prediction.detach().cpu().numpy()[0])
+    if source.dtype.kind == "f":  # labels: cast the small grid, not the large one
+        source = np.rint(source)
+        small = source.size == 0 or (source.min() >= 0 and source.max() < 256)
+        source = source.astype(np.uint8 if small else np.int32)
     out = source[np.ix_(*indices)]
     if not all(valid.all() for valid in inside):
         x, y, z = inside  # np.ix_ would turn boolean masks into index lists
