@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -195,3 +197,51 @@ def test_results_reach_the_pacs_in_the_source_study(
     node.wait_for_event("study.complete", count=2, timeout=60)
     time.sleep(1.0)  # give the dispatcher a chance to (wrongly) queue something
     assert len(node.events("job.queued")) == 1
+
+
+def test_phi_sentinels_appear_in_no_log_line_and_no_api_response(
+    radnode_factory, models: Path, tmp_path: Path, orthanc, listener_factory
+) -> None:
+    """Issue 5's check: a study with sentinel patient data goes through the whole node
+    (receive, routing, a job, SEG/SR/SC to the PACS, ORU^R01 to the RIS); the sentinels
+    must reach the PACS and the RIS, and nowhere else."""
+    sentinels = ("PHI^SENTINEL", "PHI-ID-0001", "PHI-ACC-0001")
+    ris = listener_factory("AA")
+    routes = [{"name": "ct", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+               "destinations": ["pacs", "ris"]}]  # fmt: skip
+    destinations = [
+        {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": orthanc["port"],
+         "ae_title": "ORTHANC", "backoff_s": 0.2},
+        {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port, "backoff_s": 0.2},
+    ]  # fmt: skip
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=json.dumps(routes),
+        RADNODE_DESTINATIONS=json.dumps(destinations),
+        RADNODE_LOG__LEVEL="debug",  # the most verbose logging must not leak either
+    ).start()
+    ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96,
+                         pixel_spacing=(3.0, 3.0), slice_thickness=3.0,
+                         patient_name=sentinels[0], patient_id=sentinels[1],
+                         accession_number=sentinels[2])  # fmt: skip
+    assert storescu(node.port, ct).returncode == 0
+    node.wait_for_event("dicom.sent", timeout=120)
+    node.wait_for_event("hl7.sent", timeout=60)
+
+    base = f"http://127.0.0.1:{node.http_port}"
+    answers = []
+    for path in ("/healthz", "/readyz", "/metrics", "/api/studies", "/api/jobs",
+                 "/api/dead-letters", "/openapi.json"):  # fmt: skip
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                answers.append(response.read().decode())
+        except urllib.error.HTTPError as error:  # a route that answers 4xx still answers
+            answers.append(error.read().decode())
+    status = subprocess.run(
+        [str(Path(sys.executable).with_name("radnode")), "status", "--url", base],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    node.stop()
+    seen = "\n".join([*node.lines, *answers, status.stdout, status.stderr])
+    assert [s for s in sentinels if s in seen] == []
+    assert sentinels[1] in ris.received[0]  # the RIS does get them: that is its job
