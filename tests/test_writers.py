@@ -307,3 +307,14 @@ def test_headers_out_of_order_are_refused(ct, tmp_path):
     volume, headers = ct
     with pytest.raises(ValueError, match=r"volume\.sources order"):
         write_dicom_results(_segmentation(volume), volume, headers[::-1], tmp_path)
+
+
+def test_dcmtk_dsrdump_renders_every_sr(written):
+    reports = [p for kind in written.values() for p in kind if p.name.startswith("SR_")]
+    assert len(reports) == 3  # segmentation, classification, reconstruction
+    for path in reports:
+        run = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "Imaging Measurement Report" in run.stdout, run.stdout[:500]
+        assert "E:" not in run.stderr, run.stderr  # DCMTK prefixes errors with "E:"

@@ -11,15 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require_tool, wait_for_port
+from tests.conftest import dcmtk_env, free_port, require_tool, wait_for_port
 
 
 @contextlib.contextmanager
-def running_orthanc(root: Path) -> Iterator[dict]:
-    """A real Orthanc on free loopback ports, its storage under ``root``; for tests and
-    benchmarks. Yields ``{"port": DICOM port, "http": REST base URL}``."""
+def running_orthanc(
+    root: Path, *, dicom_port: int | None = None, modalities: dict[str, list] | None = None
+) -> Iterator[dict]:
+    """A real Orthanc on loopback ports, its storage under ``root``; for tests and
+    benchmarks. Yields ``{"port": DICOM port, "http": REST base URL}``.
+
+    ``modalities``: Orthanc's ``DicomModalities`` (name -> [AE title, host, port]), the
+    peers it may send to, e.g. radnode for auto-routing. DCMTK inside Orthanc gets
+    ``TCP_NODELAY=1`` as every DCMTK program in these tests does.
+    """
     binary = require_tool("Orthanc")
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     config = {
         "Name": "radnode-test",
         "StorageDirectory": str(root / "db"),
@@ -31,11 +38,14 @@ def running_orthanc(root: Path) -> Iterator[dict]:
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False,
         "Plugins": [],
+        "DicomModalities": modalities or {},
     }
     path = root / "orthanc.json"
     path.write_text(json.dumps(config))
     log = (root / "orthanc.log").open("w")
-    proc = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env()
+    )
     try:
         wait_for_port(dicom_port, proc=proc)
         wait_for_port(http_port, proc=proc)

@@ -1,0 +1,176 @@
+"""Orthanc as the PACS, both ways: it auto-routes a study to radnode, gets the results back.
+
+The study is uploaded to a real Orthanc, which is asked over its REST API to send it to
+radnode (as a PACS's auto-routing rule would). radnode runs a segmentation (the
+threshold test bundle: SEG, SR, Secondary Capture) and the shipped low-dose CT
+reconstruction (a derived CT series, SR) and sends everything back. What arrived is
+read back through Orthanc's REST API. A second test keeps the PACS down while results
+are ready, then starts it: everything arrives, once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from service.publish import OUTBOX_FILE
+from service.testing import write_ct_series
+from tests.conftest import free_port, storescu
+from tests.support.bundles import write_threshold_bundle
+from tests.support.orthanc import orthanc_get, running_orthanc
+
+pytestmark = pytest.mark.integration
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+STUDY_UID = "1.2.826.0.1.3680043.8.498.4242"
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    write_threshold_bundle(root)
+    (root / "ct_lowdose_denoising").symlink_to(REPO_MODELS / "ct_lowdose_denoising")
+    return root
+
+
+def outbox_states(data_dir: Path) -> list[str]:
+    path = data_dir / OUTBOX_FILE
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        return [state for (state,) in db.execute("SELECT state FROM deliveries")]
+
+
+def wait_all_sent(node, expected_jobs: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not (
+        len(node.events("job.recorded")) >= expected_jobs
+        and set(outbox_states(node.data_dir)) == {"sent"}
+    ):
+        assert time.monotonic() < deadline, "\n".join(node.lines[-15:])
+        time.sleep(0.2)
+
+
+def post(base: str, path: str, body: bytes) -> bytes:
+    request = urllib.request.Request(base + path, data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        return answer.read()
+
+
+def series_in_orthanc(http: str) -> dict[str, list[dict]]:
+    """Modality -> [{"uid", "description", "instances": [tags...]}] of the test study."""
+    (study,) = [s for s in orthanc_get(http, "/studies?expand")
+                if s["MainDicomTags"]["StudyInstanceUID"] == STUDY_UID]  # fmt: skip
+    found: dict[str, list[dict]] = {}
+    for series_id in study["Series"]:
+        info = orthanc_get(http, f"/series/{series_id}")
+        tags = info["MainDicomTags"]
+        found.setdefault(tags["Modality"], []).append({
+            "uid": tags["SeriesInstanceUID"],
+            "description": tags.get("SeriesDescription", ""),
+            "instances": info["Instances"],
+        })  # fmt: skip
+    return found
+
+
+def routes(*pipelines: str) -> str:
+    return json.dumps([
+        {"name": p, "pipeline": p, "match": {"Modality": "CT"}, "destinations": ["pacs"]}
+        for p in pipelines
+    ])  # fmt: skip
+
+
+def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    node = radnode_factory(RADNODE_MODELS__DIR=str(models))  # not started: its port is known
+    modalities = {"radnode": ["RADNODE", "127.0.0.1", node.port]}
+    (tmp_path / "orthanc").mkdir()
+    with running_orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
+        node.extra_env.update(
+            RADNODE_ROUTES=routes("bone_threshold", "ct_lowdose_denoising"),
+            RADNODE_DESTINATIONS=json.dumps(
+                [
+                    {
+                        "name": "pacs",
+                        "type": "dicom",
+                        "host": "127.0.0.1",
+                        "port": pacs["port"],
+                        "ae_title": "ORTHANC",
+                        "backoff_s": 0.2,
+                    }
+                ]
+            ),
+        )
+        node.start()
+        ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96, study_uid=STUDY_UID,
+                             pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+        for path in ct:
+            post(pacs["http"], "/instances", path.read_bytes())
+        (study_id,) = orthanc_get(pacs["http"], "/studies")
+        post(pacs["http"], "/modalities/radnode/store", study_id.encode())  # auto-routing
+
+        wait_all_sent(node, expected_jobs=2)
+        found = series_in_orthanc(pacs["http"])
+        source_uid = str(dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
+        ct_series = {s["uid"]: s for s in found["CT"]}
+        assert source_uid in ct_series and len(ct_series) == 2  # source + derived
+        (derived,) = [s for uid, s in ct_series.items() if uid != source_uid]
+        assert len(derived["instances"]) == len(ct)  # one derived image per source slice
+        assert len(found["SEG"]) == 1 and len(found["SEG"][0]["instances"]) == 1
+        assert len(found["SR"]) == 2  # one report per pipeline
+        assert found["OT"]  # the Secondary Capture overlay
+        # The SEG points at the source series, the derived images at their source images.
+        seg_id = found["SEG"][0]["instances"][0]
+        seg = orthanc_get(pacs["http"], f"/instances/{seg_id}/tags?simplify")
+        assert seg["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == source_uid
+        first = derived["instances"][0]
+        derived_tags = orthanc_get(pacs["http"], f"/instances/{first}/tags?simplify")
+    source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct}
+    referenced = derived_tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]
+    assert referenced in source_uids
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    pacs_port = free_port()  # nothing listens there yet: the PACS is down
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=routes("bone_threshold"),
+        RADNODE_DESTINATIONS=json.dumps(
+            [
+                {
+                    "name": "pacs",
+                    "type": "dicom",
+                    "host": "127.0.0.1",
+                    "port": pacs_port,
+                    "ae_title": "ORTHANC",
+                    "backoff_s": 0.2,
+                }
+            ]
+        ),
+    ).start()
+    ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96, study_uid=STUDY_UID,
+                         pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+    assert storescu(node.port, ct).returncode == 0
+    node.wait_for_event("dicom.retry", count=2, timeout=120)  # tried, and will try again
+    assert "sent" not in outbox_states(node.data_dir)
+
+    (tmp_path / "orthanc").mkdir()
+    with running_orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
+        wait_all_sent(node, expected_jobs=1, timeout=120)
+        found = series_in_orthanc(pacs["http"])
+    written = sorted((node.data_dir / "results").glob("*/dicom/*.dcm"))
+    in_pacs = sum(len(s["instances"]) for series in found.values() for s in series)
+    assert in_pacs == len(written) == 3  # SEG, SR, Secondary Capture: none lost, none twice
+    assert not node.events("dicom.dead_letter")
+    with sqlite3.connect(node.data_dir / OUTBOX_FILE) as db:  # a route without HL7 sends none
+        kinds = {kind for (kind,) in db.execute("SELECT kind FROM deliveries")}
+    assert kinds == {"dicom"}
