@@ -10,68 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from service.testing import write_ct_series
-from tests.conftest import RADNODE, free_port, require_tool, storescu, wait_for_port
+from tests.conftest import storescu
 from tests.support.bundles import write_zoo_spleen_bundle
+from tests.support.scale_out import Worker, running_redis
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def redis_url(tmp_path: Path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_for_port(port, proc=proc)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-class Worker:
-    """A `radnode worker` process whose JSON log lines are kept."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([str(RADNODE), "worker"], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def events(self, name: str) -> list[dict]:
-        found = []
-        for line in list(self.lines):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if item.get("event") == name:
-                found.append(item)
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    with running_redis(tmp_path) as url:
+        yield url
 
 
 def test_two_workers_share_the_jobs_and_a_killed_worker_loses_none(
