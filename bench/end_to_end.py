@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import tempfile
 import time
@@ -34,11 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from service.publish import OUTBOX_FILE  # noqa: E402
 from service.testing import make_ct_phantom, write_ct_phantom, write_radiograph  # noqa: E402
 from tests.conftest import RadnodeProcess, free_port, storescu  # noqa: E402
 from tests.support.mllp import MllpListener  # noqa: E402
 from tests.support.orthanc import running_orthanc  # noqa: E402
+from tests.support.outbox import delivery_states  # noqa: E402
 
 QUIET_S = 2.0
 TARGET_SHARE = 0.20
@@ -46,15 +45,6 @@ TARGET_SHARE = 0.20
 
 def _when(event: dict) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
-
-
-def _all_delivered(data_dir: Path, job: str) -> bool:
-    path = data_dir / OUTBOX_FILE
-    if not path.exists():
-        return False
-    with sqlite3.connect(path) as db:
-        states = {s for (s,) in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job,))}
-    return states == {"sent"}
 
 
 def _one_study(node: RadnodeProcess, files: list[Path], what: str, timeout: float) -> None:
@@ -72,7 +62,7 @@ def _one_study(node: RadnodeProcess, files: list[Path], what: str, timeout: floa
         time.sleep(0.05)
     finished = node.events("job.finished")[started_before]
     job = finished["job"]
-    while not _all_delivered(node.data_dir, job):
+    while set(delivery_states(node.data_dir, job)) != {"sent"}:
         if time.monotonic() > deadline:
             print(f"{what}: deliveries of job {job} not all sent within {timeout:.0f} s")
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from service.pipeline.bundle import find_weights
 from service.routing import RouteRule
 
 #: Body parts a CT abdomen model has no business reading (BodyPartExamined).
@@ -71,8 +72,7 @@ _REFERENCE: list[dict[str, Any]] = [
 
 def _installed(bundle: Path) -> bool:
     """A bundle folder with its weights (mr_brain_extraction's come by an install step)."""
-    weights = (bundle / "models" / name for name in ("model.pt", "model.ts"))
-    return (bundle / "configs").is_dir() and any(path.is_file() for path in weights)
+    return (bundle / "configs").is_dir() and find_weights(bundle) is not None
 
 
 def reference_routes(models_dir: Path) -> list[RouteRule]:

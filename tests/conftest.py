@@ -91,6 +91,19 @@ def acknowledged_files(storescu_output: str) -> list[str]:
     return acked
 
 
+def json_events(lines: list[str], name: str | None = None) -> list[dict]:
+    """The JSON log events among ``lines`` (optionally only those named ``name``)."""
+    parsed = []
+    for line in list(lines):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if name is None or item.get("event") == name:
+            parsed.append(item)
+    return parsed
+
+
 @dataclass
 class RadnodeProcess:
     """``radnode serve`` as a child process with its own data dir and ports."""
@@ -139,15 +152,7 @@ class RadnodeProcess:
 
     def events(self, name: str | None = None) -> list[dict]:
         """Parsed JSON log events (optionally only those named ``name``)."""
-        parsed = []
-        for line in list(self.lines):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if name is None or item.get("event") == name:
-                parsed.append(item)
-        return parsed
+        return json_events(self.lines, name)
 
     def wait_for_event(self, name: str, timeout: float = 30.0, count: int = 1) -> list[dict]:
         deadline = time.monotonic() + timeout

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from service.publish import OUTBOX_FILE
 from service.testing import write_ct_series
 from tests.conftest import acknowledged_files, dcmtk_env, require_tool, storescu
 from tests.support.bundles import write_threshold_bundle
 from tests.support.orthanc import orthanc_get
+from tests.support.outbox import delivery_states
 
 pytestmark = pytest.mark.integration
 
@@ -106,15 +106,6 @@ def test_sigkill_during_receive_loses_no_acknowledged_instance(
     assert complete["instances"] == len(series)
 
 
-def deliveries(data_dir: Path) -> set[str]:
-    """The states of the outbox's deliveries (empty before the job has published)."""
-    path = data_dir / OUTBOX_FILE
-    if not path.exists():
-        return set()
-    with sqlite3.connect(path) as db:
-        return {state for (state,) in db.execute("SELECT state FROM deliveries")}
-
-
 @pytest.mark.parametrize(
     ("moment", "run"), [("inference", 0), ("inference", 1), ("delivery", 0), ("delivery", 1)]
 )
@@ -150,7 +141,7 @@ def test_sigkill_during_inference_or_delivery_still_delivers_once(
 
     restarted = radnode_factory(**env).start()  # same data dir
     deadline = time.monotonic() + 180
-    while deliveries(restarted.data_dir) != {"sent"}:
+    while set(delivery_states(restarted.data_dir)) != {"sent"}:
         assert time.monotonic() < deadline, "\n".join(restarted.lines[-20:])
         time.sleep(0.2)
     with sqlite3.connect(restarted.data_dir / "index.sqlite3") as db:

@@ -24,6 +24,7 @@ from service.testing import write_ct_series
 from tests.conftest import free_port, storescu
 from tests.support.bundles import write_threshold_bundle
 from tests.support.orthanc import orthanc_get, running_orthanc
+from tests.support.outbox import delivery_states
 
 pytestmark = pytest.mark.integration
 
@@ -39,19 +40,11 @@ def models(tmp_path: Path) -> Path:
     return root
 
 
-def outbox_states(data_dir: Path) -> list[str]:
-    path = data_dir / OUTBOX_FILE
-    if not path.exists():
-        return []
-    with sqlite3.connect(path) as db:
-        return [state for (state,) in db.execute("SELECT state FROM deliveries")]
-
-
 def wait_all_sent(node, expected_jobs: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not (
         len(node.events("job.recorded")) >= expected_jobs
-        and set(outbox_states(node.data_dir)) == {"sent"}
+        and set(delivery_states(node.data_dir)) == {"sent"}
     ):
         assert time.monotonic() < deadline, "\n".join(node.lines[-15:])
         time.sleep(0.2)
@@ -161,7 +154,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
                          pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
     assert storescu(node.port, ct).returncode == 0
     node.wait_for_event("dicom.retry", count=2, timeout=120)  # tried, and will try again
-    assert "sent" not in outbox_states(node.data_dir)
+    assert "sent" not in delivery_states(node.data_dir)
 
     (tmp_path / "orthanc").mkdir()
     with running_orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:

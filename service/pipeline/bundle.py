@@ -97,6 +97,12 @@ class BundleSpec:
     output_key: str = "pred"
 
 
+def find_weights(path: Path) -> Path | None:
+    """The bundle's weights file (``models/model.pt`` or ``models/model.ts``), if present."""
+    candidates = (path / "models" / name for name in _WEIGHT_NAMES)
+    return next((weights for weights in candidates if weights.is_file()), None)
+
+
 def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
     """Read a bundle folder's metadata; raise :class:`BundleError` saying what is wrong.
 
@@ -118,9 +124,7 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
             f"bundle {path.name}: no configs/inference.json or .yaml; radnode runs a bundle's"
             " inference config"
         )
-    weights = next(
-        (path / "models" / n for n in _WEIGHT_NAMES if (path / "models" / n).is_file()), None
-    )
+    weights = find_weights(path)
     if weights is None and not require_weights:
         weights = path / "models" / "model.pt"
     if weights is None:

@@ -279,12 +279,14 @@ class _Geometry:
 # --------------------------------------------------------------------------- public API
 
 
-def read_headers(items: Sequence[SeriesItem]) -> list[Dataset]:
+def read_headers(items: Sequence[SeriesItem], *, defer_pixels: bool = False) -> list[Dataset]:
     """Read each instance without its pixel data; Datasets given in memory pass through.
 
     Cheap by design: geometry checks run on these, so a refused series is never decoded.
+    ``defer_pixels`` keeps Pixel Data's length without reading its bytes (see
+    :func:`_read_header`).
     """
-    return [_read_header(item, index) for index, item in enumerate(items)]
+    return [_read_header(item, i, defer_pixels=defer_pixels) for i, item in enumerate(items)]
 
 
 #: What damaged header values raise inside pydicom, numpy and the checks below when
@@ -388,7 +390,7 @@ def load_series(
     """
     with _refuse_malformed("reading the headers"):
         # Pixel Data deferred, not skipped: its length is known without reading it.
-        headers = [_read_header(item, i, defer_pixels=True) for i, item in enumerate(items)]
+        headers = read_headers(items, defer_pixels=True)
     plan = plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
     with _refuse_malformed("decoding the pixel data"):
         _check_pixel_lengths(plan, headers)  # before the volume's array is allocated
@@ -418,7 +420,8 @@ def _read_header(item: SeriesItem, index: int, *, defer_pixels: bool = False) ->
     """The header of one item; ``defer_pixels`` keeps Pixel Data's length, not its bytes.
 
     Only :func:`load_series` defers: a deferred element is read from the file when it
-    is touched, which the writers (who iterate over source headers) must never do.
+    is touched, which the writers (who iterate over source headers) must never do, so
+    :func:`read_headers` does not defer unless asked.
     """
     if isinstance(item, Dataset):
         return item
@@ -994,7 +997,7 @@ def _pixel_data_length(ds: Dataset) -> int:
     if element is None:
         return 0
     if isinstance(element, RawDataElement):
-        return 0 if element.value is None and element.length == 0 else int(element.length)
+        return int(element.length)
     return len(element.value) if element.value is not None else 0
 
 

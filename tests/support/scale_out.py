@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import RADNODE, free_port, require_tool, wait_for_port
+from tests.conftest import RADNODE, free_port, json_events, require_tool, wait_for_port
 
 
 @contextlib.contextmanager
@@ -45,15 +44,7 @@ class Worker:
             self.lines.append(line)
 
     def events(self, name: str) -> list[dict]:
-        found = []
-        for line in list(self.lines):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if item.get("event") == name:
-                found.append(item)
-        return found
+        return json_events(self.lines, name)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
