@@ -39,6 +39,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_nodes import reactor
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
 from dicom_nodes.tls import describe_handshake_error, server_context
@@ -188,6 +189,8 @@ class StorageSCP:
         _config.LOG_HANDLER_LEVEL = "none"
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        # Wait on events, not 1 ms sleeps, in pynetdicom's reactors (dicom_nodes.reactor).
+        reactor.install()
 
     @property
     def port(self) -> int:

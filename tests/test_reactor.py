@@ -1,0 +1,100 @@
+"""The event-driven pynetdicom reactors (dicom_nodes.reactor) keep pynetdicom's protocol.
+
+Both ends are real pynetdicom associations over loopback; DCMTK peers exercise the same
+classes through every other SCP/SCU test. No timing is asserted here (bench/ingest.py
+and bench/scu.py measure speed); these tests check that the substituted classes are the
+ones pynetdicom builds and that release, abort, the network timeout and many
+back-to-back messages behave as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_nodes import reactor
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def server():
+    reactor.install()
+    events: list[str] = []
+    done = threading.Event()
+
+    def closed(event: evt.Event) -> None:
+        events.append("released" if event.event is evt.EVT_RELEASED else "aborted")
+        done.set()
+
+    ae = AE(ae_title="RADNODE")
+    ae.add_supported_context(Verification)
+    ae.network_timeout = 0.5
+    port = free_port()
+    scp = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed)],
+    )
+    yield scp, port, events, done
+    scp.shutdown()
+
+
+def _requestor(port: int):
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="RADNODE")
+
+
+def test_both_ends_use_the_event_driven_classes(server):
+    scp, port, _, _ = server
+    assoc = _requestor(port)
+    assert assoc.is_established
+    assert type(assoc) is reactor.EventDrivenAssociation
+    assert isinstance(assoc.dul, reactor.EventDrivenDUL)
+    accepted = scp.active_associations
+    assert [type(a) for a in accepted] == [reactor.EventDrivenAssociation]
+    assoc.release()
+
+
+def test_many_messages_then_release_end_both_threads(server):
+    scp, port, events, done = server
+    assoc = _requestor(port)
+    statuses = [assoc.send_c_echo().Status for _ in range(500)]
+    assert statuses == [0x0000] * 500
+    accepted = scp.active_associations[0]
+    assoc.release()
+    assert assoc.is_released
+    assert done.wait(5)
+    assert events == ["released"]
+    accepted.join(5)
+    assoc.join(5)
+    assert not accepted.is_alive() and not assoc.is_alive()
+    assert not accepted.dul.is_alive() and not assoc.dul.is_alive()
+
+
+def test_peer_abort_is_seen_by_the_acceptor(server):
+    _, port, events, done = server
+    assoc = _requestor(port)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.abort()
+    assert done.wait(5)
+    assert events == ["aborted"]
+
+
+def test_network_timeout_still_ends_an_idle_association(server):
+    """The acceptor's network timeout (0.5 s) is checked although the reactor no
+    longer wakes every millisecond."""
+    _, port, events, done = server
+    assoc = _requestor(port)
+    started = time.monotonic()
+    assert done.wait(10)
+    assert events == ["aborted"]
+    assert time.monotonic() - started >= 0.5
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.is_aborted
