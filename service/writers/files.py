@@ -90,7 +90,9 @@ def write_nifti(array: NDArray[Any], volume: Volume, path: Path) -> Path:
     """An array in the volume's [slice, row, column] layout, as NIfTI in RAS."""
     import nibabel
 
-    xyz = np.ascontiguousarray(array.transpose(2, 1, 0))
+    # NIfTI stores x fastest: the transposed view of a C-ordered [slice, row, column]
+    # array is already in that order, so nibabel writes it without a copy.
+    xyz = array.transpose(2, 1, 0)
     affine = volume.affine_ras()
     if volume.is_2d:
         affine = np.diag([volume.spacing[0], volume.spacing[1], 1.0, 1.0])
