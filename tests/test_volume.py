@@ -194,6 +194,35 @@ def test_axial_series_geometry_and_values() -> None:
     assert volume.pixel_spacing_source == "PixelSpacing"
 
 
+def _signed_16_bit(series: list[Dataset], values: list[np.ndarray]) -> list[Dataset]:
+    """Re-encode each slice as signed 16-bit (BitsStored 16): the plan must allow int32."""
+    for ds, slice_values in zip(series, values, strict=True):
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+        ds.PixelData = slice_values.astype("<i2").tobytes()
+    return series
+
+
+def test_signed_16_bit_ct_with_intercept_is_held_as_int16_when_its_values_fit() -> None:
+    """GE-style CT (signed 16-bit, intercept -1024) could in theory reach -33792, so the
+    plan is int32; its real values fit int16, which halves the memory of the job."""
+    series = ct_series()
+    stored = [marker(k).astype(np.int16) - 1000 for k in range(10)]
+    volume = load_series(_signed_16_bit(series, stored))
+    assert volume.array.dtype == np.int16
+    for k in range(10):
+        np.testing.assert_array_equal(volume.array[k], stored[k].astype(np.int64) - 1024)
+
+
+def test_values_beyond_int16_widen_the_volume_to_the_planned_type() -> None:
+    series = ct_series()
+    stored = [marker(k).astype(np.int16) - 1000 for k in range(10)]
+    stored[6][3, 4] = -32000  # -32000 - 1024 does not fit int16
+    volume = load_series(_signed_16_bit(series, stored))
+    assert volume.array.dtype == np.int32
+    for k in range(10):  # frames stored before the widening keep their values
+        np.testing.assert_array_equal(volume.array[k], stored[k].astype(np.int64) - 1024)
+
+
 def test_shuffled_input_gives_the_same_volume_ordered_by_position() -> None:
     series = ct_series()
     shuffled = series[:]

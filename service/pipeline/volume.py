@@ -34,7 +34,8 @@ Conventions (the same as ITK and NIfTI/MONAI, so nothing is re-derived downstrea
 Values are in modality units: Rescale Slope/Intercept (or the Enhanced
 Pixel Value Transformation) are applied. The output stays an integer type when every
 slope is 1 and every intercept integral (the smallest of uint8/int16/int32/int64 that holds
-the stored range before and after the intercept), else float32. MONOCHROME1 data is
+the stored range before and after the intercept; int16 when the actual values fit it,
+as they do for signed 16-bit CT with intercept -1024), else float32. MONOCHROME1 data is
 inverted within its stored range, so bright always means more attenuation/signal
 (MONOCHROME2), and ``inverted_monochrome1`` records that it happened.
 """
@@ -961,8 +962,15 @@ def _output_dtype(frames: Sequence[PlannedFrame]) -> np.dtype[Any]:
 
 
 def _decode(plan: VolumePlan, items: Sequence[SeriesItem]) -> NDArray[Any]:
-    """Fill one preallocated array, reading and decoding one instance at a time."""
-    out = np.empty(plan.shape, dtype=plan.dtype)
+    """Fill one preallocated array, reading and decoding one instance at a time.
+
+    An integer plan wider than 16 bits comes from the range BitsStored allows, not from
+    the data: a signed 16-bit CT with intercept -1024 could in theory reach -33792, so
+    the plan says int32, while its real values fit int16. The array therefore starts as
+    int16 and is widened to the plan's type only if a frame's values do not fit; half
+    the memory for such series through the whole job, the same values either way.
+    """
+    out = np.empty(plan.shape, dtype=_first_try_dtype(plan.dtype))
     slots: dict[int, list[tuple[int, PlannedFrame]]] = {}
     for slice_index, frame in enumerate(plan.frames):
         slots.setdefault(frame.item_index, []).append((slice_index, frame))
@@ -973,8 +981,26 @@ def _decode(plan: VolumePlan, items: Sequence[SeriesItem]) -> NDArray[Any]:
         _check_pixel_data(ds, first)
         decoded = _decoded_frames(ds, [frame.frame_index for _, frame in targets], first)
         for (slice_index, frame), pixels in zip(targets, decoded, strict=True):
-            _store(out[slice_index], pixels, frame)
+            if out.dtype == plan.dtype:
+                _store(out[slice_index], pixels, frame)
+                continue
+            values = np.empty(out.shape[1:], dtype=plan.dtype)
+            _store(values, pixels, frame)
+            if not _fits(values, out.dtype):
+                out = out.astype(plan.dtype)
+            out[slice_index] = values
     return out
+
+
+def _first_try_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    if dtype.kind in "iu" and dtype.itemsize > 2:
+        return np.dtype(np.int16)
+    return dtype
+
+
+def _fits(values: NDArray[Any], dtype: np.dtype[Any]) -> bool:
+    info = np.iinfo(dtype)
+    return values.size == 0 or (info.min <= values.min() and values.max() <= info.max)
 
 
 def _full_dataset(item: SeriesItem, frame: PlannedFrame) -> Dataset:
