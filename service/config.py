@@ -145,6 +145,10 @@ class QueueSettings(_Section):
     url: str | None = None
     #: Worker processes ``radnode serve`` starts itself (0: only separate ``radnode worker``).
     local_workers: int = Field(1, ge=0, le=16)
+    #: CPU priority (nice) of those local workers: they share the CPU with the Storage
+    #: SCP, and a PACS waiting on C-STORE responses matters more than a model finishing
+    #: a little sooner. 0 runs them at the node's own priority.
+    local_worker_niceness: int = Field(10, ge=0, le=19)
     #: Runs of one job before it is marked failed (a worker crash counts as a run).
     max_attempts: int = Field(2, ge=1, le=10)
     #: How often a worker says it is alive; a run silent for 4 beats is lost and runs again.

@@ -148,6 +148,7 @@ class Node:
             settings.queue.local_workers if settings.routes else 0,
             worker_command(config_path),
             on_exit=self._worker_died,
+            niceness=settings.queue.local_worker_niceness,
         )
         self._stopped = threading.Event()
         self._housekeeping = threading.Thread(

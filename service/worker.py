@@ -210,8 +210,10 @@ class WorkerSupervisor:
         command: list[str],
         on_exit: Callable[[int], None] | None = None,
         restart_delay_s: float = 1.0,
+        niceness: int = 0,
     ) -> None:
         self.count = count
+        self.niceness = niceness
         self.command = command
         self.on_exit = on_exit
         self.restart_delay_s = restart_delay_s
@@ -229,8 +231,15 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # logs go to the node's stdout; a worker dies with its node (even on SIGKILL)
-        proc = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
-        log.info("worker.spawned", pid=proc.pid)
+        niceness = self.niceness
+
+        def in_child() -> None:
+            _die_with_parent()
+            if niceness:
+                os.nice(niceness)
+
+        proc = subprocess.Popen(self.command, preexec_fn=in_child)
+        log.info("worker.spawned", pid=proc.pid, niceness=niceness)
         return proc
 
     def _watch(self) -> None:
