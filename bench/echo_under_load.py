@@ -16,7 +16,9 @@ node and is on disk (spool files counted). Prints; never asserts.
 ``--with-model``: the node runs on the reference routes and bundles of ``models/``; a
 phantom abdomen CT goes first and the load starts once its segmentation job has
 started, so the receive path competes with a model for the CPU, as it does in a
-hospital. Whether the job was still running when the load ended is printed.
+hospital. Whether the job was still running when the load ended is printed. The same
+load is first sent to a node without models (the idle rate), and the ratio of the two
+receive rates is printed next to issue 11's target (>= 80 %).
 
     python -m bench.echo_under_load --senders 8 --instances 300 [--with-model]
 """
@@ -103,6 +105,24 @@ def _summary(name: str, probe: EchoProbe) -> str:
     )
 
 
+def _idle_receive_rate(work: Path, series: list[list[Path]], senders: int) -> float:
+    """Instances/s for the same load into a node that runs no model."""
+    node = RadnodeProcess(
+        data_dir=work / "idle-data",
+        port=free_port(),
+        http_port=free_port(),
+        extra_env={"RADNODE_NODE__MAX_ASSOCIATIONS": str(senders + 4)},
+    )
+    node.start()
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=senders) as pool:
+            list(pool.map(lambda files: storescu(node.port, files), series))
+        return sum(len(s) for s in series) / (time.monotonic() - started)
+    finally:
+        node.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=8, help="concurrent associations")
@@ -126,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.senders} senders x {args.instances} instances ({args.size}x{args.size}) = {total}"
     )
+
+    idle_rate = None
+    if args.with_model:
+        idle_rate = _idle_receive_rate(work, series, args.senders)
+        print(f"idle node (no model): {idle_rate:.0f} instances/s")
 
     node = RadnodeProcess(
         data_dir=work / "radnode-data",
@@ -167,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         failed_senders = sum(1 for r in results if r.returncode != 0)
         on_disk = sum(1 for _ in spool.rglob("*.dcm")) - before
         print(f"sent in {seconds:.1f} s ({total / seconds:.0f} instances/s)")
+        if idle_rate:
+            print(
+                f"receive rate while the model runs: {total / seconds / idle_rate:.0%} of idle"
+                " (target >= 80 %, issue 11)"
+            )
         if args.with_model:
             busy = not node.events("job.recorded")
             print(f"the model job was {'still running' if busy else 'finished'} at the end")

@@ -108,11 +108,8 @@ def main() -> None:
         write_ct_phantom(work / "ct", phantom)
         del phantom
         out = work / "figures.json"
-        subprocess.run(
-            [sys.executable, __file__, "--child", str(work / "ct"), "--pipeline",
-             args.pipeline, "--out", str(out)],  # fmt: skip
-            check=True,
-        )
+        child_args = ["--child", str(work / "ct"), "--pipeline", args.pipeline, "--out", str(out)]
+        subprocess.run([sys.executable, __file__, *child_args], check=True)
         figures = json.loads(out.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
