@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -105,6 +106,12 @@ def _summary(name: str, probe: EchoProbe) -> str:
     )
 
 
+def _send_load(port: int, series: list[list[Path]]) -> list[Any]:
+    """Every series at once, one storescu association each; their completed runs."""
+    with ThreadPoolExecutor(max_workers=len(series)) as pool:
+        return list(pool.map(lambda files: storescu(port, files), series))
+
+
 def _idle_receive_rate(work: Path, series: list[list[Path]], senders: int) -> float:
     """Instances/s for the same load into a node that runs no model."""
     node = RadnodeProcess(
@@ -116,8 +123,7 @@ def _idle_receive_rate(work: Path, series: list[list[Path]], senders: int) -> fl
     node.start()
     try:
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=senders) as pool:
-            list(pool.map(lambda files: storescu(node.port, files), series))
+        _send_load(node.port, series)
         return sum(len(s) for s in series) / (time.monotonic() - started)
     finally:
         node.stop()
@@ -182,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         held = EchoProbe(node.port, fresh=False).start()
         fresh = EchoProbe(node.port, fresh=True).start()
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=args.senders) as pool:
-            results = list(pool.map(lambda files: storescu(node.port, files), series))
+        results = _send_load(node.port, series)
         seconds = time.monotonic() - started
         held.stop()
         fresh.stop()

@@ -146,9 +146,8 @@ class EventDrivenAssociation(Association):
         self.network_timeout = self.network_timeout
 
     def kill(self) -> None:
-        self._wake.set()
         super().kill()
-        self._wake.set()
+        self._wake.set()  # the reactor sees _kill now, not after its bounded wait
 
     def _run_reactor(self) -> None:
         """pynetdicom's ``Association._run_reactor`` with the 1 ms sleep replaced by a

@@ -84,21 +84,15 @@ def volume_to_metatensor(volume: Volume, dimensions: int) -> Any:
         # as fast as numpy's, and converting after the copy keeps it at the stored width.
         tensor = torch.from_numpy(volume.array).permute(2, 1, 0).contiguous().float()
         affine = volume.affine_ras()
-    meta = _image_meta(affine, tuple(tensor.shape), volume)
-    return MetaTensor(tensor, meta=meta)
-
-
-def _image_meta(affine: Any, shape: tuple[int, ...], volume: Volume) -> dict[str, Any]:
-    import torch
-
-    return {
+    meta = {
         "affine": torch.as_tensor(affine, dtype=torch.float64),
         "original_affine": torch.as_tensor(affine, dtype=torch.float64),
-        "spatial_shape": np.asarray(shape),
+        "spatial_shape": np.asarray(tensor.shape),
         "original_channel_dim": float("nan"),
         "space": "RAS",
         "filename_or_obj": f"series-{volume.series_uid[-12:]}",
     }
+    return MetaTensor(tensor, meta=meta)
 
 
 def source_grid(image: Any) -> Any:
