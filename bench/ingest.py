@@ -1,12 +1,15 @@
 """Receive throughput: radnode vs DCMTK storescp, same sender, same data, same run.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--rounds 5] [--associations 1]
+                                     [--receiver-processes 1]
 
 Generates ``associations`` synthetic 512x512 CT series (``service.testing``), then for
 each round sends them with DCMTK ``storescu +sd`` (one association per series, all
 at once) into a fresh DCMTK ``storescp`` (``--fork`` when several associations) and
-into a fresh ``radnode serve``, interleaved. Only files that storescu saw
-acknowledged with Success count. Prints medians: images/s, MB/s and the ratio.
+into a fresh ``radnode serve`` (``node.receiver_processes`` as given, timed once its
+``/readyz`` says every receiver process accepts), interleaved. Only files that
+storescu saw acknowledged with Success count. Prints medians: images/s, MB/s and the
+ratio.
 Every DCMTK program runs with TCP_NODELAY=1 (without it DCMTK waits on Nagle).
 """
 
@@ -27,7 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from service.testing import write_ct_series  # noqa: E402
-from tests.conftest import acknowledged_files, free_port, wait_for_port  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    acknowledged_files,
+    free_port,
+    wait_for_port,
+    wait_until_ready,
+)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -39,18 +47,19 @@ def start_storescp(port: int, out: Path, fork: bool) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_radnode(port: int, data: Path) -> subprocess.Popen[bytes]:
+def start_radnode(port: int, data: Path, receiver_processes: int) -> subprocess.Popen[bytes]:
     env = {
         **ENV,
+        "RADNODE_NODE__RECEIVER_PROCESSES": str(receiver_processes),
         "RADNODE_NODE__PORT": str(port),
         "RADNODE_NODE__DATA_DIR": str(data),
         "RADNODE_NODE__MIN_FREE_DISK_MB": "1",
         "RADNODE_LOG__LEVEL": "warning",
-        "RADNODE_HTTP__PORT": str(free_port()),
+        "RADNODE_HTTP__PORT": str(http_port := free_port()),
     }
     radnode = Path(sys.executable).with_name("radnode")
     proc = subprocess.Popen([str(radnode), "serve"], env=env, stdout=subprocess.DEVNULL)
-    wait_for_port(port, proc=proc)
+    wait_until_ready(http_port, proc=proc)  # every receiver process accepts by then
     return proc
 
 
@@ -85,6 +94,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--associations", type=int, default=1)
+    parser.add_argument("--receiver-processes", type=int, default=1)
     args = parser.parse_args()
     if shutil.which("storescp") is None:
         sys.exit("DCMTK is not installed: bash .ci/install-system-packages")
@@ -100,7 +110,8 @@ def main() -> None:
         total_mb = sum(f.stat().st_size for d in series_dirs for f in d.iterdir()) / 1e6
         print(
             f"data: {args.associations} x {args.slices} slices 512x512 CT, "
-            f"{total_mb:.0f} MB; {args.rounds} interleaved rounds"
+            f"{total_mb:.0f} MB; {args.rounds} interleaved rounds;"
+            f" radnode with {args.receiver_processes} receiver process(es)"
         )
 
         results: dict[str, list[float]] = {"dcmtk storescp": [], "radnode": []}
@@ -112,7 +123,7 @@ def main() -> None:
                 proc = (
                     start_storescp(port, target, args.associations > 1)
                     if name.startswith("dcmtk")
-                    else start_radnode(port, target)
+                    else start_radnode(port, target, args.receiver_processes)
                 )
                 try:
                     seconds, acked = send(port, series_dirs)

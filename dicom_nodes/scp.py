@@ -107,10 +107,40 @@ class _AssociationServer(ThreadedAssociationServer):
     tls_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
     on_handshake_failed: Callable[[Any, BaseException], None] | None = None
+    #: A listening socket this process shares with other receiver processes (set on a
+    #: subclass by :func:`_server_class`): adopt it instead of binding a new one.
+    shared_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self.shared_socket.dup()
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_socket is None:
+            super().server_activate()
+        # a shared socket is listening already
+
+    def server_close(self) -> None:
+        if self.shared_socket is None:
+            super().server_close()
+            return
+        # pynetdicom's server_close shuts the socket down, which would stop every
+        # process accepting on it; close only this process's descriptor.
+        assert self.socket is not None
+        self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # Several processes may wait on a shared socket; all of them wake and only one
+        # gets the connection. The others see BlockingIOError (an OSError, which
+        # socketserver treats as "no request") instead of blocking in accept.
         assert self.socket is not None
         client, address = self.socket.accept()
+        client.setblocking(True)
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -125,6 +155,31 @@ class _AssociationServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+def _server_class(shared_socket: socket.socket | None) -> type[_AssociationServer]:
+    """The server class to build: binds a new socket, or adopts a shared one."""
+    if shared_socket is None:
+        return _AssociationServer
+    shared_socket.setblocking(False)
+    return type("_SharedSocketServer", (_AssociationServer,), {"shared_socket": shared_socket})
+
+
+@dataclass(frozen=True)
+class SharedListeners:
+    """Listening sockets one process bound and other receiver processes accept on.
+
+    The pre-fork model (as in gunicorn or nginx): the kernel gives each new connection
+    to one of the processes waiting in ``accept``, so several Python processes serve
+    associations on one port with no extra socket option and no port that another
+    program could share by mistake.
+    """
+
+    port: socket.socket
+    tls_port: socket.socket | None = None
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(s.fileno() for s in (self.port, self.tls_port) if s is not None)
 
 
 @dataclass
@@ -149,6 +204,7 @@ class StorageSCP:
         on_association: Callable[[str], None] | None = None,
         *,
         tls_port: int | None = None,
+        shared: SharedListeners | None = None,
     ) -> None:
         """``on_association`` is called with ``accepted``, ``rejected``, ``released`` or
         ``aborted`` for each association event (the node counts them as metrics; this
@@ -159,6 +215,9 @@ class StorageSCP:
         while ``port`` stays plain. Without it and with ``policy.tls_cert``, ``port``
         speaks TLS only. Raises :class:`dicom_nodes.tls.TlsError` when the
         certificate, key or CA file cannot be used (the message says what to fix).
+
+        ``shared``: accept on listening sockets another process bound (see
+        :meth:`share_listeners`) instead of binding ``port`` and ``tls_port``.
         """
         if tls_port is not None and not policy.tls_enabled:
             raise ValueError("tls_port is set but TLS is off: set tls_cert (and tls_key)")
@@ -168,6 +227,7 @@ class StorageSCP:
         self._host = host
         self._port = port
         self._tls_port = tls_port
+        self._shared = shared
         self._tls_context = (
             server_context(
                 policy.tls_cert,
@@ -214,6 +274,21 @@ class StorageSCP:
     def listening(self) -> bool:
         return self._server is not None
 
+    def share_listeners(self) -> SharedListeners:
+        """The bound listening sockets, for other receiver processes to accept on.
+
+        From now on ``accept`` never blocks here: when several processes wake for one
+        connection, the ones that lose go back to waiting.
+        """
+        if self._server is None or self._server.socket is None:
+            raise RuntimeError("start() the SCP before sharing its sockets")
+        sockets = [self._server.socket]
+        if self._tls_server is not None and self._tls_server.socket is not None:
+            sockets.append(self._tls_server.socket)
+        for sock in sockets:
+            sock.setblocking(False)
+        return SharedListeners(*sockets)
+
     def _make_ae(self) -> AE:
         policy = self._policy
         ae = AE(ae_title=policy.ae_title)
@@ -234,15 +309,28 @@ class StorageSCP:
         """Start listening; returns once the socket is bound."""
         ae = self._make_ae()
         only_tls = self._tls_port is None
-        self._server = self._serve(ae, self._port, self._tls_context if only_tls else None)
+        shared = self._shared
+        self._server = self._serve(
+            ae,
+            self._port,
+            self._tls_context if only_tls else None,
+            shared.port if shared is not None else None,
+        )
         if not only_tls:
             assert self._tls_port is not None
             try:
-                self._tls_server = self._serve(ae, self._tls_port, self._tls_context)
+                self._tls_server = self._serve(
+                    ae,
+                    self._tls_port,
+                    self._tls_context,
+                    shared.tls_port if shared is not None else None,
+                )
             except OSError:
                 self.stop()
                 raise
         policy = self._policy
+        if shared is not None:
+            return  # the process that bound the sockets logged them
         log.info(
             "scp.listening",
             ae_title=policy.ae_title,
@@ -258,8 +346,17 @@ class StorageSCP:
             max_associations=policy.max_associations,
         )
 
-    def _serve(self, ae: AE, port: int, tls_context: ssl.SSLContext | None) -> _AssociationServer:
-        """One listener on ``port`` (TLS when ``tls_context``), served on its own thread."""
+    def _serve(
+        self,
+        ae: AE,
+        port: int,
+        tls_context: ssl.SSLContext | None,
+        shared_socket: socket.socket | None,
+    ) -> _AssociationServer:
+        """One listener on ``port`` (TLS when ``tls_context``), served on its own thread.
+
+        With ``shared_socket`` the listener accepts on that socket instead of binding.
+        """
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -272,7 +369,9 @@ class StorageSCP:
         server = cast(
             _AssociationServer,
             ae.make_server(
-                (self._host, port), evt_handlers=handlers, server_class=_AssociationServer
+                (self._host, port),
+                evt_handlers=handlers,
+                server_class=_server_class(shared_socket),
             ),
         )
         server.tls_context = tls_context

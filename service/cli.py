@@ -81,6 +81,21 @@ def worker(config: ConfigOption = None) -> None:
     run_worker(settings)
 
 
+@app.command(hidden=True)
+def receiver(
+    listen_fds: Annotated[str, typer.Option(help="Listening socket descriptors, comma-separated.")],
+    counts_fd: Annotated[int, typer.Option(help="Pipe descriptor for counts to the node.")],
+    config: ConfigOption = None,
+) -> None:
+    """An extra receiver process of ``radnode serve`` (node.receiver_processes)."""
+    from service.observability import configure_logging
+    from service.receivers import run_receiver
+
+    settings = _settings_or_exit(config)
+    configure_logging(settings.log.level)
+    run_receiver(settings, [int(fd) for fd in listen_fds.split(",")], counts_fd)
+
+
 @app.command()
 def route(
     folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],

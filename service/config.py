@@ -53,7 +53,13 @@ class NodeSettings(_Section):
     data_dir: Path = Path("./radnode-data")
     #: Calling AE titles allowed to associate; empty accepts any (warned at start).
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Concurrent associations each receiver process accepts (see receiver_processes).
     max_associations: int = Field(16, ge=1, le=1000)
+    #: Processes that receive on the node's port: pynetdicom is pure Python, so one
+    #: process serves all its associations on one CPU. With N > 1 the node starts N - 1
+    #: ``radnode receiver`` processes that accept on the same sockets and write the same
+    #: spool and index; concurrent associations then use up to N CPUs.
+    receiver_processes: int = Field(1, ge=1, le=32)
     #: Maximum PDU length we announce for receiving, in bytes (0 = unlimited).
     max_pdu_bytes: int = Field(1_048_576, ge=0)
     network_timeout_s: float = Field(60.0, gt=0)

@@ -23,7 +23,7 @@ from service.errors import (
 )
 from service.headers import parse_header
 from service.index import StudyIndex
-from service.metrics import Metrics
+from service.metrics import Metrics, ReceiveCounter
 from service.records import InstanceHeader, StoredInstance
 from service.spool import Spool, file_meta_bytes
 from service.uids import require_uid, study_key
@@ -42,7 +42,7 @@ class Ingest:
         ae_title: str,
         min_free_bytes: int,
         max_study_bytes: int = 0,
-        metrics: Metrics | None = None,
+        metrics: ReceiveCounter | None = None,
     ) -> None:
         self._spool = spool
         self._index = index
@@ -50,7 +50,7 @@ class Ingest:
         self._min_free_bytes = min_free_bytes
         self._max_study_bytes = max_study_bytes
         # Without the node's Metrics (tests, tools) count into a private registry.
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics: ReceiveCounter = metrics if metrics is not None else Metrics()
 
     def store(self, instance: ReceivedInstance) -> StoreStatus:
         """Store one instance; the returned status is what the sender sees."""

@@ -24,6 +24,7 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 from prometheus_client import (
@@ -71,6 +72,20 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
 #: ``delivered``: the peer acknowledged; ``retry``: a try failed and will be repeated;
 #: ``failed``: the last try failed (the delivery is dead-lettered, see dead letters).
 DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
+
+
+class ReceiveCounter(Protocol):
+    """What the receive path counts: :class:`Metrics` in the node, a pipe to the node in
+    a receiver process (:class:`service.receivers.CountsOverPipe`)."""
+
+    def instance_stored(self, size_bytes: int) -> None: ...
+
+    def instance_duplicate(self, size_bytes: int) -> None: ...
+
+    def instance_refused(self, status: int, size_bytes: int) -> None: ...
+
+    def association(self, outcome: str) -> None: ...
+
 
 #: Returns the number of jobs per ``(pipeline, state)`` as the study index knows them.
 JobCounts = Callable[[], Mapping[tuple[str, str], int]]

@@ -18,8 +18,6 @@ import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_nodes.policy import AssociationPolicy
-from dicom_nodes.scp import StorageSCP
 from dicom_nodes.tls import TlsError
 from service import __version__
 from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
@@ -32,38 +30,18 @@ from service.errors import StartupError
 from service.headers import header_from_dataset
 from service.hl7 import Hl7Deliverer, Hl7DestinationSettings
 from service.index import StudyIndex
-from service.ingest import Ingest
 from service.metrics import FinishedJobRecorder, Metrics
 from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
 from service.queue import JobQueue
+from service.receivers import ReceiverPool, build_receive_path
 from service.records import JobRecord, JobState, StoredInstance, StudySummary
 from service.spool import Spool
+from service.supervisor import ProcessSupervisor
 from service.tracker import JobTracker
-from service.worker import WorkerSupervisor, worker_command, worker_name
+from service.worker import worker_command, worker_name
 
 log = structlog.get_logger("service.node")
-
-
-def _association_policy(settings: Settings) -> AssociationPolicy:
-    node = settings.node
-    return AssociationPolicy(
-        ae_title=node.ae_title,
-        allowed_calling_aets=tuple(node.allowed_calling_aets),
-        max_associations=node.max_associations,
-        max_pdu_bytes=node.max_pdu_bytes,
-        dimse_timeout_s=node.dimse_timeout_s,
-        network_timeout_s=node.network_timeout_s,
-        allowed_peer_addresses=tuple(node.allowed_peer_addresses),
-        require_called_aet=node.require_called_aet,
-        tls_cert=node.tls_cert,
-        tls_key=node.tls_key,
-        tls_key_password=node.tls_key_password.get_secret_value()
-        if node.tls_key_password
-        else None,
-        tls_ca=node.tls_ca,
-        tls_require_client_cert=node.tls_require_client_cert,
-    )
 
 
 class Node:
@@ -85,26 +63,16 @@ class Node:
             job_counts=self.index.jobs_by_pipeline_state,
             queue_depth=self.queue.depth,
         )
-        self.ingest = Ingest(
-            self.spool,
-            self.index,
-            ae_title=settings.node.ae_title,
-            min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
-            max_study_bytes=settings.node.max_study_mb * 1024 * 1024,
-            metrics=self.metrics,
-        )
         try:
-            self.scp = StorageSCP(
-                _association_policy(settings),
-                self.ingest,
-                host=settings.node.host,
-                port=settings.node.port,
-                on_association=self.metrics.association,
-                tls_port=settings.node.tls_port,
+            self.ingest, self.scp = build_receive_path(
+                settings, self.spool, self.index, self.metrics
             )
         except (TlsError, ValueError) as exc:
             self.index.close()
             raise StartupError(f"DICOM TLS: {exc}") from exc
+        self.receivers = ReceiverPool(
+            settings.node.receiver_processes - 1, config_path, self.metrics
+        )
         self.dispatcher = Dispatcher(
             self.index,
             settings.routes,
@@ -143,10 +111,13 @@ class Node:
             port=settings.http.port,
             token=settings.http.token,
         )
-        self.workers = WorkerSupervisor(
+        self.workers = ProcessSupervisor(
             # no routes, no jobs: do not pay for worker processes
             settings.queue.local_workers if settings.routes else 0,
             worker_command(config_path),
+            role="worker",
+            died_action="its job is queued again; if this repeats, check memory and the"
+            " pipeline's bundle",
             on_exit=self._worker_died,
             niceness=settings.queue.local_worker_niceness,
         )
@@ -180,6 +151,8 @@ class Node:
             self.scp.stop()
             self.index.close()
             raise
+        if self.receivers.count:
+            self.receivers.start(self.scp.share_listeners())
         self.job_metrics.prime()
         self.workers.start()
         self.completion.start()
@@ -268,6 +241,8 @@ class Node:
 
     def stop(self) -> None:
         self.api.stop()
+        # receivers first: the node's own stop shuts the shared listening sockets
+        self.receivers.stop()
         self.scp.stop()
         self.completion.stop()
         self.dispatcher.stop()
@@ -346,10 +321,15 @@ class NodeStatus:
 
     def readiness(self) -> dict[str, bool | str]:
         node = self._node
-        return {
+        checks: dict[str, bool | str] = {
             "scp_listening": node.scp.listening,
             "queue": node.queue.reachable() or "the job queue cannot be read; check queue.url",
             "disk": disk_space_check(
                 node.spool.root, node.settings.node.min_free_disk_mb * 1024 * 1024
             ),
         }
+        if node.receivers.count:
+            checks["receivers"] = node.receivers.ready() or (
+                "a receiver process is starting or restarting; see receiver.* log events"
+            )
+        return checks

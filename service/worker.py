@@ -21,11 +21,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ from service.pipeline.volume import SeriesRefused, load_series
 from service.publish import ResultPublisher
 from service.queue import JobQueue
 from service.records import JobReport, JobState, JobTicket
+from service.supervisor import child_command
 from service.writers.files import result_summary, write_result_files
 
 log = structlog.get_logger("service.worker")
@@ -197,97 +195,6 @@ def run_worker(settings: Settings) -> None:
         log.info("worker.stopped", pid=os.getpid())
 
 
-class WorkerSupervisor:
-    """Starts ``queue.local_workers`` worker processes and restarts one that dies.
-
-    ``on_exit`` is told of a worker that died (the edge then puts its job back at once
-    instead of waiting for the heartbeat to go silent).
-    """
-
-    def __init__(
-        self,
-        count: int,
-        command: list[str],
-        on_exit: Callable[[int], None] | None = None,
-        restart_delay_s: float = 1.0,
-        niceness: int = 0,
-    ) -> None:
-        self.count = count
-        self.niceness = niceness
-        self.command = command
-        self.on_exit = on_exit
-        self.restart_delay_s = restart_delay_s
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="workers", daemon=True)
-
-    def start(self) -> None:
-        self._procs = [self._spawn() for _ in range(self.count)]
-        if self.count:
-            self._thread.start()
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        # logs go to the node's stdout; a worker dies with its node (even on SIGKILL)
-        niceness = self.niceness
-
-        def in_child() -> None:
-            _die_with_parent()
-            if niceness:
-                os.nice(niceness)
-
-        proc = subprocess.Popen(self.command, preexec_fn=in_child)
-        log.info("worker.spawned", pid=proc.pid, niceness=niceness)
-        return proc
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.5):
-            for i, proc in enumerate(self._procs):
-                code = proc.poll()
-                if code is None or self._stop.is_set():
-                    continue
-                log.error(
-                    "worker.died",
-                    pid=proc.pid,
-                    exit_code=code,
-                    action="its job is queued again; if this repeats, check memory and the"
-                    " pipeline's bundle",
-                )
-                if self.on_exit is not None:
-                    self.on_exit(proc.pid)
-                time.sleep(self.restart_delay_s)
-                self._procs[i] = self._spawn()
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        self._stop.set()
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + timeout_s
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to send SIGTERM when the parent dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def worker_command(config_path: Path | None) -> list[str]:
     """The command line of a local worker: this interpreter, same config and environment."""
-    command = [sys.executable, "-m", "service.cli", "worker"]
-    if config_path is not None:
-        command += ["--config", str(config_path)]
-    return command
+    return child_command("worker", config_path)

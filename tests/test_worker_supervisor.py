@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from service.config import Settings
-from service.worker import WorkerSupervisor
+from service.supervisor import ProcessSupervisor
 
 
 def _nice_of(pid: int) -> int:
@@ -18,7 +18,7 @@ def _nice_of(pid: int) -> int:
 
 
 def _spawned_nice(niceness: int) -> int:
-    supervisor = WorkerSupervisor(
+    supervisor = ProcessSupervisor(
         1, [sys.executable, "-c", "import time; time.sleep(60)"], niceness=niceness
     )
     supervisor.start()
