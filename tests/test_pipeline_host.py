@@ -196,3 +196,54 @@ def test_nearest_resampling_by_index_declines_a_rotated_grid() -> None:
     from service.pipeline.inference import _nearest_on_aligned_grid
 
     assert _nearest_on_aligned_grid(*_grids(rotate=True)) is None
+
+
+# --- handing the volume over in the bundle's own axes -------------------------------
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_volume_handed_over_in_bundle_axes_is_what_orientationd_makes(
+    tmp_path: Path, orientation: str
+) -> None:
+    from monai.transforms import EnsureChannelFirstd, Orientationd
+
+    from service.pipeline.inference import source_grid, volume_to_metatensor
+
+    volume = load_series(small_ct(tmp_path / "ct", orientation))
+    to_ras = Orientationd(keys="image", axcodes="RAS")
+    channel = EnsureChannelFirstd(keys="image")
+    expected = to_ras(channel({"image": volume_to_metatensor(volume, 3)}))["image"]
+    handed = channel({"image": volume_to_metatensor(volume, 3, "RAS")})["image"]
+    np.testing.assert_array_equal(handed.numpy(), expected.numpy())
+    np.testing.assert_allclose(handed.affine.numpy(), expected.affine.numpy(), atol=1e-6)
+    # MONAI's Orientationd then has nothing to do: same storage, no second copy
+    assert to_ras({"image": handed})["image"].data_ptr() == handed.data_ptr()
+
+    from service.pipeline.inference import _reoriented_exactly
+
+    back = _reoriented_exactly(handed, source_grid(volume, 3))
+    assert back is not None
+    np.testing.assert_array_equal(back[0].numpy(), volume.array.transpose(2, 1, 0))
+
+
+def test_exact_reorientation_declines_grids_that_are_not_a_permutation() -> None:
+    from service.pipeline.inference import _reoriented_exactly
+
+    prediction, reference = _grids()  # 3 mm against 0.7 mm: a resampling, not a reorientation
+    assert _reoriented_exactly(prediction, reference) is None
+
+
+def test_only_an_orientation_before_any_grid_change_is_done_while_converting(
+    models: Path,
+) -> None:
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    from service.pipeline.inference import input_axcodes
+
+    bundle = load_bundle(read_bundle_spec(models / "spleen_ct_segmentation"))
+    assert input_axcodes(bundle) == "RAS"
+    spacing_first = Compose(
+        [Spacingd(keys="image", pixdim=(2.0, 2.0, 2.0)), Orientationd(keys="image", axcodes="RAS")]
+    )
+    object.__setattr__(bundle, "preprocessing", spacing_first)
+    assert input_axcodes(bundle) is None

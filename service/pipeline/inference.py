@@ -63,30 +63,42 @@ def check_input(bundle: LoadedBundle, volume: Volume) -> None:
         )
 
 
-def volume_to_metatensor(volume: Volume, dimensions: int) -> Any:
+def volume_to_metatensor(volume: Volume, dimensions: int, axcodes: str | None = None) -> Any:
     """The volume as ``LoadImaged`` gives an image: channel-less, spatial (x, y[, z]).
 
     3D: the affine is the volume's RAS affine, so ``Orientationd``/``Spacingd`` see the
     patient geometry. 2D (a projection radiograph): axes (x=column, y=row) with a plain
     scaling affine, as MONAI's readers give for a 2D picture, so ``Orientationd`` does
     not flip it.
+
+    ``axcodes`` (3D only): hand the volume over already in those axes (the bundle's own
+    ``Orientationd`` target, see :func:`input_axcodes`), with the affine that says so.
+    ``Orientationd`` then has nothing to do and returns the same tensor, instead of a
+    second float32 copy of the whole volume; the voxels and geometry it sees are the
+    ones it would have produced itself.
     """
     import torch
     from monai.data import MetaTensor
 
+    affine = _grid_affine(volume, dimensions)
     if dimensions == 2:
         array = np.ascontiguousarray(volume.array[0].T, dtype=np.float32)
         tensor = torch.from_numpy(array)
-        sx, sy, _ = volume.spacing
-        affine = np.diag([sx, sy, 1.0, 1.0])
+        original = affine
     else:
-        # torch's strided copy transposes (slice, row, column) to (x, y, z) about twice
-        # as fast as numpy's, and converting after the copy keeps it at the stored width.
-        tensor = torch.from_numpy(volume.array).permute(2, 1, 0).contiguous().float()
-        affine = volume.affine_ras()
+        # (slice, row, column) -> (x, y, z) and int -> float32 in one strided copy:
+        # torch's is about twice as fast as numpy's, and nothing else is allocated.
+        source = torch.from_numpy(volume.array).permute(2, 1, 0)
+        original = affine
+        if axcodes is not None:
+            source, affine = _reorient(source, affine, axcodes)
+        tensor = torch.empty(source.shape, dtype=torch.float32)
+        tensor.copy_(source)
+        if axcodes is not None:
+            _flip_in_place(tensor, _flipped_axes(original, affine))
     meta = {
         "affine": torch.as_tensor(affine, dtype=torch.float64),
-        "original_affine": torch.as_tensor(affine, dtype=torch.float64),
+        "original_affine": torch.as_tensor(original, dtype=torch.float64),
         "spatial_shape": np.asarray(tensor.shape),
         "original_channel_dim": float("nan"),
         "space": "RAS",
@@ -95,20 +107,108 @@ def volume_to_metatensor(volume: Volume, dimensions: int) -> Any:
     return MetaTensor(tensor, meta=meta)
 
 
-def source_grid(image: Any) -> Any:
-    """A (1, x, y[, z]) MetaTensor with ``image``'s shape and geometry but no voxels of
-    its own (one zero, broadcast): what resampling back needs, at no memory cost. A
-    copy of the image itself would hold another float32 volume through the whole job."""
+def _grid_affine(volume: Volume, dimensions: int) -> NDArray[np.float64]:
+    if dimensions == 2:
+        sx, sy, _ = volume.spacing
+        return np.diag([sx, sy, 1.0, 1.0])
+    return volume.affine_ras()
+
+
+def _reorient(source: Any, affine: NDArray[np.float64], axcodes: str) -> tuple[Any, Any]:
+    """``source`` (x, y, z) with its axes permuted towards ``axcodes`` (a view), and the
+    affine of the fully reoriented grid; the flips are left to :func:`_flip_in_place`
+    (torch has no negative strides)."""
+    from nibabel import orientations
+
+    current = orientations.io_orientation(affine)
+    transform = orientations.ornt_transform(current, orientations.axcodes2ornt(axcodes))
+    shape = tuple(source.shape)
+    new_affine = affine @ orientations.inv_ornt_aff(transform, shape)
+    order = [0, 0, 0]
+    for axis, (target, _) in enumerate(transform):
+        order[int(target)] = axis
+    return source.permute(*order), new_affine
+
+
+def _flipped_axes(before: NDArray[np.float64], after: NDArray[np.float64]) -> list[int]:
+    """Axes of the reoriented grid that run against the permuted source's direction."""
+    to_before = np.linalg.inv(before) @ after
+    return [axis for axis in range(3) if to_before[:3, axis].sum() < 0]
+
+
+def _flip_in_place(tensor: Any, axes: list[int], chunk: int = 32) -> None:
+    """Reverse ``axes`` of a (x, y, z) tensor in place, a few slices at a time, so the
+    only extra memory is one chunk (``torch.flip`` would copy the whole volume)."""
+    if not axes:
+        return
+    depth = tensor.shape[2]
+    in_plane = [axis for axis in axes if axis != 2]
+    if in_plane:
+        for start in range(0, depth, chunk):
+            block = tensor[:, :, start : start + chunk]
+            block.copy_(block.flip(in_plane))
+    if 2 in axes:
+        for k in range(depth // 2):
+            upper = tensor[:, :, k].clone()
+            tensor[:, :, k] = tensor[:, :, depth - 1 - k]
+            tensor[:, :, depth - 1 - k] = upper
+
+
+def input_axcodes(bundle: LoadedBundle) -> str | None:
+    """The axes the bundle's preprocessing reorients its input to, when radnode can do it
+    while converting the volume (see :func:`volume_to_metatensor`); else None.
+
+    Only when ``Orientationd`` on the input key comes before any transform that changes
+    the grid (intensity and type transforms commute with reorientation; ``Spacingd``
+    before ``Orientationd`` would see other axes).
+    """
+    from monai.transforms import (
+        CastToTyped,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Identityd,
+        Orientationd,
+    )
+
+    if bundle.spec.dimensions != 3:
+        return None
+    harmless = (CastToTyped, EnsureChannelFirstd, EnsureTyped, Identityd)
+    for transform in getattr(bundle.preprocessing, "transforms", ()):
+        if isinstance(transform, Orientationd):
+            orientation = transform.ornt_transform
+            keys = tuple(transform.keys)
+            labels = orientation.labels
+            if bundle.spec.input_key not in keys or labels not in (None, _RAS_LABELS):
+                return None
+            return "RAS" if orientation.as_closest_canonical else orientation.axcodes
+        intensity = type(transform).__module__.startswith("monai.transforms.intensity")
+        if not (intensity or isinstance(transform, harmless)):
+            return None
+    return None
+
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def source_grid(volume: Volume, dimensions: int) -> Any:
+    """A (1, x, y[, z]) MetaTensor with the source volume's shape and geometry but no
+    voxels of its own (one zero, broadcast): what resampling back needs, at no memory
+    cost. A copy of the image itself would hold another float32 volume through the
+    whole job."""
     import torch
     from monai.data import MetaTensor
 
-    grid = torch.zeros(1, dtype=image.dtype).expand(1, *image.shape)
-    return MetaTensor(grid, meta=dict(image.meta))
+    shape = volume.array.shape[:0:-1] if dimensions == 2 else volume.array.shape[::-1]
+    grid = torch.zeros(1, dtype=torch.float32).expand(1, *shape)
+    return MetaTensor(grid, affine=torch.as_tensor(_grid_affine(volume, dimensions)))
 
 
 def prepare(bundle: LoadedBundle, volume: Volume) -> PreparedInput:
-    image = volume_to_metatensor(volume, bundle.spec.dimensions)
-    return PreparedInput(item={bundle.spec.input_key: image}, reference=source_grid(image))
+    dimensions = bundle.spec.dimensions
+    image = volume_to_metatensor(volume, dimensions, input_axcodes(bundle))
+    return PreparedInput(
+        item={bundle.spec.input_key: image}, reference=source_grid(volume, dimensions)
+    )
 
 
 def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> PipelineResult:
@@ -124,11 +224,15 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     spec = bundle.spec
     key, out_key = spec.input_key, spec.output_key
     prepared = prepare(bundle, volume)
+    reference = prepared.reference
     started = time.perf_counter()
     try:
         item = bundle.preprocessing(prepared.item)
     except Exception as exc:
         raise PipelineFailed(f"pipeline {spec.name}: preprocessing failed: {exc}") from exc
+    # the float32 input volume: not needed once preprocessed (Invertd works from the
+    # trace on the preprocessed item), and as large as everything else together
+    del prepared
     preprocessed = time.perf_counter()
     batch = list_data_collate([item])
     try:
@@ -145,13 +249,13 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
             output = bundle.postprocessing(output)
         prediction = output[out_key]
         notes: dict[str, Any] = {"swapped": list(bundle.swapped)}
-        result = _interpret(bundle, volume, prediction, prepared.reference, notes)
+        result = _interpret(bundle, volume, prediction, reference, notes)
     except (PipelineFailed, InputMismatch):
         raise
     except Exception as exc:
         raise PipelineFailed(f"pipeline {spec.name}: postprocessing failed: {exc}") from exc
     if spec.identity.kind is TaskKind.CLASSIFICATION and spec.heatmap_layer:
-        result["heatmap"] = _heatmap(bundle, item, prepared.reference, volume, notes)
+        result["heatmap"] = _heatmap(bundle, item, reference, volume, notes)
     finished = time.perf_counter()
     timings = StageTimings(
         load_s=load_s,
@@ -186,7 +290,7 @@ def _interpret(
     import torch
 
     kind = bundle.spec.identity.kind
-    prediction = prediction.detach().float().cpu() if torch.is_tensor(prediction) else prediction
+    prediction = prediction.detach().cpu() if torch.is_tensor(prediction) else prediction
     if kind is TaskKind.CLASSIFICATION:
         return {"probabilities": _probabilities(bundle, prediction, notes)}
     if not torch.is_tensor(prediction) or prediction.ndim != reference.ndim:
@@ -199,6 +303,9 @@ def _interpret(
         if prediction.shape[0] > 1:
             prediction = _keep_meta(prediction, prediction.argmax(0, keepdim=True))
             notes["argmax_by_radnode"] = True
+        # labels as the narrowest integers before they are mapped back to the source's
+        # (large) grid: an inverted label map often comes back as float32
+        prediction = _keep_meta(prediction, _as_label_integers(prediction))
         prediction = _to_source_grid(prediction, reference, "nearest", notes)
         labels = _to_volume_layout(prediction, volume)
         if not np.issubdtype(labels.dtype, np.integer):
@@ -207,6 +314,7 @@ def _interpret(
         top = max((label.value for label in bundle.spec.labels), default=highest)
         dtype = np.uint8 if max(top, highest) < 256 else np.uint16
         return {"label_map": labels.astype(dtype, copy=False)}
+    prediction = prediction.float() if torch.is_tensor(prediction) else prediction
     prediction = _to_source_grid(prediction[:1], reference, "bilinear", notes)
     return {"image": _to_volume_layout(prediction, volume).astype(np.float32)}
 
@@ -232,6 +340,18 @@ def _probabilities(
                 " in metadata.json; make radnode.labels match the network's outputs"
             )
     return tuple(float(v) for v in values)
+
+
+def _as_label_integers(prediction: Any) -> Any:
+    """A label tensor as uint8 (or int32 beyond 255), rounded if it came as floats."""
+    import torch
+
+    tensor = prediction.as_tensor() if hasattr(prediction, "as_tensor") else prediction
+    if not tensor.is_floating_point():
+        return tensor
+    tensor = torch.round(tensor)
+    small = tensor.numel() == 0 or (tensor.min() >= 0 and tensor.max() < 256)
+    return tensor.to(torch.uint8 if small else torch.int32)
 
 
 def _keep_meta(source: Any, tensor: Any) -> Any:
@@ -262,12 +382,55 @@ def _to_source_grid(prediction: Any, reference: Any, mode: str, notes: dict[str,
             "the bundle's output is not in the source grid and carries no affine to map it"
             " back; add Invertd to its postprocessing"
         )
+    exact = _reoriented_exactly(prediction, reference)
+    if exact is not None:
+        return exact
     notes["resampled_by_radnode"] = True
     if mode == "nearest":
         fast = _nearest_on_aligned_grid(prediction, reference)
         if fast is not None:
             return fast
     return ResampleToMatch(mode=mode, padding_mode="zeros")(prediction.float(), reference)
+
+
+def _reoriented_exactly(prediction: Any, reference: Any) -> Any:
+    """The prediction in the reference grid when the two grids hold the same voxels in
+    another axis order or direction (what ``Orientation`` does), else None.
+
+    Why: radnode hands a bundle its input already in the bundle's ``Orientationd`` axes
+    (:func:`volume_to_metatensor`), so an inverted output comes back in those axes.
+    Undoing that is a permutation and a flip: no interpolation, no coordinates.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    if prediction.ndim != 4 or reference.ndim != 4:
+        return None
+    to_prediction = np.linalg.inv(np.asarray(prediction.affine, dtype=np.float64)) @ np.asarray(
+        reference.affine, dtype=np.float64
+    )
+    linear, offset = to_prediction[:3, :3], to_prediction[:3, 3]
+    signed = np.rint(linear)
+    if not np.allclose(linear, signed, atol=1e-4) or not np.array_equal(
+        np.abs(signed).sum(0), np.ones(3)
+    ):
+        return None
+    order, flips = [], []
+    for axis, size in enumerate(reference.shape[1:]):
+        source_axis = int(np.argmax(np.abs(signed[:, axis])))
+        sign = signed[source_axis, axis]
+        if prediction.shape[1 + source_axis] != size:
+            return None
+        expected = 0.0 if sign > 0 else size - 1.0
+        if abs(offset[source_axis] - expected) > 1e-3:
+            return None
+        order.append(1 + source_axis)
+        if sign < 0:
+            flips.append(1 + axis)
+    tensor = prediction.as_tensor() if hasattr(prediction, "as_tensor") else prediction
+    tensor = tensor.permute(0, *order)
+    tensor = tensor.flip(flips) if flips else tensor.contiguous()
+    return MetaTensor(tensor, affine=torch.as_tensor(reference.affine))
 
 
 def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
