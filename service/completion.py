@@ -11,6 +11,7 @@ stopped completes after the quiet period counted from its last instance.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -67,10 +68,24 @@ class CompletionMonitor:
                 self._on_complete(study)
         return completed
 
+    def _next_wait(self) -> float:
+        """Until the next study falls quiet, at most one poll period.
+
+        Why not a fixed poll: every second of slack after the quiet period is latency
+        added to every study's results.
+        """
+        due = self._index.next_quiet_at(self._quiet_s)
+        if due is None:
+            return self._poll_s
+        return min(self._poll_s, max(0.01, due - time.time() + 0.005))
+
     def _run(self) -> None:
-        while not self._stop.wait(self._poll_s):
+        wait = self._poll_s
+        while not self._stop.wait(wait):
+            wait = self._poll_s
             try:
                 self.check_now()
+                wait = self._next_wait()
             except Exception:
                 # Keep monitoring: a failing check (e.g. a locked database) is retried
                 # at the next poll, and the study index still holds every study.

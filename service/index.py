@@ -271,6 +271,15 @@ class StudyIndex:
             ).fetchall()
         return [s for s in (self.study(uid) for (uid,) in rows) if s is not None]
 
+    def next_quiet_at(self, quiet_s: float) -> float | None:
+        """When the receiving study heard from longest ago becomes quiet, or None."""
+        with self._lock:
+            (oldest,) = self._db.execute(
+                "SELECT MIN(last_received_at) FROM studies WHERE state = ?",
+                (StudyState.RECEIVING,),
+            ).fetchone()
+        return None if oldest is None else float(oldest) + quiet_s
+
     # -- queries --------------------------------------------------------------
 
     _STUDY_COLUMNS = (

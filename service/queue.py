@@ -141,14 +141,15 @@ class JobQueue:
             thread.join(timeout=5)
 
     def consumer(self, workers: int = 1) -> Any:
-        """A huey consumer that polls often (a job starts within half a second)."""
+        """A huey consumer that polls often (a queued job starts within 0.1 s; each poll
+        of the SQLite queue is one indexed read, Redis is not polled but blocks)."""
         return self.huey.create_consumer(
             workers=workers,
             worker_type="thread",
             periodic=False,
             initial_delay=0.05,
             backoff=1.2,
-            max_delay=0.5,
+            max_delay=0.1,
             check_worker_health=True,
         )
 

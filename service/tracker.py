@@ -46,7 +46,7 @@ class JobTracker:
         queue: JobQueue,
         outbox: Outbox,
         on_delivery: Callable[[], None] | None = None,
-        poll_s: float = 0.5,
+        poll_s: float = 0.2,
     ) -> None:
         self.settings = settings
         self.index = index

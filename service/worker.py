@@ -79,6 +79,23 @@ class PipelineCache:
                 )
             return self._loaded[name]
 
+    def preload(self, names: list[str]) -> None:
+        """Load these bundles now, so a study's first job does not wait for its model.
+
+        A bundle that cannot be loaded is logged here and refused again, with its
+        reason, by the job that needs it; the worker still serves the others.
+        """
+        for name in dict.fromkeys(names):
+            try:
+                self.get(name)
+            except Exception as exc:
+                log.error(
+                    "pipeline.preload_failed",
+                    pipeline=name,
+                    reason=f"{type(exc).__name__}: {exc}",
+                    action="fix or install the bundle; its jobs fail until then",
+                )
+
 
 class JobRunner:
     """Runs one job ticket at a time in a worker process; never touches the study index."""
@@ -184,6 +201,8 @@ def run_worker(settings: Settings) -> None:
     runner = JobRunner(settings, cache, ResultPublisher(settings))
     queue = JobQueue(settings, handler=runner.run)
     runner.queue = queue
+    # the models of the enabled routes are loaded before the first job is taken
+    cache.preload([route.pipeline for route in settings.routes if route.enabled])
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
     consumer = queue.consumer()

@@ -185,6 +185,19 @@ def test_completion_is_not_early(parts) -> None:
     assert study.state == StudyState.RECEIVING
 
 
+def test_completion_wakes_when_the_next_study_falls_quiet_not_a_poll_later(parts) -> None:
+    _, index, ingest = parts
+    monitor = CompletionMonitor(index, quiet_s=30, poll_s=10)
+    assert monitor._next_wait() == 10  # nothing receiving: the poll period
+    assert ingest.store(received(ct_small())) == StoreStatus.SUCCESS
+    (study,) = index.recent_studies()
+    wait = monitor._next_wait()
+    assert 0 < wait <= 10  # capped by the poll period
+    short = CompletionMonitor(index, quiet_s=2, poll_s=10)
+    due_in = study.last_received_at + 2 - time.time()
+    assert abs(short._next_wait() - due_in) < 0.1
+
+
 def test_index_lists_series_with_routing_attributes(parts) -> None:
     _, index, ingest = parts
     ds = ct_small()

@@ -179,6 +179,12 @@ def test_seg_has_one_segment_per_nonempty_label_on_the_source_frames(written, ct
     label_map = _sphere(volume)
     expected_frames = sum(int((label_map[k] == v).any()) for k in range(30) for v in (1, 3))
     assert int(seg.NumberOfFrames) == expected_frames  # empty frames omitted
+    # label 3 became segment 2 (label 2 is empty): its frames are the cube's slices
+    per_segment = [
+        int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    ]
+    assert per_segment.count(2) == sum(int((label_map[k] == 3).any()) for k in range(30))
     referenced = {
         ref.ReferencedSOPInstanceUID
         for frame in seg.PerFrameFunctionalGroupsSequence

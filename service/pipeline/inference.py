@@ -223,9 +223,9 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     check_input(bundle, volume)
     spec = bundle.spec
     key, out_key = spec.input_key, spec.output_key
+    started = time.perf_counter()  # preprocessing includes radnode's own conversion
     prepared = prepare(bundle, volume)
     reference = prepared.reference
-    started = time.perf_counter()
     try:
         item = bundle.preprocessing(prepared.item)
     except Exception as exc:

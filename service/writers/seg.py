@@ -106,10 +106,20 @@ def build_seg(
                 display_color=hd.color.CIELabColor.from_rgb(*color_of(position)),
             )
         )
-    # Label values -> consecutive segment numbers, one comparison pass per label.
-    segments = np.zeros(label_map.shape, dtype=np.uint8 if len(present) < 256 else np.uint16)
-    for value, number in numbers.items():
-        segments[label_map == value] = number
+    # Label values -> consecutive segment numbers. Usually they are the same already
+    # (labels 1..n, all present): then the label map itself is the pixel array, with no
+    # second volume-sized copy; otherwise one lookup-table pass.
+    if (
+        all(value == number for value, number in numbers.items())
+        and (label_map.dtype in (np.uint8, np.uint16))
+        and int(label_map.max(initial=0)) <= len(numbers)
+    ):
+        segments = label_map
+    else:
+        lut = np.zeros(int(label_map.max(initial=0)) + 1, dtype=np.uint16)
+        for value, number in numbers.items():
+            lut[value] = number
+        segments = lut[label_map].astype(np.uint8 if len(present) < 256 else np.uint16)
     source_images = list(source_headers)
     pixel_array = segments if segments.shape[0] > 1 else segments[0]
     seg = hd.seg.Segmentation(
