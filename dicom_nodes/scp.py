@@ -118,6 +118,7 @@ class _AssociationServer(ThreadedAssociationServer):
         assert self.socket is not None
         self.socket.close()
         self.socket = self.shared_socket.dup()
+        self.socket.setblocking(False)  # see get_request
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
@@ -161,7 +162,6 @@ def _server_class(shared_socket: socket.socket | None) -> type[_AssociationServe
     """The server class to build: binds a new socket, or adopts a shared one."""
     if shared_socket is None:
         return _AssociationServer
-    shared_socket.setblocking(False)
     return type("_SharedSocketServer", (_AssociationServer,), {"shared_socket": shared_socket})
 
 

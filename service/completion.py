@@ -82,11 +82,11 @@ class CompletionMonitor:
     def _run(self) -> None:
         wait = self._poll_s
         while not self._stop.wait(wait):
-            wait = self._poll_s
             try:
                 self.check_now()
                 wait = self._next_wait()
             except Exception:
+                wait = self._poll_s
                 # Keep monitoring: a failing check (e.g. a locked database) is retried
                 # at the next poll, and the study index still holds every study.
                 log.exception("completion.check_failed", action="check the data_dir disk")

@@ -64,9 +64,7 @@ class Node:
             queue_depth=self.queue.depth,
         )
         try:
-            self.ingest, self.scp = build_receive_path(
-                settings, self.spool, self.index, self.metrics
-            )
+            self.scp = build_receive_path(settings, self.spool, self.index, self.metrics)
         except (TlsError, ValueError) as exc:
             self.index.close()
             raise StartupError(f"DICOM TLS: {exc}") from exc

@@ -68,8 +68,9 @@ def build_receive_path(
     index: StudyIndex,
     counter: ReceiveCounter,
     shared: SharedListeners | None = None,
-) -> tuple[Ingest, StorageSCP]:
-    """The Ingest and the Storage SCP that feeds it, as the node and receivers build them.
+) -> StorageSCP:
+    """The Storage SCP and the Ingest it hands instances to, as the node and every
+    receiver process build them.
 
     Raises :class:`dicom_nodes.tls.TlsError` or ValueError for a TLS setting that
     cannot be used.
@@ -83,7 +84,7 @@ def build_receive_path(
         max_study_bytes=node.max_study_mb * 1024 * 1024,
         metrics=counter,
     )
-    scp = StorageSCP(
+    return StorageSCP(
         association_policy(settings),
         ingest,
         host=node.host,
@@ -92,7 +93,6 @@ def build_receive_path(
         tls_port=node.tls_port,
         shared=shared,
     )
-    return ingest, scp
 
 
 # -- counts from receiver processes to the node ----------------------------------
@@ -196,9 +196,10 @@ class ReceiverPool:
     def _read_counts(self) -> None:
         with os.fdopen(self._read_fd, "r", encoding="ascii", errors="replace") as pipe:
             for line in pipe:
-                if line.startswith("ready ") and line.split()[1].isdigit():
-                    self._ready_pids.add(int(line.split()[1]))
-                elif line.strip() and not apply_count(line, self._metrics):
+                words = line.split()
+                if len(words) == 2 and words[0] == "ready" and words[1].isdigit():
+                    self._ready_pids.add(int(words[1]))
+                elif words and not apply_count(line, self._metrics):
                     log.warning("receiver.bad_count_line", action="report this as a bug")
 
 
@@ -209,7 +210,7 @@ def run_receiver(settings: Settings, listen_fds: list[int], counts_fd: int) -> N
     data_dir = Path(settings.node.data_dir)
     index = StudyIndex(data_dir / "index.sqlite3")
     counter = CountsOverPipe(counts_fd)
-    _, scp = build_receive_path(settings, Spool(data_dir), index, counter, shared)
+    scp = build_receive_path(settings, Spool(data_dir), index, counter, shared)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())

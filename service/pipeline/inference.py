@@ -80,22 +80,20 @@ def volume_to_metatensor(volume: Volume, dimensions: int, axcodes: str | None = 
     import torch
     from monai.data import MetaTensor
 
-    affine = _grid_affine(volume, dimensions)
+    original = affine = _grid_affine(volume, dimensions)
     if dimensions == 2:
         array = np.ascontiguousarray(volume.array[0].T, dtype=np.float32)
         tensor = torch.from_numpy(array)
-        original = affine
     else:
         # (slice, row, column) -> (x, y, z) and int -> float32 in one strided copy:
         # torch's is about twice as fast as numpy's, and nothing else is allocated.
         source = torch.from_numpy(volume.array).permute(2, 1, 0)
-        original = affine
+        flips: list[int] = []
         if axcodes is not None:
-            source, affine = _reorient(source, affine, axcodes)
+            source, affine, flips = _reorient(source, affine, axcodes)
         tensor = torch.empty(source.shape, dtype=torch.float32)
         tensor.copy_(source)
-        if axcodes is not None:
-            _flip_in_place(tensor, _flipped_axes(original, affine))
+        _flip_in_place(tensor, flips)
     meta = {
         "affine": torch.as_tensor(affine, dtype=torch.float64),
         "original_affine": torch.as_tensor(original, dtype=torch.float64),
@@ -114,10 +112,12 @@ def _grid_affine(volume: Volume, dimensions: int) -> NDArray[np.float64]:
     return volume.affine_ras()
 
 
-def _reorient(source: Any, affine: NDArray[np.float64], axcodes: str) -> tuple[Any, Any]:
-    """``source`` (x, y, z) with its axes permuted towards ``axcodes`` (a view), and the
-    affine of the fully reoriented grid; the flips are left to :func:`_flip_in_place`
-    (torch has no negative strides)."""
+def _reorient(
+    source: Any, affine: NDArray[np.float64], axcodes: str
+) -> tuple[Any, NDArray[np.float64], list[int]]:
+    """``source`` (x, y, z) with its axes permuted towards ``axcodes`` (a view), the
+    affine of the fully reoriented grid, and the axes of the permuted view still to be
+    reversed: :func:`_flip_in_place` does that (torch has no negative strides)."""
     from nibabel import orientations
 
     current = orientations.io_orientation(affine)
@@ -127,13 +127,8 @@ def _reorient(source: Any, affine: NDArray[np.float64], axcodes: str) -> tuple[A
     order = [0, 0, 0]
     for axis, (target, _) in enumerate(transform):
         order[int(target)] = axis
-    return source.permute(*order), new_affine
-
-
-def _flipped_axes(before: NDArray[np.float64], after: NDArray[np.float64]) -> list[int]:
-    """Axes of the reoriented grid that run against the permuted source's direction."""
-    to_before = np.linalg.inv(before) @ after
-    return [axis for axis in range(3) if to_before[:3, axis].sum() < 0]
+    flips = [int(target) for target, direction in transform if direction < 0]
+    return source.permute(*order), new_affine, flips
 
 
 def _flip_in_place(tensor: Any, axes: list[int], chunk: int = 32) -> None:
@@ -393,6 +388,13 @@ def _to_source_grid(prediction: Any, reference: Any, mode: str, notes: dict[str,
     return ResampleToMatch(mode=mode, padding_mode="zeros")(prediction.float(), reference)
 
 
+def _index_map(prediction: Any, reference: Any) -> NDArray[np.float64]:
+    """The affine from the reference grid's voxel indices to the prediction's."""
+    return np.linalg.inv(np.asarray(prediction.affine, dtype=np.float64)) @ np.asarray(
+        reference.affine, dtype=np.float64
+    )
+
+
 def _reoriented_exactly(prediction: Any, reference: Any) -> Any:
     """The prediction in the reference grid when the two grids hold the same voxels in
     another axis order or direction (what ``Orientation`` does), else None.
@@ -406,9 +408,7 @@ def _reoriented_exactly(prediction: Any, reference: Any) -> Any:
 
     if prediction.ndim != 4 or reference.ndim != 4:
         return None
-    to_prediction = np.linalg.inv(np.asarray(prediction.affine, dtype=np.float64)) @ np.asarray(
-        reference.affine, dtype=np.float64
-    )
+    to_prediction = _index_map(prediction, reference)
     linear, offset = to_prediction[:3, :3], to_prediction[:3, 3]
     signed = np.rint(linear)
     if not np.allclose(linear, signed, atol=1e-4) or not np.array_equal(
@@ -449,9 +449,7 @@ def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
 
     if prediction.ndim != 4 or reference.ndim != 4:
         return None
-    to_prediction = np.linalg.inv(np.asarray(prediction.affine, dtype=np.float64)) @ np.asarray(
-        reference.affine, dtype=np.float64
-    )
+    to_prediction = _index_map(prediction, reference)
     linear = to_prediction[:3, :3]
     if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
         return None
@@ -462,11 +460,8 @@ def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
         valid = (index >= 0) & (index < prediction.shape[axis + 1])
         indices.append(np.clip(index, 0, prediction.shape[axis + 1] - 1))
         inside.append(valid)
+    # labels arrive as the narrowest integers (_as_label_integers): index the small grid
     source = np.asarray(prediction.detach().cpu().numpy()[0])
-    if source.dtype.kind == "f":  # labels: cast the small grid, not the large one
-        source = np.rint(source)
-        small = source.size == 0 or (source.min() >= 0 and source.max() < 256)
-        source = source.astype(np.uint8 if small else np.int32)
     out = source[np.ix_(*indices)]
     if not all(valid.all() for valid in inside):
         x, y, z = inside  # np.ix_ would turn boolean masks into index lists
