@@ -262,7 +262,11 @@ class Node:
         signal.signal(signal.SIGTERM, _handle)
         signal.signal(signal.SIGINT, _handle)
         self.start()
-        self._stopped.wait()
+        # Wake now and then: a signal that lands while this thread is entering a
+        # blocking wait (or on another thread) only trips a flag, and Python runs the
+        # handler at this thread's next bytecode; an untimed wait could sleep forever.
+        while not self._stopped.wait(1.0):
+            pass
         self.stop()
 
 

@@ -217,7 +217,8 @@ def run_receiver(settings: Settings, listen_fds: list[int], counts_fd: int) -> N
     scp.start()
     counter.ready()
     log.info("receiver.started", pid=os.getpid())
-    stopped.wait()
+    while not stopped.wait(1.0):  # timed, as in Node.run_until_signalled
+        pass
     scp.stop()
     index.close()
     log.info("receiver.stopped", pid=os.getpid())
