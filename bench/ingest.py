@@ -95,7 +95,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--associations", type=int, default=1)
     parser.add_argument("--receiver-processes", type=int, default=1)
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="run storescu/storescp without TCP_NODELAY=1 (DCMTK's packaged default)",
+    )
     args = parser.parse_args()
+    if args.nagle:
+        ENV.pop("TCP_NODELAY", None)
     if shutil.which("storescp") is None:
         sys.exit("DCMTK is not installed: bash .ci/install-system-packages")
 

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import pydicom
 import structlog
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
 
-from dicom_nodes import reactor
+from dicom_nodes import c_store, reactor
 
 log = structlog.get_logger("dicom_nodes.scu")
 
@@ -132,6 +132,7 @@ class _Item:
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     transfer_syntax: str = ""
+    data_set_offset: int = 0
     size: int = 0
     problem: str = ""
     outcome: FileOutcome | None = field(default=None)
@@ -144,7 +145,7 @@ def _read_item(path: Path) -> _Item:
     meta group lacks them is read further."""
     item = _Item(path=Path(path))
     try:
-        meta = read_file_meta_info(path)
+        meta, item.data_set_offset = split_dataset(item.path)
         sop_class = meta.get("MediaStorageSOPClassUID")
         sop_instance = meta.get("MediaStorageSOPInstanceUID")
         if not (sop_class and sop_instance):
@@ -179,12 +180,13 @@ def _contexts(items: Sequence[_Item]) -> list:
     return contexts[:MAX_CONTEXTS]
 
 
-def _accepted_as_is(assoc: object, item: _Item) -> bool:
-    """True when a context for the file's own class and transfer syntax was accepted."""
-    return any(
-        cx.abstract_syntax == item.sop_class_uid and cx.transfer_syntax[0] == item.transfer_syntax
-        for cx in assoc.accepted_contexts  # type: ignore[attr-defined]
-    )
+def _as_is_contexts(assoc: object) -> dict[tuple[str, str], int]:
+    """Accepted context ID per (SOP class, transfer syntax): a file of that class in
+    that syntax is sent as it is under it."""
+    contexts: dict[tuple[str, str], int] = {}
+    for cx in assoc.accepted_contexts:  # type: ignore[attr-defined]
+        contexts.setdefault((str(cx.abstract_syntax), str(cx.transfer_syntax[0])), cx.context_id)
+    return contexts
 
 
 def _ae(destination: StorageDestination, items: Sequence[_Item]) -> AE:
@@ -273,31 +275,30 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
         )
     bytes_sent = 0
     try:
+        as_is = _as_is_contexts(assoc)
         for message_id, item in enumerate(sendable, start=1):
-            if not assoc.is_established:
+            if not (assoc.is_established and _in_data_transfer(assoc)):
                 break
             try:
-                # As is: streamed from the file. Otherwise read, so pynetdicom can convert
-                # it to an accepted uncompressed syntax (or refuse: no_context).
-                payload = item.path if _accepted_as_is(assoc, item) else pydicom.dcmread(item.path)
-                status = assoc.send_c_store(payload, msg_id=message_id % 65536)
+                status = _send_one(assoc, as_is, item, message_id)
             except ValueError as exc:  # no accepted context for its class / syntax
                 item.outcome = _outcome(item, FileState.NO_CONTEXT, reason=_clip(str(exc)))
                 continue
             except (OSError, RuntimeError) as exc:
                 item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=type(exc).__name__)
                 continue
-            if "Status" not in status:
+            if status.code is None:
                 reason = "no response (DIMSE timeout or association aborted)"
                 item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=reason)
                 continue
-            code = int(status.Status)
-            comment = str(status.get("ErrorComment", "") or "")
-            item.outcome = _outcome(item, _status_state(code), status=code, reason=comment)
+            state = _status_state(status.code)
+            item.outcome = _outcome(item, state, status=status.code, reason=status.comment)
             bytes_sent += item.size
     finally:
-        aborted = assoc.is_aborted
-        if assoc.is_established:
+        # Aborted by either side, or the connection dropped: the DUL left data
+        # transfer (Sta6), whether or not the association's reactor has seen it yet.
+        aborted = assoc.is_aborted or not _in_data_transfer(assoc)
+        if assoc.is_established and not aborted:
             assoc.release()
         ae.shutdown()
     state = AssociationState.ABORTED if aborted else AssociationState.ACCEPTED
@@ -318,6 +319,34 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
         seconds=round(report.seconds, 3),
     )
     return report
+
+
+def _in_data_transfer(assoc: object) -> bool:
+    return assoc.dul.state_machine.current_state == "Sta6"  # type: ignore[attr-defined]
+
+
+def _send_one(
+    assoc: object, as_is: dict[tuple[str, str], int], item: _Item, message_id: int
+) -> c_store.StoreStatus:
+    """As is: streamed from the file by :mod:`dicom_nodes.c_store`. Otherwise read, so
+    pynetdicom converts it to an accepted uncompressed syntax (or raises ValueError:
+    no_context)."""
+    context_id = as_is.get((item.sop_class_uid, item.transfer_syntax))
+    if context_id is None:
+        dataset = pydicom.dcmread(item.path)
+        answer = assoc.send_c_store(dataset, msg_id=message_id % 65536)  # type: ignore[attr-defined]
+        if "Status" not in answer:
+            return c_store.StoreStatus(None)
+        return c_store.StoreStatus(int(answer.Status), str(answer.get("ErrorComment", "") or ""))
+    return c_store.send_file(
+        assoc,
+        context_id,
+        item.path,
+        item.data_set_offset,
+        item.sop_class_uid,
+        item.sop_instance_uid,
+        message_id,
+    )
 
 
 def _why_not_established(

@@ -1,0 +1,162 @@
+"""One C-STORE of a file sent as it is, at close to the speed of the wire.
+
+Why not pynetdicom's ``Association.send_c_store``: per instance it reads the file meta
+group again, builds the command as a pydicom Dataset and encodes it twice, and hands
+every P-DATA PDU to the DUL thread, which wraps, copies and writes it. Profiled with
+py-spy on ``bench/scu.py`` (300 x 512^2 CT into storescp), the command half of that
+took about half of the sending thread; with the command cheap, the DUL hand-over and
+its copies were the rest (issue 11's note has the figures).
+
+What is done here instead:
+
+* The C-STORE-RQ command set is encoded directly: its seven elements (PS3.7 9.3.1.1),
+  Implicit VR Little Endian as PS3.7 6.3.1 requires; ``tests/test_c_store.py`` checks
+  it byte for byte against pynetdicom's own encoding.
+* The P-DATA-TF PDUs are written on the sending thread, the data set straight from the
+  page cache with ``sendfile``, inside
+  :meth:`dicom_nodes.reactor.EventDrivenDUL.direct_writes` (the DUL's own writes held
+  off meanwhile, data transfer state checked; plain TCP only, as radnode's SCU is).
+
+What stays pynetdicom's: association negotiation, the state machine, reading the
+response (the DUL decodes it onto the DIMSE queue), the reactor pause around the
+exchange (:func:`dicom_nodes.reactor.reactor_paused`), and aborting the association
+when no valid response comes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from dicom_nodes import reactor
+
+#: PS3.8 E.2 message control header: bit 0 command (1) or data set (0), bit 1 last.
+_DATA, _COMMAND, _DATA_LAST, _COMMAND_LAST = 0x00, 0x01, 0x02, 0x03
+#: PDU type, reserved, PDU length, PDV item length, context ID, control header.
+_P_DATA_TF = struct.Struct(">BBIIBB")
+#: Linux: hold a PDU header until its value follows (one segment, not two).
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: A PDV's item length (4) and presentation context ID (1) and control header (1).
+_PDV_OVERHEAD = 6
+#: Fragment size when the peer announces no maximum PDU length (0: unlimited).
+_UNLIMITED_FRAGMENT = 4 * 1024 * 1024
+#: PS3.7 9.3.1.1 / E.1: C-STORE-RQ command field, and "a data set is present".
+_C_STORE_RQ = 0x0001
+_DATA_SET_PRESENT = 0x0001
+#: PS3.7 Annex C: MEDIUM, as DCMTK storescu sends.
+PRIORITY_MEDIUM = 0x0000
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """One group 0000 element, Implicit VR Little Endian."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def encode_c_store_rq(
+    sop_class_uid: str, sop_instance_uid: str, message_id: int, priority: int = PRIORITY_MEDIUM
+) -> bytes:
+    """The command set of a C-STORE-RQ with a data set, as sent on the wire."""
+    body = b"".join(
+        (
+            _element(0x0002, _uid(sop_class_uid)),
+            _element(0x0100, struct.pack("<H", _C_STORE_RQ)),
+            _element(0x0110, struct.pack("<H", message_id)),
+            _element(0x0700, struct.pack("<H", priority)),
+            _element(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
+            _element(0x1000, _uid(sop_instance_uid)),
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """What the peer answered: its status code and error comment; ``code`` is None
+    when no valid response came (DIMSE timeout, abort, malformed response)."""
+
+    code: int | None
+    comment: str = ""
+
+
+def fragment_size(peer_max_pdu: int) -> int:
+    """The largest PDV value that fits the peer's maximum PDU length (PS3.8 9.3.1)."""
+    if not peer_max_pdu:
+        return _UNLIMITED_FRAGMENT
+    return max(peer_max_pdu - _PDV_OVERHEAD, 1)
+
+
+def send_file(
+    assoc: Any,
+    context_id: int,
+    path: Path,
+    data_set_offset: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    message_id: int,
+) -> StoreStatus:
+    """Send the data set of ``path`` (from ``data_set_offset``, after its file meta
+    group) under ``context_id``, whose transfer syntax is the file's own.
+
+    Returns the peer's answer; without a valid one (DIMSE timeout, abort, malformed
+    response) the association is aborted, as pynetdicom's ``send_c_store`` does.
+    Raises OSError if the file cannot be read or the connection fails, and
+    RuntimeError if the association ended before the request could be sent.
+    """
+    command = encode_c_store_rq(sop_class_uid, sop_instance_uid, message_id % 65536)
+    size = fragment_size(assoc.dimse.maximum_pdu_size)
+    with open(path, "rb") as stream, reactor.reactor_paused(assoc):
+        length = os.fstat(stream.fileno()).st_size - data_set_offset
+        with assoc.dul.direct_writes() as sock:
+            _write_pdus(sock, context_id, command, stream, data_set_offset, length, size)
+        _, response = assoc.dimse.get_msg(block=True)
+    if response is None:
+        assoc._handle_no_response()
+        return StoreStatus(None)
+    if not response.is_valid_response:
+        assoc.abort()
+        return StoreStatus(None, "invalid C-STORE response")
+    return StoreStatus(int(response.Status), str(response.ErrorComment or ""))
+
+
+def _pdu_header(context_id: int, control: int, value_length: int) -> bytes:
+    """A P-DATA-TF PDU with one PDV (PS3.8 9.3.5, E.2), up to the PDV's value."""
+    return _P_DATA_TF.pack(
+        0x04, 0, value_length + _PDV_OVERHEAD, value_length + 2, context_id, control
+    )
+
+
+def _write_pdus(
+    sock: socket.socket,
+    context_id: int,
+    command: bytes,
+    stream: BinaryIO,
+    offset: int,
+    length: int,
+    size: int,
+) -> None:
+    """Write the command and the data set as P-DATA-TF PDUs, the data set straight from
+    the page cache (``sendfile``): no copy in Python and no hand-over to the DUL thread,
+    which was where the sender spent its time once the command was cheap."""
+    for start in range(0, len(command), size):
+        piece = command[start : start + size]
+        control = _COMMAND_LAST if start + size >= len(command) else _COMMAND
+        sock.sendall(_pdu_header(context_id, control, len(piece)) + piece)
+    while True:
+        count = min(size, length)
+        last = count == length
+        sock.sendall(_pdu_header(context_id, _DATA_LAST if last else _DATA, count), _MSG_MORE)
+        if count:
+            sock.sendfile(stream, offset, count)
+        if last:
+            return
+        offset += count
+        length -= count
