@@ -9,15 +9,15 @@ What it does:
 * Reads each file's header only (SOP Class, SOP Instance, transfer syntax).
 * Proposes, per (SOP class, file transfer syntax), a context with only that syntax
   and one with Explicit and Implicit VR Little Endian. A file whose own syntax was
-  accepted is streamed from disk unchanged; otherwise it is read and pynetdicom
-  converts it to the accepted uncompressed syntax (a compressed file cannot be
-  converted and fails with ``no_context``). At most 128 contexts (PS3.8).
+  accepted is sent from disk unchanged by :mod:`dicom_nodes.c_store`; otherwise it
+  is read and pynetdicom converts it to the accepted uncompressed syntax (a
+  compressed file cannot be converted and fails with ``no_context``). At most 128 contexts (PS3.8).
 * Announces a 4 MiB maximum PDU and sends PDVs as large as the peer accepts: the
   pynetdicom default of 16 KiB costs a lot of time on large series.
-* Sends every file from disk (pynetdicom streams the encoded data set) and records the
-  status the peer ANSWERED for each: 0x0000 Success and 0xB000-0xBFFF warnings count as
-  acknowledged; everything else, and every file the peer never answered (association
-  aborted, DIMSE timeout), does not. Nothing is assumed from our own exit.
+* Sends every file in turn and records the status the peer ANSWERED for each: 0x0000
+  Success and 0xB000-0xBFFF warnings count as acknowledged; everything else, and every
+  file the peer never answered (association aborted, DIMSE timeout), does not.
+  Nothing is assumed from our own exit.
 * Reports association rejection (result, source, reason), abort, connection failure
   and timeouts as such (:class:`AssociationState`).
 
@@ -191,7 +191,6 @@ def _as_is_contexts(assoc: object) -> dict[tuple[str, str], int]:
 
 def _ae(destination: StorageDestination, items: Sequence[_Item]) -> AE:
     _config.LOG_HANDLER_LEVEL = "none"
-    _config.STORE_SEND_CHUNKED_DATASET = True
     reactor.install()  # event-driven waits instead of pynetdicom's 1 ms sleeps
     ae = AE(ae_title=destination.calling_ae_title)
     ae.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
