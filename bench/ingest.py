@@ -8,8 +8,8 @@ each round sends them with DCMTK ``storescu +sd`` (one association per series, a
 at once) into a fresh DCMTK ``storescp`` (``--fork`` when several associations) and
 into a fresh ``radnode serve`` (``node.receiver_processes`` as given, timed once its
 ``/readyz`` says every receiver process accepts), interleaved. Only files that
-storescu saw acknowledged with Success count. Prints medians: images/s, MB/s and the
-ratio.
+storescu saw acknowledged with Success count. Every timed run starts after ``sync``
+(nothing left dirty by the run before). Prints medians: images/s, MB/s and the ratio.
 Every DCMTK program runs with TCP_NODELAY=1 (without it DCMTK waits on Nagle).
 """
 
@@ -48,18 +48,28 @@ def start_storescp(port: int, out: Path, fork: bool) -> subprocess.Popen[bytes]:
 
 
 def start_radnode(port: int, data: Path, receiver_processes: int) -> subprocess.Popen[bytes]:
+    """Start ``radnode serve`` and return once it is in its steady state: every
+    receiver process accepts and the worker has loaded its models (a worker still
+    importing torch would take a core from the receivers on a 2-core machine)."""
     env = {
         **ENV,
         "RADNODE_NODE__RECEIVER_PROCESSES": str(receiver_processes),
         "RADNODE_NODE__PORT": str(port),
         "RADNODE_NODE__DATA_DIR": str(data),
         "RADNODE_NODE__MIN_FREE_DISK_MB": "1",
-        "RADNODE_LOG__LEVEL": "warning",
+        "RADNODE_LOG__LEVEL": "info",
         "RADNODE_HTTP__PORT": str(http_port := free_port()),
     }
     radnode = Path(sys.executable).with_name("radnode")
-    proc = subprocess.Popen([str(radnode), "serve"], env=env, stdout=subprocess.DEVNULL)
+    log_path = data / "radnode.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([str(radnode), "serve"], env=env, stdout=log_file)
     wait_until_ready(http_port, proc=proc)  # every receiver process accepts by then
+    deadline = time.monotonic() + 120
+    while b'"worker.started"' not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"radnode's worker did not start; see {log_path}")
+        time.sleep(0.1)
     return proc
 
 
@@ -132,6 +142,11 @@ def main() -> None:
                     if name.startswith("dcmtk")
                     else start_radnode(port, target, args.receiver_processes)
                 )
+                # Start every timed run with nothing dirty in the page cache: the data
+                # a previous run (storescp's above all: it never syncs) left to be
+                # written back would otherwise be flushed during this one and slow
+                # down whichever receiver syncs.
+                os.sync()
                 try:
                     seconds, acked = send(port, series_dirs)
                 finally:

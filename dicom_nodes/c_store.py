@@ -1,4 +1,5 @@
-"""One C-STORE of a file sent as it is, at close to the speed of the wire.
+"""C-STORE at close to the speed of the wire: requests sent from files, responses
+answered directly.
 
 Why not pynetdicom's ``Association.send_c_store``: per instance it reads the file meta
 group again, builds the command as a pydicom Dataset and encodes it twice, and hands
@@ -21,6 +22,14 @@ What stays pynetdicom's: association negotiation, the state machine, reading the
 response (the DUL decodes it onto the DIMSE queue), the reactor pause around the
 exchange (:func:`dicom_nodes.reactor.reactor_paused`), and aborting the association
 when no valid response comes.
+
+The Storage SCP's side (:func:`answer_directly`): pynetdicom builds each C-STORE-RSP
+as a pydicom Dataset, encodes it twice (for the group length) and hands it to the DUL
+thread to write. Profiled (cProfile over the association threads, storescu sending
+300 x 512^2 CT into an SCP whose receiver does nothing) that was a third of the
+receiving side's time; the response is now encoded directly (checked byte for byte
+against pynetdicom) and written on the thread that served the request: 0.53 s ->
+0.35 s for the 300 instances.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_nodes import reactor
 
@@ -44,9 +56,12 @@ _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _PDV_OVERHEAD = 6
 #: Fragment size when the peer announces no maximum PDU length (0: unlimited).
 _UNLIMITED_FRAGMENT = 4 * 1024 * 1024
-#: PS3.7 9.3.1.1 / E.1: C-STORE-RQ command field, and "a data set is present".
+#: PS3.7 9.3.1 / E.1: C-STORE-RQ and -RSP command fields; "a data set is present" and
+#: "no data set" (any value but 0x0101 means present).
 _C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
 _DATA_SET_PRESENT = 0x0001
+_NO_DATA_SET = 0x0101
 #: PS3.7 Annex C: MEDIUM, as DCMTK storescu sends.
 PRIORITY_MEDIUM = 0x0000
 
@@ -72,6 +87,24 @@ def encode_c_store_rq(
             _element(0x0110, struct.pack("<H", message_id)),
             _element(0x0700, struct.pack("<H", priority)),
             _element(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
+            _element(0x1000, _uid(sop_instance_uid)),
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def encode_c_store_rsp(
+    sop_class_uid: str, sop_instance_uid: str, message_id_being_responded_to: int, status: int
+) -> bytes:
+    """The command set of a C-STORE-RSP without Error Comment or Offending Element
+    (PS3.7 9.3.1.2), as sent on the wire."""
+    body = b"".join(
+        (
+            _element(0x0002, _uid(sop_class_uid)),
+            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _element(0x0120, struct.pack("<H", message_id_being_responded_to)),
+            _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+            _element(0x0900, struct.pack("<H", status)),
             _element(0x1000, _uid(sop_instance_uid)),
         )
     )
@@ -127,6 +160,56 @@ def send_file(
     return StoreStatus(int(response.Status), str(response.ErrorComment or ""))
 
 
+def answer_directly(assoc: Any) -> None:
+    """Send the C-STORE responses of this (accepted) association with
+    :func:`encode_c_store_rsp`, written on the thread that served the request.
+
+    Call it once the association is established (the Storage SCP does, on
+    ``EVT_ESTABLISHED``). Every other message, a response that carries an Error
+    Comment or Offending Element, a TLS connection, and an association with an
+    ``EVT_DIMSE_SENT`` handler (which would not see these responses) go through
+    pynetdicom's ``send_msg`` as before.
+    """
+    dul = assoc.dul
+    sock = dul.socket.socket if dul.socket is not None else None
+    if not isinstance(dul, reactor.EventDrivenDUL) or sock is None or reactor.is_tls(sock):
+        return
+    dimse = assoc.dimse
+    pynetdicom_send_msg = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not _is_plain_c_store_rsp(primitive) or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            pynetdicom_send_msg(primitive, context_id)
+            return
+        command = encode_c_store_rsp(
+            str(primitive.AffectedSOPClassUID),
+            str(primitive.AffectedSOPInstanceUID),
+            primitive.MessageIDBeingRespondedTo,
+            primitive.Status,
+        )
+        try:
+            with dul.direct_writes() as direct:
+                _write_command(direct, context_id, command, fragment_size(dimse.maximum_pdu_size))
+        except RuntimeError:
+            pass  # the association left data transfer: nobody is left to answer
+        except OSError:
+            pass  # reported to the state machine (Evt17), which ends the association
+
+    dimse.send_msg = send_msg
+
+
+def _is_plain_c_store_rsp(primitive: Any) -> bool:
+    return (
+        isinstance(primitive, C_STORE)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and isinstance(primitive.Status, int)
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and primitive.AffectedSOPClassUID is not None
+        and primitive.AffectedSOPInstanceUID is not None
+    )
+
+
 def _pdu_header(context_id: int, control: int, value_length: int) -> bytes:
     """A P-DATA-TF PDU with one PDV (PS3.8 9.3.5, E.2), up to the PDV's value."""
     return _P_DATA_TF.pack(
@@ -146,10 +229,7 @@ def _write_pdus(
     """Write the command and the data set as P-DATA-TF PDUs, the data set straight from
     the page cache (``sendfile``): no copy in Python and no hand-over to the DUL thread,
     which was where the sender spent its time once the command was cheap."""
-    for start in range(0, len(command), size):
-        piece = command[start : start + size]
-        control = _COMMAND_LAST if start + size >= len(command) else _COMMAND
-        sock.sendall(_pdu_header(context_id, control, len(piece)) + piece)
+    _write_command(sock, context_id, command, size)
     while True:
         count = min(size, length)
         last = count == length
@@ -160,3 +240,11 @@ def _write_pdus(
             return
         offset += count
         length -= count
+
+
+def _write_command(sock: socket.socket, context_id: int, command: bytes, size: int) -> None:
+    """Write a command set as P-DATA-TF PDUs of at most ``size`` value bytes each."""
+    for start in range(0, len(command), size):
+        piece = command[start : start + size]
+        control = _COMMAND_LAST if start + size >= len(command) else _COMMAND
+        sock.sendall(_pdu_header(context_id, control, len(piece)) + piece)

@@ -204,7 +204,7 @@ class EventDrivenDUL(DULServiceProvider):
             sock = self.socket.socket if self.socket is not None else None
             if sock is None or self.state_machine.current_state != "Sta6":
                 raise RuntimeError("the association is not in data transfer")
-            if isinstance(sock, ssl.SSLSocket):
+            if is_tls(sock):
                 raise RuntimeError("direct writes on a TLS connection")
             try:
                 yield sock
@@ -222,6 +222,11 @@ class EventDrivenDUL(DULServiceProvider):
         finally:
             for end in (self._wake_r, self._wake_w):
                 end.close()
+
+
+def is_tls(sock: socket.socket) -> bool:
+    """Whether the connection speaks TLS (OpenSSL then owns its reads and writes)."""
+    return isinstance(sock, ssl.SSLSocket)
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)

@@ -39,7 +39,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_nodes import reactor
+from dicom_nodes import c_store, reactor
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
 from dicom_nodes.tls import describe_handshake_error, server_context
@@ -451,6 +451,7 @@ class StorageSCP:
         )
         with self._stats_lock:
             self._stats[id(event.assoc)] = stats
+        c_store.answer_directly(event.assoc)
         log.info(
             "association.opened",
             peer_ae=stats.calling_ae,

@@ -1,6 +1,8 @@
 """The Storage SCU's own C-STORE path (dicom_nodes.c_store) against pynetdicom and storescp.
 
-* The command set is byte for byte what pynetdicom encodes for the same request.
+* The command set is byte for byte what pynetdicom encodes for the same request, and
+  so is the Storage SCP's directly written response.
+* DCMTK storescu reads the SCP's direct responses, failure statuses included.
 * Files go through real DCMTK storescp at several maximum PDU lengths, including one so
   small that the command itself is fragmented, and storescp stores exactly the data set
   that was sent (every element, pixel data byte for byte): the PDU framing is right.
@@ -14,11 +16,19 @@ from io import BytesIO
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicom_nodes.c_store import PRIORITY_MEDIUM, encode_c_store_rq, fragment_size
+from dicom_nodes.c_store import (
+    PRIORITY_MEDIUM,
+    _is_plain_c_store_rsp,
+    encode_c_store_rq,
+    encode_c_store_rsp,
+    fragment_size,
+)
+from dicom_nodes.policy import AssociationPolicy
+from dicom_nodes.scp import StorageSCP
 from dicom_nodes.scu import FileState, StorageDestination, send_files
 from service.testing import write_ct_series
 from tests.conftest import dcmtk_env, free_port, require_tool, wait_for_port
@@ -48,6 +58,84 @@ def test_command_set_is_what_pynetdicom_encodes(sop_instance, message_id):
     sop_class = "1.2.840.10008.5.1.4.1.1.2"
     ours = encode_c_store_rq(sop_class, sop_instance, message_id)
     assert ours == _pynetdicom_command(sop_class, sop_instance, message_id)
+
+
+def _pynetdicom_response(
+    sop_class: str, sop_instance: str, message_id: int, status: int, **optional: str
+) -> C_STORE:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.AffectedSOPInstanceUID = sop_instance
+    response.Status = status
+    for keyword, value in optional.items():
+        setattr(response, keyword, value)
+    return response
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "message_id", "status"),
+    [
+        ("1.2.3.4.55", 1, 0x0000),
+        ("1.2.3.4.555", 65535, 0xA700),  # odd length UID
+        ("2.25.123456789012345678901234567890123456789", 0, 0xC000),
+        ("1.2.3", 7, 0xB007),
+    ],
+)
+def test_response_command_set_is_what_pynetdicom_encodes(sop_instance, message_id, status):
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    message = C_STORE_RSP()
+    message.primitive_to_message(_pynetdicom_response(sop_class, sop_instance, message_id, status))
+    expected = encode(message.command_set, True, True)
+    assert encode_c_store_rsp(sop_class, sop_instance, message_id, status) == expected
+
+
+def test_responses_with_a_comment_are_left_to_pynetdicom():
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    assert _is_plain_c_store_rsp(_pynetdicom_response(sop_class, "1.2.3", 1, 0x0000))
+    commented = _pynetdicom_response(sop_class, "1.2.3", 1, 0xC000, ErrorComment="bad")
+    assert not _is_plain_c_store_rsp(commented)
+    request = C_STORE()  # no Message ID Being Responded To: a request
+    request.MessageID = 1
+    assert not _is_plain_c_store_rsp(request)
+
+
+class _FixedStatus:
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.instances: list[str] = []
+
+    def store(self, instance):
+        self.instances.append(instance.sop_instance_uid)
+        return self.status
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("status", "storescu_says"),
+    [(0x0000, "Success"), (0xA700, "Refused: OutOfResources"), (0xC000, "Error")],
+)
+def test_storescu_reads_the_scps_direct_responses(tmp_path, status, storescu_says):
+    files = write_ct_series(tmp_path / "ct", slices=2, rows=32, columns=32)
+    receiver = _FixedStatus(status)
+    scp = StorageSCP(AssociationPolicy(ae_title="RADNODE"), receiver, host="127.0.0.1", port=0)
+    scp.start()
+    try:
+        sent = subprocess.run(
+            [
+                *(require_tool("storescu"), "-v", "--no-halt", "-aec", "RADNODE"),
+                *("127.0.0.1", str(scp.port), *map(str, files)),
+            ],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        scp.stop()
+    responses = [ln for ln in sent.stderr.splitlines() if "Received Store Response" in ln]
+    assert len(responses) == len(files) == len(receiver.instances)
+    assert all(f"({storescu_says}" in line for line in responses), sent.stderr
 
 
 def test_fragments_fit_the_peers_maximum_pdu():

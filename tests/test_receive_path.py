@@ -20,7 +20,12 @@ from service.headers import parse_header
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.records import StudyState
-from service.spool import Spool
+from service.spool import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    Spool,
+    file_meta_bytes,
+)
 
 
 def ct_small() -> Dataset:
@@ -92,6 +97,48 @@ def test_wrong_length_pixel_data_is_refused() -> None:
     ds.PixelData = ds.PixelData[:-2048]
     with pytest.raises(UnreadableDataset, match="Pixel Data has"):
         parse_header(encoded(ds), ExplicitVRLittleEndian)
+
+
+def _pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: str, sending: str):
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = source
+    if sending:
+        meta.SendingApplicationEntityTitle = sending
+        meta.ReceivingApplicationEntityTitle = source
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("sop_instance", "syntax", "source", "sending"),
+    [
+        ("1.2.3.4", ExplicitVRLittleEndian, "RADNODE", "PACS"),
+        ("1.2.3.45", DeflatedExplicitVRLittleEndian, "RADNODE1", "ODD"),  # odd lengths
+        ("2.25.1" + "1" * 58, "1.2.840.10008.1.2", "AI", ""),  # 64 chars, no sending AE
+    ],
+)
+def test_file_meta_is_what_pydicom_writes(sop_instance, syntax, source, sending) -> None:
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    ours = file_meta_bytes(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        transfer_syntax_uid=syntax,
+        source_ae=source,
+        sending_ae=sending,
+    )
+    assert ours == _pydicom_file_meta(sop_class, sop_instance, syntax, source, sending)
 
 
 def test_stored_file_is_received_bytes_plus_file_meta(parts) -> None:
