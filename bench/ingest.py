@@ -1,7 +1,7 @@
 """Receive throughput: radnode vs DCMTK storescp, same sender, same data, same run.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--rounds 5] [--associations 1]
-                                     [--receiver-processes 1]
+                                     [--receiver-processes 1] [--one-per-association]
 
 Generates ``associations`` synthetic 512x512 CT series (``service.testing``), then for
 each round sends them with DCMTK ``storescu +sd`` (one association per series, all
@@ -73,6 +73,18 @@ def start_radnode(port: int, data: Path, receiver_processes: int) -> subprocess.
     return proc
 
 
+def send_one_per_association(port: int, series_dirs: list[Path]) -> tuple[float, int]:
+    """Send every file in its own association (one storescu each, one after the other),
+    as some PACS do; return (seconds, acked)."""
+    start = time.perf_counter()
+    acked = 0
+    for path in sorted(p for d in series_dirs for p in d.iterdir()):
+        cmd = ["storescu", "-v", "-aec", "RADNODE", "127.0.0.1", str(port), str(path)]
+        result = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+        acked += len(acknowledged_files(result.stdout + result.stderr))
+    return time.perf_counter() - start, acked
+
+
 def send(port: int, series_dirs: list[Path]) -> tuple[float, int]:
     """Send every series at once, one association each; return (seconds, acked)."""
     start = time.perf_counter()
@@ -110,7 +122,13 @@ def main() -> None:
         action="store_true",
         help="run storescu/storescp without TCP_NODELAY=1 (DCMTK's packaged default)",
     )
+    parser.add_argument(
+        "--one-per-association",
+        action="store_true",
+        help="send every file in its own association (storescu per file; try --slices 50)",
+    )
     args = parser.parse_args()
+    sender = send_one_per_association if args.one_per_association else send
     if args.nagle:
         ENV.pop("TCP_NODELAY", None)
     if shutil.which("storescp") is None:
@@ -129,6 +147,7 @@ def main() -> None:
             f"data: {args.associations} x {args.slices} slices 512x512 CT, "
             f"{total_mb:.0f} MB; {args.rounds} interleaved rounds;"
             f" radnode with {args.receiver_processes} receiver process(es)"
+            + ("; one association per file" if args.one_per_association else "")
         )
 
         results: dict[str, list[float]] = {"dcmtk storescp": [], "radnode": []}
@@ -148,7 +167,7 @@ def main() -> None:
                 # down whichever receiver syncs.
                 os.sync()
                 try:
-                    seconds, acked = send(port, series_dirs)
+                    seconds, acked = sender(port, series_dirs)
                 finally:
                     stop(proc)
                 if acked != total_images:

@@ -216,6 +216,18 @@ class EventDrivenDUL(DULServiceProvider):
         super().kill_dul()
         self._stop_waiting()
 
+    def stop_dul(self) -> bool:
+        """pynetdicom's ``stop_dul`` (stop once back in Sta1), but the DUL is woken
+        and joined: pynetdicom waits by sleeping ``_run_loop_delay``, which is 0 here,
+        so it spun on the GIL until the DUL's bounded wait ran out."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self._stop_waiting()
+        while threading.current_thread() is not self and self.is_alive():
+            self.join(IDLE_WAIT_S)
+        return True
+
     def run_reactor(self) -> None:
         try:
             super().run_reactor()

@@ -92,6 +92,23 @@ def test_damaged_data_sets_are_refused(mangle, reason: str) -> None:
         parse_header(mangle(encoded(ct_small())), ExplicitVRLittleEndian)
 
 
+def large_ct() -> Dataset:
+    """CT_small with 512 x 512 pixels: Pixel Data beyond the size whose value the
+    header parser skips rather than copies."""
+    ds = ct_small()
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(512 * 512 * 2)
+    return ds
+
+
+@pytest.mark.parametrize("cut", [1, 300, 100_000])
+def test_truncated_large_pixel_data_is_refused(cut: int) -> None:
+    data = encoded(large_ct())
+    assert parse_header(data, ExplicitVRLittleEndian).sop_instance_uid  # whole: fine
+    with pytest.raises(UnreadableDataset, match="truncated"):
+        parse_header(data[:-cut], ExplicitVRLittleEndian)
+
+
 def test_wrong_length_pixel_data_is_refused() -> None:
     ds = ct_small()
     ds.PixelData = ds.PixelData[:-2048]

@@ -141,3 +141,40 @@ def test_resent_series_is_deduplicated(radnode: RadnodeProcess, ct_series: list[
     with sqlite3.connect(radnode.data_dir / "index.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 10
         assert db.execute("SELECT instance_count FROM studies").fetchone()[0] == 10
+
+
+def test_each_association_gets_its_own_copy_of_the_contexts() -> None:
+    """pynetdicom deep-copies the server's contexts per association; radnode's cheaper
+    copy must still give every association contexts it may change alone."""
+    from copy import deepcopy
+
+    from dicom_nodes.policy import AssociationPolicy
+    from dicom_nodes.scp import StorageSCP, _SupportedContexts
+
+    scp = StorageSCP(AssociationPolicy(ae_title="RADNODE"), receiver=None, host="127.0.0.1", port=0)  # type: ignore[arg-type]
+    scp.start()
+    try:
+        contexts = scp._server.contexts  # type: ignore[union-attr]
+        assert isinstance(contexts, _SupportedContexts)
+        copies = deepcopy(contexts)
+    finally:
+        scp.stop()
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in copies] == [
+        (c.abstract_syntax, c.transfer_syntax) for c in contexts
+    ]
+    assert all(
+        a is not b and a._transfer_syntax is not b._transfer_syntax
+        for a, b in zip(copies, contexts, strict=True)
+    )
+    copies[0].context_id = 99
+    copies[0]._transfer_syntax.clear()
+    assert contexts[0].context_id != 99 and contexts[0].transfer_syntax
+
+
+def test_one_instance_per_association(radnode: RadnodeProcess, tmp_path: Path) -> None:
+    """Some PACS open an association per instance: each one is stored."""
+    files = write_ct_series(tmp_path / "ct", slices=8, rows=32, columns=32)
+    for path in files:
+        assert acknowledged_files(storescu(radnode.port, [path]).stderr) == [str(path)]
+    for path in files:
+        assert spool_file(radnode, path).read_bytes().endswith(path.read_bytes()[-1024:])
