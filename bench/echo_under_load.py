@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="rows = columns of each image")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
+        "--phantom-rows",
+        type=int,
+        default=512,
+        help="rows of the phantom CT (--with-model): its job must outlast the load",
+    )
+    parser.add_argument("--phantom-slices", type=int, default=400, help="slices of the phantom")
+    parser.add_argument(
         "--with-model", action="store_true", help="keep a segmentation model running"
     )
     args = parser.parse_args(argv)
@@ -174,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     node.start()
     try:
         if args.with_model:
-            phantom = write_ct_phantom(work / "phantom", make_ct_phantom(seed=10400, rows=256))
+            phantom = write_ct_phantom(
+                work / "phantom",
+                make_ct_phantom(seed=10400, rows=args.phantom_rows, slices=args.phantom_slices),
+            )
             storescu(node.port, phantom)
             node.wait_for_event("job.started", timeout=300)
             print("a segmentation job is running; starting the load")

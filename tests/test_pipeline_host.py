@@ -75,7 +75,11 @@ def test_zoo_bundle_runs_unmodified_and_matches_monai_own_reader(
     assert spec.identity.kind is TaskKind.SEGMENTATION
     assert [label.name for label in spec.labels] == ["spleen"]
     bundle = load_bundle(spec, torch.device("cpu"))
-    assert set(bundle.swapped) == {"preprocessing:LoadImaged", "postprocessing:SaveImaged"}
+    assert set(bundle.swapped) == {
+        "preprocessing:LoadImaged",
+        "postprocessing:SaveImaged",
+        "postprocessing:AsDiscreted:argmax",  # service.pipeline.argmax: same labels
+    }
     volume = load_series(series)
     result = run_bundle(bundle, volume)
     assert result.label_map is not None
@@ -107,6 +111,42 @@ def test_mask_lands_on_the_known_structure_in_source_geometry(
     assert asymmetric
     for axis in asymmetric:
         assert dice(np.flip(predicted, axis), truth) < 0.7
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"argmax": True},
+        {"argmax": True, "to_onehot": 4},
+        {"argmax": True, "keepdim": False, "dtype": torch.uint8},
+        {"threshold": 0.5},  # no argmax: MONAI's path as it is
+    ],
+)
+def test_radnode_as_discrete_gives_monai_output(options: dict) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscrete as MonaiAsDiscrete
+    from monai.transforms import AsDiscreted as MonaiAsDiscreted
+
+    from service.pipeline.argmax import AsDiscrete, AsDiscreted
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randint(0, 3, (4, 9, 8, 7), generator=generator).float()  # many ties
+    logits[:, 0, 0, 0] = 1.0  # every channel equal: the first one wins in both
+    affine = torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0], dtype=torch.float64))
+    image = MetaTensor(logits, affine=affine)
+    for ours, theirs in (
+        (AsDiscrete(**options)(image), MonaiAsDiscrete(**options)(image)),
+        (
+            AsDiscreted("pred", **options)({"pred": image})["pred"],
+            MonaiAsDiscreted("pred", **options)({"pred": image})["pred"],
+        ),
+    ):
+        assert type(ours) is type(theirs)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        assert torch.equal(ours, theirs)
+        assert torch.equal(ours.affine, theirs.affine)
+    as_numpy = logits.numpy()
+    assert np.array_equal(AsDiscrete(**options)(as_numpy), MonaiAsDiscrete(**options)(as_numpy))
 
 
 def test_classifier_runs_on_a_large_monochrome1_radiograph(models: Path, tmp_path: Path) -> None:

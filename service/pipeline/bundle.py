@@ -13,6 +13,9 @@ a DICOM node:
 * every ``SaveImage``/``SaveImaged`` (and classification ``AsDiscrete``, which would
   turn probabilities into a one-hot vector) becomes an identity: results go to the
   DICOM writers instead of files;
+* ``AsDiscrete``/``AsDiscreted`` of a segmentation or reconstruction bundle become
+  :mod:`service.pipeline.argmax`'s, which give the same labels from a faster argmax
+  (torch's own took a sixth of a 300-slice CT job);
 * ``pretrained`` switches in ``network_def`` are turned off (a bundle must never
   download), ``bundle_root`` points at the bundle folder and ``device`` at the device
   radnode chose.
@@ -387,6 +390,10 @@ def _swap_io(node: Any, kind: TaskKind, swapped: list[str], where: str) -> None:
     name = _target_name(node)
     replace = name in _LOADERS or name in _SAVERS
     replace |= kind is TaskKind.CLASSIFICATION and name in _DISCRETISERS
+    if name in _DISCRETISERS and not replace:
+        radnode_class = "AsDiscrete" if name == "AsDiscrete" else "AsDiscreted"
+        node["_target_"] = f"service.pipeline.argmax.{radnode_class}"
+        swapped.append(f"{where}:{name}:argmax")
     if replace:
         dictionary = "keys" in node
         keys = node.get("keys")

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import RadnodeError
+from service.pipeline.argmax import channel_argmax
 from service.pipeline.bundle import LoadedBundle
 from service.pipeline.result import PipelineResult, StageTimings, TaskKind
 from service.pipeline.volume import Volume
@@ -296,7 +297,7 @@ def _interpret(
         )
     if kind is TaskKind.SEGMENTATION:
         if prediction.shape[0] > 1:
-            prediction = _keep_meta(prediction, prediction.argmax(0, keepdim=True))
+            prediction = _keep_meta(prediction, channel_argmax(prediction, 0, keepdim=True))
             notes["argmax_by_radnode"] = True
         # labels as the narrowest integers before they are mapped back to the source's
         # (large) grid: an inverted label map often comes back as float32
