@@ -191,6 +191,10 @@ def test_max_associations_is_honoured_and_frees_up(start_scp) -> None:
     assert "too many concurrent associations" in logged["reason"]
     held.pop().release()
     _wait_until(lambda: outcomes.count("released") == 1)
+    # The released association's thread ends once the peer has closed the connection
+    # (pynetdicom checks every 10 ms); only then is its slot free.
+    server = scp._server
+    _wait_until(lambda: len(server.active_associations) == 1)
     fourth = associate(scp.port)
     assert fourth.is_established
     for assoc in (*held, fourth):
