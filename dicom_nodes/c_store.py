@@ -76,21 +76,24 @@ def _uid(uid: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
+def _command_set(*elements: bytes) -> bytes:
+    """Elements in tag order behind their Command Group Length (0000,0000)."""
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 def encode_c_store_rq(
     sop_class_uid: str, sop_instance_uid: str, message_id: int, priority: int = PRIORITY_MEDIUM
 ) -> bytes:
     """The command set of a C-STORE-RQ with a data set, as sent on the wire."""
-    body = b"".join(
-        (
-            _element(0x0002, _uid(sop_class_uid)),
-            _element(0x0100, struct.pack("<H", _C_STORE_RQ)),
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", priority)),
-            _element(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
-            _element(0x1000, _uid(sop_instance_uid)),
-        )
+    return _command_set(
+        _element(0x0002, _uid(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", _C_STORE_RQ)),
+        _element(0x0110, struct.pack("<H", message_id)),
+        _element(0x0700, struct.pack("<H", priority)),
+        _element(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
+        _element(0x1000, _uid(sop_instance_uid)),
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def encode_c_store_rsp(
@@ -98,17 +101,14 @@ def encode_c_store_rsp(
 ) -> bytes:
     """The command set of a C-STORE-RSP without Error Comment or Offending Element
     (PS3.7 9.3.1.2), as sent on the wire."""
-    body = b"".join(
-        (
-            _element(0x0002, _uid(sop_class_uid)),
-            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-            _element(0x0120, struct.pack("<H", message_id_being_responded_to)),
-            _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-            _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(sop_instance_uid)),
-        )
+    return _command_set(
+        _element(0x0002, _uid(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+        _element(0x0120, struct.pack("<H", message_id_being_responded_to)),
+        _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", status)),
+        _element(0x1000, _uid(sop_instance_uid)),
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 @dataclass(frozen=True)
