@@ -133,3 +133,16 @@ def test_counts_cross_the_pipe_into_the_nodes_metrics() -> None:
 )
 def test_a_malformed_count_line_is_refused(line: str) -> None:
     assert apply_count(line, Metrics()) is False
+
+
+def test_the_node_starts_without_importing_torch() -> None:
+    """The receive side (the node and its receiver processes) never runs a model: torch
+    and MONAI (~2 s and a few hundred MiB to import) belong to the worker processes."""
+    import subprocess
+    import sys
+
+    probe = "import sys, service.node; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -10,12 +10,16 @@ same indices (of the first maximal value, as ``torch.argmax`` does) in 0.11 s.
 bundle (the swap is listed in ``pipeline.loaded``); everything else about the transform
 -- one-hot, threshold, rounding, the output dtype, the MetaTensor's metadata -- is
 MONAI's own code. ``tests/test_pipeline_host.py`` checks outputs are identical.
+
+This module imports MONAI (and torch) when imported: import it where a model runs,
+not where the node starts.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import AsDiscrete as MonaiAsDiscrete
 from monai.transforms import AsDiscreted as MonaiAsDiscreted
@@ -24,8 +28,6 @@ from monai.utils import convert_to_tensor
 
 def channel_argmax(tensor: Any, dim: int = 0, keepdim: bool = True) -> Any:
     """``torch.argmax(tensor, dim, keepdim)``, computed as ``torch.max(...).indices``."""
-    import torch
-
     return torch.max(tensor, dim=dim, keepdim=keepdim).indices
 
 
@@ -40,8 +42,6 @@ class AsDiscrete(MonaiAsDiscrete):
         threshold: float | None = None,
         rounding: str | None = None,
     ) -> Any:
-        import torch
-
         if not (self.argmax if argmax is None else argmax) or not isinstance(img, torch.Tensor):
             return super().__call__(img, argmax, to_onehot, threshold, rounding)
         tensor = convert_to_tensor(img, track_meta=get_track_meta())

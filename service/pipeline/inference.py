@@ -22,7 +22,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import RadnodeError
-from service.pipeline.argmax import channel_argmax
 from service.pipeline.bundle import LoadedBundle
 from service.pipeline.result import PipelineResult, StageTimings, TaskKind
 from service.pipeline.volume import Volume
@@ -284,6 +283,8 @@ def _interpret(
 ) -> dict[str, Any]:
     """Turn the bundle's ``pred`` into the typed field of its task kind."""
     import torch
+
+    from service.pipeline.argmax import channel_argmax  # imports MONAI: not at node start
 
     kind = bundle.spec.identity.kind
     prediction = prediction.detach().cpu() if torch.is_tensor(prediction) else prediction
