@@ -10,8 +10,12 @@ What it does:
 * Proposes, per (SOP class, file transfer syntax), a context with only that syntax
   and one with Explicit and Implicit VR Little Endian. A file whose own syntax was
   accepted is sent from disk unchanged by :mod:`dicom_nodes.c_store`; otherwise it
-  is read and pynetdicom converts it to the accepted uncompressed syntax (a
-  compressed file cannot be converted and fails with ``no_context``). At most 128 contexts (PS3.8).
+  is read and encoded in the accepted uncompressed syntax, chosen as pynetdicom's
+  ``send_c_store`` chooses (a compressed file cannot be converted and fails with
+  ``no_context``). At most 128 contexts (PS3.8).
+* Holds the association's reactor once for the whole batch, not per instance: each
+  pause and resume is two thread hand-overs, 12 % of the time of a 300-slice series
+  (``bench/scu.py``: 0.26 s -> 0.23 s, 0.52x -> 0.59x storescu).
 * Announces a 4 MiB maximum PDU and sends PDVs as large as the peer accepts: the
   pynetdicom default of 16 KiB costs a lot of time on large series.
 * Sends every file in turn and records the status the peer ANSWERED for each: 0x0000
@@ -39,7 +43,7 @@ import pydicom
 import structlog
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import split_dataset
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import build_context
 
 from dicom_nodes import c_store, reactor
@@ -275,24 +279,14 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
     bytes_sent = 0
     try:
         as_is = _as_is_contexts(assoc)
-        for message_id, item in enumerate(sendable, start=1):
-            if not (assoc.is_established and _in_data_transfer(assoc)):
-                break
-            try:
-                status = _send_one(assoc, as_is, item, message_id)
-            except ValueError as exc:  # no accepted context for its class / syntax
-                item.outcome = _outcome(item, FileState.NO_CONTEXT, reason=_clip(str(exc)))
-                continue
-            except (OSError, RuntimeError) as exc:
-                item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=type(exc).__name__)
-                continue
-            if status.code is None:
-                reason = "no response (DIMSE timeout or association aborted)"
-                item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=reason)
-                continue
-            state = _status_state(status.code)
-            item.outcome = _outcome(item, state, status=status.code, reason=status.comment)
-            bytes_sent += item.size
+        with reactor.reactor_paused(assoc):
+            for message_id, item in enumerate(sendable, start=1):
+                if not (assoc.is_established and _in_data_transfer(assoc)):
+                    break
+                if _store(assoc, as_is, item, message_id):
+                    bytes_sent += item.size
+    except RuntimeError:
+        pass  # the association ended before its reactor paused: reported as aborted
     finally:
         # Aborted by either side, or the connection dropped: the DUL left data
         # transfer (Sta6), whether or not the association's reactor has seen it yet.
@@ -324,19 +318,37 @@ def _in_data_transfer(assoc: object) -> bool:
     return assoc.dul.state_machine.current_state == "Sta6"  # type: ignore[attr-defined]
 
 
+def _store(assoc: object, as_is: dict[tuple[str, str], int], item: _Item, message_id: int) -> bool:
+    """Send one file and record the peer's answer as its outcome; whether the peer
+    answered (its bytes count as sent, whatever the status)."""
+    try:
+        status = _send_one(assoc, as_is, item, message_id)
+    except ValueError as exc:  # no accepted context for its class / syntax
+        item.outcome = _outcome(item, FileState.NO_CONTEXT, reason=_clip(str(exc)))
+        return False
+    except (OSError, RuntimeError) as exc:
+        item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=type(exc).__name__)
+        return False
+    if status.code is None:
+        reason = "no response (DIMSE timeout or association aborted)"
+        item.outcome = _outcome(item, FileState.NOT_ACKNOWLEDGED, reason=reason)
+        return False
+    state = _status_state(status.code)
+    item.outcome = _outcome(item, state, status=status.code, reason=status.comment)
+    return True
+
+
 def _send_one(
     assoc: object, as_is: dict[tuple[str, str], int], item: _Item, message_id: int
 ) -> c_store.StoreStatus:
-    """As is: streamed from the file by :mod:`dicom_nodes.c_store`. Otherwise read, so
-    pynetdicom converts it to an accepted uncompressed syntax (or raises ValueError:
-    no_context)."""
+    """As is: streamed from the file by :mod:`dicom_nodes.c_store`. Otherwise read and
+    encoded in an accepted uncompressed syntax (ValueError: no_context)."""
     context_id = as_is.get((item.sop_class_uid, item.transfer_syntax))
     if context_id is None:
-        dataset = pydicom.dcmread(item.path)
-        answer = assoc.send_c_store(dataset, msg_id=message_id % 65536)  # type: ignore[attr-defined]
-        if "Status" not in answer:
-            return c_store.StoreStatus(None)
-        return c_store.StoreStatus(int(answer.Status), str(answer.get("ErrorComment", "") or ""))
+        context_id, data_set = _converted(assoc, item)
+        return c_store.send_data_set(
+            assoc, context_id, data_set, item.sop_class_uid, item.sop_instance_uid, message_id
+        )
     return c_store.send_file(
         assoc,
         context_id,
@@ -346,6 +358,26 @@ def _send_one(
         item.sop_instance_uid,
         message_id,
     )
+
+
+def _converted(assoc: object, item: _Item) -> tuple[int, bytes]:
+    """The accepted context ``item`` can be converted to, as pynetdicom's
+    ``send_c_store`` picks it (Explicit <-> Implicit VR, deflated <-> inflated, same
+    byte order; never from or to a compressed syntax), and the data set encoded in it.
+    Raises ValueError when there is none or the data set cannot be encoded."""
+    context = assoc._get_valid_context(  # type: ignore[attr-defined]
+        item.sop_class_uid, item.transfer_syntax, "scu"
+    )
+    syntax = context.transfer_syntax[0]
+    data_set = encode(
+        pydicom.dcmread(item.path),
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+        syntax.is_deflated,
+    )
+    if data_set is None:
+        raise ValueError(f"the data set cannot be encoded in {syntax.name}")
+    return context.context_id, data_set
 
 
 def _why_not_established(

@@ -199,7 +199,8 @@ def test_a_command_larger_than_the_peers_pdu_is_fragmented(tmp_path):
     data = tmp_path / "data"
     data.write_bytes(b"x" * 25)
     with data.open("rb") as stream:
-        c_store._write_pdus(_Socket(), 5, command, stream, 0, 25, size=40)
+        c_store._write_command(_Socket(), 5, command, size=40)
+        c_store._write_file(_Socket(), 5, stream, 0, 25, size=40)
     pdus = [w for w in writes if w[:1] == b"\x04"]
     controls = [pdu[11] for pdu in pdus]
     n_command = -(-len(command) // 40)
@@ -208,3 +209,11 @@ def test_a_command_larger_than_the_peers_pdu_is_fragmented(tmp_path):
     assert all(int.from_bytes(pdu[2:6], "big") <= 40 + 6 for pdu in pdus)
     assert controls[n_command:] == [2]  # 25 bytes of data: one last fragment
     assert b"".join(w for w in writes if w[:1] != b"\x04") == b"x" * 25
+
+    # An encoded (converted) data set is framed the same way: 90 bytes, 40 a PDU.
+    writes.clear()
+    c_store._write_bytes(_Socket(), 5, memoryview(b"y" * 90), size=40)
+    headers = writes[0::2]
+    assert [h[11] for h in headers] == [0, 0, 2]
+    assert [int.from_bytes(h[6:10], "big") - 2 for h in headers] == [40, 40, 10]
+    assert b"".join(writes[1::2]) == b"y" * 90

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -236,6 +237,26 @@ def test_storescp_acknowledges_every_file(storescp, job, tmp_path):
     assert report.association is AssociationState.ACCEPTED
     assert [o.state for o in report.outcomes] == [FileState.SUCCESS] * len(job["written"])
     assert {p.name for p in tmp_path.iterdir() if p.is_file()}  # storescp wrote them
+
+
+def test_files_are_converted_to_the_syntax_the_peer_accepted(storescp, job, tmp_path):
+    """storescp ``+xi`` accepts Implicit VR Little Endian only: every Explicit VR file
+    is re-encoded for it, and what it stored is the same data set."""
+    port = storescp("+xi")
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in job["written"]}
+    assert {ds.file_meta.TransferSyntaxUID for ds in sent.values()} == {ExplicitVRLittleEndian}
+    report = send_files(StorageDestination("127.0.0.1", port, "STORESCP"), job["written"])
+    assert [o.state for o in report.outcomes] == [FileState.SUCCESS] * len(job["written"])
+    stored = [pydicom.dcmread(p) for p in tmp_path.iterdir() if p.is_file()]
+    assert {ds.SOPInstanceUID for ds in stored} == set(sent)
+    for ds in stored:
+        original = sent[ds.SOPInstanceUID]
+        assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert ds.SOPClassUID == original.SOPClassUID
+        assert ds.StudyInstanceUID == original.StudyInstanceUID
+        if "PixelData" in original:
+            assert ds.PixelData == original.PixelData
+        assert len(ds) == len(original)
 
 
 @pytest.mark.parametrize(
