@@ -94,7 +94,8 @@ def write_dicom(
     """Write the job's DICOM result objects (SR first); an empty list if they cannot be
     made, with the reason logged (the HL7 result and the files still go out)."""
     try:
-        by_uid = {str(h.SOPInstanceUID): h for h in read_headers(series_paths)}
+        headers = volume.source_headers or read_headers(series_paths)
+        by_uid = {str(h.SOPInstanceUID): h for h in headers}
         order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
         return write_dicom_results(result, volume, [by_uid[uid] for uid in order], out_dir)
     except Exception as exc:  # a writer bug must not lose the job's other results

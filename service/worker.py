@@ -125,7 +125,8 @@ class JobRunner:
         stage = "load"
         try:
             started = time.perf_counter()
-            volume = load_series(list(ticket.series_paths))
+            out_dir = Path(ticket.result_dir)
+            volume = load_series(list(ticket.series_paths), scratch_dir=out_dir)
             load_s = time.perf_counter() - started
             stage = "model"
             bundle = self.cache.get(ticket.pipeline)
@@ -133,7 +134,6 @@ class JobRunner:
             result = run_bundle(bundle, volume, load_s=load_s)
             stage = "write"
             written = time.perf_counter()
-            out_dir = Path(ticket.result_dir)
             write_result_files(result, volume, out_dir)
             deliverables = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written

@@ -75,6 +75,7 @@ def test_zoo_bundle_runs_unmodified_and_matches_monai_own_reader(
     assert spec.identity.kind is TaskKind.SEGMENTATION
     assert [label.name for label in spec.labels] == ["spleen"]
     bundle = load_bundle(spec, torch.device("cpu"))
+    assert type(bundle.preprocessing.transforms[0]).__name__ == "HandOverd"
     assert set(bundle.swapped) == {
         "preprocessing:LoadImaged",
         "postprocessing:SaveImaged",
@@ -264,6 +265,87 @@ def test_volume_handed_over_in_bundle_axes_is_what_orientationd_makes(
     back = _reoriented_exactly(handed, source_grid(volume, 3))
     assert back is not None
     np.testing.assert_array_equal(back[0].numpy(), volume.array.transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("flips", [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]])
+def test_the_slab_wise_float32_copy_is_the_flipped_volume(flips: list[int]) -> None:
+    """Slabs of 3 planes over 10 (the last one short), every combination of flips:
+    the same voxels as one ``flip`` and ``float`` of the whole view."""
+    import torch
+
+    from service.pipeline.inference import _float32_copy
+
+    stored = torch.arange(10 * 6 * 7, dtype=torch.int16).reshape(10, 6, 7) - 200
+    view = stored.permute(2, 1, 0)  # (x, y, z) over the (z, y, x) array, as handed over
+    plane = 7 * 6 * 2
+    copied = _float32_copy(view, flips, chunk_bytes=3 * plane)
+    expected = (view.flip(flips) if flips else view).to(torch.float32)
+    assert copied.dtype == torch.float32 and copied.is_contiguous()
+    assert torch.equal(copied, expected)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_slab_wise_resampling_gives_monais_voxels(
+    monkeypatch: pytest.MonkeyPatch, align_corners: bool, mode: str
+) -> None:
+    """An oblique, anisotropic resample in slabs of 7 output rows (the last one short):
+    every voxel equal to MONAI's own AffineTransform, and Spacingd through the installed
+    class equal to MONAI's Spacingd, geometry included."""
+    import monai.transforms.spatial.functional as functional
+    import torch
+    from monai.data import MetaTensor
+    from monai.networks.layers import AffineTransform
+    from monai.transforms import Spacingd
+
+    from service.pipeline import resample
+
+    monkeypatch.setattr(resample, "SLAB_GRID_BYTES", 16 * 90 * 40 * 7)
+    image = torch.randn(1, 1, 60, 50, 40, generator=torch.Generator().manual_seed(3))
+    theta = torch.tensor(
+        [[0.9, 0.05, 0.0, 3.0], [0.0, 1.1, 0.1, -2.0], [0.02, 0.0, 2.5, 1.0], [0, 0, 0, 1]]
+    )
+    options = {"normalized": False, "mode": mode, "padding_mode": "zeros",
+               "align_corners": align_corners, "reverse_indexing": True}  # fmt: skip
+    expected = AffineTransform(**options)(image, theta, spatial_size=(130, 90, 40))
+    got = resample.SlabAffineTransform(**options)(image, theta, spatial_size=(130, 90, 40))
+    assert torch.equal(got, expected)
+
+    volume = MetaTensor(image[0], affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0])))
+    spacing = Spacingd(keys="image", pixdim=(0.5, 0.6, 0.9), mode=mode)
+    monai_own = spacing({"image": volume.clone()})["image"]
+    monkeypatch.setattr(functional, "AffineTransform", resample.SlabAffineTransform)
+    slab_wise = spacing({"image": volume.clone()})["image"]
+    assert torch.equal(slab_wise.as_tensor(), monai_own.as_tensor())
+    assert torch.equal(slab_wise.affine, monai_own.affine)
+
+
+def test_the_loader_hands_the_input_over_so_it_can_be_freed() -> None:
+    """``LoadImaged`` becomes HandOverd: the preprocessing gets the item, the caller's
+    dictionary is emptied, so the float32 input goes as soon as Spacingd replaces it."""
+    import gc
+    import weakref
+
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, EnsureChannelFirstd, Spacingd
+
+    from service.pipeline.handover import HandOverd
+
+    image = MetaTensor(torch.ones(40, 40, 40), affine=torch.eye(4))
+    image.meta["original_channel_dim"] = float("nan")
+    alive = weakref.ref(image)
+    item = {"image": image, "other": 1}
+    del image
+    preprocessing = Compose(
+        [HandOverd(keys="image"), EnsureChannelFirstd(keys="image"),
+         Spacingd(keys="image", pixdim=(2.0, 2.0, 2.0))]
+    )  # fmt: skip
+    out = preprocessing(item)
+    gc.collect()
+    assert item == {}
+    assert out["other"] == 1 and tuple(out["image"].shape) == (1, 20, 20, 20)
+    assert alive() is None  # nothing holds the input any more
 
 
 def test_exact_reorientation_declines_grids_that_are_not_a_permutation() -> None:

@@ -28,6 +28,7 @@ from pydicom.uid import (
 )
 
 from service.errors import RadnodeError
+from service.pipeline import paging
 from service.pipeline.volume import (
     SeriesRefused,
     SourceFrame,
@@ -379,6 +380,93 @@ def test_paths_and_datasets_give_the_same_volume(tmp_path: Path) -> None:
     np.testing.assert_array_equal(from_files.array, in_memory.array)
     assert from_files.sources == in_memory.sources
     assert all("PixelData" not in header for header in read_headers(paths))
+
+
+def _resident_kib(array: np.ndarray) -> int:
+    """Resident KiB of the mapping that holds ``array`` (from /proc/self/smaps)."""
+    start = array.__array_interface__["data"][0]
+    blocks = Path("/proc/self/smaps").read_text().split("\n")
+    for index, line in enumerate(blocks):
+        low, _, high = line.partition(" ")[0].partition("-")
+        if high and int(low, 16) <= start < int(high, 16):
+            for field in blocks[index + 1 : index + 20]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1])
+    raise AssertionError("the array's mapping is not in /proc/self/smaps")
+
+
+def test_a_file_backed_volume_pages_out_and_back_without_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large volume (here: any, the threshold lowered) is decoded into an unlinked
+    scratch file in the job's folder; paged out, its pages leave the process and its
+    values come back unchanged."""
+    monkeypatch.setattr(paging, "MIN_FILE_BACKED_BYTES", 0)
+    series = ct_series()
+    in_memory = load_series(series)
+    backed = load_series(series, scratch_dir=tmp_path / "job")
+
+    assert not paging.is_file_backed(in_memory.array)
+    assert paging.is_file_backed(backed.array)
+    assert list((tmp_path / "job").iterdir()) == []  # unlinked: nothing left behind
+    np.testing.assert_array_equal(backed.array, in_memory.array)
+    assert _resident_kib(backed.array) >= backed.array.nbytes // 1024 - 4
+
+    assert paging.page_out(backed.array)
+    assert _resident_kib(backed.array) == 0
+    np.testing.assert_array_equal(backed.array, in_memory.array)
+    assert not paging.page_out(in_memory.array)  # in memory: nothing to do
+
+
+def test_without_room_for_the_scratch_file_the_volume_stays_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk is simulated (the one stand-in here: filling a real disk in a test
+    is not an option): the volume is read into memory instead, values unchanged."""
+
+    def disk_full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paging, "MIN_FILE_BACKED_BYTES", 0)
+    monkeypatch.setattr(paging.os, "posix_fallocate", disk_full)
+    series = ct_series()
+    volume = load_series(series, scratch_dir=tmp_path)
+    assert not paging.is_file_backed(volume.array)
+    np.testing.assert_array_equal(volume.array, load_series(series).array)
+
+
+def test_a_file_rewritten_between_header_and_pixels_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pixel data is read from the file whose header was checked; a file rewritten in
+    between (here: its modification time moved after planning) refuses the job, so it
+    is retried on the settled spool rather than decoded from other bytes."""
+    import os
+
+    from service.pipeline import volume as volume_module
+
+    paths = []
+    for index, ds in enumerate(ct_series()):
+        paths.append(tmp_path / f"{index}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    planned = volume_module.plan_volume
+
+    def plan_then_rewrite(*args: object, **kwargs: object) -> object:
+        plan = planned(*args, **kwargs)
+        stat = os.stat(paths[4])
+        os.utime(paths[4], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        return plan
+
+    monkeypatch.setattr(volume_module, "plan_volume", plan_then_rewrite)
+    with pytest.raises(SeriesRefused) as refused:
+        load_series(paths)
+    assert refused.value.code == "changed_during_load"
+    monkeypatch.undo()
+    volume = load_series(paths)  # settled: the same files load
+    assert all("PixelData" not in header for header in volume.source_headers)
+    assert [h.SOPInstanceUID for h in volume.source_headers] == [
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths
+    ]
 
 
 def test_enhanced_ct_equals_the_single_frame_series() -> None:

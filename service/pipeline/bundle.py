@@ -9,13 +9,18 @@ a DICOM node:
 * every ``LoadImage``/``LoadImaged`` becomes an identity: the node hands the
   preprocessing an in-memory volume exactly as ``LoadImaged`` would have produced it
   (a channel-less ``MetaTensor`` whose affine carries the DICOM geometry), so
-  ``Orientationd``, ``Spacingd`` and ``Invertd`` work as the author intended;
+  ``Orientationd``, ``Spacingd`` and ``Invertd`` work as the author intended
+  (``LoadImaged`` becomes :class:`service.pipeline.handover.HandOverd`, which lets
+  the input volume go once it is resampled);
 * every ``SaveImage``/``SaveImaged`` (and classification ``AsDiscrete``, which would
   turn probabilities into a one-hot vector) becomes an identity: results go to the
   DICOM writers instead of files;
 * ``AsDiscrete``/``AsDiscreted`` of a segmentation or reconstruction bundle become
   :mod:`service.pipeline.argmax`'s, which give the same labels from a faster argmax
   (torch's own took a sixth of a 300-slice CT job);
+* MONAI's affine resampling (``Spacingd``, ``Invertd``) samples its output a slab at
+  a time (:mod:`service.pipeline.resample`): the same voxels without a grid for the
+  whole output in memory;
 * ``pretrained`` switches in ``network_def`` are turned off (a bundle must never
   download), ``bundle_root`` points at the bundle folder and ``device`` at the device
   radnode chose.
@@ -316,6 +321,9 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
     import torch
     from monai.bundle import ConfigParser
 
+    from service.pipeline import resample
+
+    resample.install()
     device = torch.device(device) if device is not None else choose_device()
     parser = ConfigParser()
     try:
@@ -399,6 +407,8 @@ def _swap_io(node: Any, kind: TaskKind, swapped: list[str], where: str) -> None:
         keys = node.get("keys")
         node.clear()
         node["_target_"] = "Identityd" if dictionary else "Identity"
+        if dictionary and name in _LOADERS:
+            node["_target_"] = "service.pipeline.handover.HandOverd"
         if dictionary:
             node["keys"] = keys
             node["allow_missing_keys"] = True

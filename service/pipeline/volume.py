@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike, fspath
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -61,6 +63,7 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import Tag
 
 from service.errors import RadnodeError
+from service.pipeline.paging import empty_volume
 
 SeriesItem: TypeAlias = str | PathLike[str] | Dataset
 Vector3: TypeAlias = tuple[float, float, float]
@@ -223,6 +226,10 @@ class Volume:
     slice_spacing_source: SliceSpacingSource
     #: Of the returned data: MONOCHROME1 input has been inverted.
     photometric_interpretation: str = "MONOCHROME2"
+    #: The header of each input item, in input order, without Pixel Data (read files)
+    #: or as given (Datasets): the writers take patient, study and reference
+    #: attributes from them instead of reading every file a third time.
+    source_headers: tuple[Dataset, ...] = ()
 
     @property
     def is_single_slice(self) -> bool:
@@ -381,6 +388,7 @@ def load_series(
     *,
     tolerances: Tolerances = DEFAULT_TOLERANCES,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    scratch_dir: Path | None = None,
 ) -> Volume:
     """Turn one series (file paths and/or pydicom Datasets) into a :class:`Volume`.
 
@@ -388,6 +396,9 @@ def load_series(
     instance at a time, straight into one preallocated array. Compressed transfer
     syntaxes decode through pydicom's pixel handlers (pylibjpeg plugins: JPEG, JPEG-LS,
     JPEG 2000, RLE). Raises :class:`SeriesRefused`.
+
+    ``scratch_dir``: a large array is file-backed there, so that it can be paged out
+    while the model runs (:mod:`service.pipeline.paging`).
     """
     with _refuse_malformed("reading the headers"):
         # Pixel Data deferred, not skipped: its length is known without reading it.
@@ -395,7 +406,7 @@ def load_series(
     plan = plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
     with _refuse_malformed("decoding the pixel data"):
         _check_pixel_lengths(plan, headers)  # before the volume's array is allocated
-        array = _decode(plan, items)
+        array = _decode(plan, items, headers, scratch_dir)
     return Volume(
         array=array,
         origin=plan.origin,
@@ -411,6 +422,7 @@ def load_series(
         bits_stored=plan.bits_stored,
         pixel_spacing_source=plan.pixel_spacing_source,
         slice_spacing_source=plan.slice_spacing_source,
+        source_headers=tuple(headers),
     )
 
 
@@ -961,7 +973,12 @@ def _output_dtype(frames: Sequence[PlannedFrame]) -> np.dtype[Any]:
     return np.dtype(np.float64)
 
 
-def _decode(plan: VolumePlan, items: Sequence[SeriesItem]) -> NDArray[Any]:
+def _decode(
+    plan: VolumePlan,
+    items: Sequence[SeriesItem],
+    headers: Sequence[Dataset],
+    scratch_dir: Path | None = None,
+) -> NDArray[Any]:
     """Fill one preallocated array, reading and decoding one instance at a time.
 
     An integer plan wider than 16 bits comes from the range BitsStored allows, not from
@@ -970,25 +987,31 @@ def _decode(plan: VolumePlan, items: Sequence[SeriesItem]) -> NDArray[Any]:
     int16 and is widened to the plan's type only if a frame's values do not fit; half
     the memory for such series through the whole job, the same values either way.
     """
-    out = np.empty(plan.shape, dtype=_first_try_dtype(plan.dtype))
+    out = empty_volume(plan.shape, _first_try_dtype(plan.dtype), scratch_dir)
     slots: dict[int, list[tuple[int, PlannedFrame]]] = {}
     for slice_index, frame in enumerate(plan.frames):
         slots.setdefault(frame.item_index, []).append((slice_index, frame))
     for item_index, targets in sorted(slots.items()):
         targets.sort(key=lambda target: target[1].frame_index)
         first = targets[0][1]
-        ds = _full_dataset(items[item_index], first)
-        _check_pixel_data(ds, first)
-        decoded = _decoded_frames(ds, [frame.frame_index for _, frame in targets], first)
-        for (slice_index, frame), pixels in zip(targets, decoded, strict=True):
-            if out.dtype == plan.dtype:
-                _store(out[slice_index], pixels, frame)
-                continue
-            values = np.empty(out.shape[1:], dtype=plan.dtype)
-            _store(values, pixels, frame)
-            if not _fits(values, out.dtype):
-                out = out.astype(plan.dtype)
-            out[slice_index] = values
+        item = items[item_index]
+        ds = _with_pixel_data(item, headers[item_index], first)
+        try:
+            _check_pixel_data(ds, first)
+            decoded = _decoded_frames(ds, [frame.frame_index for _, frame in targets], first)
+            for (slice_index, frame), pixels in zip(targets, decoded, strict=True):
+                if out.dtype == plan.dtype:
+                    _store(out[slice_index], pixels, frame)
+                    continue
+                values = np.empty(out.shape[1:], dtype=plan.dtype)
+                _store(values, pixels, frame)
+                if not _fits(values, out.dtype):
+                    out = out.astype(plan.dtype)
+                out[slice_index] = values
+        finally:
+            if not isinstance(item, Dataset):
+                # our own header: keep it (the writers use it), without its pixels
+                ds.pop(_PIXEL_DATA, None)
     return out
 
 
@@ -1003,18 +1026,26 @@ def _fits(values: NDArray[Any], dtype: np.dtype[Any]) -> bool:
     return values.size == 0 or (info.min <= values.min() and values.max() <= info.max)
 
 
-def _full_dataset(item: SeriesItem, frame: PlannedFrame) -> Dataset:
+def _with_pixel_data(item: SeriesItem, header: Dataset, frame: PlannedFrame) -> Dataset:
+    """The dataset to decode: an in-memory item itself; for a file, the header read in
+    pass 1, whose deferred Pixel Data pydicom now reads from the file (one seek and
+    read instead of parsing the whole file a second time: 0.3 s of 300 CT slices).
+
+    The file must be the one whose header was checked: if it was rewritten since
+    (its modification time moved), the job is refused and can be retried."""
     if isinstance(item, Dataset):
         return item
-    ds = _dcmread(item, frame.item_index, stop_before_pixels=False)
-    if _text(ds, "SOPInstanceUID") != frame.source.sop_instance_uid:
+    try:
+        changed = os.stat(fspath(item)).st_mtime != header.timestamp
+    except OSError:
+        changed = True
+    if changed:
         raise SeriesRefused(
             f"input item {frame.item_index} changed between reading its header and its "
-            "pixel data (a different SOP Instance). Retry the job once the spool is "
-            "settled.",
+            "pixel data. Retry the job once the spool is settled.",
             code="changed_during_load",
         )
-    return ds
+    return header
 
 
 def _pixel_data_length(ds: Dataset) -> int:
