@@ -59,7 +59,11 @@ class ResultPublisher:
                 continue
             if isinstance(destination, Hl7DestinationSettings):
                 if header is None:
-                    header = dcmread(ticket.series_paths[0], stop_before_pixels=True)
+                    header = (
+                        volume.source_headers[0]
+                        if volume.source_headers
+                        else dcmread(ticket.series_paths[0], stop_before_pixels=True)
+                    )
                 try:
                     message = build_oru(
                         result,

@@ -43,6 +43,7 @@ from service.publish import ResultPublisher
 from service.queue import JobQueue
 from service.records import JobReport, JobState, JobTicket
 from service.supervisor import child_command
+from service.warmup import warm_up_writers
 from service.writers.files import result_summary, write_result_files
 
 log = structlog.get_logger("service.worker")
@@ -203,6 +204,7 @@ def run_worker(settings: Settings) -> None:
     runner.queue = queue
     # the models of the enabled routes are loaded before the first job is taken
     cache.preload([route.pipeline for route in settings.routes if route.enabled])
+    warm_up_writers()  # so is the one-time work of the result writers
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
     consumer = queue.consumer()
