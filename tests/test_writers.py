@@ -324,3 +324,33 @@ def test_dcmtk_dsrdump_renders_every_sr(written):
         assert run.returncode == 0, run.stderr
         assert "Imaging Measurement Report" in run.stdout, run.stdout[:500]
         assert "E:" not in run.stderr, run.stderr  # DCMTK prefixes errors with "E:"
+
+
+def test_heatmap_overlay_matches_the_per_pixel_ramp() -> None:
+    """The looked-up blend is the ramp computed per pixel, to within 2 grey levels;
+    zero heat leaves the picture as it was."""
+    from service.writers.sc import HEATMAP_ALPHA, _overlay_heatmap
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    heat = rng.random((64, 80)).astype(np.float32)
+    heat[:8] = 0.0
+    ramp = np.stack([np.clip(1.5 - np.abs(4 * heat - c), 0, 1) for c in (3, 2, 1)], axis=2)
+    alpha = (HEATMAP_ALPHA * heat)[:, :, np.newaxis]
+    exact = np.clip((1 - alpha) * rgb + alpha * ramp * 255.0, 0, 255)
+    blended = _overlay_heatmap(rgb, heat)
+    assert blended.dtype == np.uint8
+    assert np.abs(blended.astype(float) - exact).max() <= 2.0
+    assert np.array_equal(blended[:8], rgb[:8])
+
+
+def test_key_slices_are_each_labels_largest_slice() -> None:
+    from service.writers.sc import key_slices
+
+    label_map = np.zeros((8, 10, 10), dtype=np.uint8)
+    label_map[1, :2, :2] = 1
+    label_map[2, :5, :5] = 1  # label 1 is largest here
+    label_map[5, :3, :3] = 2
+    label_map[2, 8:, 8:] = 2  # smaller than on slice 5
+    assert key_slices(label_map, [1, 2, 3]) == [2, 5]  # label 3 is absent
+    assert key_slices(label_map, [2, 1], limit=1) == [5]
