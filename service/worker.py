@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from service.config import Settings
@@ -198,6 +199,7 @@ def worker_name(pid: int | None = None) -> str:
 
 def run_worker(settings: Settings) -> None:
     """``radnode worker``: consume jobs until SIGINT/SIGTERM."""
+    no_huge_pages_for_arrays()
     cache = PipelineCache(settings.models.dir, settings.models.device)
     runner = JobRunner(settings, cache, ResultPublisher(settings))
     queue = JobQueue(settings, handler=runner.run)
@@ -214,6 +216,20 @@ def run_worker(settings: Settings) -> None:
         consumer.run()
     finally:
         log.info("worker.stopped", pid=os.getpid())
+
+
+def no_huge_pages_for_arrays() -> None:
+    """Stop numpy asking for transparent huge pages on each large array.
+
+    numpy marks every array over 4 MiB ``MADV_HUGEPAGE``; with the kernel's default
+    ``defrag=madvise`` the first touch of such an array may stall in direct memory
+    compaction. Measured in a worker on a 300-slice CT (five jobs): postprocessing
+    0.58-0.63 s with it, 0.18-0.19 s without (the label map's 78 MB of new arrays); the
+    other stages unchanged. torch's own allocations are not affected.
+    """
+    setter = getattr(getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
 
 
 def worker_command(config_path: Path | None) -> list[str]:

@@ -37,3 +37,17 @@ def test_a_failing_warm_up_is_logged_not_raised(monkeypatch):
         warm_up_writers()
     failed = [entry for entry in logs if entry["event"] == "worker.warm_up_failed"]
     assert failed and "writer broke" in failed[0]["reason"]
+
+
+def test_the_worker_stops_numpy_asking_for_huge_pages():
+    import numpy as np
+
+    from service.worker import no_huge_pages_for_arrays
+
+    setter = np._core.multiarray._set_madvise_hugepage
+    before = setter(True)
+    try:
+        no_huge_pages_for_arrays()
+        assert setter(True) is False  # the value it was set to
+    finally:
+        setter(before)
