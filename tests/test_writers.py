@@ -237,6 +237,14 @@ def test_classification_sr_has_probability_and_present_finding(written, radiogra
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == headers[0].SOPInstanceUID
     assert sc.StudyInstanceUID == headers[0].StudyInstanceUID
     assert sc.PhotometricInterpretation == "RGB"
+    # The heat map (rows 150-250, columns 300-400 of the 512^2 image) is coloured
+    # where it is hot; elsewhere, below the banner, the picture stays grey.
+    pixels = sc.pixel_array.astype(int)
+    scale = sc.Rows / 512
+    hot = pixels[int(180 * scale) : int(220 * scale), int(330 * scale) : int(370 * scale)]
+    cold = pixels[int(400 * scale) :, : int(100 * scale)]
+    assert (np.ptp(hot, axis=2) > 60).mean() > 0.9
+    assert (np.ptp(cold, axis=2) == 0).all()
 
 
 def test_low_probability_is_absent(radiograph, tmp_path):
