@@ -19,6 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -46,13 +47,7 @@ def warm_up_writers() -> float:
 
 def _write_results(folder: Path) -> None:
     from service.hl7 import Hl7DestinationSettings
-    from service.pipeline.result import (
-        BundleIdentity,
-        Label,
-        PipelineResult,
-        StageTimings,
-        TaskKind,
-    )
+    from service.pipeline.result import TaskKind
     from service.pipeline.volume import load_series
     from service.testing import write_ct_series, write_radiograph
     from service.writers.dicom import write_dicom_results
@@ -64,31 +59,25 @@ def _write_results(folder: Path) -> None:
     label_map = np.zeros(ct.array.shape, dtype=np.uint8)
     label_map[1:3, 4:12, 4:12] = 1
     radiograph = load_series([write_radiograph(folder / "dx.dcm", rows=16, columns=16)])
+    heatmap = np.zeros(radiograph.array.shape, dtype=np.float32)
     results = [
-        (
-            ct,
-            PipelineResult(
-                bundle=BundleIdentity("warm_up", "0.0.0", TaskKind.SEGMENTATION),
-                labels=(Label(1, "warm-up"),),
-                device="cpu",
-                timings=StageTimings(),
-                label_map=label_map,
-            ),
-        ),
-        (
-            radiograph,
-            PipelineResult(
-                bundle=BundleIdentity("warm_up", "0.0.0", TaskKind.CLASSIFICATION),
-                labels=(Label(0, "warm-up"),),
-                device="cpu",
-                timings=StageTimings(),
-                probabilities=(0.5,),
-                heatmap=np.zeros(radiograph.array.shape, dtype=np.float32),
-            ),
-        ),
+        (ct, _result(TaskKind.SEGMENTATION, 1, label_map=label_map)),
+        (radiograph, _result(TaskKind.CLASSIFICATION, 0, probabilities=(0.5,), heatmap=heatmap)),
     ]
     for number, (volume, result) in enumerate(results):
         out = folder / f"out{number}"
         write_result_files(result, volume, out)
         write_dicom_results(result, volume, list(volume.source_headers), out / "dicom")
         build_oru(result, volume.source_headers[0], volume.spacing, hl7).to_bytes()
+
+
+def _result(kind: Any, label_value: int, **outputs: Any) -> Any:
+    from service.pipeline.result import BundleIdentity, Label, PipelineResult, StageTimings
+
+    return PipelineResult(
+        bundle=BundleIdentity("warm_up", "0.0.0", kind),
+        labels=(Label(label_value, "warm-up"),),
+        device="cpu",
+        timings=StageTimings(),
+        **outputs,
+    )
