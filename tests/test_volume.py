@@ -326,6 +326,36 @@ def test_bits_above_bits_stored_are_not_pixel_values() -> None:
     np.testing.assert_array_equal(volume.array[4], marker(4))
 
 
+@pytest.mark.parametrize(
+    ("allocated", "stored", "signed"),
+    [(16, 16, 0), (16, 12, 0), (16, 12, 1), (16, 16, 1), (8, 8, 0), (8, 6, 1)],
+)
+def test_native_pixel_data_is_read_as_pydicom_decodes_it(
+    allocated: int, stored: int, signed: int
+) -> None:
+    """The direct read of uncompressed single frames gives pydicom's array, random high
+    bits included (cleared, or sign-extended for signed data)."""
+    from pydicom.pixels import pixel_array
+
+    from service.pipeline.volume import _native_frame
+
+    ds = ct_series(1)[0]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = signed
+    raw = np.random.default_rng(allocated + stored + signed).integers(
+        0, 2**allocated, ROWS * COLUMNS, dtype=np.uint64
+    )
+    ds.PixelData = raw.astype(f"<u{allocated // 8}").tobytes()
+    direct = _native_frame(ds, [0])
+    assert direct is not None
+    expected = pixel_array(ds, correct_unused_bits=True)
+    assert direct.dtype == expected.dtype
+    np.testing.assert_array_equal(direct, expected)
+    assert _native_frame(ds, [1]) is None  # other frames: pydicom's decoders
+
+
 def test_radiograph_monochrome1_is_inverted_2d_image() -> None:
     ds, pixels = radiograph("MONOCHROME1")
 
