@@ -57,7 +57,8 @@ def page_out(array: NDArray[Any]) -> bool:
     ``array`` may be a contiguous part of the volume (a slab already copied): only the
     whole pages inside it are dropped."""
     found = _mapping_of(array)
-    if found is None or not array.flags.c_contiguous:
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # Linux (and most Unixes)
+    if found is None or advice is None or not array.flags.c_contiguous:
         return False
     mapped, map_address = found
     offset = array.__array_interface__["data"][0] - map_address
@@ -66,7 +67,7 @@ def page_out(array: NDArray[Any]) -> bool:
     if end <= first:
         return False
     with contextlib.suppress(OSError, ValueError):
-        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+        mapped.madvise(advice, first, end - first)
         return True
     return False
 
