@@ -287,16 +287,21 @@ class Outbox:
 
     # -- the worker takes work out -----------------------------------------------------
 
-    def claim_next(self, *, lease_s: float, skip: Iterable[str] = ()) -> Delivery | None:
+    def claim_next(
+        self, *, lease_s: float, skip: Iterable[str] = (), only: str | None = None
+    ) -> Delivery | None:
         """Take the next due delivery that heads its destination's queue, or None.
 
         The claim counts an attempt and moves ``next_attempt_at`` ``lease_s`` ahead, so
         the delivery is not taken again while (or if the process dies while) it is sent.
-        Destinations named in ``skip`` are left alone.
+        Destinations named in ``skip`` are left alone; with ``only``, every other one.
         """
         now = self._clock()
         skip = tuple(skip)
         not_in = f"AND d.destination NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        if only is not None:
+            not_in += " AND d.destination = ?"
+            skip = (*skip, only)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -447,11 +452,16 @@ class Outbox:
 
 
 class DeliveryWorker:
-    """Hands due deliveries to their destination's deliverer, in a background thread.
+    """Hands due deliveries to their destination's deliverer, in background threads.
 
     ``targets`` maps destination names to their deliverer and retry policy. A delivery
     for a destination that is not (or no longer) configured is dead-lettered with that
     reason, so it shows up for the operator instead of waiting forever.
+
+    Each destination has a thread of its own (a *lane*; one more lane dead-letters the
+    unconfigured ones): a PACS that takes a minute to time out, or a long derived
+    series going to it, never holds up the RIS's HL7 result or another PACS. Within a
+    destination deliveries still go one at a time, in order.
 
     ``lease_s`` must exceed the longest attempt (connect plus answer timeouts).
     """
@@ -469,49 +479,65 @@ class DeliveryWorker:
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: One wake-up event per lane: None is the lane of unconfigured destinations.
+        self._lanes: dict[str | None, threading.Event] = {}
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         resumed = self.outbox.due_now_after_restart()
         if resumed:
             log.info("delivery.resumed", count=resumed)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="radnode-delivery", daemon=True)
-        self._thread.start()
+        self._lanes = {name: threading.Event() for name in [*sorted(self.targets), None]}
+        for lane in self._lanes:
+            thread = threading.Thread(
+                target=self._run,
+                args=(lane,),
+                name=f"radnode-delivery-{lane or 'unconfigured'}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
         log.info("delivery.started", destinations=sorted(self.targets))
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the attempt in progress (if any); pending deliveries stay pending."""
+        """Stop after the attempts in progress (if any); pending deliveries stay pending."""
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
         log.info("delivery.stopped")
 
     def wake(self) -> None:
         """Look for due deliveries now (e.g. right after an enqueue)."""
-        self._wake.set()
+        for event in self._lanes.values():
+            event.set()
 
-    def _run(self) -> None:
+    def _run(self, lane: str | None) -> None:
+        wake = self._lanes[lane]
         while not self._stop.is_set():
-            self.run_once()
-            self._wake.wait(self.poll_interval_s)
-            self._wake.clear()
+            wake.clear()  # before the pass: a wake-up during it is not lost
+            if lane is None:
+                self.run_once(skip=self.targets)
+            else:
+                self.run_once(only=lane)
+            wake.wait(self.poll_interval_s)
 
-    def run_once(self) -> int:
-        """Attempt every delivery that is due now; returns how many were attempted.
+    def run_once(self, *, only: str | None = None, skip: Iterable[str] = ()) -> int:
+        """Attempt every delivery that is due now (with ``only``, those of that
+        destination; never those in ``skip``); returns how many were attempted.
 
         A destination whose attempt must be retried is skipped for the rest of the pass,
         so a peer that is down is not asked again at once.
         """
         attempted = 0
-        waiting: set[str] = set()
+        waiting: set[str] = set(skip)
         while not self._stop.is_set():
-            item = self.outbox.claim_next(lease_s=self.lease_s, skip=waiting)
+            item = self.outbox.claim_next(lease_s=self.lease_s, skip=waiting, only=only)
             if item is None:
                 break
             attempted += 1

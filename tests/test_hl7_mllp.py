@@ -393,3 +393,51 @@ def test_an_ack_for_another_message_is_retried(listener_factory) -> None:
     )
     outcome = deliverer.deliver(item)
     assert outcome == DeliveryOutcome.retry("ACK answers another message (MSA-2 != MSH-10)")
+
+
+@pytest.mark.integration
+def test_a_hung_pacs_does_not_hold_up_the_ris(listener_factory, tmp_path: Path) -> None:
+    """Each destination has its own delivery lane. Real peers: python-hl7's MLLP
+    listener as the RIS and, as a PACS whose process hangs, a TCP port that takes the
+    connection and never answers. The HL7 result goes out while the DICOM attempt is
+    still waiting for an answer (one lane for all would wait its 30 s timeout)."""
+    from service.dicom_delivery import DicomDeliverer, DicomDestinationSettings
+    from service.testing import write_ct_series
+
+    listener = listener_factory("AA")
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    folder = tmp_path / "dicom"
+    write_ct_series(folder, slices=1, rows=16, columns=16)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    pacs = DicomDestinationSettings(
+        name="pacs", host="127.0.0.1", port=hung.getsockname()[1], ae_title="PACS",
+        connect_timeout_s=30, dimse_timeout_s=30,
+    )  # fmt: skip
+    ris = settings_for(listener.port)
+    dicom_item = outbox.enqueue(
+        job_id="job-7", destination="pacs", kind="dicom", message_id="1.2.3",
+        payload_ref=str(folder),
+    )  # fmt: skip
+    source = make_ct_series(slices=2, rows=16, columns=16, patient_id=PATIENT_ID)[0]
+    hl7_item = enqueue_oru(
+        outbox, job_id="job-7", result=result(), source=source, spacing_mm=(1.0, 1.0, 1.0),
+        destination=ris,
+    )  # fmt: skip
+    targets = {
+        "pacs": DeliveryTarget(DicomDeliverer(pacs), pacs.retry_policy()),
+        "ris": DeliveryTarget(Hl7Deliverer(ris), ris.retry_policy()),
+    }
+    worker = DeliveryWorker(outbox, targets, poll_interval_s=0.02, lease_s=120)
+    worker.start()
+    try:
+        wait_until(lambda: outbox.get(dicom_item.id).attempts == 1)  # the PACS lane waits
+        wait_until(lambda: outbox.get(hl7_item.id).state is DeliveryState.SENT)
+        waiting = outbox.get(dicom_item.id)
+        assert waiting.state is DeliveryState.PENDING and waiting.finished_at is None
+        assert len(listener.received) == 1
+    finally:
+        hung.close()  # the PACS "dies": its attempt ends, to be retried
+        worker.stop()
+    assert outbox.get(dicom_item.id).state is DeliveryState.PENDING
