@@ -25,9 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -74,32 +76,38 @@ class SegmentStats:
 def segment_stats(result: PipelineResult, volume: Volume) -> dict[int, SegmentStats]:
     """Voxels, volume (mL) and mean modality value (CT only) per label value.
 
+    Voxels and volumes are the result's own (counted once per result); only the CT
+    means take a pass of their own over the labelled voxels.
+    """
+    if result.label_map is None:
+        return {}
+    counts = result.voxel_counts()
+    volumes = result.segment_volumes_ml(volume.spacing)
+    sums = None
+    if volume.modality.upper() == "CT":
+        sums = _sums_per_label(result.label_map, volume.array)
+    stats = {}
+    for label in result.labels:
+        n = counts[label.value]
+        mean = float(sums[label.value] / n) if sums is not None and n else None
+        stats[label.value] = SegmentStats(voxels=n, volume_ml=volumes[label.value], mean=mean)
+    return stats
+
+
+def _sums_per_label(label_map: NDArray[Any], values: NDArray[Any]) -> NDArray[np.float64]:
+    """Sum of ``values`` over the voxels of each label value (index = value).
+
     ``np.bincount`` over the labelled voxels, a slice at a time (slices stay in the
     cache and no index of the whole map is built: 0.22 s -> 0.13 s for 300 slices).
     """
-    label_map = result.label_map
-    if label_map is None:
-        return {}
     size = int(label_map.max(initial=0)) + 1
-    counts = np.zeros(size, dtype=np.int64)
-    with_means = volume.modality.upper() == "CT"
-    sums = np.zeros(size, dtype=np.float64) if with_means else None
-    for labels, values in zip(label_map, volume.array, strict=True):
+    sums = np.zeros(size, dtype=np.float64)
+    for labels, plane in zip(label_map, values, strict=True):
         where = np.flatnonzero(labels)
-        if where.size == 0:
-            continue
-        flat = labels.ravel()[where]
-        counts += np.bincount(flat, minlength=size)
-        if sums is not None:
-            weights = values.ravel()[where].astype(np.float64, copy=False)
-            sums += np.bincount(flat, weights=weights, minlength=size)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    stats = {}
-    for label in result.labels:
-        n = int(counts[label.value]) if 0 <= label.value < len(counts) else 0
-        mean = float(sums[label.value] / n) if sums is not None and n else None
-        stats[label.value] = SegmentStats(voxels=n, volume_ml=n * voxel_ml, mean=mean)
-    return stats
+        if where.size:
+            weights = plane.ravel()[where].astype(np.float64, copy=False)
+            sums += np.bincount(labels.ravel()[where], weights=weights, minlength=size)
+    return sums
 
 
 def finding_code(label: Label) -> hd.sr.CodedConcept:
