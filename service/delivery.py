@@ -298,10 +298,11 @@ class Outbox:
         """
         now = self._clock()
         skip = tuple(skip)
-        not_in = f"AND d.destination NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        which = f"AND d.destination NOT IN ({', '.join('?' * len(skip))}) " if skip else ""
+        params = [now, *skip]
         if only is not None:
-            not_in += " AND d.destination = ?"
-            skip = (*skip, only)
+            which += "AND d.destination = ? "
+            params.append(only)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -310,8 +311,8 @@ class Outbox:
                     "FROM deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
                     "AND d.id = (SELECT MIN(id) FROM deliveries "
                     "            WHERE state = 'pending' AND destination = d.destination) "
-                    f"{not_in} ORDER BY d.next_attempt_at, d.id LIMIT 1",
-                    (now, *skip),
+                    f"{which}ORDER BY d.next_attempt_at, d.id LIMIT 1",
+                    params,
                 ).fetchone()
                 if row is None:
                     self._db.execute("COMMIT")
