@@ -9,8 +9,11 @@ back-to-back messages behave as before.
 
 from __future__ import annotations
 
+import queue
+import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from pynetdicom import AE, evt
@@ -55,8 +58,10 @@ def test_both_ends_use_the_event_driven_classes(server):
     assert assoc.is_established
     assert type(assoc) is reactor.EventDrivenAssociation
     assert isinstance(assoc.dul, reactor.EventDrivenDUL)
+    assert type(assoc.dul.socket) is reactor.WholeReadSocket
     accepted = scp.active_associations
     assert [type(a) for a in accepted] == [reactor.EventDrivenAssociation]
+    assert type(accepted[0].dul.socket) is reactor.WholeReadSocket
     assoc.release()
 
 
@@ -98,3 +103,37 @@ def test_network_timeout_still_ends_an_idle_association(server):
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.01)
     assert assoc.is_aborted
+
+
+def _whole_read_pair() -> tuple[reactor.WholeReadSocket, socket.socket]:
+    """A WholeReadSocket on one end of a socket pair. Built around a connected socket,
+    an AssociationSocket touches only its owner's DUL event queue (it queues Evt5)."""
+    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()))
+    ours, theirs = socket.socketpair()
+    return reactor.WholeReadSocket(owner, client_socket=ours), theirs  # type: ignore[arg-type]
+
+
+def test_whole_read_joins_a_pdu_that_arrives_in_pieces():
+    sock, peer = _whole_read_pair()
+    payload = bytes(range(256)) * 1024  # 256 KiB, more than one socket buffer
+
+    def send_in_pieces() -> None:
+        for start in range(0, len(payload), 10_000):
+            peer.sendall(payload[start : start + 10_000])
+            time.sleep(0.001)
+
+    sender = threading.Thread(target=send_in_pieces)
+    sender.start()
+    got = sock.recv(len(payload))
+    sender.join()
+    assert isinstance(got, bytearray)
+    assert got == payload
+    peer.close()
+
+
+def test_whole_read_returns_what_arrived_before_the_peer_closed():
+    sock, peer = _whole_read_pair()
+    peer.sendall(b"\x04\x00\x00\x00")
+    peer.close()
+    assert sock.recv(6) == bytearray(b"\x04\x00\x00\x00")
+    assert sock.recv(6) == bytearray()
