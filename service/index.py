@@ -487,6 +487,16 @@ class StudyIndex:
             ).fetchall()
         return [self._job_from_row(r) for r in rows]
 
+    def running_jobs(self) -> list[JobRecord]:
+        """Jobs a worker has started and not yet reported on."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.state = ? ORDER BY j.created_at",
+                (JobState.RUNNING,),
+            ).fetchall()
+        return [self._job_from_row(r) for r in rows]
+
     def running_jobs_of(self, worker: str) -> list[str]:
         """Ids of the jobs a worker (``host:pid``) was running."""
         with self._lock:

@@ -2,7 +2,9 @@
 
 The study index has one writer, the edge (ARCHITECTURE step 5 and the scale-out
 design): workers only read their ticket, run, and leave a report and a heartbeat in
-the queue's store. The tracker polls those for every unfinished job:
+the queue's store. Every ``report_poll_s`` (0.05 s) the tracker looks for the reports
+of running jobs, the moment a study's results can start on their way; every
+``poll_s`` (0.2 s) it looks at every unfinished job:
 
 * a report arrived: record the outcome, put its deliverables in the outbox;
 * a heartbeat arrived for a queued job: the job is running (one more attempt);
@@ -47,6 +49,7 @@ class JobTracker:
         outbox: Outbox,
         on_delivery: Callable[[], None] | None = None,
         poll_s: float = 0.2,
+        report_poll_s: float = 0.05,
     ) -> None:
         self.settings = settings
         self.index = index
@@ -54,6 +57,7 @@ class JobTracker:
         self.outbox = outbox
         self.on_delivery = on_delivery
         self.poll_s = poll_s
+        self.report_poll_s = report_poll_s
         self.results_dir = Path(settings.node.data_dir) / "results"
         self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
@@ -143,6 +147,19 @@ class JobTracker:
                         self._lost(job, "its worker stopped sending heartbeats")
             self._check_untraced(now)
 
+    def check_reports(self) -> None:
+        """Record the reports of running jobs. Cheap enough to run often (one indexed
+        read, then one queue look per running job, at most one per worker), and the
+        report is what a study's results wait on: at 0.2 s only they waited 0.1 s on
+        average (bench/end_to_end.py, job.finished to job.recorded)."""
+        with self._lock:
+            for job in self.index.running_jobs():
+                if job.task_id is None:
+                    continue
+                report = self.queue.report(job.task_id)
+                if report is not None:
+                    self._record(job, report)
+
     def _check_untraced(self, now: float) -> None:
         """Queued jobs whose run vanished between a worker taking it and its first beat."""
         window = SILENT_BEATS * self.queue.heartbeat_s
@@ -212,8 +229,13 @@ class JobTracker:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        next_full_check = 0.0
+        while not self._stop.wait(self.report_poll_s):
             try:
-                self.check_now()
+                if time.monotonic() >= next_full_check:
+                    next_full_check = time.monotonic() + self.poll_s
+                    self.check_now()
+                else:
+                    self.check_reports()
             except Exception:
                 log.exception("jobs.check_failed", action="check the data_dir disk and the queue")

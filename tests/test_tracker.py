@@ -20,6 +20,7 @@ from service.delivery import Outbox
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.queue import JobQueue
+from service.records import JobReport, JobState
 from service.spool import Spool
 from service.tracker import JobTracker
 
@@ -47,4 +48,40 @@ def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
 
     assert queue.pending_task_ids() == {task}
     assert index.job(job.job_id).task_id == task
+    index.close()
+
+
+def test_the_quick_report_pass_records_running_jobs_only(tmp_path: Path) -> None:
+    """check_reports (every 0.05 s) records what a worker reported for a running job;
+    a job the index still has as queued waits for the full pass (check_now)."""
+    settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    data = encode(ds, False, True)
+    assert data is not None
+    instance = ReceivedInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, data,
+        "PACS", "RADNODE", "127.0.0.1",
+    )  # fmt: skip
+    Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "outbox.sqlite3"))
+    # A worker's side of the same queue (huey on the node's SQLite), run in this process.
+    worker = JobQueue(
+        settings, handler=lambda t: JobReport(job_id=t.job_id, worker="w:1", state=JobState.DONE)
+    )
+
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    running = index.add_job(study, series, "first", ["r"], [])
+    queued = index.add_job(study, series, "second", ["r"], [])
+    assert running is not None and queued is not None
+    for job in (running, queued):
+        tracker.submit(job)
+        worker.huey.execute(worker.huey.dequeue())
+    index.start_job(running.job_id, worker="w:1")
+
+    tracker.check_reports()
+    assert index.job(running.job_id).state is JobState.DONE
+    assert index.job(queued.job_id).state is JobState.QUEUED
+    tracker.check_now()
+    assert index.job(queued.job_id).state is JobState.DONE
     index.close()
