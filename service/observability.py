@@ -10,7 +10,9 @@ Libraries are the other way patient data could leak: pynetdicom prints whole dat
 sets at DEBUG and quotes element values in its warnings, pydicom quotes invalid values
 when it validates. Their loggers are kept at WARNING with every quoted value redacted,
 pydicom does not validate on read (radnode validates the UIDs it uses itself), and
-Python warnings from them are not printed.
+Python warnings from them are not printed. Warnings from every other library (MONAI
+deprecations at bundle load, torch) become ``python.warning`` lines with their quoted
+values redacted too, not free text on standard error amid the JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ class RedactQuotedValues(logging.Filter):
             record.msg = _QUOTED.sub("'<redacted>'", record.getMessage())
             record.args = None
         return True
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for a service: one JSON line, quoted values redacted
+    (a library may quote what it was given). Python still shows each warning once per
+    place it is raised from, so a warning in a loop is one line, not a flood."""
+    structlog.get_logger("py.warnings").warning(
+        "python.warning",
+        category=category.__name__,
+        message=_QUOTED.sub("'<redacted>'", str(message)),
+        source=f"{filename.rsplit('/', 1)[-1]}:{lineno}",
+    )
 
 
 def quiet_libraries() -> None:
@@ -93,3 +114,4 @@ def configure_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     quiet_libraries()
+    warnings.showwarning = _log_warning

@@ -1,0 +1,40 @@
+"""Python warnings in a configured service process become redacted JSON log lines.
+
+Run in a child interpreter: configure_logging changes process-wide state (the root
+handler, warnings.showwarning) that the rest of the test session must not inherit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
+    script = textwrap.dedent(
+        """
+        import warnings
+        from service.observability import configure_logging
+        configure_logging("info")
+        for _ in range(3):  # Python shows a warning once per place: one line
+            warnings.warn("value 'DOE^JANE' is deprecated", FutureWarning, stacklevel=1)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["event"] == "python.warning"
+    assert line["level"] == "warning"
+    assert line["category"] == "FutureWarning"
+    assert line["message"] == "value '<redacted>' is deprecated"
+    assert "DOE" not in done.stdout
