@@ -362,3 +362,25 @@ def test_key_slices_are_each_labels_largest_slice() -> None:
     label_map[2, 8:, 8:] = 2  # smaller than on slice 5
     assert key_slices(label_map, [1, 2, 3]) == [2, 5]  # label 3 is absent
     assert key_slices(label_map, [2, 1], limit=1) == [5]
+
+
+def test_a_derived_monochrome1_image_keeps_its_source_stored_values(tmp_path):
+    """An identity reconstruction of a MONOCHROME1 radiograph: loading inverted it to
+    MONOCHROME2, so writing must invert it back; otherwise it shows as a negative."""
+    source_path = write_radiograph(
+        tmp_path / "xr.dcm", rows=64, columns=64, photometric="MONOCHROME1"
+    )
+    volume = load_series([source_path])
+    assert volume.inverted_monochrome1
+    result = PipelineResult(
+        bundle=BundleIdentity("identity", "0.1.0", TaskKind.RECONSTRUCTION),
+        labels=(),
+        device="cpu",
+        timings=StageTimings(),
+        image=volume.array.astype(np.float32),
+    )
+    paths = write_dicom_results(result, volume, read_headers([source_path]), tmp_path / "out")
+    (derived,) = [d for d in map(pydicom.dcmread, paths) if d.Modality != "SR"]
+    source = pydicom.dcmread(source_path)
+    assert derived.PhotometricInterpretation == "MONOCHROME1"
+    assert np.array_equal(derived.pixel_array, source.pixel_array)

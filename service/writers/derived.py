@@ -143,7 +143,12 @@ def iter_derived_series(
 
 
 def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
-    """Modality values -> stored values of ``header``'s encoding (rounded, clipped)."""
+    """Modality values -> stored values of ``header``'s encoding (rounded, clipped).
+
+    The inverse of what loading did (service.pipeline.volume): un-rescale, and for a
+    MONOCHROME1 source invert within the stored range again, so the derived image keeps
+    the source's photometric interpretation and windows and shows like the source
+    (without this a denoised MONOCHROME1 radiograph came back as its negative)."""
     slope = float(header.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
     bits_allocated = int(header.BitsAllocated)
@@ -154,6 +159,8 @@ def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
     else:
         low, high = 0, 2**bits_stored - 1
     values = np.rint((pixels.astype(np.float32, copy=False) - np.float32(intercept)) / slope)
+    if str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        values = np.float32(low + high) - values
     values = np.clip(np.nan_to_num(values, nan=low), low, high)
     dtype = np.dtype(f"{'i' if signed else 'u'}{bits_allocated // 8}").newbyteorder("<")
     return values.astype(dtype)
