@@ -224,6 +224,23 @@ def test_values_beyond_int16_widen_the_volume_to_the_planned_type() -> None:
         np.testing.assert_array_equal(volume.array[k], stored[k].astype(np.int64) - 1024)
 
 
+def test_a_widened_volume_stays_file_backed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Widening to the planned type must not trade the scratch map for memory (found
+    by review: astype made an anonymous copy, so MR/PET series with values beyond
+    int16 lost their paging)."""
+    monkeypatch.setattr(paging, "MIN_FILE_BACKED_BYTES", 0)
+    series = ct_series()
+    stored = [marker(k).astype(np.int16) - 1000 for k in range(10)]
+    stored[6][3, 4] = -32000
+    volume = load_series(_signed_16_bit(series, stored), scratch_dir=tmp_path / "job")
+    assert volume.array.dtype == np.int32
+    assert paging.is_file_backed(volume.array)
+    for k in range(10):
+        np.testing.assert_array_equal(volume.array[k], stored[k].astype(np.int64) - 1024)
+
+
 def test_shuffled_input_gives_the_same_volume_ordered_by_position() -> None:
     series = ct_series()
     shuffled = series[:]

@@ -1011,7 +1011,11 @@ def _decode(
                 values = np.empty(out.shape[1:], dtype=plan.dtype)
                 _store(values, pixels, frame)
                 if not _fits(values, out.dtype):
-                    out = out.astype(plan.dtype)
+                    # into a new scratch map, not astype (memory): a wide series stays
+                    # file-backed and paged out while the model runs
+                    wider = empty_volume(plan.shape, plan.dtype, scratch_dir)
+                    wider[...] = out
+                    out = wider
                 out[slice_index] = values
         finally:
             if not isinstance(item, Dataset):
