@@ -21,6 +21,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     RLELossless,
@@ -411,6 +412,29 @@ def test_single_ct_slice_is_a_volume_of_depth_one() -> None:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def test_a_deflated_series_keeps_no_inflated_copy_of_its_files(tmp_path: Path) -> None:
+    """pydicom inflates a deflated file into memory and reads deferred values from that
+    copy: once decoded, the headers must not hold it (the series twice in memory), and
+    a large value that was still deferred must have been read first."""
+    blob = bytes(range(256)) * 32  # 8 KiB: deferred when the header is read
+    series = ct_series()
+    paths = []
+    for index, ds in enumerate(series):
+        ds.private_block(0x0009, "RADNODE TEST", create=True).add_new(0x10, "OB", blob)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+
+    volume = load_series(paths)
+
+    np.testing.assert_array_equal(volume.array, load_series(ct_series()).array)
+    for header in volume.source_headers:
+        assert getattr(header, "buffer", None) is None
+        assert "PixelData" not in header
+        assert header.private_block(0x0009, "RADNODE TEST")[0x10].value == blob
 
 
 def test_paths_and_datasets_give_the_same_volume(tmp_path: Path) -> None:

@@ -1021,7 +1021,21 @@ def _decode(
             if not isinstance(item, Dataset):
                 # our own header: keep it (the writers use it), without its pixels
                 ds.pop(_PIXEL_DATA, None)
+                _drop_inflated_copy(ds)
     return out
+
+
+def _drop_inflated_copy(ds: Dataset) -> None:
+    """A deflated file was inflated into memory by pydicom, which reads the header's
+    deferred values from that copy (``ds.buffer``): read what is still deferred
+    (overlays, private blobs; only top-level values are ever deferred) and let the
+    copy go. Kept, it held the whole series a second time, outside the scratch map,
+    for the rest of the job (found by review)."""
+    if getattr(ds, "buffer", None) is None:
+        return
+    for tag in list(ds.keys()):
+        ds[tag]  # reading it is the point: a deferred value is loaded now
+    ds.buffer = None
 
 
 def _first_try_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
