@@ -13,6 +13,7 @@ import queue
 import socket
 import threading
 import time
+import tracemalloc
 from types import SimpleNamespace
 
 import pytest
@@ -115,11 +116,11 @@ def _whole_read_pair() -> tuple[reactor.WholeReadSocket, socket.socket]:
 
 def test_whole_read_joins_a_pdu_that_arrives_in_pieces():
     sock, peer = _whole_read_pair()
-    payload = bytes(range(256)) * 1024  # 256 KiB, more than one socket buffer
+    payload = bytes(range(256)) * 12 * 1024  # 3 MiB: the 1 MiB first buffer grows twice
 
     def send_in_pieces() -> None:
-        for start in range(0, len(payload), 10_000):
-            peer.sendall(payload[start : start + 10_000])
+        for start in range(0, len(payload), 100_000):
+            peer.sendall(payload[start : start + 100_000])
             time.sleep(0.001)
 
     sender = threading.Thread(target=send_in_pieces)
@@ -137,3 +138,19 @@ def test_whole_read_returns_what_arrived_before_the_peer_closed():
     peer.close()
     assert sock.recv(6) == bytearray(b"\x04\x00\x00\x00")
     assert sock.recv(6) == bytearray()
+
+
+def test_whole_read_allocates_for_what_arrives_not_what_is_announced():
+    """A peer's 6-byte PDU header can announce 1 GiB before any association is checked;
+    the read must not allocate it up front."""
+    sock, peer = _whole_read_pair()
+    peer.sendall(b"x" * 3000)
+    peer.close()
+    tracemalloc.start()
+    try:
+        got = sock.recv(1 << 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == bytearray(b"x" * 3000)
+    assert peak < 8 * 1024 * 1024
