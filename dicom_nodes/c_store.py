@@ -122,10 +122,12 @@ class StoreStatus:
 
 
 def fragment_size(peer_max_pdu: int) -> int:
-    """The largest PDV value that fits the peer's maximum PDU length (PS3.8 9.3.1)."""
+    """The largest even PDV value that fits the peer's maximum PDU length (PS3.8
+    9.3.1). Even: DCMTK and others refuse odd fragments, and a peer may announce an
+    odd maximum."""
     if not peer_max_pdu:
         return _UNLIMITED_FRAGMENT
-    return max(peer_max_pdu - _PDV_OVERHEAD, 1)
+    return max((peer_max_pdu - _PDV_OVERHEAD) & ~1, 2)
 
 
 def send_file(
@@ -154,7 +156,7 @@ def send_file(
         with assoc.dul.direct_writes() as sock:
             _write_command(sock, context_id, command, size)
             _write_file(sock, context_id, stream, data_set_offset, length, size)
-    return _response(assoc)
+    return _response(assoc, message_id, sop_instance_uid)
 
 
 def send_data_set(
@@ -172,11 +174,16 @@ def send_data_set(
     with assoc.dul.direct_writes() as sock:
         _write_command(sock, context_id, command, size)
         _write_bytes(sock, context_id, memoryview(data_set), size)
-    return _response(assoc)
+    return _response(assoc, message_id, sop_instance_uid)
 
 
-def _response(assoc: Any) -> StoreStatus:
-    """The peer's answer to the request just sent, decoded by pynetdicom's DUL."""
+def _response(assoc: Any, message_id: int, sop_instance_uid: str) -> StoreStatus:
+    """The peer's answer to the request just sent, decoded by pynetdicom's DUL.
+
+    Only a C-STORE-RSP to this very request counts: one that answers another Message
+    ID or instance (a peer that answered a request twice) would otherwise be taken as
+    this file's answer, and every later answer as the one before's; a file the peer
+    refused was counted as stored (found by review). Such a peer is aborted."""
     _, response = assoc.dimse.get_msg(block=True)
     if response is None:
         assoc._handle_no_response()
@@ -184,7 +191,21 @@ def _response(assoc: Any) -> StoreStatus:
     if not response.is_valid_response:
         assoc.abort()
         return StoreStatus(None, "invalid C-STORE response")
+    if not _answers(response, message_id, sop_instance_uid):
+        assoc.abort()
+        return StoreStatus(None, "the peer answered another request (Message ID or instance)")
     return StoreStatus(int(response.Status), str(response.ErrorComment or ""))
+
+
+def _answers(response: Any, message_id: int, sop_instance_uid: str) -> bool:
+    """Whether ``response`` is the C-STORE-RSP to request ``message_id`` for
+    ``sop_instance_uid`` (the Affected SOP Instance UID may be absent, PS3.7 9.3.1.2)."""
+    answered_uid = getattr(response, "AffectedSOPInstanceUID", None)
+    return (
+        isinstance(response, C_STORE)
+        and response.MessageIDBeingRespondedTo == message_id % 65536
+        and (not answered_uid or str(answered_uid) == sop_instance_uid)
+    )
 
 
 def answer_directly(assoc: Any) -> None:
@@ -254,12 +275,25 @@ def _write_file(
         count = min(size, length)
         last = count == length
         sock.sendall(_pdu_header(context_id, _DATA_LAST if last else _DATA, count), _MSG_MORE)
-        if count:
-            sock.sendfile(stream, offset, count)
+        _sendfile(sock, stream, offset, count)
         if last:
             return
         offset += count
         length -= count
+
+
+def _sendfile(sock: socket.socket, stream: BinaryIO, offset: int, count: int) -> None:
+    """``os.sendfile`` until ``count`` bytes are out. Not ``socket.sendfile``: on a
+    blocking socket that waits for writability without a limit, so a peer that stopped
+    reading held the sender forever; here the socket's send timeout (SO_SNDTIMEO, set
+    by the SCU from its network timeout) ends each call, and a file that turns out
+    shorter than its size raises instead of leaving the PDU short."""
+    while count:
+        sent = os.sendfile(sock.fileno(), stream.fileno(), offset, count)
+        if not sent:
+            raise OSError("the file ended before its size: it changed while being sent")
+        offset += sent
+        count -= sent
 
 
 def _write_bytes(sock: socket.socket, context_id: int, data: memoryview, size: int) -> None:

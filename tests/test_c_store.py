@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+from collections.abc import Callable
 from io import BytesIO
 
 import numpy as np
@@ -178,42 +180,60 @@ def test_storescp_stores_exactly_what_was_sent(tmp_path, peer_max_pdu):
         assert all(got[e.tag].value == e.value for e in sent)
 
 
+def _written_pdus(write: Callable[[socket.socket], None]) -> list[bytes]:
+    """The P-DATA-TF PDUs ``write`` puts on one end of a socket pair, read back from
+    the other end and split at their length fields."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        write(ours)
+        ours.shutdown(socket.SHUT_WR)
+        stream = b""
+        while chunk := theirs.recv(65536):
+            stream += chunk
+    pdus = []
+    while stream:
+        length = int.from_bytes(stream[2:6], "big")
+        pdus.append(stream[: 6 + length])
+        stream = stream[6 + length :]
+    return pdus
+
+
 def test_a_command_larger_than_the_peers_pdu_is_fragmented(tmp_path):
     """No peer here takes a maximum PDU below 4096 and a command set is ~150 bytes, so
-    the framing is checked on the bytes written to a stand-in socket (the one mock in
-    this file): every PDU fits, command pieces in order with the last one flagged."""
+    the framing is checked on the bytes written into a socket pair: every PDU fits,
+    command pieces in order with the last one flagged, one PDV per PDU."""
     from dicom_nodes import c_store
 
     command = encode_c_store_rq("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 7)
-    writes: list[bytes] = []
-
-    class _Socket:
-        def sendall(self, data: bytes, flags: int = 0) -> None:
-            writes.append(bytes(data))
-
-        def sendfile(self, stream, offset: int, count: int) -> int:
-            stream.seek(offset)
-            writes.append(stream.read(count))
-            return count
-
     data = tmp_path / "data"
     data.write_bytes(b"x" * 25)
-    with data.open("rb") as stream:
-        c_store._write_command(_Socket(), 5, command, size=40)
-        c_store._write_file(_Socket(), 5, stream, 0, 25, size=40)
-    pdus = [w for w in writes if w[:1] == b"\x04"]
+
+    def write_request(sock: socket.socket) -> None:
+        with data.open("rb") as stream:
+            c_store._write_command(sock, 5, command, size=40)
+            c_store._write_file(sock, 5, stream, 0, 25, size=40)
+
+    pdus = _written_pdus(write_request)
+    assert all(pdu[0] == 0x04 for pdu in pdus)
+    assert all(int.from_bytes(pdu[6:10], "big") == len(pdu) - 10 for pdu in pdus)  # one PDV
     controls = [pdu[11] for pdu in pdus]
     n_command = -(-len(command) // 40)
     assert controls[:n_command] == [1] * (n_command - 1) + [3]
     assert b"".join(pdu[12:] for pdu in pdus[:n_command]) == command
     assert all(int.from_bytes(pdu[2:6], "big") <= 40 + 6 for pdu in pdus)
     assert controls[n_command:] == [2]  # 25 bytes of data: one last fragment
-    assert b"".join(w for w in writes if w[:1] != b"\x04") == b"x" * 25
+    assert pdus[-1][12:] == b"x" * 25
 
     # An encoded (converted) data set is framed the same way: 90 bytes, 40 a PDU.
-    writes.clear()
-    c_store._write_bytes(_Socket(), 5, memoryview(b"y" * 90), size=40)
-    headers = writes[0::2]
-    assert [h[11] for h in headers] == [0, 0, 2]
-    assert [int.from_bytes(h[6:10], "big") - 2 for h in headers] == [40, 40, 10]
-    assert b"".join(writes[1::2]) == b"y" * 90
+    pdus = _written_pdus(lambda sock: c_store._write_bytes(sock, 5, memoryview(b"y" * 90), 40))
+    assert [pdu[11] for pdu in pdus] == [0, 0, 2]
+    assert [len(pdu) - 12 for pdu in pdus] == [40, 40, 10]
+    assert b"".join(pdu[12:] for pdu in pdus) == b"y" * 90
+
+
+def test_fragments_are_even_when_the_peer_announces_an_odd_maximum():
+    from dicom_nodes.c_store import fragment_size
+
+    assert fragment_size(4097) == 4090
+    assert fragment_size(4096) == 4090
+    assert fragment_size(0) % 2 == 0
