@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
@@ -25,9 +25,8 @@ from service.spool import Spool
 from service.tracker import JobTracker
 
 
-def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
-    tmp_path: Path,
-) -> None:
+def _node_with_one_instance(tmp_path: Path) -> tuple[Settings, StudyIndex, Dataset]:
+    """Settings, a real index and spool holding one received CT instance, and it."""
     settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
     index = StudyIndex(tmp_path / "index.sqlite3")
     ds = dcmread(get_testdata_file("CT_small.dcm"))
@@ -38,6 +37,13 @@ def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
         "PACS", "RADNODE", "127.0.0.1",
     )  # fmt: skip
     Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
+    return settings, index, ds
+
+
+def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
+    tmp_path: Path,
+) -> None:
+    settings, index, ds = _node_with_one_instance(tmp_path)
     queue = JobQueue(settings)
     tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
 
@@ -54,16 +60,7 @@ def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
 def test_the_quick_report_pass_records_running_jobs_only(tmp_path: Path) -> None:
     """check_reports (every 0.05 s) records what a worker reported for a running job;
     a job the index still has as queued waits for the full pass (check_now)."""
-    settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
-    index = StudyIndex(tmp_path / "index.sqlite3")
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
-    data = encode(ds, False, True)
-    assert data is not None
-    instance = ReceivedInstance(
-        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, data,
-        "PACS", "RADNODE", "127.0.0.1",
-    )  # fmt: skip
-    Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
+    settings, index, ds = _node_with_one_instance(tmp_path)
     tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "outbox.sqlite3"))
     # A worker's side of the same queue (huey on the node's SQLite), run in this process.
     worker = JobQueue(
