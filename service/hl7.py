@@ -156,7 +156,11 @@ class MllpClient:
     def _read_block(self, sock: socket.socket, deadline: float) -> bytes:
         buffer = b""
         while True:
-            end = buffer.find(END_BLOCK + CARRIAGE_RETURN)
+            # The block ends at <FS>; the <CR> after it is not waited for: a receiver
+            # that leaves it out (seen in the field) must not get an accepted message
+            # resent until the retries run out. A late <CR> precedes the next answer's
+            # <VT> and is skipped there.
+            end = buffer.find(END_BLOCK)
             if end >= 0:
                 start = buffer.find(START_BLOCK)
                 if start < 0 or start > end:

@@ -8,6 +8,7 @@ with scripted ACK codes, and checks what arrived and what the outbox says.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -370,6 +371,31 @@ def test_a_listener_that_never_answers_times_out() -> None:
     with server, pytest.raises(MllpError, match=r"no answer within 0\.3 s"):
         client.exchange(b"MSH|^~\\&|X\r")
     assert time.monotonic() - start < 2
+
+
+@pytest.mark.integration
+def test_an_ack_framed_without_the_final_carriage_return_is_read() -> None:
+    """<VT> ack <FS> with no <CR>: seen from some receivers. Waiting for the <CR> timed
+    out and an accepted message was resent until the retries ran out (review). The
+    receiver here is a plain socket because a library MLLP server frames correctly."""
+    server = socket.create_server(("127.0.0.1", 0))
+    ack = b"MSH|^~\\&|RIS||RADNODE||20250101||ACK|1|P|2.5.1\rMSA|AA|abc\r"
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            while b"\x1c\r" not in connection.recv(65536):
+                pass
+            connection.sendall(b"\x0b" + ack + b"\x1c")  # no <CR>
+            time.sleep(1)
+
+    responder = threading.Thread(target=answer, daemon=True)
+    responder.start()
+    client = MllpClient("127.0.0.1", server.getsockname()[1], connect_timeout_s=1, ack_timeout_s=5)
+    with server:
+        answer_bytes = client.exchange(b"MSH|^~\\&|X\r")
+    assert answer_bytes == ack
+    assert parse_ack(answer_bytes).code == "AA"
 
 
 @pytest.mark.integration

@@ -136,6 +136,8 @@ def test_every_message_parses_under_strict_validation(make_result) -> None:
     assert parsed.msh.msh_12.to_er7() == "2.5.1"
     assert parsed.msh.msh_10.to_er7() == message.control_id
     assert message.to_bytes().startswith(b"MSH|^~\\&|RADNODE|HOSP|RIS|RAD|")
+    assert message.er7.endswith("\r")  # the last segment ends like every other one
+    assert "\r\r" not in message.er7
 
 
 def test_msh_processing_id_and_character_set_come_from_the_destination() -> None:

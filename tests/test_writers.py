@@ -384,3 +384,29 @@ def test_a_derived_monochrome1_image_keeps_its_source_stored_values(tmp_path):
     source = pydicom.dcmread(source_path)
     assert derived.PhotometricInterpretation == "MONOCHROME1"
     assert np.array_equal(derived.pixel_array, source.pixel_array)
+
+
+def test_secondary_captures_carry_the_sources_whole_patient_and_study_modules(tmp_path):
+    """The SEG and SR copy the Patient and General Study modules; the SC copied only a
+    few attributes, so Issuer of Patient ID (how a PACS tells two patients with the
+    same ID apart) and Study Description were missing (review, dcentvfy)."""
+    source = pydicom.dcmread(write_radiograph(tmp_path / "xr.dcm", rows=256, columns=256))
+    source.IssuerOfPatientID = "HOSPITAL-A"
+    source.StudyDescription = "CHEST PA"
+    source.PatientAge = "054Y"
+    path = tmp_path / "xr-full.dcm"
+    source.save_as(path, enforce_file_format=True)
+    volume, headers = load_series([path]), read_headers([path])
+    heatmap = np.zeros((1, 256, 256), dtype=np.float32)
+    result = PipelineResult(
+        bundle=BundleIdentity("cxr_nodule_classification", "0.1.0", TaskKind.CLASSIFICATION),
+        labels=(NODULE,),
+        device="cpu",
+        timings=StageTimings(),
+        probabilities=(0.9,),
+        heatmap=heatmap,
+    )
+    written = [pydicom.dcmread(p) for p in write_dicom_results(result, volume, headers, tmp_path)]
+    (sc,) = [ds for ds in written if ds.Modality == "OT"]
+    for keyword in ("IssuerOfPatientID", "StudyDescription", "PatientAge", "PatientID"):
+        assert sc.get(keyword) == source.get(keyword), keyword

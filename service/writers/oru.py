@@ -223,7 +223,9 @@ def build_oru(
             obx.obx_14 = observed_at
             obx.obx_17 = "^" + method
         message.validate()
-        er7 = message.to_er7()
+        # Every segment ends with a carriage return, the last one too (HL7 v2.5.1
+        # 2.5.4); hl7apy joins segments with it but does not end the last (review).
+        er7 = message.to_er7() + "\r"
     except HL7apyException as exc:
         # hl7apy quotes the offending value in its messages: keep it (PHI) out of ours.
         raise Hl7Error(f"cannot build ORU^R01: {type(exc).__name__}") from None

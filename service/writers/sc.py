@@ -266,8 +266,16 @@ def _sc_image(
         transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
         **provenance.common_kwargs("SC"),
     )
+    # highdicom's from_ref_dataset copies a few patient and study attributes; the SEG
+    # and SR carry the whole modules (Issuer of Patient ID, Study Description, ...), so
+    # must the SC, or a PACS that keys patients by ID and issuer files it elsewhere
+    # (found by review: dcentvfy "present in one instance but not the other").
+    sc.copy_patient_and_study_information(source)
     sc.BurnedInAnnotation = "YES"
-    sc.Laterality = None  # Type 2C in General Series: present, empty (not a paired organ)
+    # General Series Laterality (2C): the source's when it has one (a paired organ);
+    # else present and empty, as dciodvfy wants it (absent is an error there, empty a
+    # warning).
+    sc.Laterality = source.get("Laterality") or None
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = provenance.banner
     sc.SourceImageSequence = source_image_items([source])
