@@ -6,6 +6,7 @@ known sphere, a 512x512 radiograph) and every written file is checked by dciodvf
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 from pathlib import Path
 
@@ -410,3 +411,26 @@ def test_secondary_captures_carry_the_sources_whole_patient_and_study_modules(tm
     (sc,) = [ds for ds in written if ds.Modality == "OT"]
     for keyword in ("IssuerOfPatientID", "StudyDescription", "PatientAge", "PatientID"):
         assert sc.get(keyword) == source.get(keyword), keyword
+
+
+def test_a_derived_series_is_dated_now_and_made_by_radnode(written, ct):
+    """A denoised series copied the source's creation, series and content dates and
+    its scanner as the General Equipment (review); the scanner belongs in Contributing
+    Equipment as the acquisition equipment, the dates are the derivation's."""
+    _, headers = ct
+    objects = _read(written["reconstruction"])
+    derived = sorted(objects["CT"], key=lambda ds: int(ds.InstanceNumber))
+    source = headers[0]
+    assert derived[0].Manufacturer == "radnode"
+    assert derived[0].ManufacturerModelName != source.get("ManufacturerModelName")
+    today = datetime.date.today().strftime("%Y%m%d")  # the fixture wrote them today
+    assert source.SeriesDate != today
+    for keyword in ("SeriesDate", "ContentDate", "InstanceCreationDate"):
+        assert derived[0].get(keyword) == today, keyword
+    purposes = [
+        item.PurposeOfReferenceCodeSequence[0].CodeValue
+        for item in derived[0].ContributingEquipmentSequence
+    ]
+    assert purposes == ["109101", "Newcode1"]
+    assert derived[0].ContributingEquipmentSequence[0].Manufacturer == source.Manufacturer
+    assert derived[0].StudyDate == source.StudyDate

@@ -17,7 +17,9 @@ Per slice ``k`` (``volume.sources`` order): the header of ``source_headers[k]`` 
   Number ``k + 1``;
 * Image Type ``DERIVED\\SECONDARY`` (the source's further values kept), Derivation
   Description (algorithm and banner), Image Comments (banner), Source Image Sequence
-  -> the source slice (purpose DCM 121322), Contributing Equipment -> the algorithm;
+  -> the source slice (purpose DCM 121322), Contributing Equipment -> the source
+  scanner (DCM 109101) and the algorithm; General Equipment -> radnode and the bundle;
+  Instance Creation, Series and Content Date/Time -> now (Acquisition's stay);
 * pixel values ``round((image - intercept) / slope)`` in the source's Bits Allocated /
   Bits Stored / Pixel Representation, clipped to the stored range, with the source's
   Rescale Slope and Intercept, written in Explicit VR Little Endian;
@@ -32,7 +34,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -41,6 +45,7 @@ from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume
 from service.writers.provenance import (
     CHARACTER_SET,
+    MANUFACTURER,
     SERIES_NUMBERS,
     Provenance,
     clip_lo,
@@ -71,6 +76,10 @@ _DROPPED = (
     "LossyImageCompression",
     "LossyImageCompressionRatio",
     "LossyImageCompressionMethod",
+    # the source scanner's identity: it is recorded as Acquisition Equipment instead
+    "DeviceSerialNumber",
+    "StationName",
+    "DeviceUID",
 )
 
 
@@ -110,6 +119,8 @@ def iter_derived_series(
     info = derived_series_info(provenance, len(source_headers))
     series_uid, description = info.series_uid, info.description
     derivation = clip_lo(f"{provenance.name} {provenance.version} (AI)")[:64]
+    now = datetime.now()
+    created = {"date": now.strftime("%Y%m%d"), "time": now.strftime("%H%M%S")}
     for k, source in enumerate(source_headers):
         if int(source.get("NumberOfFrames", 1) or 1) > 1:
             raise ValueError("derived series are written for single-frame sources only")
@@ -131,7 +142,17 @@ def iter_derived_series(
         ds.DerivationDescription = f"{derivation}: {provenance.banner}"[:1024]
         ds.ImageComments = provenance.banner
         ds.SourceImageSequence = source_image_items([source])
-        ds.ContributingEquipmentSequence = [provenance.contributing_equipment()]
+        ds.ContributingEquipmentSequence = [
+            *_acquisition_equipment(source),
+            provenance.contributing_equipment(),
+        ]
+        # This image, series and equipment are radnode's, made now; acquisition
+        # date/time stay the source's (found by review: all were the source's).
+        ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created["date"]
+        ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created["time"]
+        ds.Manufacturer = MANUFACTURER
+        ds.ManufacturerModelName = provenance.model_name
+        ds.SoftwareVersions = provenance.software_versions
         ds.BurnedInAnnotation = "NO"
         _set_pixels(ds, image[k])
         meta = FileMetaDataset()
@@ -140,6 +161,15 @@ def iter_derived_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         yield ds
+
+
+def _acquisition_equipment(source: Dataset) -> list[Dataset]:
+    """The source scanner as Contributing Equipment (DCM 109101 Acquisition Equipment),
+    as highdicom records it on the SEG and SC; none if the source names no maker."""
+    try:
+        return [hd.ContributingEquipment.for_image_acquisition(source)]
+    except (AttributeError, TypeError, ValueError):
+        return []
 
 
 def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
