@@ -25,6 +25,7 @@ handshake is one ``tls.handshake_failed`` line with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 import ssl
@@ -108,6 +109,11 @@ class _AssociationServer(ThreadedAssociationServer):
 
     tls_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
+    #: Longest wait for the rest of a PDU once it has begun (or for a write to drain).
+    #: pynetdicom leaves accepted sockets without one: a peer that sent half an
+    #: A-ASSOCIATE-RQ or half a P-DATA-TF PDU held its thread and an association slot
+    #: for ever, from any address, and the node could not exit (found by review).
+    read_timeout_s: float | None = None
     on_handshake_failed: Callable[[Any, BaseException], None] | None = None
     #: A listening socket this process shares with other receiver processes (set on a
     #: subclass by :func:`_server_class`): adopt it instead of binding a new one.
@@ -151,12 +157,14 @@ class _AssociationServer(ThreadedAssociationServer):
             try:
                 request.settimeout(self.handshake_timeout_s)
                 request = self.tls_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
             except (OSError, ValueError) as exc:
                 if self.on_handshake_failed is not None:
                     self.on_handshake_failed(client_address, exc)
                 self.shutdown_request(request)
                 return
+        # The DUL reads only once select() says bytes are there: an idle association
+        # is left to pynetdicom's network timeout; this bounds a PDU that stops midway.
+        request.settimeout(self.read_timeout_s)
         super().process_request_thread(request, client_address)
 
 
@@ -399,6 +407,7 @@ class StorageSCP:
         server.contexts = _SupportedContexts(server.contexts)
         server.tls_context = tls_context
         server.handshake_timeout_s = self._policy.acse_timeout_s
+        server.read_timeout_s = self._policy.network_timeout_s
         server.on_handshake_failed = self._on_handshake_failed
         thread = threading.Thread(
             target=server.serve_forever, name=f"radnode-scp-{port}", daemon=True
@@ -409,16 +418,30 @@ class StorageSCP:
         ae._servers.append(server)
         return server
 
-    def stop(self) -> None:
-        """Stop accepting associations and close the ones still open."""
-        stopped = False
-        for server in (self._tls_server, self._server):
-            if server is not None:
-                server.shutdown()
-                stopped = True
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting associations and close the ones still open.
+
+        pynetdicom's ``shutdown`` only stops accepting: open associations went on
+        after the node had stopped, each C-STORE then failing with C0FF on the closed
+        index (found by review). They are aborted here (the peer resends what was not
+        acknowledged) and waited for, up to ``grace_s``, so that a store in progress
+        finishes before the caller closes the index."""
+        servers = [server for server in (self._tls_server, self._server) if server is not None]
         self._server = self._tls_server = None
-        if stopped:
-            log.info("scp.stopped")
+        open_associations = [a for server in servers for a in server.active_associations]
+        for server in servers:
+            server.shutdown()
+        for assoc in open_associations:
+            assoc.abort(block=False)  # queued for each DUL: all at once, not in turn
+        deadline = time.monotonic() + grace_s
+        for assoc in open_associations:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        for assoc in open_associations:
+            if assoc.is_alive():  # its DUL is inside a half-sent PDU: end the connection
+                _shut_down_connection(assoc)
+                assoc.join(1.0)
+        if servers:
+            log.info("scp.stopped", associations_aborted=len(open_associations))
 
     # -- handlers -------------------------------------------------------------
 
@@ -536,6 +559,14 @@ class StorageSCP:
     def _notify(self, outcome: str) -> None:
         if self._on_association is not None:
             self._on_association(outcome)
+
+
+def _shut_down_connection(assoc: Association) -> None:
+    """Shut the association's TCP connection: a read blocked in it returns at once."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _tls_fields(assoc: Association) -> dict[str, Any]:

@@ -7,6 +7,7 @@ reason and what to do. The SCP runs in process with a receiver that keeps nothin
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -199,6 +200,36 @@ def test_max_associations_is_honoured_and_frees_up(start_scp) -> None:
     assert fourth.is_established
     for assoc in (*held, fourth):
         assoc.release()
+
+
+def test_a_half_sent_request_lets_go_of_its_slot_after_the_network_timeout(start_scp) -> None:
+    """A peer (any address: the allowlists are checked once the request is whole) that
+    sends the start of an A-ASSOCIATE-RQ and falls silent held its thread and slot for
+    ever; with max_associations such peers locked everyone out (found by review)."""
+    policy = AssociationPolicy(max_associations=1, network_timeout_s=1.0, acse_timeout_s=1.0)
+    scp, _ = start_scp(policy)  # the read gives up after 1 s, the wait for a request too
+    silent = socket.create_connection(("127.0.0.1", scp.port))
+    silent.sendall(bytes([0x01, 0x00]) + (1000).to_bytes(4, "big") + b"\x00" * 14)
+    try:
+        _wait_until(lambda: len(scp._server.active_associations) == 1)
+        _wait_until(lambda: len(scp._server.active_associations) == 0, timeout=10)
+        ok, output = echo(scp.port)
+        assert ok, output
+    finally:
+        silent.close()
+
+
+def test_stopping_aborts_open_associations(start_scp) -> None:
+    """pynetdicom's shutdown only stops accepting: associations went on after the node
+    stopped and each C-STORE got C0FF on the closed index (found by review)."""
+    scp, outcomes = start_scp(AssociationPolicy())
+    peer = associate(scp.port)
+    assert peer.is_established
+    started = time.monotonic()
+    scp.stop()
+    assert time.monotonic() - started < 10
+    _wait_until(lambda: peer.is_aborted)
+    assert "aborted" in outcomes
 
 
 def test_max_pdu_length_is_announced(start_scp) -> None:
