@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import struct
 import tempfile
+import zlib
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -30,7 +32,8 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode
 
-from service.errors import RadnodeError
+from service import headers
+from service.errors import RadnodeError, UnreadableDataset
 from service.headers import parse_header
 from service.pipeline.volume import SeriesRefused, VolumePlan, plan_volume, read_headers
 from service.records import InstanceHeader
@@ -162,6 +165,21 @@ BOUNDED = settings(
 def test_valid_encodings_parse() -> None:
     for uid, data in ENCODINGS.items():
         assert check_parse_header(data, uid) == "header", uid
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """64 MiB of zeros deflate to ~64 KiB; with the cap lowered to 8 MiB the data set
+    is refused as unreadable, never inflated whole (review: 4 MB sent, 4 GB used)."""
+    monkeypatch.setattr(headers, "MAX_INFLATED_BYTES", 8 * 1024 * 1024)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(bytes(64 * 1024 * 1024)) + packer.flush()
+    assert len(bomb) < 128 * 1024
+    with pytest.raises(UnreadableDataset, match="inflates beyond 8 MiB"):
+        parse_header(bomb, DeflatedExplicitVRLittleEndian)
+    deflated = ENCODINGS[DeflatedExplicitVRLittleEndian]  # a real one still parses
+    assert check_parse_header(deflated, DeflatedExplicitVRLittleEndian) == "header"
 
 
 @BOUNDED
