@@ -18,11 +18,16 @@ import structlog
 
 from service.index import StudyIndex
 from service.metrics import Metrics
-from service.records import StudySummary
+from service.records import StudyState, StudySummary
 
 log = structlog.get_logger("service.completion")
 
 StudyCompleteHandler = Callable[[StudySummary], None]
+
+
+#: A study whose hand-over (routing) failed is tried again after 5 s, doubling up to
+#: 5 minutes, this many times in all.
+HANDOVER_ATTEMPTS = 10
 
 
 class CompletionMonitor:
@@ -35,12 +40,16 @@ class CompletionMonitor:
         on_complete: StudyCompleteHandler | None = None,
         poll_s: float | None = None,
         metrics: Metrics | None = None,
+        retry_after_s: float = 5.0,
     ) -> None:
         self._index = index
         self._metrics = metrics if metrics is not None else Metrics()
         self._quiet_s = quiet_s
         self._on_complete = on_complete
         self._poll_s = poll_s if poll_s is not None else min(1.0, quiet_s / 4)
+        self._retry_after_s = retry_after_s
+        #: study UID -> (failed hand-overs, when to try again (monotonic))
+        self._failed: dict[str, tuple[int, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
 
@@ -64,9 +73,55 @@ class CompletionMonitor:
                 receive_s=round(study.last_received_at - study.first_received_at, 3),
             )
             self._metrics.study_completed()
-            if self._on_complete is not None:
-                self._on_complete(study)
+        for study in [*completed, *self._due_again()]:
+            self._hand_over(study)
         return completed
+
+    def _hand_over(self, study: StudySummary) -> None:
+        """Give a complete study to the router, on its own: one that fails (the queue
+        unreachable, a bug) is tried again later and never keeps the others from being
+        routed (found by review: one failure left every study completed in the same
+        pass complete and never routed)."""
+        if self._on_complete is None:
+            return
+        try:
+            self._on_complete(study)
+        except Exception:
+            attempts = self._failed.get(study.study_uid, (0, 0.0))[0] + 1
+            if attempts >= HANDOVER_ATTEMPTS:
+                self._failed.pop(study.study_uid, None)
+                log.exception(
+                    "study.handover_failed",
+                    study=study.study_key,
+                    attempts=attempts,
+                    action="fix the cause in this trace, then send the study again",
+                )
+                return
+            wait = min(self._retry_after_s * 2 ** (attempts - 1), 300.0)
+            self._failed[study.study_uid] = (attempts, time.monotonic() + wait)
+            log.exception(
+                "study.handover_failed",
+                study=study.study_key,
+                attempts=attempts,
+                retry_in_s=wait,
+                action="check the queue and the data_dir disk",
+            )
+        else:
+            self._failed.pop(study.study_uid, None)
+
+    def _due_again(self) -> list[StudySummary]:
+        """Studies whose failed hand-over is due to be tried again (still complete)."""
+        now = time.monotonic()
+        due = []
+        for uid, (_, at) in list(self._failed.items()):
+            if at > now:
+                continue
+            study = self._index.study(uid)
+            if study is None or study.state != StudyState.COMPLETE:
+                del self._failed[uid]  # reopened by new instances, or gone: not ours now
+                continue
+            due.append(study)
+        return due
 
     def _next_wait(self) -> float:
         """Until the next study falls quiet, at most one poll period.

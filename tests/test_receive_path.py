@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -272,3 +273,34 @@ def test_index_lists_series_with_routing_attributes(parts) -> None:
     assert series.sop_class_uid == ds.SOPClassUID
     assert series.slice_thickness == float(ds.SliceThickness)
     assert series.image_orientation is not None and len(series.image_orientation) == 6
+
+
+def test_a_failed_handover_neither_blocks_other_studies_nor_is_lost(parts) -> None:
+    """Two studies fall quiet together; routing the first fails once (the queue was
+    unreachable). The second is routed in the same pass, the first on a later one
+    (review: both were left complete and never routed)."""
+    _, index, ingest = parts
+    first, second = ct_small(), ct_small()
+    for ds in (first, second):
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    routed: list[str] = []
+    failures = {first.StudyInstanceUID: 1}
+
+    def route(study) -> None:
+        if failures.get(study.study_uid, 0) > 0:
+            failures[study.study_uid] -= 1
+            raise ConnectionError("queue unreachable")
+        routed.append(study.study_uid)
+
+    monitor = CompletionMonitor(index, quiet_s=0.01, on_complete=route, retry_after_s=0.05)
+    time.sleep(0.05)
+    with structlog.testing.capture_logs() as events:
+        assert len(monitor.check_now()) == 2
+    assert routed == [second.StudyInstanceUID]
+    assert [e["event"] for e in events].count("study.handover_failed") == 1
+    time.sleep(0.1)
+    monitor.check_now()
+    assert routed == [second.StudyInstanceUID, first.StudyInstanceUID]
+    monitor.check_now()
+    assert len(routed) == 2  # routed once each
