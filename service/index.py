@@ -146,12 +146,13 @@ class StudyIndex:
 
     # -- receive path ---------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        """The spool file of a stored instance, or None if it was never stored."""
         with self._lock:
             row = self._db.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchone()
-        return row is not None
+        return None if row is None else str(row[0])
 
     def study_bytes(self, study_uid: str) -> int:
         """Bytes of the study's stored instances (spool files, file meta included)."""

@@ -10,6 +10,8 @@ its own status and one log line that says what the operator can do, and is count
 
 from __future__ import annotations
 
+import os
+
 import structlog
 
 from dicom_nodes.scp import ReceivedInstance
@@ -108,7 +110,8 @@ class Ingest:
     def _store(self, instance: ReceivedInstance) -> StoreStatus:
         sop_instance_uid = require_uid(instance.sop_instance_uid, "Affected SOP Instance UID")
         require_uid(instance.sop_class_uid, "Affected SOP Class UID")
-        if self._index.has_instance(sop_instance_uid):
+        known = self._index.instance_path(sop_instance_uid)
+        if known is not None and os.path.exists(known):
             reopened = self._index.touch_study_of(sop_instance_uid)
             log.debug("instance.duplicate", peer_ae=instance.calling_ae)
             if reopened:
@@ -129,6 +132,10 @@ class Ingest:
             sending_ae=instance.calling_ae,
         )
         size = self._spool.write(target, meta, instance.dataset)
+        if known is not None:
+            # Indexed, but its file was gone (an operator removed the study's folder):
+            # acknowledged as a duplicate it would have been lost (found by review).
+            log.info("instance.restored", study=study_key(header.study_uid))
         stored = StoredInstance(
             header=header,
             path=str(target),

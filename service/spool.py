@@ -119,7 +119,14 @@ class Spool:
                 handle.write(dataset)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(partial, target)
+            try:
+                os.replace(partial, target)
+            except FileNotFoundError:
+                # its folder was removed since this process made it (an operator
+                # deleted the study): make it again, once
+                self._known_dirs.discard(target.parent)
+                self._ensure_dir(target.parent)
+                os.replace(partial, target)
             _fsync_dir(target.parent)
         except OSError as exc:
             partial.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -304,3 +305,23 @@ def test_a_failed_handover_neither_blocks_other_studies_nor_is_lost(parts) -> No
     assert routed == [second.StudyInstanceUID, first.StudyInstanceUID]
     monitor.check_now()
     assert len(routed) == 2  # routed once each
+
+
+def test_an_instance_whose_spool_file_was_removed_is_stored_again(parts) -> None:
+    """An operator removed a study's spool folder and the PACS sends it again: the
+    known instance was acknowledged as a duplicate but not stored, a new one failed
+    with A700 'free disk space' (the folder was remembered as made; found by review)."""
+    spool, index, ingest = parts
+    ds = ct_small()
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    (path,) = index.instance_paths(ds.SeriesInstanceUID)
+    shutil.rmtree(spool.root / ds.StudyInstanceUID)
+
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    assert Path(path).is_file()
+    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    newer = ct_small()
+    newer.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(newer)) == StoreStatus.SUCCESS
+    study = index.study(ds.StudyInstanceUID)
+    assert study is not None and study.instance_count == 2
