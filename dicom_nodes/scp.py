@@ -428,9 +428,16 @@ class StorageSCP:
         finishes before the caller closes the index."""
         servers = [server for server in (self._tls_server, self._server) if server is not None]
         self._server = self._tls_server = None
-        open_associations = [a for server in servers for a in server.active_associations]
+        accepted = [a for server in servers for a in server.active_associations]
+        # Only established associations can be storing; a connection still waiting for
+        # its A-ASSOCIATE-RQ (a port probe) is closed and not waited for (its thread
+        # waits out the ACSE timeout whatever is done to it).
+        open_associations = [a for a in accepted if a.is_established]
         for server in servers:
             server.shutdown()
+        for assoc in accepted:
+            if not assoc.is_established:
+                _shut_down_connection(assoc)
         for assoc in open_associations:
             assoc.abort(block=False)  # queued for each DUL: all at once, not in turn
         deadline = time.monotonic() + grace_s
