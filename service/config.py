@@ -23,7 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from dicom_nodes.policy import ae_title_problem, network_problem
 from service.dicom_delivery import DicomDestinationSettings
@@ -274,6 +279,10 @@ def load_settings(path: Path | None = None) -> Settings:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from exc
+    except SettingsError as exc:
+        # a RADNODE_* variable that must hold JSON (lists, routes, destinations) does not
+        # (found by review: a traceback instead of one line)
+        raise ConfigError([f"environment: {exc}; lists and tables are given as JSON"]) from exc
     if "routes" not in settings.model_fields_set:
         # No routes configured (file or environment): the reference bundles' routes.
         settings = settings.model_copy(update={"routes": reference_routes(settings.models.dir)})

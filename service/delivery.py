@@ -50,6 +50,7 @@ from typing import Literal, Protocol
 import structlog
 
 from service.errors import RadnodeError
+from service.metrics import Metrics
 
 log = structlog.get_logger("service.delivery")
 
@@ -474,9 +475,11 @@ class DeliveryWorker:
         *,
         poll_interval_s: float = 1.0,
         lease_s: float = 300.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.outbox = outbox
         self.targets = dict(targets)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self._stop = threading.Event()
@@ -558,8 +561,7 @@ class DeliveryWorker:
         target = self.targets.get(item.destination)
         if target is None:
             reason = f"destination {item.destination!r} is not configured"
-            self.outbox.mark_dead(item.id, error=reason)
-            log.error(f"{item.kind}.dead_letter", reason=reason, **ids)
+            self._dead(item, reason, ids)
             return True
         try:
             outcome = target.deliverer.deliver(item)
@@ -568,18 +570,30 @@ class DeliveryWorker:
             log.exception(f"{item.kind}.deliverer_error", **ids)
         if outcome.status is OutcomeStatus.DELIVERED:
             self.outbox.mark_sent(item.id)
+            self.metrics.delivery(item.destination, "delivered")
             log.info(f"{item.kind}.sent", **ids)
             return True
         if outcome.status is OutcomeStatus.REJECTED:
-            self.outbox.mark_dead(item.id, error=outcome.reason)
-            log.error(f"{item.kind}.dead_letter", reason=_clip(outcome.reason), **ids)
+            self._dead(item, outcome.reason, ids)
             return True
         if item.attempts >= target.policy.max_attempts:
-            error = f"gave up after {item.attempts} attempts: {outcome.reason}"
-            self.outbox.mark_dead(item.id, error=error)
-            log.error(f"{item.kind}.dead_letter", reason=_clip(error), **ids)
+            self._dead(item, f"gave up after {item.attempts} attempts: {outcome.reason}", ids)
             return True
         delay = target.policy.delay_s(item.attempts)
         self.outbox.mark_retry(item.id, error=outcome.reason, delay_s=delay)
+        self.metrics.delivery(item.destination, "retry")
         log.warning(f"{item.kind}.retry", reason=_clip(outcome.reason), retry_in_s=delay, **ids)
         return False
+
+    def _dead(self, item: Delivery, reason: str, ids: dict[str, object]) -> None:
+        """Give a delivery up: dead-lettered, counted (radnode_dead_letters_total, which
+        the documented alert watches; found by review: never counted) and logged."""
+        self.outbox.mark_dead(item.id, error=reason)
+        self.metrics.delivery(item.destination, "failed")
+        self.metrics.dead_letter(item.destination)
+        log.error(
+            f"{item.kind}.dead_letter",
+            reason=_clip(reason),
+            action="fix the destination (see reason), then resend: POST /api/jobs/<job>/retry",
+            **ids,
+        )

@@ -91,6 +91,22 @@ class ReceiveCounter(Protocol):
 JobCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 
+def _or_nan(read: Callable[[], float], metric: str) -> float:
+    """A gauge's value read at scrape time, NaN when it cannot be read: a queue that is
+    unreachable must not fail the whole scrape (found by review: /metrics answered
+    500 while Redis was down, so every other series went stale with it)."""
+    try:
+        return float(read())
+    except Exception as exc:
+        log.warning(
+            "metrics.read_failed",
+            metric=metric,
+            reason=type(exc).__name__,
+            action="check the queue (queue.url); the other metrics were served",
+        )
+        return math.nan
+
+
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)} (got {value!r})")
@@ -229,7 +245,7 @@ class Metrics:
             registry=r,
         )
         if queue_depth is not None:
-            self.queue_depth.set_function(lambda: float(queue_depth()))
+            self.queue_depth.set_function(lambda: _or_nan(queue_depth, "radnode_queue_depth"))
         if job_counts is not None:
             r.register(_JobCountsCollector(job_counts))
 

@@ -95,6 +95,7 @@ class Node:
             },
             poll_interval_s=1.0,
             lease_s=300,
+            metrics=self.metrics,
         )
         self.tracker = JobTracker(
             settings, self.index, self.queue, self.outbox, on_delivery=self.delivery.wake

@@ -105,3 +105,17 @@ def test_config_check_command(tmp_path: Path) -> None:
     )
     assert failed.returncode == 2
     assert "node.port" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RADNODE_NODE__ALLOWED_CALLING_AETS", "PACS"), ("RADNODE_ROUTES", '[{"name": "x", ')],
+)
+def test_an_environment_value_that_is_not_json_is_one_clear_problem(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Lists and tables come as JSON in the environment; anything else was a pydantic
+    traceback (found by review)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match="given as JSON"):
+        load_settings()

@@ -30,6 +30,7 @@ from service.delivery import (
     UnknownDelivery,
 )
 from service.hl7 import Hl7Deliverer, Hl7DestinationSettings, MllpClient, MllpError, parse_ack
+from service.metrics import Metrics
 from service.pipeline.result import (
     BundleIdentity,
     CodedConcept,
@@ -115,6 +116,36 @@ def test_retry_then_dead_after_the_last_attempt(tmp_path: Path) -> None:
     dead = outbox.get(item.id)
     assert (dead.state, dead.attempts) == (DeliveryState.DEAD, 3)
     assert dead.last_error == "gave up after 3 attempts: AE: busy"
+
+
+def test_the_worker_counts_every_try_and_dead_letter(tmp_path: Path) -> None:
+    """radnode_deliveries_total / radnode_dead_letters_total come from the worker's
+    tries (found by review: nothing called them, so the dead-letter alert never
+    fired)."""
+    metrics = Metrics()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    enqueue(outbox)
+    enqueue(outbox, destination="pacs")
+    worker = DeliveryWorker(
+        outbox,
+        {
+            "ris": DeliveryTarget(Scripted(DeliveryOutcome.retry("AE: busy")), RetryPolicy(2, 0)),
+            "pacs": DeliveryTarget(Scripted(DeliveryOutcome.delivered()), RetryPolicy(2, 0)),
+        },
+        metrics=metrics,
+    )
+    worker.run_once()
+    worker.run_once()
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    tries = "radnode_deliveries_total"
+    assert sample(tries, destination="ris", outcome="retry") == 1
+    assert sample(tries, destination="ris", outcome="failed") == 1
+    assert sample(tries, destination="pacs", outcome="delivered") == 1
+    assert sample("radnode_dead_letters_total", destination="ris") == 1
+    assert sample("radnode_dead_letters_total", destination="pacs") == 0
 
 
 def test_rejected_is_dead_at_once_and_an_operator_can_resend_it(tmp_path: Path) -> None:

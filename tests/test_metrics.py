@@ -206,6 +206,14 @@ def test_job_counts_are_read_at_scrape_and_a_failing_source_spares_the_rest(
     assert "radnode_instances_received_total" in text
     assert "radnode_jobs{" not in text
 
+    def unreachable() -> int:
+        raise ConnectionError("Redis is down")
+
+    # review: the queue-depth gauge raised through the scrape, /metrics answered 500
+    text = Metrics(queue_depth=unreachable).exposition().decode()
+    assert "radnode_queue_depth NaN" in text
+    assert "radnode_instances_received_total" in text
+
 
 def test_disk_free_is_read_at_scrape_and_nan_when_the_data_dir_is_gone(tmp_path: Path) -> None:
     assert value(Metrics(data_dir=tmp_path), "radnode_disk_free_bytes") > 0

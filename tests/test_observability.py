@@ -38,3 +38,24 @@ def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
     assert line["category"] == "FutureWarning"
     assert line["message"] == "value '<redacted>' is deprecated"
     assert "DOE" not in done.stdout
+
+
+def test_highdicom_info_lines_naming_instances_are_not_logged() -> None:
+    """highdicom logs every attribute it copies at INFO with the source instance's UID
+    (found by review: 67 lines a job); it is kept at WARNING, quoted values redacted."""
+    script = textwrap.dedent(
+        """
+        import logging
+        from service.observability import configure_logging
+        configure_logging("debug")
+        logging.getLogger("highdicom.base").info('copy attributes from dataset "1.2.3.4"')
+        logging.getLogger("highdicom.seg").warning('odd value "1.2.3.4" in dataset')
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["level"] for line in lines] == ["warning"]
+    assert "1.2.3.4" not in done.stdout
