@@ -9,6 +9,7 @@ once, one line each, naming its key, so an operator fixes the file in one pass.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -260,6 +261,23 @@ def _format_validation_error(error: ValidationError) -> list[str]:
     return problems
 
 
+def _unknown_environment_names() -> list[str]:
+    """``RADNODE_*`` variables that name no setting. pydantic-settings ignores them, so
+    a misspelling (``RADNODE_NODE_PORT``, one underscore) went unnoticed and the
+    default was used (found by review)."""
+    problems = []
+    for name in sorted(os.environ):
+        if not name.startswith("RADNODE_"):
+            continue
+        section = name[len("RADNODE_") :].split("__", 1)[0].lower()
+        if section not in Settings.model_fields:
+            problems.append(
+                f"environment: {name} names no setting (sections: "
+                f"{', '.join(sorted(Settings.model_fields))}; nested keys after '__')"
+            )
+    return problems
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read defaults, the TOML file at ``path`` (if any) and the environment.
 
@@ -267,6 +285,9 @@ def load_settings(path: Path | None = None) -> Settings:
     bundles installed in ``models.dir`` apply (:mod:`service.reference_routes`).
     Raises :class:`ConfigError` listing every problem found.
     """
+    unknown = _unknown_environment_names()
+    if unknown:
+        raise ConfigError(unknown)
     data: dict[str, Any] = {}
     if path is not None:
         try:

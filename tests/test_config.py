@@ -119,3 +119,11 @@ def test_an_environment_value_that_is_not_json_is_one_clear_problem(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match="given as JSON"):
         load_settings()
+
+
+def test_a_misspelled_environment_variable_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RADNODE_NODE_PORT (one underscore) was silently ignored and the default port
+    used (found by review)."""
+    monkeypatch.setenv("RADNODE_NODE_PORT", "11112")
+    with pytest.raises(ConfigError, match="RADNODE_NODE_PORT names no setting"):
+        load_settings()
