@@ -219,7 +219,7 @@ def answer_directly(assoc: Any) -> None:
     pynetdicom's ``send_msg`` as before.
     """
     dul = assoc.dul
-    sock = dul.socket.socket if dul.socket is not None else None
+    sock = reactor.connection_of(assoc)
     if not isinstance(dul, reactor.EventDrivenDUL) or sock is None or reactor.is_tls(sock):
         return
     dimse = assoc.dimse

@@ -238,6 +238,11 @@ class EventDrivenDUL(DULServiceProvider):
                 end.close()
 
 
+def connection_of(assoc: Any) -> socket.socket | None:
+    """The association's TCP (or TLS) socket; None before it connects or once closed."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
 def is_tls(sock: socket.socket) -> bool:
     """Whether the connection speaks TLS (OpenSSL then owns its reads and writes)."""
     return isinstance(sock, ssl.SSLSocket)

@@ -570,7 +570,7 @@ class StorageSCP:
 
 def _shut_down_connection(assoc: Association) -> None:
     """Shut the association's TCP connection: a read blocked in it returns at once."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = reactor.connection_of(assoc)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -578,7 +578,7 @@ def _shut_down_connection(assoc: Association) -> None:
 
 def _tls_fields(assoc: Association) -> dict[str, Any]:
     """TLS version, cipher and the peer certificate's subject CN of an association."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = reactor.connection_of(assoc)
     if not isinstance(sock, ssl.SSLSocket):
         return {"tls": False}
     fields: dict[str, Any] = {"tls": True, "tls_version": sock.version()}

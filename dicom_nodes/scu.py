@@ -216,7 +216,7 @@ def _tune_socket(event: evt.Event) -> None:
     waiting for the peer's answer, so a peer that stopped reading mid-file held the
     sender forever (found by review); now the write fails, the association is aborted
     and the delivery retried."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    sock = reactor.connection_of(event.assoc)
     if sock is None:
         return
     with contextlib.suppress(OSError):
