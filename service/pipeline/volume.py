@@ -688,7 +688,7 @@ def _frame_header(
     position_ds, orientation_ds, measures_ds, rescale_ds = geometry
     position = _floats(position_ds, "ImagePositionPatient", 3)
     pixel_spacing, spacing_source = _pixel_spacing(measures_ds)
-    stored_range = _stored_range(int(instance.BitsStored), int(instance.PixelRepresentation))
+    value_range = stored_range(int(instance.BitsStored), int(instance.PixelRepresentation))
     slope = _number(rescale_ds, "RescaleSlope")
     intercept = _number(rescale_ds, "RescaleIntercept")
     planned = PlannedFrame(
@@ -702,7 +702,7 @@ def _frame_header(
         instance_number=_instance_number(instance),
         slope=1.0 if slope is None else slope,
         intercept=0.0 if intercept is None else intercept,
-        stored_range=stored_range,
+        stored_range=value_range,
         invert=_text(instance, "PhotometricInterpretation").upper() == "MONOCHROME1",
     )
     return _FrameHeader(
@@ -716,8 +716,9 @@ def _frame_header(
     )
 
 
-def _stored_range(bits_stored: int, pixel_representation: int) -> tuple[int, int]:
-    """The values BitsStored bits can hold, two's complement when PixelRepresentation is 1."""
+def stored_range(bits_stored: int, pixel_representation: int) -> tuple[int, int]:
+    """The values BitsStored bits can hold, two's complement when PixelRepresentation is 1
+    (also what the derived-series writer encodes back into)."""
     if pixel_representation == 1:
         return -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
     return 0, 2**bits_stored - 1

@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from service.pipeline.result import PipelineResult
-from service.pipeline.volume import Volume
+from service.pipeline.volume import Volume, stored_range
 from service.writers.provenance import (
     CHARACTER_SET,
     MANUFACTURER,
@@ -120,7 +120,7 @@ def iter_derived_series(
     series_uid, description = info.series_uid, info.description
     derivation = clip_lo(f"{provenance.name} {provenance.version} (AI)")[:64]
     now = datetime.now()
-    created = {"date": now.strftime("%Y%m%d"), "time": now.strftime("%H%M%S")}
+    created_date, created_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for k, source in enumerate(source_headers):
         if int(source.get("NumberOfFrames", 1) or 1) > 1:
             raise ValueError("derived series are written for single-frame sources only")
@@ -148,8 +148,8 @@ def iter_derived_series(
         ]
         # This image, series and equipment are radnode's, made now; acquisition
         # date/time stay the source's (found by review: all were the source's).
-        ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created["date"]
-        ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created["time"]
+        ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created_date
+        ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created_time
         ds.Manufacturer = MANUFACTURER
         ds.ManufacturerModelName = provenance.model_name
         ds.SoftwareVersions = provenance.software_versions
@@ -184,10 +184,7 @@ def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
     bits_allocated = int(header.BitsAllocated)
     bits_stored = int(header.get("BitsStored", bits_allocated))
     signed = int(header.get("PixelRepresentation", 0)) == 1
-    if signed:
-        low, high = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
-    else:
-        low, high = 0, 2**bits_stored - 1
+    low, high = stored_range(bits_stored, int(signed))
     values = np.rint((pixels.astype(np.float32, copy=False) - np.float32(intercept)) / slope)
     if str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         values = np.float32(low + high) - values
