@@ -265,15 +265,17 @@ def _unknown_environment_names() -> list[str]:
     """``RADNODE_*`` variables that name no setting. pydantic-settings ignores them, so
     a misspelling (``RADNODE_NODE_PORT``, one underscore) went unnoticed and the
     default was used (found by review)."""
+    prefix = str(Settings.model_config["env_prefix"])
+    delimiter = str(Settings.model_config["env_nested_delimiter"])
     problems = []
     for name in sorted(os.environ):
-        if not name.startswith("RADNODE_"):
+        if not name.startswith(prefix):
             continue
-        section = name[len("RADNODE_") :].split("__", 1)[0].lower()
+        section = name[len(prefix) :].split(delimiter, 1)[0].lower()
         if section not in Settings.model_fields:
             problems.append(
                 f"environment: {name} names no setting (sections: "
-                f"{', '.join(sorted(Settings.model_fields))}; nested keys after '__')"
+                f"{', '.join(sorted(Settings.model_fields))}; nested keys after '{delimiter}')"
             )
     return problems
 
