@@ -79,8 +79,8 @@ def _segmentation(volume: Volume) -> PipelineResult:
     )
 
 
-def _classification(probability: float) -> PipelineResult:
-    heatmap = np.zeros((1, 512, 512), dtype=np.float32)
+def _classification(probability: float, size: int = 512) -> PipelineResult:
+    heatmap = np.zeros((1, size, size), dtype=np.float32)
     heatmap[0, 150:250, 300:400] = 0.9
     return PipelineResult(
         bundle=BundleIdentity("cxr_nodule_classification", "0.1.0", TaskKind.CLASSIFICATION),
@@ -92,13 +92,13 @@ def _classification(probability: float) -> PipelineResult:
     )
 
 
-def _reconstruction(volume: Volume) -> PipelineResult:
+def _reconstruction(volume: Volume, scale: float = 0.5) -> PipelineResult:
     return PipelineResult(
         bundle=BundleIdentity("ct_lowdose_denoising", "0.1.0", TaskKind.RECONSTRUCTION),
         labels=(),
         device="cpu",
         timings=StageTimings(),
-        image=(volume.array.astype(np.float32) * 0.5),
+        image=(volume.array.astype(np.float32) * scale),
     )
 
 
@@ -373,14 +373,8 @@ def test_a_derived_monochrome1_image_keeps_its_source_stored_values(tmp_path):
     )
     volume = load_series([source_path])
     assert volume.inverted_monochrome1
-    result = PipelineResult(
-        bundle=BundleIdentity("identity", "0.1.0", TaskKind.RECONSTRUCTION),
-        labels=(),
-        device="cpu",
-        timings=StageTimings(),
-        image=volume.array.astype(np.float32),
-    )
-    paths = write_dicom_results(result, volume, read_headers([source_path]), tmp_path / "out")
+    identity = _reconstruction(volume, scale=1.0)
+    paths = write_dicom_results(identity, volume, read_headers([source_path]), tmp_path / "out")
     (derived,) = [d for d in map(pydicom.dcmread, paths) if d.Modality != "SR"]
     source = pydicom.dcmread(source_path)
     assert derived.PhotometricInterpretation == "MONOCHROME1"
@@ -398,15 +392,7 @@ def test_secondary_captures_carry_the_sources_whole_patient_and_study_modules(tm
     path = tmp_path / "xr-full.dcm"
     source.save_as(path, enforce_file_format=True)
     volume, headers = load_series([path]), read_headers([path])
-    heatmap = np.zeros((1, 256, 256), dtype=np.float32)
-    result = PipelineResult(
-        bundle=BundleIdentity("cxr_nodule_classification", "0.1.0", TaskKind.CLASSIFICATION),
-        labels=(NODULE,),
-        device="cpu",
-        timings=StageTimings(),
-        probabilities=(0.9,),
-        heatmap=heatmap,
-    )
+    result = _classification(0.9, size=256)
     written = [pydicom.dcmread(p) for p in write_dicom_results(result, volume, headers, tmp_path)]
     (sc,) = [ds for ds in written if ds.Modality == "OT"]
     for keyword in ("IssuerOfPatientID", "StudyDescription", "PatientAge", "PatientID"):
