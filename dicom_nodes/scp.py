@@ -5,6 +5,11 @@ The SCP binds C-ECHO and C-STORE, hands the received bytes of each instance to o
 data and never decides what "stored" means: the receiver does, and only answers
 Success once the instance is durable.
 
+C-STOREs are served on each association's DUL thread as their PDUs arrive
+(:mod:`dicom_nodes.inline_store`: no hand-over to pynetdicom's DIMSE layer and
+association thread); C-ECHO, and a C-STORE the inline reader does not take, go
+through pynetdicom's event handlers as before, to the same receiver.
+
 One log event per association state change (opened, rejected, closed) carries the
 peer AE title, address, instance and byte counts and the duration; instances
 themselves are logged by the receiver, which knows which study they belong to.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import socket
 import ssl
 import threading
@@ -42,7 +48,9 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_nodes import c_store, reactor
+from dicom_nodes import reactor
+from dicom_nodes.c_store import StoreRequest
+from dicom_nodes.inline_store import InlineStoreReader
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
 from dicom_nodes.tls import describe_handshake_error, server_context
@@ -456,15 +464,40 @@ class StorageSCP:
         return EchoStatus.SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        """A C-STORE that came through pynetdicom: one the inline reader left to it
+        (see :mod:`dicom_nodes.inline_store`), or on an association without one."""
         request: Any = event.request
-        assoc: Association = event.assoc
+        return self._store(
+            event.assoc,
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax),
+            request.DataSet.getvalue(),
+        )
+
+    def _store_inline(
+        self, assoc: Association, request: StoreRequest, context: PresentationContext, data: bytes
+    ) -> int:
+        """A C-STORE served by the association's inline reader, on its DUL thread."""
+        (transfer_syntax,) = context.transfer_syntax
+        return self._store(
+            assoc, request.sop_class_uid, request.sop_instance_uid, str(transfer_syntax), data
+        )
+
+    def _store(
+        self,
+        assoc: Association,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        data_set: bytes,
+    ) -> int:
         requestor = assoc.requestor
-        stream = request.DataSet.getvalue()
         instance = ReceivedInstance(
-            sop_class_uid=str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            dataset=stream,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            dataset=data_set,
             calling_ae=requestor.ae_title.strip(),
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_address=str(requestor.address),
@@ -477,19 +510,35 @@ class StorageSCP:
             # and the association (and every other one) keeps being served.
             log.exception("store.unexpected_error", action="report this as a bug")
             status = StoreStatus.PROCESSING_FAILURE
-        stats = self._stats.get(id(assoc))
-        if stats is not None:
-            if status == StoreStatus.SUCCESS:
-                stats.instances += 1
-                stats.bytes += len(stream)
-            else:
-                stats.failures += 1
+        stats = self._stats_of(assoc)
+        if status == StoreStatus.SUCCESS:
+            stats.instances += 1
+            stats.bytes += len(data_set)
+        else:
+            stats.failures += 1
         return int(status)
+
+    def _stats_of(self, assoc: Association) -> _AssociationStats:
+        """The association's counts, made by whichever comes first: EVT_ESTABLISHED on
+        the association thread or the first store on the DUL thread."""
+        with self._stats_lock:
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                requestor = assoc.requestor
+                stats = _AssociationStats(
+                    calling_ae=requestor.ae_title.strip(), address=str(requestor.address)
+                )
+                self._stats[id(assoc)] = stats
+            return stats
 
     def _on_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ received: refuse peers outside the address allowlist."""
         assoc: Association = event.assoc
         if self._policy.address_allowed(str(assoc.requestor.address)):
+            if isinstance(assoc.dul, reactor.EventDrivenDUL):  # before any P-DATA
+                assoc.dul.p_data_reader = InlineStoreReader(
+                    assoc, functools.partial(self._store_inline, assoc)
+                )
             return
         # PS3.8 has no reason code for addresses: rejected-permanent, service-user,
         # "no reason given" -- the peer learns nothing about the list.
@@ -498,13 +547,7 @@ class StorageSCP:
         assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        stats = _AssociationStats(
-            calling_ae=requestor.ae_title.strip(), address=str(requestor.address)
-        )
-        with self._stats_lock:
-            self._stats[id(event.assoc)] = stats
-        c_store.answer_directly(event.assoc)
+        stats = self._stats_of(event.assoc)
         log.info(
             "association.opened",
             peer_ae=stats.calling_ae,

@@ -24,7 +24,6 @@ from pynetdicom.dsutils import encode
 
 from dicom_nodes.c_store import (
     PRIORITY_MEDIUM,
-    _is_plain_c_store_rsp,
     encode_c_store_rq,
     encode_c_store_rsp,
     fragment_size,
@@ -90,16 +89,6 @@ def test_response_command_set_is_what_pynetdicom_encodes(sop_instance, message_i
     message.primitive_to_message(_pynetdicom_response(sop_class, sop_instance, message_id, status))
     expected = encode(message.command_set, True, True)
     assert encode_c_store_rsp(sop_class, sop_instance, message_id, status) == expected
-
-
-def test_responses_with_a_comment_are_left_to_pynetdicom():
-    sop_class = "1.2.840.10008.5.1.4.1.1.2"
-    assert _is_plain_c_store_rsp(_pynetdicom_response(sop_class, "1.2.3", 1, 0x0000))
-    commented = _pynetdicom_response(sop_class, "1.2.3", 1, 0xC000, ErrorComment="bad")
-    assert not _is_plain_c_store_rsp(commented)
-    request = C_STORE()  # no Message ID Being Responded To: a request
-    request.MessageID = 1
-    assert not _is_plain_c_store_rsp(request)
 
 
 class _FixedStatus:
@@ -210,7 +199,7 @@ def test_a_command_larger_than_the_peers_pdu_is_fragmented(tmp_path):
 
     def write_request(sock: socket.socket) -> None:
         with data.open("rb") as stream:
-            c_store._write_command(sock, 5, command, size=40)
+            c_store.write_command(sock, 5, command, size=40)
             c_store._write_file(sock, 5, stream, 0, 25, size=40)
 
     pdus = _written_pdus(write_request)

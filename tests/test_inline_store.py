@@ -1,0 +1,318 @@
+"""C-STORE served on the DUL thread (dicom_nodes.inline_store).
+
+* The reader's PDV bookkeeping, PDU by PDU: a C-STORE taken whole (its fragments in
+  one PDU or spread over several), everything else handed to pynetdicom unchanged and
+  in order, a broken C-STORE message refused. The association around the reader is a
+  small stand-in here (accepted contexts, the peer's maximum PDU, a socket pair for the
+  response); the tests below it use real peers.
+* With pynetdicom as the peer: C-ECHO and C-STORE interleaved on one association; a
+  C-STORE under a context negotiated for another SOP class still served (by
+  pynetdicom's path, as before); a peer that breaks a C-STORE message is aborted with a
+  log line and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+import structlog
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+from dicom_nodes import c_store, reactor
+from dicom_nodes.c_store import decode_command, encode_c_store_rq
+from dicom_nodes.inline_store import InlineStoreReader
+from dicom_nodes.policy import AssociationPolicy
+from dicom_nodes.scp import StorageSCP
+from service.testing import write_ct_series
+
+CT = str(CTImageStorage)
+CONTROL_DATA, CONTROL_COMMAND, CONTROL_DATA_LAST, CONTROL_COMMAND_LAST = 0, 1, 2, 3
+
+
+def _pdv(context_id: int, control: int, value: bytes) -> bytes:
+    return struct.pack(">IBB", len(value) + 2, context_id, control) + value
+
+
+def _pdu(*pdvs: bytes) -> bytearray:
+    body = b"".join(pdvs)
+    return bytearray(struct.pack(">BBI", 0x04, 0, len(body)) + body)
+
+
+def _echo_command(message_id: int) -> bytes:
+    """A C-ECHO-RQ command set (PS3.7 9.3.5.1), no data set."""
+    elements = [
+        (0x0002, str(Verification).encode() + b"\0"),
+        (0x0100, struct.pack("<H", 0x0030)),
+        (0x0110, struct.pack("<H", message_id)),
+        (0x0800, struct.pack("<H", 0x0101)),
+    ]
+    body = b"".join(struct.pack("<HHI", 0, tag, len(v)) + v for tag, v in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+class _Association:
+    """What the reader uses of an association: its accepted contexts, the peer's
+    maximum PDU, and direct writes (here into a socket pair the test reads)."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.settimeout(5)
+        self.accepted_contexts = [
+            SimpleNamespace(context_id=1, abstract_syntax=CT),
+            SimpleNamespace(context_id=3, abstract_syntax=str(Verification)),
+        ]
+        self.dimse = SimpleNamespace(maximum_pdu_size=16384)
+        self.dul = SimpleNamespace(direct_writes=self._direct_writes)
+
+    @contextlib.contextmanager
+    def _direct_writes(self) -> Iterator[socket.socket]:
+        yield self.ours
+
+    def response(self) -> dict[int, bytes]:
+        """The command elements of the one response PDU written."""
+        header = self.theirs.recv(6)
+        (length,) = struct.unpack(">I", header[2:])
+        body = b""
+        while len(body) < length:
+            body += self.theirs.recv(length - len(body))
+        assert body[5] == CONTROL_COMMAND_LAST  # one PDV: the whole command, last
+        elements = decode_command(body[6:])
+        assert elements is not None
+        return elements
+
+
+@pytest.fixture
+def stores() -> tuple[InlineStoreReader, _Association, list[tuple]]:
+    assoc = _Association()
+    served: list[tuple] = []
+
+    def handler(request, context, data_set: bytes) -> int:
+        served.append((request, context.context_id, data_set))
+        return 0xB000  # a status the response must carry through
+
+    return InlineStoreReader(assoc, handler), assoc, served
+
+
+def test_a_store_spread_over_pdus_is_served_whole_and_answered(stores):
+    reader, assoc, served = stores
+    command = encode_c_store_rq(CT, "1.2.3.4", 7)
+    assert reader(_pdu(_pdv(1, CONTROL_COMMAND, command[:10]))) == []
+    assert reader(_pdu(_pdv(1, CONTROL_COMMAND_LAST, command[10:]))) == []
+    assert reader(_pdu(_pdv(1, CONTROL_DATA, b"ab"), _pdv(1, CONTROL_DATA, b"cd"))) == []
+    assert served == []  # not before the last fragment
+    assert reader(_pdu(_pdv(1, CONTROL_DATA_LAST, b"ef"))) == []
+    ((request, context_id, data_set),) = served
+    assert (request.sop_class_uid, request.sop_instance_uid, request.message_id) == (
+        CT,
+        "1.2.3.4",
+        7,
+    )
+    assert (context_id, data_set) == (1, b"abcdef")
+    response = assoc.response()
+    assert struct.unpack("<H", response[0x0100]) == (0x8001,)  # C-STORE-RSP
+    assert struct.unpack("<H", response[0x0120]) == (7,)  # answers Message ID 7
+    assert struct.unpack("<H", response[0x0900]) == (0xB000,)  # the handler's status
+    assert response[0x1000].rstrip(b"\0") == b"1.2.3.4"
+
+
+def test_command_and_data_set_in_one_pdu(stores):
+    reader, assoc, served = stores
+    pdu = _pdu(
+        _pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.3.5", 1)),
+        _pdv(1, CONTROL_DATA_LAST, b"whole"),
+    )
+    assert reader(pdu) == []
+    assert [s[2] for s in served] == [b"whole"]
+    assert struct.unpack("<H", assoc.response()[0x0120]) == (1,)
+
+
+def test_an_echo_goes_to_pynetdicom_unchanged_and_the_next_store_is_served(stores):
+    reader, _, served = stores
+    echo = _pdu(_pdv(3, CONTROL_COMMAND_LAST, _echo_command(2)))
+    assert reader(echo) == [bytes(echo)]
+    reader(_pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.3.6", 3))))
+    reader(_pdu(_pdv(1, CONTROL_DATA_LAST, b"xy")))
+    assert [s[2] for s in served] == [b"xy"]
+
+
+def test_a_store_under_another_classes_context_goes_to_pynetdicom_with_its_data(stores):
+    """Affected SOP Class MR under the CT context: pynetdicom's to judge, data set too."""
+    reader, _, served = stores
+    command = _pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(str(MRImageStorage), "9", 4)))
+    first, last = _pdu(_pdv(1, CONTROL_DATA, b"ab")), _pdu(_pdv(1, CONTROL_DATA_LAST, b"cd"))
+    assert [reader(p) for p in (command, first, last)] == [
+        [bytes(p)] for p in (command, first, last)
+    ]
+    reader(_pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.3.7", 5))))
+    reader(_pdu(_pdv(1, CONTROL_DATA_LAST, b"mine")))
+    assert [s[2] for s in served] == [b"mine"]  # the reader took up the next one
+
+
+def test_a_data_set_without_its_command_goes_to_pynetdicom(stores):
+    reader, _, served = stores
+    middle, last = _pdu(_pdv(1, CONTROL_DATA, b"ab")), _pdu(_pdv(1, CONTROL_DATA_LAST, b"cd"))
+    assert reader(middle) == [bytes(middle)]
+    assert reader(last) == [bytes(last)]
+    assert served == []
+
+
+def test_items_not_taken_are_passed_on_in_order_within_a_pdu(stores):
+    """A store's last fragment and an echo in one PDU: the echo alone goes on."""
+    reader, _, served = stores
+    reader(_pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.3.8", 6))))
+    echo = _pdv(3, CONTROL_COMMAND_LAST, _echo_command(7))
+    assert reader(_pdu(_pdv(1, CONTROL_DATA_LAST, b"zz"), echo)) == [bytes(_pdu(echo))]
+    assert [s[2] for s in served] == [b"zz"]
+
+
+@pytest.mark.parametrize(
+    "intruder",
+    [_pdv(1, CONTROL_COMMAND_LAST, b"\0" * 8), _pdv(3, CONTROL_DATA_LAST, b"xx")],
+    ids=["command inside the data set", "another context"],
+)
+def test_a_broken_store_message_is_refused(stores, intruder):
+    reader, _, served = stores
+    reader(_pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.3.9", 8))))
+    reader(_pdu(_pdv(1, CONTROL_DATA, b"ab")))
+    with pytest.raises(reactor.MessageStructureError):
+        reader(_pdu(intruder))
+    assert served == []
+
+
+def test_a_pdu_whose_items_do_not_add_up_is_left_to_pynetdicom_for_good(stores):
+    reader, _, served = stores
+    bad = _pdu(struct.pack(">IBB", 100, 1, CONTROL_COMMAND_LAST) + b"short")
+    assert reader(bad) == [bytes(bad)]
+    after = _pdu(_pdv(1, CONTROL_COMMAND_LAST, encode_c_store_rq(CT, "1.2.4", 9)))
+    assert reader(after) == [bytes(after)]
+    assert served == []
+
+
+# -- with pynetdicom as the peer --------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.instances: list[tuple[str, str, int]] = []
+
+    def store(self, instance):
+        self.instances.append(
+            (instance.sop_class_uid, instance.sop_instance_uid, len(instance.dataset))
+        )
+        return 0x0000
+
+
+@pytest.fixture
+def scp() -> Iterator[tuple[StorageSCP, _Recorder]]:
+    recorder = _Recorder()
+    node = StorageSCP(AssociationPolicy(ae_title="RADNODE"), recorder, host="127.0.0.1", port=0)
+    node.start()
+    yield node, recorder
+    node.stop()
+
+
+def _series(tmp_path: Path, slices: int = 2) -> list[pydicom.Dataset]:
+    files = write_ct_series(tmp_path / "ct", slices=slices, rows=32, columns=32)
+    return [pydicom.dcmread(f) for f in files]
+
+
+def _associate(port: int, *contexts: str):
+    ae = AE(ae_title="PACS")
+    for uid in contexts:
+        ae.add_requested_context(uid)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
+    assert assoc.is_established
+    return assoc
+
+
+@pytest.mark.integration
+def test_echo_and_store_interleave_on_one_association(scp, tmp_path):
+    node, recorder = scp
+    first, second = _series(tmp_path)
+    assoc = _associate(node.port, Verification, CTImageStorage)
+    try:
+        statuses = [
+            assoc.send_c_echo().Status,
+            assoc.send_c_store(first).Status,
+            assoc.send_c_echo().Status,
+            assoc.send_c_store(second).Status,
+        ]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0, 0, 0]
+    assert [uid for _, uid, _ in recorder.instances] == [
+        first.SOPInstanceUID,
+        second.SOPInstanceUID,
+    ]
+
+
+@pytest.mark.integration
+def test_a_store_under_another_classes_context_is_still_served(scp, tmp_path):
+    """The command names MR under the CT context: the reader leaves it to pynetdicom,
+    which serves it as it always did (and the receiver checks the data set)."""
+    node, recorder = scp
+    (instance,) = _series(tmp_path, slices=1)
+    instance.SOPClassUID = MRImageStorage
+    data_set = _encoded(instance)
+    assoc = _associate(node.port, CTImageStorage)
+    try:
+        (context,) = assoc.accepted_contexts
+        with reactor.reactor_paused(assoc):
+            answer = c_store.send_data_set(
+                assoc, context.context_id, data_set, MRImageStorage, instance.SOPInstanceUID, 1
+            )
+    finally:
+        assoc.release()
+    assert answer.code == 0x0000
+    assert recorder.instances == [(str(MRImageStorage), instance.SOPInstanceUID, len(data_set))]
+
+
+@pytest.mark.integration
+def test_a_peer_that_breaks_a_store_message_is_aborted(scp, tmp_path):
+    node, recorder = scp
+    assoc = _associate(node.port, CTImageStorage)
+    (context,) = assoc.accepted_contexts
+    command = encode_c_store_rq(CT, "1.2.3.10", 1)
+    with structlog.testing.capture_logs() as events:
+        with reactor.reactor_paused(assoc), assoc.dul.direct_writes() as sock:
+            c_store.write_command(sock, context.context_id, command, 16384)
+            c_store.write_command(sock, context.context_id, command, 16384)  # not data
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert assoc.is_aborted
+    assert recorder.instances == []
+    (logged,) = [e for e in events if e["event"] == "association.protocol_error"]
+    assert logged["peer_address"] == "127.0.0.1"
+    assert "command fragment" in logged["reason"]
+
+
+def _encoded(instance: pydicom.Dataset) -> bytes:
+    """The data set as sent on an Explicit VR Little Endian context (no file meta)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, instance)
+    return buffer.getvalue()
+
+
+def test_the_scp_installs_the_reader_before_the_association_is_accepted(scp):
+    """Installed on EVT_REQUESTED: a store sent at once after A-ASSOCIATE-AC cannot
+    reach pynetdicom's path first."""
+    node, _ = scp
+    assoc = _associate(node.port, Verification)
+    try:
+        (served,) = node._server.active_associations
+        assert isinstance(served.dul.p_data_reader, InlineStoreReader)
+    finally:
+        assoc.release()
