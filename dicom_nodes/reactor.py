@@ -154,6 +154,7 @@ class EventDrivenDUL(DULServiceProvider):
         #: :class:`dicom_nodes.inline_store.InlineStoreReader`). Set it before the
         #: association is accepted; called on this thread only.
         self.p_data_reader: Callable[[bytearray], list[bytes]] | None = None
+        self._response_awaited = threading.Event()
 
     def _poke(self) -> None:
         """Wake the DUL if it is (about to be) in ``select``; otherwise it looks at its
@@ -172,8 +173,21 @@ class EventDrivenDUL(DULServiceProvider):
                 pass
 
     def _is_transport_event(self) -> bool:
+        if self.state_machine.current_state == "Sta5" and not self._response_awaited.is_set():
+            # Requestor, A-ASSOCIATE-RQ sent: pynetdicom's ACSE thread checks the
+            # socket is connected and only then waits for the answer. An A-ASSOCIATE-RJ
+            # read before that check closes the connection, and the check then took the
+            # rejection for a failed connect and aborted (a loaded machine: ~1 in 400
+            # rejections; the peer's reason was lost). The answer is read once the ACSE
+            # waits for it.
+            self._response_awaited.wait(IDLE_WAIT_S)
+            return False
         self._wait_for_work()
         return super()._is_transport_event()
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        self._response_awaited.set()
+        return super().receive_pdu(wait, timeout)
 
     def _wait_for_work(self) -> None:
         """Block until the socket is readable, something is queued to send, or the

@@ -154,3 +154,30 @@ def test_whole_read_allocates_for_what_arrives_not_what_is_announced():
         tracemalloc.stop()
     assert got == bytearray(b"x" * 3000)
     assert peak < 8 * 1024 * 1024
+
+
+def test_a_rejection_that_comes_at_once_is_seen_as_a_rejection():
+    """pynetdicom's requestor checks "connected" only after it sent its request; a
+    rejection read and the connection closed before that check was taken for a failed
+    connect and reported as an abort, the peer's reason lost (2-4 in 1500 rejections
+    on a loaded machine). The requestor's thread is held here right at that point
+    (its own EVT_REQUESTED handler) so the rejection surely comes first."""
+    reactor.install()
+    acceptor = AE(ae_title="RADNODE")
+    acceptor.add_supported_context(Verification)
+    acceptor.require_called_aet = True
+    port = free_port()
+    scp = acceptor.start_server(("127.0.0.1", port), block=False)
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="NOT-RADNODE",  # called AE title not recognised: rejected at once
+            evt_handlers=[(evt.EVT_REQUESTED, lambda event: time.sleep(0.3))],
+        )
+    finally:
+        scp.shutdown()
+    assert assoc.is_rejected and not assoc.is_aborted
+    assert assoc.acceptor.primitive.diagnostic == 0x07
