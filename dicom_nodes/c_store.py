@@ -148,8 +148,8 @@ def c_store_rq(elements: dict[int, bytes]) -> StoreRequest | None:
     try:
         (field,) = struct.unpack("<H", elements[0x0100])
         (message_id,) = struct.unpack("<H", elements[0x0110])
-        sop_class_uid = elements[0x0002].rstrip(b"\0 ").decode("ascii")
-        sop_instance_uid = elements[0x1000].rstrip(b"\0 ").decode("ascii")
+        sop_class_uid = elements[0x0002].strip(b"\0 ").decode("ascii")
+        sop_instance_uid = elements[0x1000].strip(b"\0 ").decode("ascii")
     except (KeyError, struct.error, UnicodeDecodeError):
         return None
     if field != _C_STORE_RQ or not data_set_follows(elements):

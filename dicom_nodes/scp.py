@@ -37,6 +37,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -56,6 +57,9 @@ from dicom_nodes.status import EchoStatus, StoreStatus
 from dicom_nodes.tls import describe_handshake_error, server_context
 
 log = structlog.get_logger("dicom_nodes.scp")
+
+#: How long an association's close line waits for a store in flight to be counted.
+_STORE_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -222,8 +226,13 @@ class SharedListeners:
 
 @dataclass
 class _AssociationStats:
+    """One accepted association's counts for its ``association.closed`` line."""
+
     calling_ae: str
     address: str
+    #: Held while a store runs (on the DUL thread): an abort from another thread (stop,
+    #: network timeout) logs the counts only once the store in flight is counted.
+    storing: threading.RLock = field(default_factory=threading.RLock, repr=False)
     started: float = field(default_factory=time.monotonic)
     instances: int = 0
     failures: int = 0
@@ -279,7 +288,10 @@ class StorageSCP:
         )
         self._server: _AssociationServer | None = None
         self._tls_server: _AssociationServer | None = None
-        self._stats: dict[int, _AssociationStats] = {}
+        # By association (weakly: one that ends without a close event is not kept).
+        self._stats: weakref.WeakKeyDictionary[Association, _AssociationStats] = (
+            weakref.WeakKeyDictionary()
+        )
         self._stats_lock = threading.Lock()
         # pynetdicom's "standard" handlers format a log record for every PDU and
         # DIMSE message (slow) and can print identifiers (PHI); radnode logs its own
@@ -467,8 +479,11 @@ class StorageSCP:
         """A C-STORE that came through pynetdicom: one the inline reader left to it
         (see :mod:`dicom_nodes.inline_store`), or on an association without one."""
         request: Any = event.request
+        with self._stats_lock:
+            stats = self._stats.get(event.assoc)
         return self._store(
             event.assoc,
+            stats,
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),
             str(event.context.transfer_syntax),
@@ -476,17 +491,28 @@ class StorageSCP:
         )
 
     def _store_inline(
-        self, assoc: Association, request: StoreRequest, context: PresentationContext, data: bytes
+        self,
+        assoc: Association,
+        stats: _AssociationStats,
+        request: StoreRequest,
+        context: PresentationContext,
+        data: bytes,
     ) -> int:
         """A C-STORE served by the association's inline reader, on its DUL thread."""
         (transfer_syntax,) = context.transfer_syntax
         return self._store(
-            assoc, request.sop_class_uid, request.sop_instance_uid, str(transfer_syntax), data
+            assoc,
+            stats,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            str(transfer_syntax),
+            data,
         )
 
     def _store(
         self,
         assoc: Association,
+        stats: _AssociationStats | None,
         sop_class_uid: str,
         sop_instance_uid: str,
         transfer_syntax_uid: str,
@@ -502,42 +528,43 @@ class StorageSCP:
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_address=str(requestor.address),
         )
-        try:
-            status = self._receiver.store(instance)
-        except Exception:
-            # The receiver translates every failure it expects into a status; this is
-            # the one place an unexpected one is caught, so the peer gets an answer
-            # and the association (and every other one) keeps being served.
-            log.exception("store.unexpected_error", action="report this as a bug")
-            status = StoreStatus.PROCESSING_FAILURE
-        stats = self._stats_of(assoc)
-        if status == StoreStatus.SUCCESS:
-            stats.instances += 1
-            stats.bytes += len(data_set)
-        else:
-            stats.failures += 1
+        with stats.storing if stats is not None else contextlib.nullcontext():
+            try:
+                status = self._receiver.store(instance)
+            except Exception:
+                # The receiver translates every failure it expects into a status; this
+                # is the one place an unexpected one is caught, so the peer gets an
+                # answer and the association (and every other one) keeps being served.
+                log.exception("store.unexpected_error", action="report this as a bug")
+                status = StoreStatus.PROCESSING_FAILURE
+            if stats is not None:
+                if status == StoreStatus.SUCCESS:
+                    stats.instances += 1
+                    stats.bytes += len(data_set)
+                else:
+                    stats.failures += 1
         return int(status)
 
-    def _stats_of(self, assoc: Association) -> _AssociationStats:
-        """The association's counts, made by whichever comes first: EVT_ESTABLISHED on
-        the association thread or the first store on the DUL thread."""
+    def _open_stats(self, assoc: Association) -> _AssociationStats:
+        """The association's counts, made once: when its request is accepted by the
+        allowlist (before any store can arrive on the DUL thread)."""
         with self._stats_lock:
-            stats = self._stats.get(id(assoc))
+            stats = self._stats.get(assoc)
             if stats is None:
-                requestor = assoc.requestor
                 stats = _AssociationStats(
-                    calling_ae=requestor.ae_title.strip(), address=str(requestor.address)
+                    calling_ae=_calling_ae(assoc), address=str(assoc.requestor.address)
                 )
-                self._stats[id(assoc)] = stats
+                self._stats[assoc] = stats
             return stats
 
     def _on_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ received: refuse peers outside the address allowlist."""
         assoc: Association = event.assoc
         if self._policy.address_allowed(str(assoc.requestor.address)):
+            stats = self._open_stats(assoc)
             if isinstance(assoc.dul, reactor.EventDrivenDUL):  # before any P-DATA
                 assoc.dul.p_data_reader = InlineStoreReader(
-                    assoc, functools.partial(self._store_inline, assoc)
+                    assoc, functools.partial(self._store_inline, assoc, stats)
                 )
             return
         # PS3.8 has no reason code for addresses: rejected-permanent, service-user,
@@ -547,7 +574,7 @@ class StorageSCP:
         assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
-        stats = self._stats_of(event.assoc)
+        stats = self._open_stats(event.assoc)
         log.info(
             "association.opened",
             peer_ae=stats.calling_ae,
@@ -557,6 +584,8 @@ class StorageSCP:
         self._notify("accepted")
 
     def _on_rejected(self, event: evt.Event) -> None:
+        with self._stats_lock:
+            self._stats.pop(event.assoc, None)
         primitive = event.assoc.acceptor.primitive
         code = (
             int(getattr(primitive, "result", 0) or 0),
@@ -572,7 +601,7 @@ class StorageSCP:
         rq = assoc.requestor.primitive
         log.warning(
             "association.rejected",
-            peer_ae=str(getattr(rq, "calling_ae_title", "") or "").strip(),
+            peer_ae=_calling_ae(assoc),
             called_ae=str(getattr(rq, "called_ae_title", "") or "").strip(),
             peer_address=str(assoc.requestor.address),
             reason=reason,
@@ -590,9 +619,15 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._stats_lock:
-            stats = self._stats.pop(id(event.assoc), None)
+            stats = self._stats.pop(event.assoc, None)
         if stats is None:
             return
+        # An abort from another thread (stop, network timeout) can come while the DUL
+        # thread is storing: count that store first (found by review: an instance
+        # stored and acknowledged was logged as instances=0).
+        counted = stats.storing.acquire(timeout=_STORE_WAIT_S)
+        if counted:
+            stats.storing.release()
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(
             "association.closed",
@@ -609,6 +644,12 @@ class StorageSCP:
     def _notify(self, outcome: str) -> None:
         if self._on_association is not None:
             self._on_association(outcome)
+
+
+def _calling_ae(assoc: Association) -> str:
+    """The peer's AE title from its A-ASSOCIATE-RQ (``requestor.ae_title`` is only set
+    once pynetdicom negotiates, after ``EVT_REQUESTED``)."""
+    return str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
 
 
 def _shut_down_connection(assoc: Association) -> None:

@@ -24,6 +24,9 @@ from pynetdicom.dsutils import encode
 
 from dicom_nodes.c_store import (
     PRIORITY_MEDIUM,
+    StoreRequest,
+    c_store_rq,
+    decode_command,
     encode_c_store_rq,
     encode_c_store_rsp,
     fragment_size,
@@ -226,3 +229,17 @@ def test_fragments_are_even_when_the_peer_announces_an_odd_maximum():
     assert fragment_size(4097) == 4090
     assert fragment_size(4096) == 4090
     assert fragment_size(0) % 2 == 0
+
+
+def test_a_received_request_is_read_as_pynetdicom_reads_it():
+    """UIDs lose their padding on both sides, as pydicom strips them; a command that is
+    not a C-STORE-RQ with a data set is not one."""
+    command = encode_c_store_rq("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 9)
+    padded = command.replace(b"1.2.3\0", b" 1.2.3")  # same length, a leading space
+    for raw in (command, padded):
+        elements = decode_command(raw)
+        assert elements is not None
+        assert c_store_rq(elements) == StoreRequest("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 9)
+    response = decode_command(encode_c_store_rsp("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 9, 0))
+    assert response is not None and c_store_rq(response) is None  # a response
+    assert decode_command(command[:-1]) is None  # an element runs past the end

@@ -316,3 +316,48 @@ def test_the_scp_installs_the_reader_before_the_association_is_accepted(scp):
         assert isinstance(served.dul.p_data_reader, InlineStoreReader)
     finally:
         assoc.release()
+
+
+class _Slow(_Recorder):
+    def store(self, instance):
+        time.sleep(1.2)
+        return super().store(instance)
+
+
+@pytest.mark.integration
+def test_a_store_that_outlasts_the_network_timeout_is_counted_in_the_close_line(tmp_path):
+    """The network timeout aborts the association from the association thread while
+    the DUL thread is still storing: the close line waits for that store (it said
+    instances=0 for an instance stored and acknowledged), and nothing of the ended
+    association is left for a later one (whose lines showed the old peer's AE title
+    and counts when its object reused the address; found by review)."""
+    receiver = _Slow()
+    policy = AssociationPolicy(ae_title="RADNODE", network_timeout_s=0.5)
+    node = StorageSCP(policy, receiver, host="127.0.0.1", port=0)
+    node.start()
+    (first,) = _series(tmp_path, slices=1)
+    try:
+        with structlog.testing.capture_logs() as events:
+            assoc = _associate(node.port, CTImageStorage)
+            assert assoc.send_c_store(first).Status == 0x0000
+            if assoc.is_established:
+                assoc.release()
+            deadline = time.monotonic() + 5
+            while node._server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.01)
+            later = AE(ae_title="LATER")
+            later.add_requested_context(CTImageStorage)
+            other = later.associate("127.0.0.1", node.port, ae_title="RADNODE")
+            other.release()
+            while node._server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        node.stop()
+    closed = [e for e in events if e["event"] == "association.closed"]
+    assert [(e["peer_ae"], e["outcome"], e["instances"]) for e in closed] == [
+        ("PACS", "aborted", 1),
+        ("LATER", "released", 0),
+    ]
+    opened = [e["peer_ae"] for e in events if e["event"] == "association.opened"]
+    assert opened == ["PACS", "LATER"]
+    assert len(node._stats) == 0
