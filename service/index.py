@@ -113,7 +113,7 @@ class StudyIndex:
     """Thread-safe access to the index database of one node.
 
     One connection guarded by a lock: every write is a short transaction, and the
-    Storage SCP's association threads share it.
+    Storage SCP's associations (each storing on its own DUL thread) share it.
     """
 
     def __init__(self, path: Path) -> None:
