@@ -14,6 +14,7 @@
     ├── InputMismatch      a series is not what a pipeline expects (modality, 2D/3D)
     ├── PipelineFailed     a bundle raised or returned something unusable
     │                      (both service.pipeline.inference)
+    ├── ResultsNotWritten  a job's DICOM result objects cannot be made (service.publish)
     ├── Hl7Error           an ORU^R01 cannot be built for a destination (service.hl7)
     │   └── MllpError      the MLLP exchange failed (connect, timeout, framing)
     ├── UnknownDelivery    an operator named a delivery the outbox does not hold
@@ -60,6 +61,12 @@ class StorageFull(RadnodeError):
 
 class StudyTooLarge(StorageFull):
     """The instance would take its study past ``node.max_study_mb``."""
+
+
+class ResultsNotWritten(RadnodeError):
+    """A job's DICOM result objects could not be made: the job fails and nothing of it
+    is sent (an HL7 result whose SR, SEG and images never reach the PACS would report
+    what nobody can look at, and a job marked done would raise no alert)."""
 
 
 class StartupError(RadnodeError):

@@ -20,6 +20,7 @@ from pydicom import dcmread
 from service.config import Settings
 from service.delivery import Outbox
 from service.dicom_delivery import DicomDestinationSettings
+from service.errors import ResultsNotWritten
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, read_headers
@@ -95,21 +96,23 @@ class ResultPublisher:
 def write_dicom(
     result: PipelineResult, volume: Volume, series_paths: list[str], out_dir: Path
 ) -> list[Path]:
-    """Write the job's DICOM result objects (SR first); an empty list if they cannot be
-    made, with the reason logged (the HL7 result and the files still go out)."""
+    """Write the job's DICOM result objects (SR first). Raises
+    :class:`ResultsNotWritten` if they cannot be made (the reason logged with its
+    traceback): the job then fails and nothing is sent."""
     try:
         headers = volume.source_headers or read_headers(series_paths)
         by_uid = {str(h.SOPInstanceUID): h for h in headers}
         order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
         return write_dicom_results(result, volume, [by_uid[uid] for uid in order], out_dir)
-    except Exception as exc:  # a writer bug must not lose the job's other results
+    except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
+        reason = f"{type(exc).__name__}: {exc}"
         log.exception(
             "dicom.not_written",
             pipeline=result.bundle.name,
-            reason=f"{type(exc).__name__}: {exc}",
-            action="report this with the job id; the HL7 result and result files still go out",
+            reason=reason,
+            action="report this with the job id; nothing of the job was sent",
         )
-        return []
+        raise ResultsNotWritten(f"the DICOM results could not be made ({reason})") from exc
 
 
 def enqueue_deliverables(outbox: Outbox, report: JobReport) -> int:

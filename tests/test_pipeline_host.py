@@ -18,12 +18,15 @@ from monai.bundle import ConfigParser
 from monai.data import decollate_batch, list_data_collate
 
 from service.pipeline.bundle import BundleError, load_bundle, read_bundle_spec
-from service.pipeline.inference import InputMismatch, run_bundle
+from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
 from service.pipeline.result import TaskKind
 from service.pipeline.volume import SeriesRefused, load_series
 from service.testing import write_ct_series, write_radiograph
 from tests.support.bundles import (
+    SPLEEN_METADATA,
     THRESHOLD,
+    spleen_inference_config,
+    write_bundle,
     write_classifier_bundle,
     write_threshold_bundle,
     write_zoo_spleen_bundle,
@@ -369,3 +372,37 @@ def test_only_an_orientation_before_any_grid_change_is_done_while_converting(
     )
     object.__setattr__(bundle, "preprocessing", spacing_first)
     assert input_axcodes(bundle) is None
+
+
+def test_a_model_that_outputs_nan_fails_instead_of_reporting_nothing_found(
+    tmp_path: Path,
+) -> None:
+    """NaN weights (a broken checkpoint, fp16 overflow): argmax made it an empty label
+    map, reported as "0 mL" (found by review). The job fails and says why."""
+    conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.fill_(float("nan"))
+        conv.bias.fill_(float("nan"))
+    network = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+    bundle_dir = write_bundle(
+        tmp_path / "models", "nan_seg", SPLEEN_METADATA, spleen_inference_config(network), conv
+    )
+    bundle = load_bundle(read_bundle_spec(bundle_dir))
+    with pytest.raises(PipelineFailed, match="NaN or infinite"):
+        run_bundle(bundle, load_series(small_ct(tmp_path / "ct")))
+
+
+def test_a_failing_transform_names_its_cause(models: Path, tmp_path: Path) -> None:
+    """MONAI wraps a transform's error as "applying transform <object at 0x...>"; the
+    operator needs the cause (here: the bundle names a key the data does not have)."""
+    bundle = load_bundle(read_bundle_spec(models / "spleen_ct_segmentation"))
+    broken = bundle.preprocessing.transforms[-1]
+    broken.keys = ("missing_key",)
+    try:
+        with pytest.raises(PipelineFailed) as failed:
+            run_bundle(bundle, load_series(small_ct(tmp_path / "ct")))
+    finally:
+        bundle.preprocessing.transforms[-1].keys = ("image",)
+    message = str(failed.value)
+    assert "preprocessing failed" in message and "KeyError" in message, message
+    assert "missing_key" in message and "object at 0x" not in message, message

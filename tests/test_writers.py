@@ -6,6 +6,7 @@ known sphere, a 512x512 radiograph) and every written file is checked by dciodvf
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import subprocess
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog
 
+from service.errors import ResultsNotWritten
 from service.pipeline.result import (
     BundleIdentity,
     CodedConcept,
@@ -23,6 +26,7 @@ from service.pipeline.result import (
     TaskKind,
 )
 from service.pipeline.volume import Volume, load_series, read_headers
+from service.publish import write_dicom
 from service.testing import write_ct_series, write_radiograph
 from service.writers.dicom import write_dicom_results
 from service.writers.provenance import device_uid, result_uid
@@ -420,3 +424,46 @@ def test_a_derived_series_is_dated_now_and_made_by_radnode(written, ct):
     assert purposes == ["109101", "Newcode1"]
     assert derived[0].ContributingEquipmentSequence[0].Manufacturer == source.Manufacturer
     assert derived[0].StudyDate == source.StudyDate
+
+
+def test_an_oblique_series_gets_every_result_with_its_full_orientation(tmp_path):
+    """A plane turned 1 degree about z (common for MR, tilted CT): Patient Orientation
+    needs two letters per direction, which highdicom's SC refused, and the job lost
+    every DICOM result (found by review). The SC carries the full letters; everything
+    passes dciodvfy."""
+    cos, sin = np.cos(np.radians(1.0)), np.sin(np.radians(1.0))
+    paths = write_ct_series(
+        tmp_path / "ct", slices=12, rows=32, columns=32, pixel_spacing=(5.0, 5.0),
+        slice_thickness=5.0,
+    )  # fmt: skip
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        row, column = [cos, sin, 0.0], [-sin, cos, 0.0]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in row + column]
+        ds.save_as(path, enforce_file_format=True)
+    volume = load_series(paths)
+    by_uid = {h.SOPInstanceUID: h for h in read_headers(paths)}
+    headers = [by_uid[s.sop_instance_uid] for s in volume.sources]
+    written = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "out")
+    modalities = sorted({pydicom.dcmread(p, stop_before_pixels=True).Modality for p in written})
+    assert modalities == ["OT", "SEG", "SR"]
+    scs = [p for p in written if pydicom.dcmread(p, stop_before_pixels=True).Modality == "OT"]
+    assert list(pydicom.dcmread(scs[0]).PatientOrientation) == ["LP", "PR"]
+    assert {p.name: e for p in written if (e := _dciodvfy_errors(p))} == {}
+
+
+def test_results_that_cannot_be_made_fail_the_job_instead_of_going_out_half(ct, tmp_path):
+    """A writer error (here a label map one slice short of its series) was logged and
+    the job went on as done: the HL7 result went to the RIS, the PACS got nothing and
+    no alert fired (found by review). It is now the job's failure, with the reason."""
+    volume, _ = ct
+    result = _segmentation(volume)
+    result = dataclasses.replace(result, label_map=result.label_map[1:])
+    with (
+        structlog.testing.capture_logs() as events,
+        pytest.raises(ResultsNotWritten, match="could not be made"),
+    ):
+        write_dicom(result, volume, [], tmp_path)  # the volume holds its source headers
+    (logged,) = [e for e in events if e["event"] == "dicom.not_written"]
+    assert "nothing of the job was sent" in logged["action"]
+    assert not list(tmp_path.glob("*.dcm"))

@@ -256,7 +256,9 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     try:
         item = bundle.preprocessing(item)
     except Exception as exc:
-        raise PipelineFailed(f"pipeline {spec.name}: preprocessing failed: {exc}") from exc
+        raise PipelineFailed(
+            f"pipeline {spec.name}: preprocessing failed: {_innermost(exc)}"
+        ) from exc
     preprocessed = time.perf_counter()
     batch = list_data_collate([item])
     try:
@@ -266,6 +268,7 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
             torch.cuda.synchronize(bundle.device)
     except Exception as exc:
         raise PipelineFailed(f"pipeline {spec.name}: inference failed: {exc}") from exc
+    _require_finite(spec.name, batch[out_key])
     inferred = time.perf_counter()
     try:
         (output,) = decollate_batch(batch)
@@ -277,7 +280,9 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     except (PipelineFailed, InputMismatch):
         raise
     except Exception as exc:
-        raise PipelineFailed(f"pipeline {spec.name}: postprocessing failed: {exc}") from exc
+        raise PipelineFailed(
+            f"pipeline {spec.name}: postprocessing failed: {_innermost(exc)}"
+        ) from exc
     if spec.identity.kind is TaskKind.CLASSIFICATION and spec.heatmap_layer:
         result["heatmap"] = _heatmap(bundle, item, reference, volume, notes)
     finished = time.perf_counter()
@@ -295,6 +300,34 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
         notes=notes,
         **result,
     )
+
+
+def _require_finite(name: str, output: Any) -> None:
+    """Refuse a model output with NaN or infinite values: argmax and rounding turn them
+    into a plausible label map or image (a segmentation of "0 mL", a derived series of
+    -32768), reported as a normal result (found by review). One pass over the output;
+    also catches fp16 overflow under CUDA autocast."""
+    import torch
+
+    if not torch.is_tensor(output) or not output.is_floating_point():
+        return
+    if not bool(torch.isfinite(output).all()):
+        raise PipelineFailed(
+            f"pipeline {name}: the model's output has NaN or infinite values; check"
+            " its weights and the input's intensities (nothing was written)"
+        )
+
+
+def _innermost(exc: BaseException) -> str:
+    """What went wrong, not only where: MONAI wraps a transform's error as "applying
+    transform <object at 0x...>", the cause (a missing key, a shape) inside it."""
+    where = str(exc).split(" object at 0x")[0].replace("<", "").strip()
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{where}: {type(cause).__name__}: {cause}"
 
 
 def _autocast(device: Any) -> Any:

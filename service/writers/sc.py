@@ -250,6 +250,7 @@ def _sc_image(
     if volume.pixel_spacing_source != "default":
         # Volume spacing is (x, y); DICOM Pixel Spacing is (row, column) = (y, x).
         pixel_spacing = (volume.spacing[1] / scale, volume.spacing[0] / scale)
+    orientation = patient_orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.asarray(image, dtype=np.uint8),
@@ -262,7 +263,10 @@ def _sc_image(
         instance_number=number,
         manufacturer=MANUFACTURER,
         pixel_spacing=pixel_spacing,
-        patient_orientation=patient_orientation(source),
+        # highdicom takes one letter per direction; DICOM allows several for an oblique
+        # plane (PS3.3 C.7.6.1.1.1), set in full below. An oblique series lost all its
+        # DICOM results to highdicom's ValueError (found by review).
+        patient_orientation=tuple(value[0] for value in orientation),
         transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
         **provenance.common_kwargs("SC"),
     )
@@ -271,6 +275,7 @@ def _sc_image(
     # must the SC, or a PACS that keys patients by ID and issuer files it elsewhere
     # (found by review: dcentvfy "present in one instance but not the other").
     sc.copy_patient_and_study_information(source)
+    sc.PatientOrientation = list(orientation)
     sc.BurnedInAnnotation = "YES"
     # General Series Laterality (2C): the source's when it has one (a paired organ);
     # else present and empty, as dciodvfy wants it (absent is an error there, empty a
