@@ -78,7 +78,11 @@ def worker(config: ConfigOption = None) -> None:
 
     settings = _settings_or_exit(config)
     configure_logging(settings.log.level)
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except RadnodeError as exc:
+        typer.echo(f"radnode: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
 
 
 @app.command(hidden=True)

@@ -525,10 +525,21 @@ class DeliveryWorker:
         wake = self._lanes[lane]
         while not self._stop.is_set():
             wake.clear()  # before the pass: a wake-up during it is not lost
-            if lane is None:
-                self.run_once(skip=self.targets)
-            else:
-                self.run_once(only=lane)
+            try:
+                if lane is None:
+                    self.run_once(skip=self.targets)
+                else:
+                    self.run_once(only=lane)
+            except Exception as exc:
+                # The outbox unreadable for a moment (locked past its busy timeout, an
+                # I/O error): this destination's thread ended for good and nothing was
+                # sent until a restart (found by review). Try again after the interval.
+                log.error(
+                    "delivery.pass_failed",
+                    destination=lane or "others",
+                    reason=f"{type(exc).__name__}: {exc}",
+                    action="check the disk under node.data_dir; deliveries resume by themselves",
+                )
             wake.wait(self.poll_interval_s)
 
     def run_once(self, *, only: str | None = None, skip: Iterable[str] = ()) -> int:

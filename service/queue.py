@@ -20,11 +20,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import structlog
 from huey import Huey, RedisHuey, SqliteHuey
 
 from service.config import Settings
+from service.errors import StartupError
 from service.records import JobReport, JobTicket
+
+log = structlog.get_logger("service.queue")
+
+
+def _without_password(url: str) -> str:
+    """``queue.url`` as it may be shown: any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
 
 #: The one task name producers and consumers agree on.
 TASK_NAME = "radnode.run_job"
@@ -60,13 +75,15 @@ class JobQueue:
         heartbeat_s: float | None = None,
     ) -> None:
         self.huey = make_huey(settings)
+        self._url = settings.queue.url or f"sqlite under {settings.node.data_dir}"
         self.heartbeat_s = heartbeat_s or settings.queue.heartbeat_s
-        self._handler = handler
+        #: What runs a ticket in a worker (None: this process only submits).
+        self.handler = handler
 
         def run_job(ticket: JobTicket) -> JobReport:
-            if self._handler is None:
+            if self.handler is None:
                 raise RuntimeError("this process only submits jobs; run `radnode worker`")
-            return self._handler(ticket)
+            return self.handler(ticket)
 
         self._task = self.huey.task(name=TASK_NAME, retries=0)(run_job)
 
@@ -109,6 +126,20 @@ class JobQueue:
         """Runs waiting in the queue (not those a worker holds)."""
         return int(self.huey.pending_count())
 
+    def check(self) -> None:
+        """Raise :class:`StartupError` naming what to fix when the queue does not
+        answer: a worker with a wrong address, password or TLS setting logged
+        "started" and then huey's tracebacks ten times a second, for ever (found by
+        review)."""
+        try:
+            self.huey.pending_count()
+        except Exception as exc:
+            raise StartupError(
+                f"cannot use the queue at {_without_password(self._url)}: "
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check queue.url (address,"
+                " password, redis:// or rediss://) and that the server is up"
+            ) from exc
+
     def reachable(self) -> bool:
         try:
             self.huey.pending_count()
@@ -127,8 +158,26 @@ class JobQueue:
             self.huey.put(_heartbeat_key(job_id, attempt), Heartbeat(worker, attempt, time.time()))
 
         def beat() -> None:
+            # A queue that is briefly unreachable must not end the heartbeat: the edge
+            # would take the healthy run for dead and run the job a second time (found
+            # by review: 3 s of Redis restart, two runs into one result folder).
+            failing = False
             while not stop.wait(self.heartbeat_s):
-                put()
+                try:
+                    put()
+                except Exception as exc:
+                    if not failing:
+                        log.warning(
+                            "heartbeat.failed",
+                            job=job_id,
+                            reason=f"{type(exc).__name__}: {exc}",
+                            action="check queue.url; the job goes on and beats again",
+                        )
+                    failing = True
+                else:
+                    if failing:
+                        log.info("heartbeat.resumed", job=job_id)
+                    failing = False
 
         put()  # before any work: a run the edge sees has always beaten once
 

@@ -62,6 +62,7 @@ class JobTracker:
         self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
         self._untraced: dict[str, float] = {}
+        self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
         self._next_trace_check = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
@@ -102,6 +103,19 @@ class JobTracker:
         taken from the queue is lost for sure: empty the queue and submit every
         unfinished job again now, rather than after a heartbeat timeout. With remote
         workers, runs in flight may be alive: only jobs never submitted are submitted."""
+        try:
+            self._recover(local_workers_only)
+        except Exception as exc:
+            # The queue (Redis) is down: the node must still start and receive. The
+            # tracker's pass submits every job that has no run in the queue once it is
+            # back (found by review: the SCP never came up while Redis was down).
+            log.warning(
+                "jobs.requeue_deferred",
+                reason=f"{type(exc).__name__}: {exc}",
+                action="check queue.url; unfinished jobs are submitted when the queue answers",
+            )
+
+    def _recover(self, local_workers_only: bool) -> None:
         requeued = []
         if local_workers_only:
             self.queue.flush()
@@ -181,6 +195,28 @@ class JobTracker:
         self._untraced = seen
 
     def _record(self, job: JobRecord, report) -> None:
+        """Record a worker's report; if that fails, leave the job for the next pass
+        (one line, not one per pass) and go on with the other jobs."""
+        try:
+            self._record_now(job, report)
+        except Exception as exc:
+            if job.job_id not in self._deferred:
+                self._deferred.add(job.job_id)
+                log.warning(
+                    "job.record_deferred",
+                    job=job.job_id,
+                    reason=f"{type(exc).__name__}: {exc}",
+                    action="check the results folder and data_dir disk; retried every pass",
+                )
+            return
+        self._deferred.discard(job.job_id)
+
+    def _record_now(self, job: JobRecord, report) -> None:
+        # Into the outbox first (idempotent per job and destination), then finished: a
+        # job marked done whose deliverables could not be queued (a result file not yet
+        # visible on shared storage, an outbox error) was never looked at again and its
+        # results never sent (found by review). Now the next pass records it again.
+        queued = enqueue_deliverables(self.outbox, report)
         if job.state is JobState.QUEUED:
             self.index.start_job(job.job_id, worker=report.worker)
         self.index.finish_job(
@@ -190,7 +226,6 @@ class JobTracker:
             result_dir=report.result_dir,
             timings=report.timings,
         )
-        queued = enqueue_deliverables(self.outbox, report)
         self.queue.forget(job.job_id, job.task_id, job.attempts)
         log.info(
             "job.recorded",

@@ -200,10 +200,11 @@ def worker_name(pid: int | None = None) -> str:
 def run_worker(settings: Settings) -> None:
     """``radnode worker``: consume jobs until SIGINT/SIGTERM."""
     no_huge_pages_for_arrays()
+    queue = JobQueue(settings)
+    queue.check()  # before anything slow: a wrong queue.url ends the worker with a reason
     cache = PipelineCache(settings.models.dir, settings.models.device)
-    runner = JobRunner(settings, cache, ResultPublisher(settings))
-    queue = JobQueue(settings, handler=runner.run)
-    runner.queue = queue
+    runner = JobRunner(settings, cache, ResultPublisher(settings), queue)
+    queue.handler = runner.run
     # the models of the enabled routes are loaded before the first job is taken
     cache.preload([route.pipeline for route in settings.routes if route.enabled])
     warm_up_writers()  # so is the one-time work of the result writers

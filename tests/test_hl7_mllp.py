@@ -8,6 +8,7 @@ with scripted ACK codes, and checks what arrived and what the outbox says.
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -498,3 +499,30 @@ def test_a_hung_pacs_does_not_hold_up_the_ris(listener_factory, tmp_path: Path) 
         hung.close()  # the PACS "dies": its attempt ends, to be retried
         worker.stop()
     assert outbox.get(dicom_item.id).state is DeliveryState.PENDING
+
+
+def test_a_delivery_thread_outlives_an_outbox_it_could_not_read(tmp_path: Path) -> None:
+    """Another process held the outbox's write lock past its busy timeout: the
+    destination's thread died with "database is locked" and nothing more was sent until
+    a restart (found by review). It logs the pass and goes on."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    deliverer = Scripted(DeliveryOutcome.delivered())
+    worker = DeliveryWorker(
+        outbox, {"ris": DeliveryTarget(deliverer, RetryPolicy(10, 0))}, poll_interval_s=0.1
+    )
+    blocker = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
+    with structlog.testing.capture_logs() as events:
+        worker.start()
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")  # the passes from now on fail
+            time.sleep(5.5)  # the outbox's busy timeout is 5 s
+            blocker.execute("ROLLBACK")
+            item = enqueue(outbox)
+            deadline = time.monotonic() + 10
+            while outbox.get(item.id).state is not DeliveryState.SENT:
+                assert time.monotonic() < deadline, "the delivery thread did not go on"
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+    failed = [e for e in events if e["event"] == "delivery.pass_failed"]
+    assert failed and "locked" in failed[0]["reason"]

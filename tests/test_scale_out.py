@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from service.config import Settings
+from service.queue import JobQueue
 from service.testing import write_ct_series
-from tests.conftest import storescu
+from tests.conftest import RADNODE, free_port, storescu
 from tests.support.bundles import write_zoo_spleen_bundle
-from tests.support.scale_out import Worker, running_redis
+from tests.support.scale_out import Worker, running_redis, start_redis
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +87,45 @@ def test_two_workers_share_the_jobs_and_a_killed_worker_loses_none(
     # every result reached the RIS exactly once
     control_ids = [m.split("\r")[0].split("|")[9] for m in ris.received]
     assert len(control_ids) == studies == len(set(control_ids))
+
+
+def test_heartbeats_go_on_after_redis_restarts(tmp_path: Path) -> None:
+    """One failed write ended a run's heartbeat thread: after a 3 s Redis restart the
+    edge took the healthy run for dead and ran the job again (found by review). The
+    heartbeat is back once Redis is (no persistence: only a new beat can be there)."""
+    port = free_port()
+    settings = Settings(
+        node={"data_dir": str(tmp_path)},  # type: ignore[arg-type]
+        queue={"url": f"redis://127.0.0.1:{port}/0"},  # type: ignore[arg-type]
+    )
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    server = start_redis(tmp_path, port)
+    try:
+        with queue.beating("job-1", "w:1", 1):
+            server.terminate()
+            server.wait(timeout=10)
+            time.sleep(0.5)  # beats fail meanwhile
+            server = start_redis(tmp_path, port)
+            deadline = time.monotonic() + 5
+            while queue.heartbeat("job-1", 1) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert queue.heartbeat("job-1", 1) is not None
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_worker_that_cannot_use_its_queue_says_so_and_exits(tmp_path: Path) -> None:
+    """It logged "started" and then huey's tracebacks ten times a second, for ever."""
+    env = {
+        **os.environ,
+        "RADNODE_NODE__DATA_DIR": str(tmp_path),
+        "RADNODE_QUEUE__URL": "redis://:s3cret@127.0.0.1:1/0",  # nothing listens on port 1
+    }
+    run = subprocess.run(
+        [str(RADNODE), "worker"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    assert "cannot use the queue at redis://:***@127.0.0.1:1/0" in run.stderr
+    assert "s3cret" not in run.stdout + run.stderr
+    assert "worker.started" not in run.stdout

@@ -7,8 +7,10 @@ has no task yet. When the pass ran between the two, both submitted.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import structlog
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
@@ -20,7 +22,7 @@ from service.delivery import Outbox
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.queue import JobQueue
-from service.records import JobReport, JobState
+from service.records import Deliverable, JobReport, JobState
 from service.spool import Spool
 from service.tracker import JobTracker
 
@@ -81,4 +83,56 @@ def test_the_quick_report_pass_records_running_jobs_only(tmp_path: Path) -> None
     assert index.job(queued.job_id).state is JobState.QUEUED
     tracker.check_now()
     assert index.job(queued.job_id).state is JobState.DONE
+    index.close()
+
+
+def test_a_report_whose_deliverables_cannot_be_queued_yet_is_recorded_later(
+    tmp_path: Path,
+) -> None:
+    """The job was marked done before its deliverables were in the outbox: a result file
+    not yet visible (shared storage) ended the recording midway and the job, done, was
+    never looked at again; nothing was sent (found by review)."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    tracker = JobTracker(settings, index, JobQueue(settings), outbox)
+    message = tmp_path / "results" / "ris.hl7"
+    report = JobReport(
+        job_id="", worker="w:1", state=JobState.DONE,
+        deliverables=(Deliverable("ris", "hl7", "ctrl-1", str(message)),),
+    )  # fmt: skip
+    worker = JobQueue(settings, handler=lambda t: dataclasses.replace(report, job_id=t.job_id))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None
+    tracker.submit(job)
+    worker.huey.execute(worker.huey.dequeue())
+
+    with structlog.testing.capture_logs() as events:
+        tracker.check_now()  # the message file is not there yet
+        tracker.check_now()
+    assert index.job(job.job_id).state is not JobState.DONE
+    assert [e["event"] for e in events] == ["job.record_deferred"]  # once, not per pass
+    message.parent.mkdir(parents=True)
+    message.write_bytes(b"MSH|^~\\&|RADNODE\r")
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.DONE
+    assert [d.destination for d in outbox.list()] == ["ris"]
+    index.close()
+
+
+def test_the_node_starts_while_the_queue_is_down(tmp_path: Path) -> None:
+    """Recovery at start submits jobs never submitted; with Redis down it raised and the
+    node (its Storage SCP too) did not start (found by review). The tracker's pass
+    submits them once the queue answers."""
+    _, index, ds = _node_with_one_instance(tmp_path)
+    down = Settings(
+        node={"data_dir": str(tmp_path)},  # type: ignore[arg-type]
+        queue={"url": "redis://127.0.0.1:1/0"},  # type: ignore[arg-type]
+    )
+    tracker = JobTracker(down, index, JobQueue(down), Outbox(tmp_path / "outbox.sqlite3"))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None and job.task_id is None
+    with structlog.testing.capture_logs() as events:
+        tracker.recover(local_workers_only=False)
+    assert [e["event"] for e in events] == ["jobs.requeue_deferred"]
+    assert index.job(job.job_id).task_id is None  # submitted later by the pass
     index.close()

@@ -12,17 +12,23 @@ from pathlib import Path
 from tests.conftest import RADNODE, free_port, json_events, require_tool, wait_for_port
 
 
-@contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[str]:
-    """redis-server on a free loopback port, no persistence; yields its redis:// URL."""
-    port = free_port()
+def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    """redis-server on ``port`` of loopback, no persistence; returns once it listens."""
     proc = subprocess.Popen(
         [require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
          "--save", "", "--appendonly", "no", "--dir", str(directory)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+@contextlib.contextmanager
+def running_redis(directory: Path) -> Iterator[str]:
+    """redis-server on a free loopback port, no persistence; yields its redis:// URL."""
+    port = free_port()
+    proc = start_redis(directory, port)
     try:
-        wait_for_port(port, proc=proc)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
