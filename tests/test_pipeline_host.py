@@ -406,3 +406,50 @@ def test_a_failing_transform_names_its_cause(models: Path, tmp_path: Path) -> No
     message = str(failed.value)
     assert "preprocessing failed" in message and "KeyError" in message, message
     assert "missing_key" in message and "object at 0x" not in message, message
+
+
+def test_a_loader_that_adds_the_channel_itself_is_honoured(models: Path, tmp_path: Path) -> None:
+    """``LoadImaged(ensure_channel_first=True)`` and no ``EnsureChannelFirstd`` (common
+    in zoo bundles): radnode's hand-over dropped the option and the spatial transforms
+    took x for the channel axis (found by review). Same mask as the two-transform form."""
+    import json
+    import shutil
+
+    variant = tmp_path / "models" / "bone_threshold_ecf"
+    shutil.copytree(models / "bone_threshold", variant)
+    config_path = variant / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    transforms = config["preprocessing"]["transforms"]
+    assert [t["_target_"] for t in transforms[:2]] == ["LoadImaged", "EnsureChannelFirstd"]
+    transforms[0] = {**transforms[0], "ensure_channel_first": True, "image_only": True}
+    del transforms[1]
+    config_path.write_text(json.dumps(config))
+
+    volume = load_series(small_ct(tmp_path / "ct"))
+    expected = run_bundle(load_bundle(read_bundle_spec(models / "bone_threshold")), volume)
+    got = run_bundle(load_bundle(read_bundle_spec(variant)), volume)
+    assert got.label_map is not None and expected.label_map is not None
+    assert got.label_map.any()
+    np.testing.assert_array_equal(got.label_map, expected.label_map)
+
+
+def test_a_bundle_with_its_own_data_keys_runs(models: Path, tmp_path: Path) -> None:
+    """A bundle written for ``img`` in and ``seg`` out (its metadata names them) failed
+    with "applying transform <...>" (found by review). Same mask as image/pred."""
+    import json
+    import shutil
+
+    variant = tmp_path / "models" / "bone_threshold_keys"
+    shutil.copytree(models / "bone_threshold", variant)
+    for name in ("inference.json", "metadata.json"):
+        path = variant / "configs" / name
+        text = path.read_text().replace('"image"', '"img"').replace('"pred"', '"seg"')
+        path.write_text(text)
+    meta = json.loads((variant / "configs" / "metadata.json").read_text())
+    assert list(meta["network_data_format"]["inputs"]) == ["img"]
+
+    volume = load_series(small_ct(tmp_path / "ct"))
+    expected = run_bundle(load_bundle(read_bundle_spec(models / "bone_threshold")), volume)
+    got = run_bundle(load_bundle(read_bundle_spec(variant)), volume)
+    assert got.label_map is not None and expected.label_map is not None
+    np.testing.assert_array_equal(got.label_map, expected.label_map)

@@ -175,6 +175,8 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
         dimensions=dimensions,
         heatmap_layer=heatmap.get("target_layer"),
         has_radnode_section=bool(section),
+        input_key=_only_key(meta, "inputs", "image"),
+        output_key=_only_key(meta, "outputs", "pred"),
     )
 
 
@@ -197,6 +199,18 @@ def discover_bundles(models_dir: Path) -> tuple[dict[str, BundleSpec], dict[str,
         except BundleError as exc:
             problems[folder.name] = str(exc)
     return specs, problems
+
+
+def _only_key(meta: dict[str, Any], direction: str, default: str) -> str:
+    """The data key of the bundle's one input (or output), as its metadata names it
+    (``network_data_format``); ``default`` (MONAI's own convention) otherwise. A bundle
+    written for ``img``/``seg`` failed with a message about a transform, not the key
+    (found by review)."""
+    found = meta.get("network_data_format", {}).get(direction, {})
+    if isinstance(found, dict) and len(found) == 1:
+        (key,) = found
+        return str(key)
+    return default
 
 
 def _data_format(meta: dict[str, Any], direction: str, key: str) -> dict[str, Any]:
@@ -405,10 +419,13 @@ def _swap_io(node: Any, kind: TaskKind, swapped: list[str], where: str) -> None:
     if replace:
         dictionary = "keys" in node
         keys = node.get("keys")
+        channel_first = bool(node.get("ensure_channel_first")) and name in _LOADERS
         node.clear()
         node["_target_"] = "Identityd" if dictionary else "Identity"
         if dictionary and name in _LOADERS:
             node["_target_"] = "service.pipeline.handover.HandOverd"
+            if channel_first:
+                node["ensure_channel_first"] = True
         if dictionary:
             node["keys"] = keys
             node["allow_missing_keys"] = True
