@@ -94,7 +94,9 @@ class CompletionMonitor:
                     "study.handover_failed",
                     study=study.study_key,
                     attempts=attempts,
-                    action="fix the cause in this trace, then send the study again",
+                    action="fix the cause in this trace; if `radnode status` lists no job"
+                    " for this study, send the study again (jobs already made are"
+                    " submitted once the queue answers)",
                 )
                 return
             wait = min(self._retry_after_s * 2 ** (attempts - 1), 300.0)
