@@ -71,7 +71,12 @@ def version() -> None:
 
 
 @app.command()
-def worker(config: ConfigOption = None) -> None:
+def worker(
+    config: ConfigOption = None,
+    local: Annotated[
+        bool, typer.Option("--local", hidden=True, help="Started by radnode serve.")
+    ] = False,
+) -> None:
     """Run pipeline workers only: take jobs from the queue (``queue.url``) and run them."""
     from service.observability import configure_logging
     from service.worker import run_worker
@@ -79,7 +84,7 @@ def worker(config: ConfigOption = None) -> None:
     settings = _settings_or_exit(config)
     configure_logging(settings.log.level)
     try:
-        run_worker(settings)
+        run_worker(settings, local=local)
     except RadnodeError as exc:
         typer.echo(f"radnode: {exc}", err=True)
         raise typer.Exit(code=1) from exc

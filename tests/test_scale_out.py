@@ -129,3 +129,26 @@ def test_a_worker_that_cannot_use_its_queue_says_so_and_exits(tmp_path: Path) ->
     assert "cannot use the queue at redis://:***@127.0.0.1:1/0" in run.stderr
     assert "s3cret" not in run.stdout + run.stderr
     assert "worker.started" not in run.stdout
+
+
+def test_a_worker_that_cannot_run_an_enabled_pipeline_refuses_to_start(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """It took that pipeline's jobs from the shared queue and failed each in
+    milliseconds (5 of 6 jobs failed while the good worker idled; found by review)."""
+    routes = [{"name": "ct", "pipeline": "spleen_ct_segmentation",
+               "match": {"Modality": "CT"}, "destinations": []}]  # fmt: skip
+    env = {
+        **os.environ,
+        "RADNODE_NODE__DATA_DIR": str(tmp_path / "data"),
+        "RADNODE_QUEUE__URL": redis_url,
+        "RADNODE_MODELS__DIR": str(tmp_path / "empty_models"),
+        "RADNODE_ROUTES": json.dumps(routes),
+    }
+    (tmp_path / "empty_models").mkdir()
+    run = subprocess.run(
+        [str(RADNODE), "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "cannot run every enabled route's pipeline (spleen_ct_segmentation" in run.stderr
+    assert "worker.started" not in run.stdout
