@@ -763,3 +763,26 @@ def test_pydicom_reads_back_written_test_series(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
 
     np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "a.dcm").pixel_array, marker(0))
+
+
+def test_spacing_that_drifts_slowly_is_refused() -> None:
+    """Every gap within 10 % of the median, yet the positions drift off one regular
+    grid by more than a slice: 30 gaps of 2.9 mm, then 29 of 3.15 mm (found by review;
+    the model saw a distorted volume)."""
+    series = ct_series(60)
+    gaps = [2.9] * 30 + [3.15] * 29
+    z = float(series[0].ImagePositionPatient[2])
+    for ds, gap in zip(series[1:], gaps, strict=True):
+        z += gap
+        ds.ImagePositionPatient = [*list(ds.ImagePositionPatient)[:2], z]
+    with pytest.raises(SeriesRefused) as refused:
+        load_series(series)
+    assert refused.value.code == "uneven_spacing"
+    assert "drift" in refused.value.reason
+    # jitter around one grid stays accepted
+    jittered = ct_series(60)
+    for k, ds in enumerate(jittered):
+        position = list(ds.ImagePositionPatient)
+        position[2] += 0.02 * STEP * (-1) ** k
+        ds.ImagePositionPatient = position
+    assert load_series(jittered).array.shape[0] == 60

@@ -924,6 +924,7 @@ def _check_regular_spacing(
     allowed = max(tol.spacing_relative * median, tol.spacing_mm)
     bad = np.flatnonzero(np.abs(gaps - median) > allowed)
     if bad.size == 0:
+        _check_on_one_grid(order, along)
         return
     first = int(bad[0])
     gap = float(gaps[first])
@@ -940,6 +941,26 @@ def _check_regular_spacing(
         "series from the PACS, or raise the spacing tolerance if this scanner writes "
         "irregular positions.",
         code=code,
+    )
+
+
+def _check_on_one_grid(order: tuple[_FrameHeader, ...], along: NDArray[np.float64]) -> None:
+    """Every slice within half a slice of its place on the volume's regular grid (first
+    to last position, evenly): gaps that each pass the median check can still drift
+    (30 gaps of 2.9 mm, then 29 of 3.15 mm put a slice 3.7 mm, more than a slice, off
+    its grid position; found by review), and the model would see a distorted volume."""
+    spacing = float(along[-1] - along[0]) / (len(along) - 1)
+    grid = along[0] + spacing * np.arange(len(along))
+    off = np.abs(along - grid)
+    worst = int(np.argmax(off))
+    if off[worst] <= 0.5 * abs(spacing):
+        return
+    raise SeriesRefused(
+        f"uneven slice spacing: the slice positions drift from one regular grid, "
+        f"{order[worst].planned.label} lies {off[worst]:.3g} mm from its place at the "
+        f"mean spacing {spacing:.4g} mm (more than half a slice). The series may mix "
+        "acquisitions: re-send the complete series from the PACS.",
+        code="uneven_spacing",
     )
 
 
