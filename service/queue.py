@@ -142,8 +142,8 @@ class JobQueue:
 
     def reachable(self) -> bool:
         try:
-            self.huey.pending_count()
-        except Exception:
+            self.check()
+        except StartupError:
             return False
         return True
 
