@@ -250,7 +250,7 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         for raw in passed:
-            self._decode_and_queue(bytearray(raw))
+            self._decode_and_queue(raw)
 
     def _read_pdu(self) -> bytearray | None:
         """One whole PDU, or None with Evt17 (connection closed, or closed midway) or
@@ -274,10 +274,11 @@ class EventDrivenDUL(DULServiceProvider):
             return None
         return header + body
 
-    def _decode_and_queue(self, pdu: bytearray) -> None:
-        """The end of pynetdicom's read: decode, queue the event and the PDU."""
+    def _decode_and_queue(self, pdu: bytes | bytearray) -> None:
+        """The end of pynetdicom's read: decode, queue the event and the PDU
+        (``_decode_pdu`` takes bytes as they are, a bytearray as a copy)."""
         try:
-            decoded, event = self._decode_pdu(pdu)
+            decoded, event = self._decode_pdu(pdu)  # type: ignore[arg-type]
         except Exception:
             self.event_queue.put("Evt19")
             return
