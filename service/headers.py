@@ -66,6 +66,7 @@ def _read(data: bytes, transfer_syntax_uid: str) -> Dataset:
                 is_implicit_VR=implicit,
                 is_little_endian=little,
                 defer_size=_SKIP_VALUES_OVER,
+                specific_tags=_SPECIFIC_TAGS,
             )
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"not a parseable DICOM data set ({type(exc).__name__})") from exc
@@ -91,6 +92,11 @@ _READ: dict[str, tuple[int, str]] = {
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }  # fmt: skip
+
+
+#: The elements read from a received data set; the others are skipped unread (their
+#: lengths still have to add up). Halves pydicom's reading of a CT slice's header.
+_SPECIFIC_TAGS = [tag for tag, _ in _READ.values()] + [_PIXEL_DATA]
 
 
 #: The VRs whose values pydicom decodes with the Specific Character Set (PS3.5 6.1.2.3).
