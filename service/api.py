@@ -51,7 +51,7 @@ from pydantic import SecretStr
 from service import __version__
 from service.errors import StartupError
 from service.metrics import Metrics
-from service.records import JobRecord, JobState, StudySummary
+from service.records import JobRecord, JobState, StudySummary, WorkerView
 from service.uids import study_key
 
 log = structlog.get_logger("service.api")
@@ -108,6 +108,10 @@ class StatusSource(Protocol):
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         """The ``limit`` most recent dead-lettered deliveries not yet retried."""
+        ...
+
+    def workers(self) -> list[WorkerView]:
+        """The workers heard from lately (alive or gone silent), by name."""
         ...
 
     def retry_job(self, job_id: str) -> RetryOutcome:
@@ -190,6 +194,17 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "run_s": _span(job.started_at, job.finished_at),
         "error": error,
         "timings": dict(job.timings) if job.timings else {},
+    }
+
+
+def worker_view(worker: WorkerView) -> dict[str, Any]:
+    return {
+        "name": worker.name,
+        "alive": worker.alive,
+        "device": worker.device,
+        "pipelines": dict(worker.pipelines),
+        "started_at": _iso(worker.started_at),
+        "last_seen": _iso(worker.last_seen),
     }
 
 
@@ -338,6 +353,18 @@ def _dead_letters(api: ApiServer, request: _Request) -> _Response:
     )
 
 
+def _workers(api: ApiServer, request: _Request) -> _Response:
+    workers = api.source.workers()
+    return _json(
+        HTTPStatus.OK,
+        {
+            "generated_at": _iso(time.time()),
+            "alive": sum(w.alive for w in workers),
+            "workers": [worker_view(w) for w in workers],
+        },
+    )
+
+
 def _retry(api: ApiServer, request: _Request) -> _Response:
     refusal = api.authorize(request)
     if refusal is not None:
@@ -372,6 +399,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/api/studies", _studies),
     _route("GET", "/api/jobs", _jobs),
     _route("GET", "/api/dead-letters", _dead_letters),
+    _route("GET", "/api/workers", _workers),
     _route("POST", "/api/jobs/{job_id}/retry", _retry),
     _route("GET", "/openapi.json", _openapi),
 )
@@ -725,6 +753,26 @@ _SCHEMAS: dict[str, Any] = {
             "dead_lettered_at": {"type": "string", "format": "date-time"},
         },
     },
+    "Worker": {
+        "type": "object",
+        "description": "A worker process (local or on another machine), named host:pid.",
+        "required": ["name", "alive", "device", "pipelines", "last_seen"],
+        "properties": {
+            "name": {"type": "string"},
+            "alive": {
+                "type": "boolean",
+                "description": "Heard from within 4 heartbeats (queue.heartbeat_s).",
+            },
+            "device": {"type": "string"},
+            "pipelines": {
+                "type": "object",
+                "description": "Pipelines loaded at start -> bundle version.",
+                "additionalProperties": {"type": "string"},
+            },
+            "started_at": {"type": "string", "format": "date-time"},
+            "last_seen": {"type": "string", "format": "date-time"},
+        },
+    },
     "Readiness": {
         "type": "object",
         "required": ["ready", "failed", "checks"],
@@ -839,6 +887,28 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _list_response("dead_letters", "DeadLetter"),
                         "400": _error_response("A query parameter is invalid."),
+                    },
+                }
+            },
+            "/api/workers": {
+                "get": {
+                    "operationId": "listWorkers",
+                    "summary": "Worker processes heard from lately, alive or silent.",
+                    "responses": {
+                        "200": {
+                            "description": "The workers by name and how many are alive.",
+                            "content": _content(
+                                {
+                                    "type": "object",
+                                    "required": ["generated_at", "alive", "workers"],
+                                    "properties": {
+                                        "generated_at": {"type": "string", "format": "date-time"},
+                                        "alive": {"type": "integer", "minimum": 0},
+                                        "workers": {"type": "array", "items": _ref("Worker")},
+                                    },
+                                }
+                            ),
+                        }
                     },
                 }
             },

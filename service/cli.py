@@ -157,7 +157,7 @@ def status(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Show the running node's queue, recent studies, failed jobs and dead letters."""
+    """Show the running node's workers, queue, recent studies, failed jobs and dead letters."""
     from rich.console import Console
 
     from service.status_view import fetch_status, render_snapshot

@@ -165,6 +165,7 @@ class Metrics:
         data_dir: Path | None = None,
         job_counts: JobCounts | None = None,
         queue_depth: Callable[[], int] | None = None,
+        workers_alive: Callable[[], int] | None = None,
     ) -> None:
         # The extra ``*_created`` series (one per counter and histogram child) double
         # what Prometheus stores and are used by nothing radnode documents. This is
@@ -246,6 +247,14 @@ class Metrics:
         )
         if queue_depth is not None:
             self.queue_depth.set_function(lambda: _or_nan(queue_depth, "radnode_queue_depth"))
+        if workers_alive is not None:
+            alive = Gauge(
+                "radnode_workers_alive",
+                "Worker processes (local and remote) heard from within 4 heartbeats "
+                "(queue.heartbeat_s); 0 with routes configured means jobs wait.",
+                registry=r,
+            )
+            alive.set_function(lambda: _or_nan(workers_alive, "radnode_workers_alive"))
         if job_counts is not None:
             r.register(_JobCountsCollector(job_counts))
 

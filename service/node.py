@@ -35,11 +35,12 @@ from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
 from service.queue import JobQueue
 from service.receivers import ReceiverPool, build_receive_path
-from service.records import JobRecord, JobState, StoredInstance, StudySummary
+from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
 from service.spool import Spool
 from service.supervisor import ProcessSupervisor
 from service.tracker import JobTracker
 from service.worker import worker_command, worker_name
+from service.worker_watch import WorkerWatch
 
 log = structlog.get_logger("service.node")
 
@@ -58,10 +59,13 @@ class Node:
                 f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
             ) from exc
         self.queue = JobQueue(settings)
+        # no routes, no jobs: no workers are started and none are missed
+        self.worker_watch = WorkerWatch(self.queue, expect_workers=bool(settings.routes))
         self.metrics = Metrics(
             data_dir=data_dir,
             job_counts=self.index.jobs_by_pipeline_state,
             queue_depth=self.queue.depth,
+            workers_alive=self.worker_watch.alive_count,
         )
         try:
             self.scp = build_receive_path(settings, self.spool, self.index, self.metrics)
@@ -136,6 +140,8 @@ class Node:
         self.check_pipelines()
         # With no remote workers configured, every worker died with the node.
         self.tracker.recover(local_workers_only=self.settings.queue.url is None)
+        if self.settings.queue.url is None:
+            self.worker_watch.forget_all()
         try:
             self.scp.start()
         except OSError as exc:
@@ -233,12 +239,14 @@ class Node:
         return None if study is None else study.last_received_at
 
     def _poll_job_metrics(self) -> None:
-        """Workers are other processes: count their finished jobs from the index."""
+        """Workers are other processes: count their finished jobs from the index, and
+        see which of them are alive."""
         while not self._stopped.wait(2.0):
             try:
                 self.job_metrics.poll()
             except Exception:
                 log.exception("metrics.job_poll_failed", action="check the data_dir disk")
+            self.worker_watch.poll_or_log()
 
     def stop(self) -> None:
         self.api.stop()
@@ -284,6 +292,9 @@ class NodeStatus:
 
     def recent_jobs(self, limit: int, state: JobState | None = None) -> list[JobRecord]:
         return self._node.index.recent_jobs(limit, state)
+
+    def workers(self) -> list[WorkerView]:
+        return list(self._node.worker_watch.latest)
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         letters = []

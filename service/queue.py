@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,26 @@ class Heartbeat:
 
     worker: str
     attempt: int
+    at: float
+
+
+@dataclass(frozen=True)
+class WorkerPresence:
+    """A worker process's sign of life, beaten while it waits for jobs too.
+
+    Why: job heartbeats exist only while a job runs, so an edge whose every worker had
+    died (or never started: ``queue.local_workers = 0`` and no ``radnode worker``
+    anywhere) looked healthy while studies queued up unseen. The edge reads these
+    (``/api/workers``, ``radnode_workers_alive``) and logs when none is alive.
+    """
+
+    #: ``host:pid``, as the index records the worker of a job.
+    name: str
+    #: Where its models run (``cpu``, ``cuda:0``).
+    device: str
+    #: The pipelines it loaded at start (others load on their first job) -> bundle version.
+    pipelines: dict[str, str]
+    started_at: float
     at: float
 
 
@@ -149,13 +169,59 @@ class JobQueue:
 
     # -- a worker ---------------------------------------------------------------
 
+    def workers(self) -> list[WorkerPresence]:
+        """Every worker that announced itself and has not withdrawn, alive or not (the
+        caller judges by ``at``), by name."""
+        found = []
+        for key, raw in self.huey.storage.result_items().items():
+            if not key.startswith(_WORKER_PREFIX):
+                continue
+            try:
+                value = self.huey.serializer.deserialize(raw)
+            except Exception:
+                continue  # written by another radnode version: it re-announces itself
+            if isinstance(value, WorkerPresence):
+                found.append(value)
+        return sorted(found, key=lambda w: w.name)
+
+    def withdraw(self, name: str) -> None:
+        """Forget worker ``name`` (it stopped, or the edge gave up on it)."""
+        self.huey.get(_WORKER_PREFIX + name)
+
+    # -- a worker ---------------------------------------------------------------
+
     @contextmanager
     def beating(self, job_id: str, worker: str, attempt: int) -> Iterator[None]:
         """Write this run's heartbeat now and every ``heartbeat_s`` until the block ends."""
-        stop = threading.Event()
 
         def put() -> None:
             self.huey.put(_heartbeat_key(job_id, attempt), Heartbeat(worker, attempt, time.time()))
+
+        with self._beating(put, f"heartbeat-{job_id}", job=job_id):
+            yield
+
+    @contextmanager
+    def present(self, name: str, device: str, pipelines: dict[str, str]) -> Iterator[None]:
+        """Announce this worker now and every ``heartbeat_s`` until the block ends, then
+        withdraw it (a worker killed without that goes silent and the edge notices)."""
+        started = time.time()
+
+        def put() -> None:
+            presence = WorkerPresence(name, device, pipelines, started, time.time())
+            self.huey.put(_WORKER_PREFIX + name, presence)
+
+        try:
+            with self._beating(put, "presence", worker=name):
+                yield
+        finally:
+            # a queue that is down cannot be told: the edge sees the worker go silent
+            with suppress(Exception):
+                self.withdraw(name)
+
+    @contextmanager
+    def _beating(self, put: Callable[[], None], thread_name: str, **about: str) -> Iterator[None]:
+        """``put()`` now and every ``heartbeat_s`` on a thread until the block ends."""
+        stop = threading.Event()
 
         def beat() -> None:
             # A queue that is briefly unreachable must not end the heartbeat: the edge
@@ -169,19 +235,19 @@ class JobQueue:
                     if not failing:
                         log.warning(
                             "heartbeat.failed",
-                            job=job_id,
+                            **about,
                             reason=f"{type(exc).__name__}: {exc}",
-                            action="check queue.url; the job goes on and beats again",
+                            action="check queue.url; the worker goes on and beats again",
                         )
                     failing = True
                 else:
                     if failing:
-                        log.info("heartbeat.resumed", job=job_id)
+                        log.info("heartbeat.resumed", **about)
                     failing = False
 
         put()  # before any work: a run the edge sees has always beaten once
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread = threading.Thread(target=beat, name=thread_name, daemon=True)
         thread.start()
         try:
             yield
@@ -201,6 +267,10 @@ class JobQueue:
             max_delay=0.1,
             check_worker_health=True,
         )
+
+
+#: Key prefix of the workers' presence records in huey's result store.
+_WORKER_PREFIX = "worker:"
 
 
 def _heartbeat_key(job_id: str, attempt: int) -> str:

@@ -7,7 +7,7 @@ in the DICOM files, never in the index, the logs or the API.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -179,3 +179,15 @@ class JobReport:
     result_dir: str | None = None
     timings: dict[str, float] | None = None
     deliverables: tuple[Deliverable, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as the status API shows it (no patient data: a host name and pid)."""
+
+    name: str
+    device: str
+    pipelines: dict[str, str] = field(default_factory=dict)
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    alive: bool = False

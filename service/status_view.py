@@ -5,10 +5,10 @@ it asks the node's status API (:mod:`service.api`) rather than opening the study
 the API is the one place that decides what may be shown (keys and counts, no patient
 data, no UIDs), and the CLI cannot show more than it does.
 
-:func:`fetch_status` reads ``/api/studies``, ``/api/jobs`` (recent, and failed and
-refused ones separately so that they do not scroll away) and ``/api/dead-letters``;
-:func:`render_status` turns them into rich tables: the queue (jobs per pipeline and
-state), recent studies, failed jobs and dead letters.
+:func:`fetch_status` reads ``/api/workers``, ``/api/studies``, ``/api/jobs`` (recent,
+and failed and refused ones separately so that they do not scroll away) and
+``/api/dead-letters``; :func:`render_status` turns them into rich tables: the workers,
+the queue (jobs per pipeline and state), recent studies, failed jobs and dead letters.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class StatusSnapshot:
     jobs: tuple[Item, ...]
     failed_jobs: tuple[Item, ...]
     dead_letters: tuple[Item, ...]
+    workers: tuple[Item, ...] = ()
 
 
 def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]:
@@ -98,6 +99,7 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
         jobs=_get(base_url, f"/api/jobs{query}", "jobs", timeout),
         failed_jobs=tuple(failed[:limit]),
         dead_letters=_get(base_url, f"/api/dead-letters{query}", "dead_letters", timeout),
+        workers=_get(base_url, "/api/workers", "workers", timeout),
     )
 
 
@@ -200,15 +202,37 @@ def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
     return table
 
 
+def _workers_table(workers: Sequence[Item], now: float) -> Table:
+    alive = sum(bool(w.get("alive")) for w in workers)
+    table = Table(title=f"Workers ({alive} alive)", title_justify="left")
+    for name in ("worker", "state", "device", "pipelines", "last seen"):
+        table.add_column(name, overflow="fold")
+    for w in workers:
+        pipelines = w.get("pipelines")
+        table.add_row(
+            str(w.get("name", "?")),
+            Text("alive", style="green") if w.get("alive") else Text("silent", style="bold red"),
+            str(w.get("device", "")),
+            ", ".join(f"{k} {v}" for k, v in pipelines.items())
+            if isinstance(pipelines, dict)
+            else "",
+            _age(w.get("last_seen"), now),
+        )
+    if not workers:
+        table.add_row(Text("(none: jobs wait in the queue)", style="bold red"), "", "", "", "")
+    return table
+
+
 def render_status(
     studies: Sequence[Item],
     jobs: Sequence[Item],
     dead_letters: Sequence[Item] | None = None,
     *,
     failed_jobs: Sequence[Item] | None = None,
+    workers: Sequence[Item] | None = None,
     now: float | None = None,
 ) -> RenderableType:
-    """The status screen: queue, recent studies, failed jobs and dead letters.
+    """The status screen: workers, queue, recent studies, failed jobs and dead letters.
 
     Items are the API's JSON objects. ``failed_jobs`` defaults to the failed and
     refused jobs among ``jobs``; ``now`` (epoch seconds) is for stable test output.
@@ -217,6 +241,7 @@ def render_status(
     if failed_jobs is None:
         failed_jobs = [j for j in jobs if j.get("state") in ("failed", "refused")]
     parts: list[RenderableType] = [
+        *([_workers_table(workers, now)] if workers is not None else []),
         _queue_table(jobs),
         _studies_table(studies, now),
         _failed_table(failed_jobs, now),
@@ -233,5 +258,6 @@ def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> Rende
         snapshot.jobs,
         snapshot.dead_letters,
         failed_jobs=snapshot.failed_jobs,
+        workers=snapshot.workers,
         now=now,
     )

@@ -81,6 +81,11 @@ class PipelineCache:
                 )
             return self._loaded[name]
 
+    def loaded(self) -> dict[str, str]:
+        """The bundles loaded so far: pipeline name -> bundle version."""
+        with self._lock:
+            return {name: b.spec.identity.version for name, b in sorted(self._loaded.items())}
+
     def preload(self, names: list[str]) -> dict[str, str]:
         """Load these bundles now, so a study's first job does not wait for its model.
         Returns the problems by pipeline name.
@@ -232,7 +237,8 @@ def run_worker(settings: Settings, *, local: bool = False) -> None:
     # huey's consumer stops gracefully on SIGINT; make SIGTERM (docker stop) do the same.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
-        consumer.run()
+        with queue.present(worker_name(), str(cache.device), cache.loaded()):
+            consumer.run()
     finally:
         log.info("worker.stopped", pid=os.getpid())
 

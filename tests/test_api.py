@@ -36,7 +36,7 @@ from service.errors import StartupError
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.metrics import Metrics
-from service.records import JobRecord, JobState, StudySummary
+from service.records import JobRecord, JobState, StudySummary, WorkerView
 from service.spool import Spool
 from service.status_view import StatusUnavailable, fetch_status, render_snapshot
 from service.uids import study_key
@@ -62,6 +62,7 @@ class FakeNode:
     index: StudyIndex
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     letters: list[DeadLetter] = field(default_factory=list)
+    seen_workers: list[WorkerView] = field(default_factory=list)
     checks: dict[str, bool | str] = field(
         default_factory=lambda: {"scp_listening": True, "queue": True, "disk": True}
     )
@@ -78,6 +79,9 @@ class FakeNode:
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         return self.letters[:limit]
+
+    def workers(self) -> list[WorkerView]:
+        return list(self.seen_workers)
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         job = self.jobs.get(job_id)
@@ -151,6 +155,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     node.letters = [
         DeadLetter("j-done", study_key(str(first.StudyInstanceUID)), "chest-xray", "pacs", 5,
                    "association rejected by PACS", 1_700_000_100.0)
+    ]  # fmt: skip
+    node.seen_workers = [
+        WorkerView("gpu-1:4242", "cuda:0", {"chest-xray": "1.2.0"}, 1_700_000_000.0,
+                   1_700_000_190.0, alive=True),
+        WorkerView("gpu-2:77", "cuda:0", {}, 1_700_000_000.0, 1_700_000_050.0, alive=False),
     ]  # fmt: skip
     api = ApiServer(node, metrics, host="127.0.0.1", port=0, token=TOKEN)
     api.start()
@@ -265,6 +274,16 @@ def test_dead_letters_are_listed(stack: Stack) -> None:
     assert letter["destination"] == "pacs" and letter["attempts"] == 5
 
 
+def test_workers_are_listed_with_what_they_run_and_whether_alive(stack: Stack) -> None:
+    status, body = get_json(stack.api, "/api/workers")
+    assert status == 200 and body["alive"] == 1
+    first, second = body["workers"]
+    assert first["name"] == "gpu-1:4242" and first["alive"] is True
+    assert first["pipelines"] == {"chest-xray": "1.2.0"} and first["device"] == "cuda:0"
+    assert first["last_seen"].startswith("2023-11-14T22:16:30")
+    assert second["alive"] is False
+
+
 def test_no_patient_data_or_uid_in_any_response(stack: Stack) -> None:
     secrets = list(PHI)
     for ds in stack.studies:
@@ -377,6 +396,7 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
     console.print(render_snapshot(snapshot, now=1_700_000_200.0))
     screen = console.export_text()
     assert "Jobs by state" in screen and "Recent studies" in screen
+    assert "Workers (1 alive)" in screen and "gpu-1:4242" in screen and "silent" in screen
     assert study_key(stack.studies[1].StudyInstanceUID) in screen
     assert "bundle raised RuntimeError" in screen
     assert "association rejected by PACS" in screen

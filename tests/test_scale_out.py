@@ -13,6 +13,7 @@ import os
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,21 @@ def test_two_workers_share_the_jobs_and_a_killed_worker_loses_none(
         survivor = workers[1 - workers.index(victim)]
         edge.wait_for_event("job.recorded", count=studies, timeout=300)
         edge.wait_for_event("hl7.sent", count=studies, timeout=60)
+        # the edge saw both workers, and the killed one go silent (4 beats of 0.5 s)
+        silent = edge.wait_for_event("worker.silent", timeout=30)
+        assert [e["worker"].rsplit(":", 1)[1] for e in silent] == [str(victim.proc.pid)]
+        listed = _get_json(edge.http_port, "/api/workers")
+        by_pid = {w["name"].rsplit(":", 1)[1]: w for w in listed["workers"]}
+        assert by_pid[str(victim.proc.pid)]["alive"] is False
+        assert by_pid[str(survivor.proc.pid)]["alive"] is True
+        assert "spleen_ct_segmentation" in by_pid[str(survivor.proc.pid)]["pipelines"]
+        assert listed["alive"] == 1
+        assert "radnode_workers_alive 1.0" in _get_text(edge.http_port, "/metrics")
+        # the last worker stops cleanly: it is gone, and the edge says none is left
+        survivor.stop()
+        gone = edge.wait_for_event("worker.gone", timeout=30)
+        assert gone[0]["worker"].endswith(f":{survivor.proc.pid}")
+        edge.wait_for_event("workers.none_alive", timeout=30)
     finally:
         for w in workers:
             w.stop()
@@ -87,6 +103,15 @@ def test_two_workers_share_the_jobs_and_a_killed_worker_loses_none(
     # every result reached the RIS exactly once
     control_ids = [m.split("\r")[0].split("|")[9] for m in ris.received]
     assert len(control_ids) == studies == len(set(control_ids))
+
+
+def _get_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode("utf-8")
+
+
+def _get_json(port: int, path: str) -> dict:
+    return json.loads(_get_text(port, path))
 
 
 def test_heartbeats_go_on_after_redis_restarts(tmp_path: Path) -> None:

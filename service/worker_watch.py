@@ -1,0 +1,134 @@
+"""The edge's view of its workers: which are alive, logged when that changes.
+
+Workers announce themselves through the queue every ``queue.heartbeat_s``, waiting or
+working (:meth:`service.queue.JobQueue.present`). Job heartbeats alone exist only while a
+job runs: an edge whose workers had all died, or whose remote workers were never
+started, looked healthy while studies queued up (found by review). The edge polls the
+announcements every few seconds (:meth:`WorkerWatch.poll`); ``/api/workers``,
+``radnode status`` and the ``radnode_workers_alive`` gauge show the result, and the log
+says when a worker appears, goes silent or stops, and when none is left.
+
+A worker is alive while its last announcement is at most ``SILENT_BEATS`` heartbeats
+old, the rule the edge already applies to a running job. One silent for an hour is
+forgotten.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+
+from service.queue import JobQueue, WorkerPresence
+from service.records import WorkerView
+from service.tracker import SILENT_BEATS
+
+log = structlog.get_logger("service.worker_watch")
+
+#: A worker silent this long is dropped from the list (its machine is gone for good).
+FORGET_AFTER_S = 3600.0
+#: With jobs to run and no worker seen for this long after the start, the log says so.
+START_GRACE_S = 120.0
+
+
+class WorkerWatch:
+    """Reads the workers' announcements and reports changes; :attr:`latest` is the
+    list of the last poll (the metrics gauge and the API read it, never the queue)."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        *,
+        expect_workers: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._queue = queue
+        self._expect = expect_workers
+        self._clock = clock
+        self._silent_after = SILENT_BEATS * queue.heartbeat_s
+        self._started = clock()
+        self._alive: set[str] = set()
+        self._said_none = False
+        self._failing = False
+        self.latest: list[WorkerView] = []
+
+    def forget_all(self) -> None:
+        """Drop every announcement: with a queue on this machine (SQLite), the workers
+        of a previous run of the node died with it."""
+        for presence in self._queue.workers():
+            self._queue.withdraw(presence.name)
+
+    def alive_count(self) -> int:
+        return sum(view.alive for view in self.latest)
+
+    def poll_or_log(self) -> None:
+        """:meth:`poll`; a queue that does not answer is logged once until it does (the
+        job tracker reports the outage itself) and :attr:`latest` stays as it was."""
+        try:
+            self.poll()
+        except Exception as exc:
+            if not self._failing:
+                log.warning(
+                    "workers.poll_failed",
+                    reason=f"{type(exc).__name__}: {exc}",
+                    action="check queue.url; the list of workers is stale until the queue answers",
+                )
+            self._failing = True
+        else:
+            self._failing = False
+
+    def poll(self) -> list[WorkerView]:
+        """Read the announcements, log what changed, and return the workers by name."""
+        now = self._clock()
+        views = []
+        for presence in self._queue.workers():
+            if now - presence.at > FORGET_AFTER_S:
+                self._queue.withdraw(presence.name)
+                continue
+            views.append(self._view(presence, now))
+        self._report(views, now)
+        self.latest = views
+        return views
+
+    def _view(self, presence: WorkerPresence, now: float) -> WorkerView:
+        return WorkerView(
+            name=presence.name,
+            device=presence.device,
+            pipelines=dict(presence.pipelines),
+            started_at=presence.started_at,
+            last_seen=presence.at,
+            alive=now - presence.at <= self._silent_after,
+        )
+
+    def _report(self, views: list[WorkerView], now: float) -> None:
+        listed = {view.name for view in views}
+        alive = {view.name for view in views if view.alive}
+        before = self._alive
+        for name in sorted(alive - before):
+            log.info("worker.seen", worker=name, alive=len(alive))
+        for name in sorted(before - alive):
+            if name in listed:
+                log.warning(
+                    "worker.silent",
+                    worker=name,
+                    silent_s=round(self._silent_after),
+                    alive=len(alive),
+                    action="check the worker's machine and its log; a job it was"
+                    " running is queued again",
+                )
+            else:
+                log.info("worker.gone", worker=name, alive=len(alive))
+        self._alive = alive
+        if alive:
+            self._said_none = False
+            return
+        lost_last = bool(before)
+        waited = now - self._started > START_GRACE_S
+        if self._expect and not self._said_none and (lost_last or waited):
+            self._said_none = True
+            log.warning(
+                "workers.none_alive",
+                action="start `radnode worker` (or set queue.local_workers); studies"
+                " are received and their jobs wait in the queue until a worker runs",
+            )

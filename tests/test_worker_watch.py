@@ -1,0 +1,116 @@
+"""The edge's view of its workers, on a real (SQLite) huey queue with a test clock.
+
+A worker announces itself with :meth:`JobQueue.present`; the edge's
+:class:`WorkerWatch` judges who is alive by the age of the last announcement and logs
+the changes. The scale-out test (``tests/test_scale_out.py``) does the same with real
+``radnode worker`` processes and Redis; here the clock is the test's, so "silent for
+an hour" takes no hour.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import structlog
+
+from service.config import Settings
+from service.queue import JobQueue, WorkerPresence
+from service.worker_watch import FORGET_AFTER_S, START_GRACE_S, WorkerWatch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _queue(tmp_path: Path) -> JobQueue:
+    settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
+    return JobQueue(settings, heartbeat_s=1.0)
+
+
+def _announce(queue: JobQueue, name: str, at: float) -> None:
+    presence = WorkerPresence(name, "cpu", {"ct_seg": "1.0.0"}, at - 10, at)
+    queue.huey.put(f"worker:{name}", presence)
+
+
+def test_a_present_worker_is_listed_alive_and_withdrawn_when_it_stops(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    watch = WorkerWatch(queue, expect_workers=True)
+    with queue.present("gpu-1:42", "cuda:0", {"ct_seg": "1.0.0"}):
+        (view,) = watch.poll()
+        assert (view.name, view.device, view.alive) == ("gpu-1:42", "cuda:0", True)
+        assert view.pipelines == {"ct_seg": "1.0.0"}
+        assert watch.alive_count() == 1
+    with structlog.testing.capture_logs() as logs:
+        assert watch.poll() == []
+    events = [e["event"] for e in logs]
+    assert events == ["worker.gone", "workers.none_alive"]
+
+
+def test_a_worker_silent_for_four_beats_is_not_alive_and_said_once(tmp_path: Path) -> None:
+    queue, clock = _queue(tmp_path), Clock()
+    watch = WorkerWatch(queue, expect_workers=True, clock=clock)
+    _announce(queue, "a:1", clock.now)
+    _announce(queue, "b:2", clock.now)
+    with structlog.testing.capture_logs() as logs:
+        watch.poll()
+        clock.now += 4.5  # b beats on, a does not
+        _announce(queue, "b:2", clock.now)
+        views = watch.poll()
+        watch.poll()
+    assert {v.name: v.alive for v in views} == {"a:1": False, "b:2": True}
+    silent = [e for e in logs if e["event"] == "worker.silent"]
+    assert [e["worker"] for e in silent] == ["a:1"] and silent[0]["alive"] == 1
+    assert [e["worker"] for e in logs if e["event"] == "worker.seen"] == ["a:1", "b:2"]
+    assert not [e for e in logs if e["event"] == "workers.none_alive"]
+
+
+def test_a_worker_silent_for_an_hour_is_forgotten(tmp_path: Path) -> None:
+    queue, clock = _queue(tmp_path), Clock()
+    watch = WorkerWatch(queue, expect_workers=True, clock=clock)
+    _announce(queue, "old:1", clock.now - FORGET_AFTER_S - 1)
+    assert watch.poll() == []
+    assert queue.workers() == []
+
+
+def test_no_worker_after_the_start_grace_is_said_once_when_jobs_need_one(tmp_path: Path) -> None:
+    queue, clock = _queue(tmp_path), Clock()
+    expecting = WorkerWatch(queue, expect_workers=True, clock=clock)
+    idle = WorkerWatch(queue, expect_workers=False, clock=clock)  # no routes
+    with structlog.testing.capture_logs() as logs:
+        expecting.poll()  # within the grace: workers are still loading their models
+        clock.now += START_GRACE_S + 1
+        for _ in range(3):
+            expecting.poll()
+            idle.poll()
+    assert [e["event"] for e in logs] == ["workers.none_alive"]
+    assert "radnode worker" in logs[0]["action"]
+
+
+def test_an_unreachable_queue_is_logged_once_and_the_last_list_kept(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    watch = WorkerWatch(queue, expect_workers=True)
+    _announce(queue, "a:1", time.time())
+    watch.poll()
+
+    def broken() -> list[WorkerPresence]:
+        raise ConnectionError("queue down")
+
+    queue.workers = broken  # type: ignore[method-assign]  # the queue's answer, failing
+    with structlog.testing.capture_logs() as logs:
+        watch.poll_or_log()
+        watch.poll_or_log()
+    assert [e["event"] for e in logs] == ["workers.poll_failed"]
+    assert [v.name for v in watch.latest] == ["a:1"]
+
+
+def test_forget_all_drops_the_announcements_of_a_previous_run(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    _announce(queue, "a:1", time.time())
+    _announce(queue, "b:2", time.time())
+    WorkerWatch(queue, expect_workers=True).forget_all()
+    assert queue.workers() == []
