@@ -105,6 +105,10 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 """
 
 
+#: SQL: an Image Type (values joined by backslashes) with the value LOCALIZER.
+_LOCALIZER = "('\\' || COALESCE({}, '') || '\\') LIKE '%\\LOCALIZER\\%'"
+
+
 def _join(values: Iterable[object] | None) -> str | None:
     return None if values is None else "\\".join(str(v) for v in values)
 
@@ -185,7 +189,21 @@ class StudyIndex:
                 " image_type, image_orientation, manufacturer, manufacturer_model_name,"
                 " first_received_at, last_received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (series_uid) DO NOTHING",
+                # Routing reads these from the series' first instance; a localizer
+                # that came first (a scout inside the axial series) would route the
+                # series as a localizer: the first other image describes it instead.
+                " ON CONFLICT (series_uid) DO UPDATE SET modality = excluded.modality,"
+                " body_part = excluded.body_part,"
+                " series_description = excluded.series_description,"
+                " sop_class_uid = excluded.sop_class_uid,"
+                " series_number = excluded.series_number,"
+                " slice_thickness = excluded.slice_thickness,"
+                " image_type = excluded.image_type,"
+                " image_orientation = excluded.image_orientation,"
+                " manufacturer = excluded.manufacturer,"
+                " manufacturer_model_name = excluded.manufacturer_model_name"
+                f" WHERE {_LOCALIZER.format('series.image_type')}"
+                f" AND NOT {_LOCALIZER.format('excluded.image_type')}",
                 (
                     h.series_uid,
                     h.study_uid,

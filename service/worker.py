@@ -124,11 +124,15 @@ class JobRunner:
         self.queue = queue
 
     def run(self, ticket: JobTicket) -> JobReport:
-        """Run the ticket (with a heartbeat when a queue is attached); report the outcome."""
-        if self.queue is None:
-            return self._run(ticket)
-        with self.queue.beating(ticket.job_id, worker_name(), ticket.attempt):
-            return self._run(ticket)
+        """Run the ticket (with a heartbeat when a queue is attached); report the outcome.
+
+        Every log line of the run carries its job id, those of the series reader and
+        the writers too (they do not know the job)."""
+        with structlog.contextvars.bound_contextvars(job=ticket.job_id):
+            if self.queue is None:
+                return self._run(ticket)
+            with self.queue.beating(ticket.job_id, worker_name(), ticket.attempt):
+                return self._run(ticket)
 
     def _run(self, ticket: JobTicket) -> JobReport:
         bound = log.bind(job=ticket.job_id, study=ticket.study_key, pipeline=ticket.pipeline)

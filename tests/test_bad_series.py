@@ -10,6 +10,7 @@ property: whatever a header says, ``load_series`` returns a Volume or raises
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
 from collections.abc import Callable
 from io import BytesIO
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
@@ -82,7 +84,33 @@ def _missing_frame_of_reference(series: list[Dataset]) -> list[Dataset]:
     return series
 
 
+def _with_scout(series: list[Dataset]) -> list[Dataset]:
+    """A coronal scout inside the axial series, as some scanners send it."""
+    scout = copy.deepcopy(series[0])
+    scout.SOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.InstanceNumber = 0
+    return [scout, *series]
+
+
 # --------------------------------------------------------------------------- spool files
+
+
+def test_a_scout_inside_the_series_is_set_aside_and_the_axial_images_load(
+    tmp_path: Path,
+) -> None:
+    """It crossed the axial planes and the whole series was refused (mixed orientation):
+    the radiologist got nothing for an ordinary CT."""
+    paths = on_disk(tmp_path, _with_scout)
+    scout_uid = pydicom.dcmread(paths[0]).SOPInstanceUID
+
+    volume = load_series(paths)
+
+    assert volume.array.shape == (SMALL["slices"], 16, 16)
+    assert len(volume.sources) == len(volume.source_headers) == SMALL["slices"]
+    assert scout_uid not in {source.sop_instance_uid for source in volume.sources}
+    assert volume.direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
 
 
 def test_single_slice_from_disk_is_a_flagged_volume(tmp_path: Path) -> None:
@@ -346,3 +374,11 @@ def test_header_damage_gives_a_volume_or_series_refused(changes) -> None:
 @given(mutations())
 def test_any_header_damage_gives_a_volume_or_series_refused(changes) -> None:
     check_load_series(changes)
+
+
+def test_the_set_aside_scout_is_logged(tmp_path: Path) -> None:
+    paths = on_disk(tmp_path, _with_scout)
+    with structlog.testing.capture_logs() as logs:
+        load_series(paths)
+    (line,) = [e for e in logs if e["event"] == "series.localizers_skipped"]
+    assert (line["localizers"], line["kept"]) == (1, SMALL["slices"])

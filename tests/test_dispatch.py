@@ -90,3 +90,46 @@ def test_finished_jobs_are_not_started_again_but_can_be_retried(index: StudyInde
     assert index.unfinished_jobs() == []
     assert index.requeue_job(job.job_id).state is JobState.QUEUED
     assert [j.job_id for j in index.unfinished_jobs()] == [job.job_id]
+
+
+def _instance(series: str, uid: str, image_type: tuple[str, ...], iop: tuple, number: int):
+    header = InstanceHeader(
+        study_uid=series.rsplit(".", 1)[0], series_uid=series, sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", instance_number=number,
+        image_type=image_type, image_orientation=iop, slice_thickness=1.25,
+    )  # fmt: skip
+    return StoredInstance(header, f"/spool/{uid}", 10, "1.2.840.10008.1.2.1", "X")
+
+
+SCOUT = (("ORIGINAL", "PRIMARY", "LOCALIZER"), (1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+AXIAL = (("ORIGINAL", "PRIMARY", "AXIAL"), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("scout_first", [True, False])
+def test_a_scout_inside_an_axial_series_does_not_decide_its_routing(
+    index: StudyIndex, scout_first: bool
+) -> None:
+    """The series took its routing attributes from its first instance: a scout that
+    came first made the whole axial series a localizer, and the reference routes
+    (ImageType excludes LOCALIZER) skipped it."""
+    queued: list[str] = []
+    routes = [rule(match={"Modality": "CT", "ImageType": {"excludes": ["LOCALIZER"]}})]
+    dispatcher = Dispatcher(index, routes, lambda job: queued.append(job.job_id), quiet_s=5)
+    then = time.time() - 60
+    scout = _instance("5.1.1", "5.1.1.0", *SCOUT, number=0)
+    axial = [_instance("5.1.1", f"5.1.1.{i}", *AXIAL, number=i) for i in range(1, 5)]
+    for stored in [scout, *axial] if scout_first else [*axial, scout]:
+        index.add_instance(stored, now=then)
+
+    (series,) = index.series_of("5.1")
+    assert series.image_type == AXIAL[0]
+    assert series.image_orientation == AXIAL[1]
+    (study,) = index.complete_quiet_studies(5)
+    assert [job.series_uid for job in dispatcher.on_study_complete(study)] == ["5.1.1"]
+
+
+def test_a_series_of_scouts_stays_a_localizer_series(index: StudyIndex) -> None:
+    index.add_instance(_instance("6.1.1", "6.1.1.0", *SCOUT, number=1))
+    index.add_instance(_instance("6.1.1", "6.1.1.1", SCOUT[0], (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), 2))
+    (series,) = index.series_of("6.1")
+    assert "LOCALIZER" in series.image_type

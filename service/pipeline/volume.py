@@ -9,6 +9,8 @@ Work is done in two passes so that a bad series costs little:
 
 1. The headers of every instance are read without their pixel data (:func:`read_headers`;
    :func:`load_series` keeps Pixel Data's length, deferred, to check it before step 3).
+   Localizer images in a series that has other images too are set aside
+   (:func:`without_localizers`).
 2. :func:`plan_volume` checks the geometry (one series, one frame of reference, one size,
    one orientation, positions on a regular grid along the slice normal, ...) and decides
    the slice order, the output shape and dtype. Every problem raises
@@ -53,6 +55,7 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import pydicom
+import structlog
 from numpy.typing import NDArray
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -69,6 +72,8 @@ from pydicom.uid import (
 
 from service.errors import RadnodeError
 from service.pipeline.paging import empty_volume
+
+log = structlog.get_logger("service.pipeline.volume")
 
 SeriesItem: TypeAlias = str | PathLike[str] | Dataset
 Vector3: TypeAlias = tuple[float, float, float]
@@ -408,6 +413,7 @@ def load_series(
     with _refuse_malformed("reading the headers"):
         # Pixel Data deferred, not skipped: its length is known without reading it.
         headers = read_headers(items, defer_pixels=True)
+        items, headers = without_localizers(items, headers)
     plan = plan_volume(headers, tolerances=tolerances, max_voxels=max_voxels)
     with _refuse_malformed("decoding the pixel data"):
         _check_pixel_lengths(plan, headers)  # before the volume's array is allocated
@@ -429,6 +435,30 @@ def load_series(
         slice_spacing_source=plan.slice_spacing_source,
         source_headers=tuple(headers),
     )
+
+
+def is_localizer(header: Dataset) -> bool:
+    """Image Type says LOCALIZER (a scout or topogram; PS3.3 C.8.2.1.1.1 for CT)."""
+    value = header.get("ImageType")
+    values = [value] if isinstance(value, str) else list(value or ())
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
+def without_localizers(
+    items: Sequence[SeriesItem], headers: Sequence[Dataset]
+) -> tuple[list[SeriesItem], list[Dataset]]:
+    """The series without its localizer images, when it has other images too.
+
+    Why: some scanners put the scout into the axial series. Its plane crosses the
+    others, so the whole series was refused ("mixes orientations") and the
+    radiologist got nothing. A series of localizers only is left as it is (routing
+    keeps such series away from volume models).
+    """
+    keep = [i for i, header in enumerate(headers) if not is_localizer(header)]
+    if not keep or len(keep) == len(headers):
+        return list(items), list(headers)
+    log.info("series.localizers_skipped", localizers=len(headers) - len(keep), kept=len(keep))
+    return [items[i] for i in keep], [headers[i] for i in keep]
 
 
 # --------------------------------------------------------------------------- reading
