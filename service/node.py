@@ -36,6 +36,7 @@ from service.publish import outbox_path
 from service.queue import JobQueue
 from service.receivers import ReceiverPool, build_receive_path
 from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
+from service.shared_storage import edge_mark
 from service.spool import Spool
 from service.supervisor import ProcessSupervisor
 from service.tracker import JobTracker
@@ -60,7 +61,12 @@ class Node:
             ) from exc
         self.queue = JobQueue(settings)
         # no routes, no jobs: no workers are started and none are missed
-        self.worker_watch = WorkerWatch(self.queue, expect_workers=bool(settings.routes))
+        self.worker_watch = WorkerWatch(
+            self.queue,
+            expect_workers=bool(settings.routes),
+            # workers on other machines check that they see this data_dir
+            edge_mark=edge_mark(data_dir) if settings.queue.url else None,
+        )
         self.metrics = Metrics(
             data_dir=data_dir,
             job_counts=self.index.jobs_by_pipeline_state,
@@ -142,6 +148,7 @@ class Node:
         self.tracker.recover(local_workers_only=self.settings.queue.url is None)
         if self.settings.queue.url is None:
             self.worker_watch.forget_all()
+        self.worker_watch.poll_or_log()  # publishes the data_dir mark before any worker asks
         try:
             self.scp.start()
         except OSError as exc:

@@ -57,6 +57,14 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class EdgeMark:
+    """Which data_dir the edge uses, and the token in it (see :mod:`service.shared_storage`)."""
+
+    token: str
+    data_dir: str
+
+
+@dataclass(frozen=True)
 class WorkerPresence:
     """A worker process's sign of life, beaten while it waits for jobs too.
 
@@ -184,6 +192,15 @@ class JobQueue:
                 found.append(value)
         return sorted(found, key=lambda w: w.name)
 
+    def mark_edge(self, mark: EdgeMark) -> None:
+        """Publish the edge's data_dir mark (the edge, at start and on each watch pass)."""
+        self.huey.put(_EDGE_KEY, mark)
+
+    def edge_mark(self) -> EdgeMark | None:
+        """The edge's data_dir mark, if it has published one."""
+        value = self.huey.get(_EDGE_KEY, peek=True)
+        return value if isinstance(value, EdgeMark) else None
+
     def withdraw(self, name: str) -> None:
         """Forget worker ``name`` (it stopped, or the edge gave up on it)."""
         self.huey.get(_WORKER_PREFIX + name)
@@ -271,6 +288,8 @@ class JobQueue:
 
 #: Key prefix of the workers' presence records in huey's result store.
 _WORKER_PREFIX = "worker:"
+#: Key of the edge's data_dir mark.
+_EDGE_KEY = "edge:data_dir"
 
 
 def _heartbeat_key(job_id: str, attempt: int) -> str:

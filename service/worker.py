@@ -43,6 +43,7 @@ from service.pipeline.volume import SeriesRefused, load_series
 from service.publish import ResultPublisher
 from service.queue import JobQueue
 from service.records import JobReport, JobState, JobTicket
+from service.shared_storage import check_shared_storage
 from service.supervisor import child_command
 from service.warmup import warm_up_writers
 from service.writers.files import result_summary, write_result_files
@@ -222,6 +223,8 @@ def run_worker(settings: Settings, *, local: bool = False) -> None:
     no_huge_pages_for_arrays()
     queue = JobQueue(settings)
     queue.check()  # before anything slow: a wrong queue.url ends the worker with a reason
+    if not local:
+        check_shared_storage(queue)
     cache = PipelineCache(settings.models.dir, settings.models.device)
     runner = JobRunner(settings, cache, ResultPublisher(settings), queue)
     queue.handler = runner.run

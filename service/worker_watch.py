@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import structlog
 
-from service.queue import JobQueue, WorkerPresence
+from service.queue import EdgeMark, JobQueue, WorkerPresence
 from service.records import WorkerView
 from service.tracker import SILENT_BEATS
 
@@ -41,9 +41,11 @@ class WorkerWatch:
         queue: JobQueue,
         *,
         expect_workers: bool,
+        edge_mark: EdgeMark | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._queue = queue
+        self._mark = edge_mark
         self._expect = expect_workers
         self._clock = clock
         self._silent_after = SILENT_BEATS * queue.heartbeat_s
@@ -81,6 +83,8 @@ class WorkerWatch:
     def poll(self) -> list[WorkerView]:
         """Read the announcements, log what changed, and return the workers by name."""
         now = self._clock()
+        if self._mark is not None:  # again each pass: a restarted queue may have lost it
+            self._queue.mark_edge(self._mark)
         views = []
         for presence in self._queue.workers():
             if now - presence.at > FORGET_AFTER_S:

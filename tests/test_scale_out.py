@@ -20,6 +20,7 @@ import pytest
 
 from service.config import Settings
 from service.queue import JobQueue
+from service.shared_storage import MARK_FILE, edge_mark
 from service.testing import write_ct_series
 from tests.conftest import RADNODE, free_port, storescu
 from tests.support.bundles import write_zoo_spleen_bundle
@@ -177,3 +178,49 @@ def test_a_worker_that_cannot_run_an_enabled_pipeline_refuses_to_start(
     assert run.returncode == 1, run.stdout[-2000:]
     assert "cannot run every enabled route's pipeline (spleen_ct_segmentation" in run.stderr
     assert "worker.started" not in run.stdout
+
+
+@pytest.mark.parametrize("storage", ["not mounted", "another data_dir"])
+def test_a_worker_that_does_not_see_the_edges_data_dir_refuses_to_start(
+    redis_url: str, tmp_path: Path, storage: str
+) -> None:
+    """Jobs name the edge's files by path; a worker without the shared storage took jobs
+    and failed each. The edge's mark is planted in Redis here as an edge on another
+    machine publishes it (an edge on this machine would be visible by definition)."""
+    settings = Settings(
+        node={"data_dir": str(tmp_path / "edge")},  # type: ignore[arg-type]
+        queue={"url": redis_url},  # type: ignore[arg-type]
+    )
+    mark = edge_mark(tmp_path / "edge")
+    if storage == "not mounted":
+        (tmp_path / "edge" / MARK_FILE).unlink()
+    else:  # the same path holds another node's data_dir
+        (tmp_path / "edge" / MARK_FILE).write_text("0123456789abcdef\n")
+    JobQueue(settings).mark_edge(mark)
+    env = {**os.environ, "RADNODE_NODE__DATA_DIR": str(tmp_path / "edge"),
+           "RADNODE_QUEUE__URL": redis_url}  # fmt: skip
+    run = subprocess.run(
+        [str(RADNODE), "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stdout[-2000:]
+    expected = "is not readable here" if storage == "not mounted" else "is not the edge's data_dir"
+    assert expected in run.stderr and "Mount the edge's node.data_dir" in run.stderr
+    assert "worker.started" not in run.stdout
+
+
+def test_the_edge_publishes_its_data_dir_and_a_worker_that_sees_it_starts(
+    radnode_factory, redis_url: str
+) -> None:
+    edge = radnode_factory(RADNODE_QUEUE__URL=redis_url, RADNODE_QUEUE__LOCAL_WORKERS="0").start()
+    settings = Settings(queue={"url": redis_url})  # type: ignore[arg-type]
+    mark = JobQueue(settings).edge_mark()
+    assert mark is not None and Path(mark.data_dir) == edge.data_dir.resolve()
+    assert (edge.data_dir / MARK_FILE).read_text().strip() == mark.token
+    env = {**os.environ, "RADNODE_QUEUE__URL": redis_url,
+           "RADNODE_NODE__DATA_DIR": str(edge.data_dir)}  # fmt: skip
+    worker = Worker(env)
+    try:
+        edge.wait_for_event("worker.seen", timeout=120)
+        assert worker.events("worker.started")
+    finally:
+        worker.stop()
