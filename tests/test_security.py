@@ -67,6 +67,9 @@ def rejection(assoc: Association) -> tuple[int, int, int]:
 
 
 def rejected_events(events: list[dict]) -> list[dict]:
+    """The ``association.rejected`` lines. The SCP logs one once the A-ASSOCIATE-RJ is
+    sent (pynetdicom's EVT_REJECTED), so the peer may have its answer first: tests wait
+    for the line inside their ``capture_logs`` block."""
     return [e for e in events if e["event"] == "association.rejected"]
 
 
@@ -95,6 +98,7 @@ def test_address_outside_the_allowlist_is_rejected_and_logged(start_scp) -> None
     with structlog.testing.capture_logs() as events:
         assoc = associate(scp.port)
         ok, output = echo(scp.port)
+        _wait_until(lambda: len(rejected_events(events)) == 2)
 
     assert rejection(assoc) == (PERMANENT, SERVICE_USER, NO_REASON)
     assert not ok and "Association Rejected" in output
@@ -148,6 +152,7 @@ def test_unknown_calling_ae_is_rejected_with_reason_3(start_scp) -> None:
 
     with structlog.testing.capture_logs() as events:
         assoc = associate(scp.port, calling="INTRUDER")
+        _wait_until(lambda: rejected_events(events))
 
     assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLING_AE)
     (logged,) = rejected_events(events)
@@ -160,6 +165,7 @@ def test_called_ae_mismatch_is_rejected_with_reason_7(start_scp) -> None:
 
     with structlog.testing.capture_logs() as events:
         assoc = associate(scp.port, called="SOMEONE_ELSE")
+        _wait_until(lambda: rejected_events(events))
 
     assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLED_AE)
     (logged,) = rejected_events(events)
@@ -186,6 +192,7 @@ def test_max_associations_is_honoured_and_frees_up(start_scp) -> None:
 
     with structlog.testing.capture_logs() as events:
         third = associate(scp.port)
+        _wait_until(lambda: rejected_events(events))
 
     assert rejection(third) == (TRANSIENT, PRESENTATION, LOCAL_LIMIT)
     (logged,) = rejected_events(events)
