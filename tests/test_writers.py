@@ -28,6 +28,7 @@ from service.pipeline.result import (
 from service.pipeline.volume import Volume, load_series, read_headers
 from service.publish import write_dicom
 from service.testing import write_ct_series, write_radiograph
+from service.writers import sc
 from service.writers.dicom import write_dicom_results
 from service.writers.provenance import device_uid, result_uid
 from tests.conftest import require_tool
@@ -467,3 +468,27 @@ def test_results_that_cannot_be_made_fail_the_job_instead_of_going_out_half(ct, 
     (logged,) = [e for e in events if e["event"] == "dicom.not_written"]
     assert "nothing of the job was sent" in logged["action"]
     assert not list(tmp_path.glob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(1).integers(0, 4096, size=(300, 200), dtype=np.uint16),
+        np.random.default_rng(2).integers(-1024, 3000, size=(257, 31), dtype=np.int16),
+        np.full((40, 40), 7, dtype=np.int32),
+        np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32),
+        np.array([[0, 1 << 24]], dtype=np.int64),  # too wide a range to count
+    ],
+)
+def test_window_percentiles_equal_numpys(values: np.ndarray) -> None:
+    qs = (0.0, 1.0, 37.5, 99.0, 100.0)
+    assert sc.percentiles(values, qs) == pytest.approx(tuple(np.percentile(values, qs)))
+
+
+def test_a_radiograph_scaled_while_grey_is_the_picture_scaled_in_colour() -> None:
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 4096, size=(2000, 1500), dtype=np.uint16)
+    grey, scale = sc._scaled_grey(sc._grey(pixels, "DX"))
+    rgb, rgb_scale = sc._scaled(sc._grey_rgb(pixels, "DX"))
+    assert scale == rgb_scale and grey.size == rgb.size == (768, 1024)
+    np.testing.assert_array_equal(np.asarray(grey.convert("RGB")), np.asarray(rgb))
