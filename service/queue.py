@@ -175,7 +175,7 @@ class JobQueue:
             return False
         return True
 
-    # -- a worker ---------------------------------------------------------------
+    # -- who is there: workers announce themselves, the edge reads ----------------
 
     def workers(self) -> list[WorkerPresence]:
         """Every worker that announced itself and has not withdrawn, alive or not (the

@@ -8,9 +8,11 @@ announcements every few seconds (:meth:`WorkerWatch.poll`); ``/api/workers``,
 ``radnode status`` and the ``radnode_workers_alive`` gauge show the result, and the log
 says when a worker appears, goes silent or stops, and when none is left.
 
-A worker is alive while its last announcement is at most ``SILENT_BEATS`` heartbeats
-old, the rule the edge already applies to a running job. One silent for an hour is
-forgotten.
+A worker is alive while it has announced itself anew within ``SILENT_BEATS``
+heartbeats, the rule the edge already applies to a running job. "Anew" is judged by the
+edge's clock, from the announcement changing, so a worker machine whose clock is off
+is not taken for silent (or alive) by it; only an announcement seen for the first time
+is dated by the worker's clock. One silent for an hour is forgotten.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class WorkerWatch:
         self._alive: set[str] = set()
         self._said_none = False
         self._failing = False
+        #: name -> (its announcement's ``at``, when this edge saw that value first)
+        self._heard: dict[str, tuple[float, float]] = {}
         self.latest: list[WorkerView] = []
 
     def forget_all(self) -> None:
@@ -86,23 +90,30 @@ class WorkerWatch:
         if self._mark is not None:  # again each pass: a restarted queue may have lost it
             self._queue.mark_edge(self._mark)
         views = []
+        heard = {}
         for presence in self._queue.workers():
-            if now - presence.at > FORGET_AFTER_S:
+            at, since = self._heard.get(presence.name, (None, 0.0))
+            if presence.at != at:  # a new announcement (first sight: the worker's date)
+                since = now if at is not None else min(presence.at, now)
+            if now - since > FORGET_AFTER_S:
                 self._queue.withdraw(presence.name)
                 continue
-            views.append(self._view(presence, now))
+            heard[presence.name] = (presence.at, since)
+            views.append(self._view(presence, alive=now - since <= self._silent_after))
+        self._heard = heard
         self._report(views, now)
         self.latest = views
         return views
 
-    def _view(self, presence: WorkerPresence, now: float) -> WorkerView:
+    @staticmethod
+    def _view(presence: WorkerPresence, *, alive: bool) -> WorkerView:
         return WorkerView(
             name=presence.name,
             device=presence.device,
             pipelines=dict(presence.pipelines),
             started_at=presence.started_at,
             last_seen=presence.at,
-            alive=now - presence.at <= self._silent_after,
+            alive=alive,
         )
 
     def _report(self, views: list[WorkerView], now: float) -> None:

@@ -114,3 +114,20 @@ def test_forget_all_drops_the_announcements_of_a_previous_run(tmp_path: Path) ->
     _announce(queue, "b:2", time.time())
     WorkerWatch(queue, expect_workers=True).forget_all()
     assert queue.workers() == []
+
+
+def test_a_worker_whose_clock_is_off_is_judged_by_the_edges_clock(tmp_path: Path) -> None:
+    """Its announcements are dated by its own clock; the edge judges freshness by when
+    it saw each new one, so a clock 10 minutes behind still counts as alive."""
+    queue, clock = _queue(tmp_path), Clock()
+    watch = WorkerWatch(queue, expect_workers=True, clock=clock)
+    behind = clock.now - 600
+    _announce(queue, "late:1", behind)
+    assert [v.alive for v in watch.poll()] == [False]  # first sight: its own date
+    for _ in range(5):
+        clock.now += 1.0
+        behind += 1.0
+        _announce(queue, "late:1", behind)
+        assert [v.alive for v in watch.poll()] == [True]
+    clock.now += 4.5  # then it stops announcing
+    assert [v.alive for v in watch.poll()] == [False]
