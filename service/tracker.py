@@ -62,6 +62,8 @@ class JobTracker:
         self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
         self._untraced: dict[str, float] = {}
+        #: (job, attempt) -> (its last beat's date, when this edge first saw that beat)
+        self._heard: dict[tuple[str, int], tuple[float, float]] = {}
         self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
         self._check_failure: tuple[str, float] | None = None  # last logged, when
         self._next_trace_check = 0.0
@@ -143,6 +145,7 @@ class JobTracker:
     def check_now(self) -> None:
         with self._lock:
             now = time.time()
+            heard: dict[tuple[str, int], tuple[float, float]] = {}
             for job in self.index.unfinished_jobs():
                 if job.task_id is None:
                     self._submit(job)
@@ -157,10 +160,31 @@ class JobTracker:
                         self.index.start_job(job.job_id, worker=beat.worker)
                 elif job.state is JobState.RUNNING:
                     beat = self.queue.heartbeat(job.job_id, job.attempts)
-                    last = beat.at if beat is not None else (job.started_at or now)
+                    last = job.started_at or now
+                    if beat is not None:
+                        last = self._heard_at(job, beat.at, now, heard)
                     if now - last > SILENT_BEATS * self.queue.heartbeat_s:
                         self._lost(job, "its worker stopped sending heartbeats")
+            self._heard = heard
             self._check_untraced(now)
+
+    def _heard_at(
+        self,
+        job: JobRecord,
+        beat_at: float,
+        now: float,
+        heard: dict[tuple[str, int], tuple[float, float]],
+    ) -> float:
+        """When this edge last heard the run beat, on the edge's clock: when its beat
+        changed, a beat seen for the first time counting as heard now. The beat's own
+        date is the worker machine's clock; compared with the edge's, a worker whose
+        clock was a minute behind had every healthy run taken for lost and run twice."""
+        key = (job.job_id, job.attempts)
+        at, since = self._heard.get(key, (None, now))
+        if beat_at != at:
+            since = now
+        heard[key] = (beat_at, since)
+        return since
 
     def check_reports(self) -> None:
         """Record the reports of running jobs. Cheap enough to run often (one indexed

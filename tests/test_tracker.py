@@ -22,7 +22,7 @@ from service.config import Settings
 from service.delivery import Outbox
 from service.index import StudyIndex
 from service.ingest import Ingest
-from service.queue import JobQueue
+from service.queue import Heartbeat, JobQueue
 from service.records import Deliverable, JobReport, JobState
 from service.spool import Spool
 from service.tracker import JobTracker
@@ -156,4 +156,36 @@ def test_a_queue_that_stays_down_is_reported_once_not_every_pass(tmp_path: Path)
         tracker.stop()
     failed = [e for e in events if e["event"] == "jobs.check_failed"]
     assert len(failed) == 1, failed
+    index.close()
+
+
+def test_a_run_beating_with_a_clock_behind_the_edges_is_not_taken_for_lost(
+    tmp_path: Path,
+) -> None:
+    """Beats are dated by the worker machine's clock. Compared with the edge's, a worker
+    a minute behind had every healthy run taken for lost after 4 beats and run twice.
+    The edge judges by when a beat changes; a run that stops beating is still lost."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None
+    tracker.submit(job)
+    behind = time.time() - 600  # the worker's clock: ten minutes behind
+
+    def beat(at: float) -> None:
+        queue.huey.put(f"hb:{job.job_id}:1", Heartbeat("w:1", 1, at))
+
+    beat(behind)
+    tracker.check_now()  # the first beat: the run has started
+    assert index.job(job.job_id).state is JobState.RUNNING
+    for _ in range(6):  # 0.6 s of beats, longer than the 0.4 s silence window
+        time.sleep(0.1)
+        behind += 0.1
+        beat(behind)
+        tracker.check_now()
+        assert index.job(job.job_id).state is JobState.RUNNING
+    time.sleep(0.6)  # then the worker dies
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.QUEUED  # lost, queued again
     index.close()
