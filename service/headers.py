@@ -185,7 +185,9 @@ def _check_pixel_data(values: _Values, transfer_syntax_uid: str) -> None:
     frames = _number(values, "NumberOfFrames", int) or 1
     pixels = rows * columns * samples * frames
     expected = (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
-    length = raw.length
+    length = getattr(raw, "length", None)  # a Pixel Data sent as a sequence has none
+    if not isinstance(length, int):
+        raise UnreadableDataset("Pixel Data is not a value (sent as a sequence?)")
     if length not in (expected, expected + 1):
         raise UnreadableDataset(
             f"Pixel Data has {length} bytes, its image attributes need {expected}"

@@ -147,7 +147,11 @@ class Node:
         # With no remote workers configured, every worker died with the node.
         self.tracker.recover(local_workers_only=self.settings.queue.url is None)
         if self.settings.queue.url is None:
-            self.worker_watch.forget_all()
+            try:
+                self.worker_watch.forget_all()
+            except Exception as exc:  # never a reason not to start: shown as silent
+                log.warning("workers.forget_failed", reason=f"{type(exc).__name__}: {exc}",
+                            action="none; workers of the previous run show as silent")  # fmt: skip
         self.worker_watch.poll_or_log()  # publishes the data_dir mark before any worker asks
         try:
             self.scp.start()

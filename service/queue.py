@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from huey import Huey, RedisHuey, SqliteHuey
+from huey.exceptions import TaskException
 
 from service.config import Settings
 from service.errors import StartupError
@@ -122,8 +123,16 @@ class JobQueue:
         return str(self._task(ticket).id)
 
     def report(self, task_id: str) -> JobReport | None:
-        """The run's report if the worker has finished it (kept until :meth:`forget`)."""
-        value = self.huey.result(task_id, preserve=True)
+        """The run's report if the worker has finished it (kept until :meth:`forget`).
+
+        A run that raised outside the job handler (its first heartbeat could not be
+        written, say) left huey's error instead of a report; reading it raised on every
+        tracker pass and stopped the pass for every job (found by review). It counts
+        as no report: the run is lost and the tracker queues the job again."""
+        try:
+            value = self.huey.result(task_id, preserve=True)
+        except TaskException:
+            return None
         return value if isinstance(value, JobReport) else None
 
     def heartbeat(self, job_id: str, attempt: int) -> Heartbeat | None:

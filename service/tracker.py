@@ -58,7 +58,9 @@ class JobTracker:
         self.on_delivery = on_delivery
         self.poll_s = poll_s
         self.report_poll_s = report_poll_s
-        self.results_dir = Path(settings.node.data_dir) / "results"
+        # absolute: workers on other machines get this path (found by review: the
+        # default ./radnode-data sent their results into their own working directory)
+        self.results_dir = Path(settings.node.data_dir).resolve() / "results"
         self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
         self._untraced: dict[str, float] = {}
@@ -145,7 +147,7 @@ class JobTracker:
     def check_now(self) -> None:
         with self._lock:
             now = time.time()
-            heard: dict[tuple[str, int], tuple[float, float]] = {}
+            heard: set[tuple[str, int]] = set()
             for job in self.index.unfinished_jobs():
                 if job.task_id is None:
                     self._submit(job)
@@ -165,7 +167,8 @@ class JobTracker:
                         last = self._heard_at(job, beat.at, now, heard)
                     if now - last > SILENT_BEATS * self.queue.heartbeat_s:
                         self._lost(job, "its worker stopped sending heartbeats")
-            self._heard = heard
+            for gone in set(self._heard) - heard:  # runs that ended or were lost
+                del self._heard[gone]
             self._check_untraced(now)
 
     def _heard_at(
@@ -173,17 +176,20 @@ class JobTracker:
         job: JobRecord,
         beat_at: float,
         now: float,
-        heard: dict[tuple[str, int], tuple[float, float]],
+        heard: set[tuple[str, int]],
     ) -> float:
         """When this edge last heard the run beat, on the edge's clock: when its beat
         changed, a beat seen for the first time counting as heard now. The beat's own
         date is the worker machine's clock; compared with the edge's, a worker whose
-        clock was a minute behind had every healthy run taken for lost and run twice."""
+        clock was a minute behind had every healthy run taken for lost and run twice.
+        Kept as each job is looked at: a pass that ends early (a job whose check
+        raises) must not make every run's next beat a first sight (found by review)."""
         key = (job.job_id, job.attempts)
         at, since = self._heard.get(key, (None, now))
         if beat_at != at:
             since = now
-        heard[key] = (beat_at, since)
+        self._heard[key] = (beat_at, since)
+        heard.add(key)
         return since
 
     def check_reports(self) -> None:

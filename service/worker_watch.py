@@ -92,12 +92,18 @@ class WorkerWatch:
         views = []
         heard = {}
         for presence in self._queue.workers():
-            at, since = self._heard.get(presence.name, (None, 0.0))
-            if presence.at != at:  # a new announcement (first sight: the worker's date)
-                since = now if at is not None else min(presence.at, now)
-            if now - since > FORGET_AFTER_S:
-                self._queue.withdraw(presence.name)
-                continue
+            prior = self._heard.get(presence.name)
+            if prior is None:  # first sight: dated by the worker's clock
+                since = min(presence.at, now)
+            elif presence.at != prior[0]:  # a new announcement
+                since = now
+            else:
+                since = prior[1]
+                # forgotten only once seen unchanged: a live worker whose clock is
+                # hours behind must not be dropped at each first sight (found by review)
+                if now - since > FORGET_AFTER_S:
+                    self._queue.withdraw(presence.name)
+                    continue
             heard[presence.name] = (presence.at, since)
             views.append(self._view(presence, alive=now - since <= self._silent_after))
         self._heard = heard

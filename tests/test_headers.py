@@ -9,6 +9,7 @@ and on values in other character sets made here.
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from service.errors import UnreadableDataset
 from service.headers import header_from_dataset, parse_header
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
@@ -97,3 +99,26 @@ def test_a_value_sent_as_un_is_read() -> None:
     body = buffer.getvalue()[ds.file_meta.FileMetaInformationGroupLength + 144 :]
 
     assert parse_header(body, ExplicitVRLittleEndian).series_number == 42
+
+
+def test_pixel_data_sent_as_a_sequence_is_refused_as_unreadable() -> None:
+    """Explicit VR SQ of undefined length for Pixel Data: pydicom reads it as a
+    sequence, which has no length, and an AttributeError reached the SCP instead of a
+    'cannot understand' status (found by review)."""
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    body = b"".join([
+        element(0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"),
+        element(0x00080018, b"UI", b"1.2.3.4\0"),
+        element(0x00280010, b"US", struct.pack("<H", 2)),
+        element(0x00280011, b"US", struct.pack("<H", 2)),
+        element(0x00280100, b"US", struct.pack("<H", 8)),
+        struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"SQ", 0, 0xFFFFFFFF),
+        struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF),
+        struct.pack("<HHI", 0xFFFE, 0xE00D, 0),
+        struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+    ])  # fmt: skip
+    with pytest.raises(UnreadableDataset, match="Pixel Data"):
+        parse_header(body, ExplicitVRLittleEndian)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import structlog
+from huey.utils import Error
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
@@ -188,4 +189,47 @@ def test_a_run_beating_with_a_clock_behind_the_edges_is_not_taken_for_lost(
     time.sleep(0.6)  # then the worker dies
     tracker.check_now()
     assert index.job(job.job_id).state is JobState.QUEUED  # lost, queued again
+    index.close()
+
+
+def test_a_run_that_crashed_outside_the_job_is_lost_not_a_stuck_pass(tmp_path: Path) -> None:
+    """A run that raised outside the job handler (its first heartbeat could not be
+    written) leaves huey's error instead of a report. Reading it raised on every pass,
+    so no other job was looked at: a dead worker's run before it stayed running for
+    ever (found by review). Now that run counts as lost and the pass goes on."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    dead = index.add_job(study, series, "first", ["r"], [])
+    assert dead is not None
+    tracker.submit(dead)
+    queue.huey.put(f"hb:{dead.job_id}:1", Heartbeat("w:1", 1, time.time()))
+    tracker.check_now()
+    assert index.job(dead.job_id).state is JobState.RUNNING
+    time.sleep(0.01)
+    crashed = index.add_job(study, series, "second", ["r"], [])
+    assert crashed is not None
+    task = tracker.submit(crashed)
+    while queue.huey.dequeue() is not None:  # workers took both runs
+        pass
+    queue.huey.put_result(task, Error({"error": "ConnectionError: Redis blip"}))
+
+    assert queue.report(task) is None
+    for _ in range(8):  # the first run's worker is dead: no more beats
+        time.sleep(0.1)
+        tracker.check_now()
+    assert index.job(dead.job_id).state is JobState.QUEUED  # lost, queued again
+    assert index.job(crashed.job_id).task_id != task  # its run lost too: submitted again
+    index.close()
+
+
+def test_result_folders_are_named_by_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    """Tickets go to workers on other machines: with the default ./radnode-data a
+    remote worker wrote results into its own working directory (found by review)."""
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(node={"data_dir": "radnode-data"})  # type: ignore[arg-type]
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
+    assert tracker.results_dir == tmp_path.resolve() / "radnode-data" / "results"
     index.close()

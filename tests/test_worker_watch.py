@@ -73,8 +73,24 @@ def test_a_worker_silent_for_an_hour_is_forgotten(tmp_path: Path) -> None:
     queue, clock = _queue(tmp_path), Clock()
     watch = WorkerWatch(queue, expect_workers=True, clock=clock)
     _announce(queue, "old:1", clock.now - FORGET_AFTER_S - 1)
-    assert watch.poll() == []
+    assert [v.alive for v in watch.poll()] == [False]  # first sight: not yet forgotten
+    clock.now += 1.0
+    assert watch.poll() == []  # seen unchanged: forgotten
     assert queue.workers() == []
+
+
+def test_a_live_worker_whose_clock_is_hours_behind_is_kept(tmp_path: Path) -> None:
+    """On first sight it was dated by its clock, two hours back, and dropped; it
+    announced itself again and was dropped again, for ever (found by review)."""
+    queue, clock = _queue(tmp_path), Clock()
+    watch = WorkerWatch(queue, expect_workers=True, clock=clock)
+    behind = clock.now - 2 * 3600
+    for _ in range(3):
+        _announce(queue, "far:1", behind)
+        watch.poll()
+        clock.now += 1.0
+        behind += 1.0
+    assert [(v.name, v.alive) for v in watch.latest] == [("far:1", True)]
 
 
 def test_no_worker_after_the_start_grace_is_said_once_when_jobs_need_one(tmp_path: Path) -> None:
