@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,45 @@ class Heartbeat:
     worker: str
     attempt: int
     at: float
+
+
+class HeardClock:
+    """When each beat was last heard to change, on this process's clock.
+
+    Beats (a run's heartbeat, a worker's announcement) are dated by the machine that
+    wrote them; compared with this machine's clock, one whose clock is off looked
+    silent or alive by its offset (found by review: a worker a minute behind had every
+    healthy run taken for lost and run twice). A beat is heard when its date changes.
+    """
+
+    def __init__(self) -> None:
+        #: key -> (the beat's date, when this clock heard that date first)
+        self._heard: dict[Hashable, tuple[float, float]] = {}
+        self._kept: set[Hashable] = set()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._heard
+
+    def heard(self, key: Hashable, beat_at: float, now: float, first: float | None = None) -> float:
+        """When ``key``'s beat was last heard: ``now`` if its date changed, ``first``
+        (default ``now``) the first time it is seen. Kept until :meth:`forget_others`."""
+        prior = self._heard.get(key)
+        if prior is None:
+            since = now if first is None else first
+        elif beat_at != prior[0]:
+            since = now
+        else:
+            since = prior[1]
+        self._heard[key] = (beat_at, since)
+        self._kept.add(key)
+        return since
+
+    def forget_others(self) -> None:
+        """Forget every key not heard of since the last call (runs ended, workers gone).
+        Only at the end of a whole pass: a pass that ends early keeps what it had."""
+        for key in set(self._heard) - self._kept:
+            del self._heard[key]
+        self._kept = set()
 
 
 @dataclass(frozen=True)

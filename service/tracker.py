@@ -29,7 +29,7 @@ from service.config import Settings
 from service.delivery import Outbox
 from service.index import StudyIndex
 from service.publish import enqueue_deliverables
-from service.queue import JobQueue
+from service.queue import HeardClock, JobQueue
 from service.records import JobRecord, JobState, JobTicket
 
 log = structlog.get_logger("service.tracker")
@@ -64,8 +64,8 @@ class JobTracker:
         self._lock = threading.RLock()
         #: queued jobs seen without any trace of their run, and since when
         self._untraced: dict[str, float] = {}
-        #: (job, attempt) -> (its last beat's date, when this edge first saw that beat)
-        self._heard: dict[tuple[str, int], tuple[float, float]] = {}
+        #: when each run's heartbeat was last heard, keyed by (job, attempt)
+        self._heard = HeardClock()
         self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
         self._check_failure: tuple[str, float] | None = None  # last logged, when
         self._next_trace_check = 0.0
@@ -147,7 +147,6 @@ class JobTracker:
     def check_now(self) -> None:
         with self._lock:
             now = time.time()
-            heard: set[tuple[str, int]] = set()
             for job in self.index.unfinished_jobs():
                 if job.task_id is None:
                     self._submit(job)
@@ -163,34 +162,12 @@ class JobTracker:
                 elif job.state is JobState.RUNNING:
                     beat = self.queue.heartbeat(job.job_id, job.attempts)
                     last = job.started_at or now
-                    if beat is not None:
-                        last = self._heard_at(job, beat.at, now, heard)
+                    if beat is not None:  # on this edge's clock: a first beat is news
+                        last = self._heard.heard((job.job_id, job.attempts), beat.at, now)
                     if now - last > SILENT_BEATS * self.queue.heartbeat_s:
                         self._lost(job, "its worker stopped sending heartbeats")
-            for gone in set(self._heard) - heard:  # runs that ended or were lost
-                del self._heard[gone]
+            self._heard.forget_others()  # runs that ended or were lost
             self._check_untraced(now)
-
-    def _heard_at(
-        self,
-        job: JobRecord,
-        beat_at: float,
-        now: float,
-        heard: set[tuple[str, int]],
-    ) -> float:
-        """When this edge last heard the run beat, on the edge's clock: when its beat
-        changed, a beat seen for the first time counting as heard now. The beat's own
-        date is the worker machine's clock; compared with the edge's, a worker whose
-        clock was a minute behind had every healthy run taken for lost and run twice.
-        Kept as each job is looked at: a pass that ends early (a job whose check
-        raises) must not make every run's next beat a first sight (found by review)."""
-        key = (job.job_id, job.attempts)
-        at, since = self._heard.get(key, (None, now))
-        if beat_at != at:
-            since = now
-        self._heard[key] = (beat_at, since)
-        heard.add(key)
-        return since
 
     def check_reports(self) -> None:
         """Record the reports of running jobs. Cheap enough to run often (one indexed

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import structlog
 
-from service.queue import EdgeMark, JobQueue, WorkerPresence
+from service.queue import EdgeMark, HeardClock, JobQueue, WorkerPresence
 from service.records import WorkerView
 from service.tracker import SILENT_BEATS
 
@@ -55,8 +55,8 @@ class WorkerWatch:
         self._alive: set[str] = set()
         self._said_none = False
         self._failing = False
-        #: name -> (its announcement's ``at``, when this edge saw that value first)
-        self._heard: dict[str, tuple[float, float]] = {}
+        #: when each worker's announcement was last heard to change, by name
+        self._heard = HeardClock()
         self.latest: list[WorkerView] = []
 
     def forget_all(self) -> None:
@@ -90,23 +90,17 @@ class WorkerWatch:
         if self._mark is not None:  # again each pass: a restarted queue may have lost it
             self._queue.mark_edge(self._mark)
         views = []
-        heard = {}
         for presence in self._queue.workers():
-            prior = self._heard.get(presence.name)
-            if prior is None:  # first sight: dated by the worker's clock
-                since = min(presence.at, now)
-            elif presence.at != prior[0]:  # a new announcement
-                since = now
-            else:
-                since = prior[1]
-                # forgotten only once seen unchanged: a live worker whose clock is
-                # hours behind must not be dropped at each first sight (found by review)
-                if now - since > FORGET_AFTER_S:
-                    self._queue.withdraw(presence.name)
-                    continue
-            heard[presence.name] = (presence.at, since)
+            known = presence.name in self._heard
+            # first sight: dated by the worker's clock (a presence left by a dead worker)
+            since = self._heard.heard(presence.name, presence.at, now, min(presence.at, now))
+            # forgotten only once seen unchanged: a live worker whose clock is hours
+            # behind must not be dropped at each first sight (found by review)
+            if known and now - since > FORGET_AFTER_S:
+                self._queue.withdraw(presence.name)
+                continue
             views.append(self._view(presence, alive=now - since <= self._silent_after))
-        self._heard = heard
+        self._heard.forget_others()
         self._report(views, now)
         self.latest = views
         return views
