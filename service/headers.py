@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -77,7 +79,26 @@ def _read(data: bytes, transfer_syntax_uid: str) -> Dataset:
         value = getattr(raw, "value", None)
         if length != _UNDEFINED_LENGTH and isinstance(value, bytes) and len(value) < length:
             raise UnreadableDataset(f"data set is truncated in element {raw.tag}")
+    _undefer_sequences(dataset, data)
     return dataset
+
+
+#: Sequences read when a multi-frame image needs them (:func:`_frame_facts`).
+_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)
+
+
+def _undefer_sequences(dataset: Dataset, data: bytes) -> None:
+    """Give the functional groups their bytes if reading skipped them for their length.
+
+    A sequence of defined length over :data:`_SKIP_VALUES_OVER` (the per-frame groups of
+    a few hundred frames) is skipped like pixel data, and pydicom would later look for
+    a file to read it from. Its bytes are right here (the checks above proved that).
+    """
+    for tag in _FUNCTIONAL_GROUPS:
+        raw = dataset._dict.get(tag)  # type: ignore[call-overload]
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            start = raw.value_tell
+            dataset._dict[tag] = raw._replace(value=data[start : start + raw.length])
 
 
 #: Every attribute radnode reads from a header: keyword -> (tag, VR in PS3.6).
@@ -88,7 +109,8 @@ _READ: dict[str, tuple[int, str]] = {
         "SOPClassUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber",
         "InstanceNumber", "SliceThickness", "ImageType", "ImageOrientationPatient",
         "Manufacturer", "ManufacturerModelName", "Rows", "Columns", "BitsAllocated",
-        "SamplesPerPixel", "NumberOfFrames",
+        "SamplesPerPixel", "NumberOfFrames", "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }  # fmt: skip
@@ -210,25 +232,110 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
     return _header(_Values(ds))
 
 
-def _header(ds: _Values) -> InstanceHeader:
-    orientation = _multi(ds, "ImageOrientationPatient")
+def _orientation(values: Sequence[Any]) -> tuple[float, ...] | None:
     try:
-        iop = tuple(float(v) for v in orientation) if len(orientation) == 6 else None
-    except ValueError:
-        iop = None
+        return tuple(float(v) for v in values) if len(values) == 6 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_item(values: _Values, keyword: str) -> Dataset | None:
+    """The first item of a functional groups sequence, or None (absent, empty, unreadable)."""
+    try:
+        sequence = values.dataset.get(keyword)
+        return sequence[0] if sequence else None
+    except Exception:
+        return None
+
+
+def _macro(groups: Dataset | None, sequence: str, keyword: str) -> Any:
+    """``keyword`` of the first item of ``groups``' ``sequence`` (a functional group macro)."""
+    try:
+        items = groups.get(sequence) if groups is not None else None
+        return items[0].get(keyword) if items else None
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class _FrameFacts:
+    """What an Enhanced (multi-frame) image keeps in its functional groups, not at the
+    top level: the routing attributes a single-frame image has in its header."""
+
+    orientation: tuple[float, ...] | None = None
+    slice_thickness: float | None = None
+    body_part: str = ""
+
+    @classmethod
+    def of(cls, groups: Dataset | None) -> _FrameFacts:
+        """The facts of one Shared or Per-Frame Functional Groups item."""
+        orientation = _orientation(
+            _macro(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or ()
+        )
+        try:
+            thickness = float(_macro(groups, "PixelMeasuresSequence", "SliceThickness"))
+        except (TypeError, ValueError):
+            thickness = None
+        region = _macro(groups, "FrameAnatomySequence", "AnatomicRegionSequence")
+        try:
+            body_part = str(region[0].get("CodeMeaning", "") or "").strip() if region else ""
+        except Exception:
+            body_part = ""
+        return cls(orientation, thickness, body_part)
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.orientation, self.slice_thickness) and bool(self.body_part)
+
+    def or_else(self, other: _FrameFacts) -> _FrameFacts:
+        """These facts, with ``other``'s where these have none."""
+        return _FrameFacts(
+            self.orientation if self.orientation is not None else other.orientation,
+            self.slice_thickness if self.slice_thickness is not None else other.slice_thickness,
+            self.body_part or other.body_part,
+        )
+
+
+def _frame_facts(values: _Values) -> _FrameFacts:
+    """Orientation, thickness and anatomy of a multi-frame image's frames.
+
+    The Shared Functional Groups describe every frame. An image whose frames differ (an
+    MR with several stacks) has them per frame: the first frame's then stand for the
+    series, as the first instance's do for single-frame images (the per-frame sequence
+    is read only in that case; it has an item per frame). Legacy Converted images move
+    Body Part Examined into the Frame Anatomy macro as a code: its meaning ("Abdomen")
+    is what a body-part rule then sees.
+    """
+    facts = _FrameFacts.of(_first_item(values, "SharedFunctionalGroupsSequence"))
+    if facts.complete:
+        return facts
+    return facts.or_else(_FrameFacts.of(_first_item(values, "PerFrameFunctionalGroupsSequence")))
+
+
+def _header(ds: _Values) -> InstanceHeader:
+    iop = _orientation(_multi(ds, "ImageOrientationPatient"))
+    thickness = _number(ds, "SliceThickness", float)
+    body_part = _text(ds, "BodyPartExamined")
+    frames = max(_number(ds, "NumberOfFrames", int) or 1, 1)
+    if frames > 1 and (iop is None or thickness is None or not body_part):
+        facts = _frame_facts(ds)
+        iop = iop if iop is not None else facts.orientation
+        thickness = thickness if thickness is not None else facts.slice_thickness
+        body_part = body_part or facts.body_part
     return InstanceHeader(
         study_uid=_text(ds, "StudyInstanceUID"),
         series_uid=_text(ds, "SeriesInstanceUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         sop_class_uid=_text(ds, "SOPClassUID"),
         modality=_text(ds, "Modality"),
-        body_part=_text(ds, "BodyPartExamined"),
+        body_part=body_part,
         series_description=_text(ds, "SeriesDescription"),
         series_number=_number(ds, "SeriesNumber", int),
         instance_number=_number(ds, "InstanceNumber", int),
-        slice_thickness=_number(ds, "SliceThickness", float),
+        slice_thickness=thickness,
         image_type=_multi(ds, "ImageType"),
         image_orientation=iop,
+        frame_count=frames,
         manufacturer=_text(ds, "Manufacturer"),
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
     )

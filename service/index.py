@@ -32,7 +32,7 @@ from service.records import (
 )
 from service.uids import study_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS series (
     sop_class_uid TEXT NOT NULL,
     series_number INTEGER,
     instance_count INTEGER NOT NULL DEFAULT 0,
+    -- frames summed: an Enhanced CT/MR series is one instance of many frames
+    image_count INTEGER NOT NULL DEFAULT 0,
     slice_thickness REAL,
     image_type TEXT NOT NULL,
     image_orientation TEXT,
@@ -131,7 +133,21 @@ class StudyIndex:
         self._db.execute("PRAGMA busy_timeout=10000")
         with self._lock:
             self._db.executescript(_SCHEMA)  # idempotent; executescript commits itself
+            self._upgrade()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _upgrade(self) -> None:
+        """Bring an index written by an older radnode up to :data:`SCHEMA_VERSION`.
+
+        Version 3 added ``series.image_count``; the series already indexed count one
+        image per instance (what routing saw before).
+        """
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
+        if "image_count" not in columns:
+            self._db.executescript(
+                "BEGIN; ALTER TABLE series ADD COLUMN image_count INTEGER NOT NULL DEFAULT 0;"
+                " UPDATE series SET image_count = instance_count; COMMIT;"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -241,9 +257,9 @@ class StudyIndex:
             ).rowcount
             added = 1 if inserted else 0
             db.execute(
-                "UPDATE series SET instance_count = instance_count + ?, last_received_at = ?"
-                " WHERE series_uid = ?",
-                (added, now, h.series_uid),
+                "UPDATE series SET instance_count = instance_count + ?,"
+                " image_count = image_count + ?, last_received_at = ? WHERE series_uid = ?",
+                (added, added * max(h.frame_count, 1), now, h.series_uid),
             )
             db.execute(
                 "UPDATE studies SET instance_count = instance_count + ?, last_received_at = ?,"
@@ -342,7 +358,8 @@ class StudyIndex:
             rows = self._db.execute(
                 "SELECT study_uid, series_uid, modality, body_part, series_description,"
                 " sop_class_uid, series_number, instance_count, slice_thickness, image_type,"
-                " image_orientation, manufacturer, manufacturer_model_name FROM series"
+                " image_orientation, manufacturer, manufacturer_model_name, image_count"
+                " FROM series"
                 " WHERE study_uid = ? ORDER BY series_number, series_uid",
                 (study_uid,),
             ).fetchall()
@@ -361,6 +378,7 @@ class StudyIndex:
                 image_orientation=tuple(float(v) for v in r[10].split("\\")) if r[10] else None,
                 manufacturer=r[11],
                 manufacturer_model_name=r[12],
+                image_count=r[13],
             )
             for r in rows
         ]

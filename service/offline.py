@@ -41,7 +41,9 @@ class FolderScan:
     def series_infos(self) -> list[SeriesInfo]:
         infos = []
         for series_uid, items in self.series.items():
-            first = items[0][1]
+            # As the index does: the first image that is not a localizer describes it.
+            headers = [header for _, header in items]
+            first = next((h for h in headers if "LOCALIZER" not in h.image_type), headers[0])
             infos.append(
                 SeriesInfo(
                     study_uid=first.study_uid,
@@ -52,6 +54,7 @@ class FolderScan:
                     sop_class_uid=first.sop_class_uid,
                     series_number=first.series_number,
                     instance_count=len(items),
+                    image_count=sum(max(h.frame_count, 1) for h in headers),
                     slice_thickness=first.slice_thickness,
                     image_type=first.image_type,
                     image_orientation=first.image_orientation,

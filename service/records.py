@@ -33,6 +33,8 @@ class InstanceHeader:
     image_orientation: tuple[float, ...] | None = None
     manufacturer: str = ""
     manufacturer_model_name: str = ""
+    #: Number of Frames: 2D images in the instance (1 for a single-frame image).
+    frame_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,14 @@ class SeriesInfo:
     image_orientation: tuple[float, ...] | None
     manufacturer: str
     manufacturer_model_name: str
+    #: 2D images in the series: the instances' frames summed. An Enhanced CT or MR
+    #: sends a whole series as one instance of many frames; rules that mean "enough
+    #: slices" count these. None: as many as instances (all single-frame).
+    image_count: int | None = None
+
+    @property
+    def images(self) -> int:
+        return self.instance_count if self.image_count is None else self.image_count
 
 
 @dataclass(frozen=True)

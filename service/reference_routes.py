@@ -32,7 +32,7 @@ _REFERENCE: list[dict[str, Any]] = [
         "match": {
             "Modality": {"equals": "CT"},
             "ImageType": {"excludes": ["LOCALIZER"]},
-            "InstanceCount": {"min": 20},
+            "ImageCount": {"min": 20},
             "Orientation": {"equals": "axial"},
             "BodyPartExamined": {"not_regex": _NOT_ABDOMEN},
         },
@@ -53,7 +53,7 @@ _REFERENCE: list[dict[str, Any]] = [
         "match": {
             "Modality": {"equals": "MR"},
             "ImageType": {"excludes": ["LOCALIZER"]},
-            "InstanceCount": {"min": 60},
+            "ImageCount": {"min": 60},
             "SeriesDescription": {"regex": _T1},
             "BodyPartExamined": {"not_regex": _NOT_HEAD},
         },

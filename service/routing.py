@@ -14,7 +14,7 @@ to express "this or that". For example::
     Modality = "CT"                                   # shorthand for { equals = "CT" }
     BodyPartExamined = ["ABDOMEN", "CHEST_ABDOMEN"]   # shorthand for { any_of = [...] }
     SeriesDescription = { regex = "(?i)abd|liver", not_regex = "(?i)scout|localizer" }
-    InstanceCount = { min = 40 }
+    ImageCount = { min = 40 }
     SliceThickness = { max = 5.0 }
     ImageType = { excludes = ["LOCALIZER"] }
     Orientation = { any_of = ["axial"] }
@@ -33,15 +33,21 @@ Condition semantics:
 - An absent value fails every condition except ``not_regex``, ``excludes`` and
   ``present = false``.
 
+``InstanceCount`` counts the series' instances, ``ImageCount`` its 2D images: an
+Enhanced CT or MR sends a whole series as one instance of many frames, and its
+orientation, slice thickness and anatomy come from its functional groups
+(:mod:`service.headers`). "Enough slices" is ``ImageCount``.
+
 Loop safety comes before any rule: a series radnode produced itself
 (Manufacturer ``radnode``) never matches, and a derived series (ImageType DERIVED or
 SECONDARY) matches only routes that set ``include_derived = true``.
 
 When several series of one study match a route, ``pick`` decides which run: ``all``,
-or one chosen by ``most_instances``, ``thinnest_slices`` or ``first`` (lowest
-SeriesNumber). :func:`plan` returns the selections and, for every series a route did
-not take, the reason, in words an operator can act on. SeriesDescription is free text
-that may hold patient data, so reasons never quote its value.
+or one chosen by ``most_instances`` (most images, frames counted), ``thinnest_slices``
+or ``first`` (lowest SeriesNumber). :func:`plan` returns the selections and, for every
+series a route did not take, the reason, in words an operator can act on.
+SeriesDescription is free text that may hold patient data, so reasons never quote its
+value.
 """
 
 from __future__ import annotations
@@ -127,6 +133,7 @@ ATTRIBUTES: dict[str, _Attribute] = {
     "SOPClassUID": _Attribute(AttributeKind.TEXT, lambda s: s.sop_class_uid),
     "SeriesNumber": _Attribute(AttributeKind.NUMBER, lambda s: s.series_number),
     "InstanceCount": _Attribute(AttributeKind.NUMBER, lambda s: s.instance_count),
+    "ImageCount": _Attribute(AttributeKind.NUMBER, lambda s: s.images),
     "SliceThickness": _Attribute(AttributeKind.NUMBER, lambda s: s.slice_thickness),
     "ImageType": _Attribute(AttributeKind.MULTI, lambda s: s.image_type),
     "Manufacturer": _Attribute(AttributeKind.TEXT, lambda s: s.manufacturer),
@@ -544,10 +551,10 @@ def _pick_key(pick: PickPolicy) -> Callable[[SeriesInfo], tuple[Any, ...]]:
         return (s.series_number is None, s.series_number or 0)
 
     if pick == "most_instances":
-        return lambda s: (-s.instance_count, thickness(s), number(s), s.series_uid)
+        return lambda s: (-s.images, thickness(s), number(s), s.series_uid)
     if pick == "thinnest_slices":
-        return lambda s: (thickness(s), -s.instance_count, number(s), s.series_uid)
-    return lambda s: (number(s), -s.instance_count, s.series_uid)
+        return lambda s: (thickness(s), -s.images, number(s), s.series_uid)
+    return lambda s: (number(s), -s.images, s.series_uid)
 
 
 def _not_picked_reason(pick: PickPolicy, winner: SeriesInfo, loser: SeriesInfo) -> str:
@@ -557,8 +564,8 @@ def _not_picked_reason(pick: PickPolicy, winner: SeriesInfo, loser: SeriesInfo) 
     w_thick, l_thick = winner.slice_thickness, loser.slice_thickness
     criteria: list[tuple[bool, str]] = [
         (
-            winner.instance_count != loser.instance_count,
-            f"more instances ({winner.instance_count} > {loser.instance_count})",
+            winner.images != loser.images,
+            f"more images ({winner.images} > {loser.images})",
         ),
         (
             w_thick != l_thick,
@@ -629,7 +636,8 @@ def format_plan(plan: RoutingPlan, series: Sequence[SeriesInfo]) -> str:
         facts = [
             s.modality.strip() or "?",
             s.body_part.strip() or "-",
-            f"{s.instance_count} instances",
+            f"{s.instance_count} instances"
+            + (f" ({s.images} images)" if s.images != s.instance_count else ""),
             f"{thickness} mm" if s.slice_thickness is not None else "thickness ?",
             orientation_label(s.image_orientation) or "orientation ?",
         ]

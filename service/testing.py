@@ -55,6 +55,7 @@ __all__ = [
     "iter_ct_series",
     "make_ct_phantom",
     "make_ct_series",
+    "make_enhanced_ct",
     "make_radiograph",
     "phantom_volume",
     "write_ct_phantom",
@@ -546,6 +547,61 @@ def write_ct_series(
         _save(ds, out / f"CT{k + 1:06d}.dcm", transfer_syntax)
         for k, ds in enumerate(iter_ct_series(**kwargs))  # type: ignore[arg-type]
     ]
+
+
+def make_enhanced_ct(
+    series: Sequence[Dataset],
+    *,
+    frame_order: Sequence[int] | None = None,
+    intercepts: Sequence[float] | None = None,
+    sop_instance_uid: str | None = None,
+) -> Dataset:
+    """``series`` (CT Image Storage slices) as one Enhanced CT instance, as a scanner that
+    sends multi-frame images would: highdicom's Legacy Converted Enhanced CT Image.
+
+    The converter stores frames head first. ``frame_order`` rearranges them (frame
+    ``f`` of the result is the converter's frame ``frame_order[f]``), so readers cannot
+    rely on any order. ``intercepts`` gives each frame (in the result's order) its own
+    Pixel Value Transformation, the stored values shifted to keep the same HU, as an
+    Enhanced image may. Body Part Examined moves into the Frame Anatomy code, as
+    conversion does. Pixel data stays native (Explicit VR Little Endian).
+    """
+    import highdicom as hd
+
+    first = series[0]
+    ds = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(series),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        series_number=int(first.get("SeriesNumber") or 1),
+        sop_instance_uid=sop_instance_uid
+        or generate_uid(entropy_srcs=[str(first.SeriesInstanceUID), "enhanced"]),
+        instance_number=1,
+    )
+    frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    dtype = frames.dtype
+    order = list(range(len(frames))) if frame_order is None else list(frame_order)
+    if sorted(order) != list(range(len(frames))):
+        raise ValueError(f"frame_order must be a permutation of 0..{len(frames) - 1}")
+    per_frame = list(ds.PerFrameFunctionalGroupsSequence)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence([per_frame[i] for i in order])
+    frames = frames[order]
+    if intercepts is not None:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        common = float(shared.PixelValueTransformationSequence[0].RescaleIntercept)
+        del shared.PixelValueTransformationSequence
+        frames = frames.astype(np.int32)
+        for f, (group, intercept) in enumerate(
+            zip(ds.PerFrameFunctionalGroupsSequence, intercepts, strict=True)
+        ):
+            transformation = Dataset()
+            transformation.RescaleIntercept = _format_ds(intercept)
+            transformation.RescaleSlope = "1"
+            transformation.RescaleType = "HU"
+            group.PixelValueTransformationSequence = DicomSequence([transformation])
+            frames[f] += round(common - intercept)
+        frames = frames.astype(dtype)
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    return ds
 
 
 # ---------------------------------------------------------------------------------------

@@ -446,7 +446,7 @@ def test_pick_most_instances() -> None:
     result = plan(series, [make_route({"Modality": "CT"})])
     assert selected(result) == ["1.2"]
     assert rejection_for(result, "1.1") == (
-        "another series of the study (SeriesNumber 3) matched with more instances (600 > 300) "
+        "another series of the study (SeriesNumber 3) matched with more images (600 > 300) "
         "(pick=most_instances)"
     )
 
@@ -464,7 +464,7 @@ def test_pick_thinnest_slices_then_most_instances() -> None:
     result = plan(series, [make_route({}, pick="thinnest_slices")])
     assert selected(result) == ["1.3"]
     assert "thinner slices (0.5 < 1) (pick=thinnest_slices)" in rejection_for(result, "1.1")
-    assert "more instances (200 > 150)" in rejection_for(result, "1.2")
+    assert "more images (200 > 150)" in rejection_for(result, "1.2")
 
 
 def test_pick_thinnest_slices_puts_unknown_thickness_last() -> None:

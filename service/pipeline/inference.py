@@ -56,7 +56,7 @@ def check_input(bundle: LoadedBundle, volume: Volume) -> None:
     if spec.dimensions == 3 and (volume.is_2d or volume.is_single_slice):
         raise InputMismatch(
             f"pipeline {spec.name} needs a 3D volume; the series has a single image; route"
-            " only multi-slice series to it (e.g. InstanceCount = { min = 20 })"
+            " only multi-slice series to it (e.g. ImageCount = { min = 20 })"
         )
     if spec.dimensions == 2 and volume.array.shape[0] != 1:
         raise InputMismatch(

@@ -704,6 +704,20 @@ def _group_item(groups: tuple[Dataset | None, ...], keyword: str) -> Dataset | N
     return None
 
 
+def frame_rescale(ds: Dataset, frame_number: int) -> tuple[float, float]:
+    """(slope, intercept) of frame ``frame_number`` (1-based) of an Enhanced image, as
+    loading applied them: its Pixel Value Transformation, per frame before shared, (1, 0)
+    without one. The derived-series writer encodes each frame back with them."""
+    shared_sequence = ds.get("SharedFunctionalGroupsSequence")
+    groups = (
+        ds.PerFrameFunctionalGroupsSequence[frame_number - 1],
+        shared_sequence[0] if shared_sequence else None,
+    )
+    item = _group_item(groups, "PixelValueTransformationSequence")
+    slope, intercept = _number(item, "RescaleSlope"), _number(item, "RescaleIntercept")
+    return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
 def _frame_header(
     *,
     index: int,

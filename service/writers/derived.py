@@ -25,8 +25,13 @@ Per slice ``k`` (``volume.sources`` order): the header of ``source_headers[k]`` 
   Rescale Slope and Intercept, written in Explicit VR Little Endian;
 * private elements removed (they describe the source acquisition, not this image).
 
-Only single-frame sources are supported (one instance per slice); a multi-frame source
-raises :class:`ValueError`.
+An Enhanced (multi-frame) source, one instance whose frames are the slices, gives one
+derived multi-frame instance of the same SOP class: the source header with its
+functional groups (geometry per frame), the frames in the source's frame order, each
+encoded with its own frame's Pixel Value Transformation, Frame Type ``DERIVED\\SECONDARY``
+like the Image Type, and per frame a Derivation Image item (DCM 110001 "Image
+Processing") referencing the source frame. A series of several multi-frame instances
+raises :class:`ValueError` (see :func:`~service.writers.sources.multiframe_source`).
 """
 
 from __future__ import annotations
@@ -42,13 +47,18 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from service.pipeline.result import PipelineResult
-from service.pipeline.volume import Volume, stored_range
+from service.pipeline.volume import Volume, frame_rescale, stored_range
 from service.writers.provenance import (
     CHARACTER_SET,
     MANUFACTURER,
     SERIES_NUMBERS,
     Provenance,
     clip_lo,
+)
+from service.writers.sources import (
+    SliceSource,
+    in_frame_order,
+    multiframe_source,
     source_image_items,
 )
 
@@ -76,11 +86,17 @@ _DROPPED = (
     "LossyImageCompression",
     "LossyImageCompressionRatio",
     "LossyImageCompressionMethod",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
     # the source scanner's identity: it is recorded as Acquisition Equipment instead
     "DeviceSerialNumber",
     "StationName",
     "DeviceUID",
 )
+
+
+#: Derivation Code of each frame of a derived Enhanced image (CID 7203 is extensible).
+IMAGE_PROCESSING = hd.sr.CodedConcept("110001", "DCM", "Image Processing")
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,7 @@ def iter_derived_series(
     source_headers: Sequence[Dataset],
     provenance: Provenance,
 ) -> Iterator[Dataset]:
-    """One derived instance per source slice, ready to save (see the module docstring).
+    """One derived instance per source instance, ready to save (see the module docstring).
 
     A generator: the caller saves each instance before the next is built, so a long
     series is never held in memory twice.
@@ -114,53 +130,133 @@ def iter_derived_series(
     image = result.image
     if image is None:
         raise ValueError("a derived series needs an image")
-    if image.shape[0] != len(source_headers) or image.shape[1:] != volume.array.shape[1:]:
+    if image.shape[0] != len(volume.sources) or image.shape[1:] != volume.array.shape[1:]:
         raise ValueError(f"image shape {image.shape} does not match the source volume")
     info = derived_series_info(provenance, len(source_headers))
-    series_uid, description = info.series_uid, info.description
-    derivation = clip_lo(f"{provenance.name} {provenance.version} (AI)")[:64]
+    multiframe = multiframe_source(volume, source_headers)
+    if multiframe is not None:
+        ds = _derived_header(multiframe, provenance, info, 1)
+        _derive_frames(ds, multiframe, provenance)
+        _set_frame_pixels(ds, multiframe, in_frame_order(image, volume, multiframe))
+        yield ds
+        return
+    for k, source in enumerate(source_headers):
+        ds = _derived_header(source, provenance, info, k + 1)
+        ds.SourceImageSequence = source_image_items([source])
+        _set_pixels(ds, image[k])
+        yield ds
+
+
+def _derived_header(
+    source: Dataset, provenance: Provenance, info: DerivedSeries, number: int
+) -> Dataset:
+    """``source``'s header as the header of derived instance ``number`` (1-based): new
+    identity, derivation and equipment; pixels and source references still to set."""
+    ds = copy.deepcopy(source)
+    ds.decode()  # all text to str, so it is re-encoded in the new character set
+    ds.remove_private_tags()
+    for keyword in _DROPPED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    sop_uid = provenance.uid("derived", number - 1)
+    ds.SpecificCharacterSet = CHARACTER_SET
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = info.series_uid
+    ds.SeriesNumber = SERIES_NUMBERS["DERIVED"]
+    ds.SeriesDescription = info.description
+    ds.InstanceNumber = number
+    ds.ImageType = _derived_type(source.get("ImageType"))
+    ds.DerivationDescription = f"{_derivation(provenance)}: {provenance.banner}"[:1024]
+    ds.ImageComments = provenance.banner
+    ds.ContributingEquipmentSequence = [
+        *_acquisition_equipment(source),
+        provenance.contributing_equipment(),
+    ]
+    # This image, series and equipment are radnode's, made now; acquisition date/time
+    # stay the source's (found by review: all were the source's).
     now = datetime.now()
     created_date, created_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    for k, source in enumerate(source_headers):
-        if int(source.get("NumberOfFrames", 1) or 1) > 1:
-            raise ValueError("derived series are written for single-frame sources only")
-        ds = copy.deepcopy(source)
-        ds.decode()  # all text to str, so it is re-encoded in the new character set
-        ds.remove_private_tags()
-        for keyword in _DROPPED:
-            if keyword in ds:
-                delattr(ds, keyword)
-        sop_uid = provenance.uid("derived", k)
-        ds.SpecificCharacterSet = CHARACTER_SET
-        ds.SOPInstanceUID = sop_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = SERIES_NUMBERS["DERIVED"]
-        ds.SeriesDescription = description
-        ds.InstanceNumber = k + 1
-        image_type = list(source.get("ImageType", []) or [])
-        ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
-        ds.DerivationDescription = f"{derivation}: {provenance.banner}"[:1024]
-        ds.ImageComments = provenance.banner
-        ds.SourceImageSequence = source_image_items([source])
-        ds.ContributingEquipmentSequence = [
-            *_acquisition_equipment(source),
-            provenance.contributing_equipment(),
-        ]
-        # This image, series and equipment are radnode's, made now; acquisition
-        # date/time stay the source's (found by review: all were the source's).
-        ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created_date
-        ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created_time
-        ds.Manufacturer = MANUFACTURER
-        ds.ManufacturerModelName = provenance.model_name
-        ds.SoftwareVersions = provenance.software_versions
-        ds.BurnedInAnnotation = "NO"
-        _set_pixels(ds, image[k])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        yield ds
+    ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created_date
+    ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created_time
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = provenance.model_name
+    ds.SoftwareVersions = provenance.software_versions
+    ds.BurnedInAnnotation = "NO"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def _derivation(provenance: Provenance) -> str:
+    return clip_lo(f"{provenance.name} {provenance.version} (AI)")[:64]
+
+
+def _derived_type(image_type: Sequence[str] | str | None, *, enhanced: bool = False) -> list[str]:
+    """Image Type (or an Enhanced frame's Frame Type) of a derived image: DERIVED,
+    SECONDARY, then the source's further values. An Enhanced image keeps its second
+    value: there it can only be PRIMARY (PS3.3 C.8.16.1)."""
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    if enhanced:
+        return ["DERIVED", *(values[1:] or ["PRIMARY"])]
+    return ["DERIVED", "SECONDARY", *values[2:]]
+
+
+def _derive_frames(ds: Dataset, source: Dataset, provenance: Provenance) -> None:
+    """The functional groups of a derived Enhanced image: every Frame Type (CT, MR, ...
+    Image Frame Type macros, shared or per frame) says DERIVED as the Image Type does,
+    and each frame's Derivation Image item references the source frame it came from."""
+    ds.ImageType = _derived_type(source.get("ImageType"), enhanced=True)
+    del ds.DerivationDescription  # not in Enhanced IODs: each frame's item carries it
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    for groups in (*shared, *per_frame):
+        for element in groups:
+            if element.VR == "SQ" and element.keyword.endswith("FrameTypeSequence"):
+                for item in element.value:
+                    if "FrameType" in item:
+                        item.FrameType = _derived_type(item.FrameType, enhanced=True)
+        if "DerivationImageSequence" in groups:
+            del groups.DerivationImageSequence
+    description = _derivation(provenance)
+    for number, groups in enumerate(per_frame, start=1):
+        derivation = Dataset()
+        derivation.DerivationDescription = description
+        derivation.DerivationCodeSequence = [IMAGE_PROCESSING]
+        derivation.SourceImageSequence = source_image_items([SliceSource(source, number)])
+        groups.DerivationImageSequence = [derivation]
+    _reference_source(ds, source)
+
+
+def _reference_source(ds: Dataset, source: Dataset) -> None:
+    """List the source instance where an Enhanced image lists what its frames reference:
+    Source Image Evidence (the Derivation Image items' instances) and the Common Instance
+    Reference module (every instance referenced, by series; the source's own entries,
+    e.g. a converted image's originals, are kept)."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source.SOPClassUID
+    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedSOPSequence = [instance]
+    evidence = Dataset()
+    evidence.StudyInstanceUID = source.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = [series]
+    ds.SourceImageEvidenceSequence = [evidence]
+    listed = Dataset()
+    listed.ReferencedSOPClassUID = source.SOPClassUID
+    listed.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    referenced = list(ds.get("ReferencedSeriesSequence") or [])
+    same = next((s for s in referenced if s.SeriesInstanceUID == source.SeriesInstanceUID), None)
+    if same is None:
+        same = Dataset()
+        same.SeriesInstanceUID = source.SeriesInstanceUID
+        same.ReferencedInstanceSequence = []
+        referenced.append(same)
+    same.ReferencedInstanceSequence = [*(same.get("ReferencedInstanceSequence") or []), listed]
+    ds.ReferencedSeriesSequence = referenced
 
 
 def _acquisition_equipment(source: Dataset) -> list[Dataset]:
@@ -172,15 +268,22 @@ def _acquisition_equipment(source: Dataset) -> list[Dataset]:
         return []
 
 
-def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
+def stored_values(
+    pixels: np.ndarray, header: Dataset, rescale: tuple[float, float] | None = None
+) -> np.ndarray:
     """Modality values -> stored values of ``header``'s encoding (rounded, clipped).
 
-    The inverse of what loading did (service.pipeline.volume): un-rescale, and for a
-    MONOCHROME1 source invert within the stored range again, so the derived image keeps
-    the source's photometric interpretation and windows and shows like the source
-    (without this a denoised MONOCHROME1 radiograph came back as its negative)."""
-    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
+    The inverse of what loading did (service.pipeline.volume): un-rescale (with
+    ``rescale`` = (slope, intercept) where given, an Enhanced frame's; else the header's
+    Rescale Slope and Intercept), and for a MONOCHROME1 source invert within the stored
+    range again, so the derived image keeps the source's photometric interpretation and
+    windows and shows like the source (without this a denoised MONOCHROME1 radiograph
+    came back as its negative)."""
+    if rescale is not None:
+        slope, intercept = rescale
+    else:
+        slope = float(header.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
     bits_allocated = int(header.BitsAllocated)
     bits_stored = int(header.get("BitsStored", bits_allocated))
     signed = int(header.get("PixelRepresentation", 0)) == 1
@@ -194,8 +297,27 @@ def stored_values(pixels: np.ndarray, header: Dataset) -> np.ndarray:
 
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    _check_encoding(ds)
+    _store_pixel_data(ds, stored_values(pixels, ds))
+
+
+def _set_frame_pixels(ds: Dataset, source: Dataset, frames: np.ndarray) -> None:
+    """All frames (source frame order), each with its own frame's rescale."""
+    _check_encoding(ds)
+    stored = np.stack(
+        [
+            stored_values(frame, ds, frame_rescale(source, number))
+            for number, frame in enumerate(frames, start=1)
+        ]
+    )
+    _store_pixel_data(ds, stored)
+
+
+def _check_encoding(ds: Dataset) -> None:
     if int(ds.BitsAllocated) not in (8, 16, 32) or int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ValueError("derived series need greyscale sources of 8, 16 or 32 bits")
-    stored = stored_values(pixels, ds)
+
+
+def _store_pixel_data(ds: Dataset, stored: np.ndarray) -> None:
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     ds["PixelData"].VR = "OB" if int(ds.BitsAllocated) == 8 else "OW"

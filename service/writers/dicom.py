@@ -84,6 +84,7 @@ def write_dicom_objects(
         if not volume.is_2d or len(source_headers) == 1:
             seg = build_seg(
                 result,
+                volume,
                 source_headers,
                 provenance,
                 {value: stat.voxels for value, stat in stats.items()},

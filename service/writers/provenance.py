@@ -204,22 +204,6 @@ class Provenance:
         }
 
 
-def source_image_items(headers: Sequence[Dataset]) -> list[Dataset]:
-    """Source Image Sequence items (SOP class, instance, purpose 121322) for ``headers``.
-
-    highdicom has no class for Source Image Sequence items outside SEG, and these are
-    only references, so they are built here, once, for the SC and derived writers.
-    """
-    items = []
-    for header in headers:
-        item = Dataset()
-        item.ReferencedSOPClassUID = header.SOPClassUID
-        item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        item.PurposeOfReferenceCodeSequence = [SOURCE_IMAGE_PURPOSE]
-        items.append(item)
-    return items
-
-
 def procedure_code(modality: str, body_part: str) -> hd.sr.CodedConcept:
     """TID 1500 Procedure Reported from the source study's modality and body part."""
     modality, body_part = modality.upper(), body_part.upper()
@@ -238,13 +222,17 @@ def procedure_code(modality: str, body_part: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
 
-def patient_orientation(header: Dataset) -> tuple[str, str]:
+def patient_orientation(
+    header: Dataset, frame_orientation: Sequence[float] | None = None
+) -> tuple[str, str]:
     """Patient Orientation (row, column direction letters) of an image.
 
-    From ImageOrientationPatient where present (LPS: +x L, +y P, +z H), else the source's
-    own Patient Orientation, else ("L", "F"), the usual PA chest display.
+    From ImageOrientationPatient where present (LPS: +x L, +y P, +z H), or
+    ``frame_orientation`` (an Enhanced image's frame keeps it in its functional groups),
+    else the source's own Patient Orientation, else ("L", "F"), the usual PA chest
+    display.
     """
-    iop = header.get("ImageOrientationPatient")
+    iop = header.get("ImageOrientationPatient") or frame_orientation
     if iop is not None and len(iop) == 6:
         vectors = np.asarray([float(v) for v in iop]).reshape(2, 3)
         return (_direction_letters(vectors[0]), _direction_letters(vectors[1]))

@@ -12,7 +12,8 @@ Many PACS viewers cannot draw a SEG or read an SR; every viewer shows an image. 
 Each image is windowed for reading (CT: abdomen W400/L40; radiographs and others: the
 1st-99th percentile), scaled so that the banner is legible, carries a burned-in banner
 naming the algorithm and "NOT FOR DIAGNOSTIC USE" (so Burned In Annotation is YES),
-and references its source image (Source Image Sequence, purpose DCM 121322).
+and references its source image (Source Image Sequence, purpose DCM 121322; with the
+Referenced Frame Number when the source is an Enhanced multi-frame image).
 Text is drawn with Pillow's built-in font.
 """
 
@@ -33,9 +34,9 @@ from service.writers.provenance import (
     SERIES_NUMBERS,
     Provenance,
     patient_orientation,
-    source_image_items,
 )
 from service.writers.seg import color_of
+from service.writers.sources import SliceSource, slice_sources, source_image_items
 from service.writers.sr import SegmentStats
 
 #: At most this many SC images per result.
@@ -57,10 +58,11 @@ def build_sc_images(
     stats: dict[int, SegmentStats] | None = None,
 ) -> list[hd.sc.SCImage]:
     """The SC images of ``result`` (see the module docstring); may be empty."""
+    sources = slice_sources(volume, source_headers)
     if result.kind is TaskKind.SEGMENTATION and result.label_map is not None:
-        return _segmentation_images(result, volume, source_headers, provenance, stats or {})
+        return _segmentation_images(result, volume, sources, provenance, stats or {})
     if result.kind is TaskKind.CLASSIFICATION:
-        return _classification_images(result, volume, source_headers, provenance)
+        return _classification_images(result, volume, sources, provenance)
     return []
 
 
@@ -87,7 +89,7 @@ def key_slices(label_map: NDArray, values: Sequence[int], limit: int = MAX_IMAGE
 def _segmentation_images(
     result: PipelineResult,
     volume: Volume,
-    source_headers: Sequence[Dataset],
+    sources: Sequence[SliceSource],
     provenance: Provenance,
     stats: dict[int, SegmentStats],
 ) -> list[hd.sc.SCImage]:
@@ -113,14 +115,14 @@ def _segmentation_images(
             legend.append(("no finding segmented", (255, 255, 255)))
         image, scale = _scaled(rgb)
         _banner(image, provenance, legend, f"slice {k + 1}/{label_map.shape[0]}")
-        images.append(_sc_image(image, scale, source_headers[k], provenance, number, volume))
+        images.append(_sc_image(image, scale, sources[k], provenance, number, volume))
     return images
 
 
 def _classification_images(
     result: PipelineResult,
     volume: Volume,
-    source_headers: Sequence[Dataset],
+    sources: Sequence[SliceSource],
     provenance: Provenance,
 ) -> list[hd.sc.SCImage]:
     heatmap = result.heatmap
@@ -143,7 +145,7 @@ def _classification_images(
     ]
     detail = "class activation map" if heatmap is not None else ""
     _banner(image, provenance, legend, detail)
-    return [_sc_image(image, scale, source_headers[k], provenance, 1, volume)]
+    return [_sc_image(image, scale, sources[k], provenance, 1, volume)]
 
 
 # --------------------------------------------------------------------------- pixels
@@ -282,16 +284,20 @@ def _banner(
 def _sc_image(
     image: Image.Image,
     scale: float,
-    source: Dataset,
+    slice_source: SliceSource,
     provenance: Provenance,
     number: int,
     volume: Volume,
 ) -> hd.sc.SCImage:
+    source = slice_source.header
     pixel_spacing = None
     if volume.pixel_spacing_source != "default":
         # Volume spacing is (x, y); DICOM Pixel Spacing is (row, column) = (y, x).
         pixel_spacing = (volume.spacing[1] / scale, volume.spacing[0] / scale)
-    orientation = patient_orientation(source)
+    # A frame of an Enhanced image has its orientation in the functional groups, which
+    # the volume has read: its row and column axes are the frame's.
+    frame_axes = _row_column(volume) if slice_source.frame_number is not None else None
+    orientation = patient_orientation(source, frame_axes)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.asarray(image, dtype=np.uint8),
@@ -324,5 +330,13 @@ def _sc_image(
     sc.Laterality = source.get("Laterality") or None
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = provenance.banner
-    sc.SourceImageSequence = source_image_items([source])
+    sc.SourceImageSequence = source_image_items([slice_source])
     return sc
+
+
+def _row_column(volume: Volume) -> tuple[float, ...] | None:
+    """Image Orientation (Patient) of the volume's slices: its x and y axes (LPS)."""
+    if volume.is_2d:
+        return None
+    d = volume.direction
+    return (d[0], d[3], d[6], d[1], d[4], d[7])

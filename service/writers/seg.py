@@ -14,6 +14,11 @@ source's Frame of Reference and plane positions, and omits frames where a segmen
 empty. Labels with no voxel get no segment (a segment without frames is not useful,
 and highdicom refuses a SEG whose every frame is empty): :func:`write_seg` returns
 ``None`` when nothing was segmented at all.
+
+An Enhanced (multi-frame) source is one instance whose frames are the slices: the label
+map is put back into the source's frame order (:mod:`service.writers.sources`), and
+highdicom then takes each frame's position from the source's functional groups and
+references the source frame by number.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from service.pipeline.result import Label, PipelineResult
+from service.pipeline.volume import Volume
 from service.writers.provenance import MANUFACTURER, SERIES_NUMBERS, Provenance, clip_lo, code
+from service.writers.sources import in_frame_order, multiframe_source
 
 #: When a bundle gives no codes: segmented property category and type.
 FALLBACK_CATEGORY = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
@@ -69,6 +76,7 @@ def segment_type(label: Label) -> hd.sr.CodedConcept:
 
 def build_seg(
     result: PipelineResult,
+    volume: Volume,
     source_headers: Sequence[Dataset],
     provenance: Provenance,
     voxel_counts: dict[int, int] | None = None,
@@ -77,10 +85,11 @@ def build_seg(
     label_map = result.label_map
     if label_map is None:
         raise ValueError("a SEG needs a label map")
-    if label_map.shape[0] != len(source_headers):
+    if label_map.shape[0] != len(volume.sources):
         raise ValueError(
-            f"label map has {label_map.shape[0]} slices, the source {len(source_headers)} images"
+            f"label map has {label_map.shape[0]} slices, the volume {len(volume.sources)}"
         )
+    multiframe = multiframe_source(volume, source_headers)
     counts = voxel_counts if voxel_counts is not None else result.voxel_counts()
     present = [
         (position, label)
@@ -121,6 +130,8 @@ def build_seg(
             lut[value] = number
         segments = lut[label_map].astype(np.uint8 if len(present) < 256 else np.uint16)
     source_images = list(source_headers)
+    if multiframe is not None:
+        segments = in_frame_order(segments, volume, multiframe)
     pixel_array = segments if segments.shape[0] > 1 else segments[0]
     seg = hd.seg.Segmentation(
         source_images=source_images,
