@@ -3,7 +3,8 @@
 The study is uploaded to a real Orthanc, which is asked over its REST API to send it to
 radnode (as a PACS's auto-routing rule would). radnode runs a segmentation (the
 threshold test bundle: SEG, SR, Secondary Capture) and the shipped low-dose CT
-reconstruction (a derived CT series, SR) and sends everything back. What arrived is
+reconstruction (a derived CT series, SR) and sends everything back, for a series of
+single-frame images and for the same series as one Enhanced CT instance. What arrived is
 read back through Orthanc's REST API. A second test keeps the PACS down while results
 are ready, then starts it: everything arrives, once.
 """
@@ -20,7 +21,7 @@ import pytest
 from pydicom import dcmread
 
 from service.publish import OUTBOX_FILE
-from service.testing import write_ct_series
+from service.testing import make_enhanced_ct, write_ct_series
 from tests.conftest import free_port, storescu
 from tests.support.bundles import write_threshold_bundle
 from tests.support.orthanc import orthanc_get, running_orthanc
@@ -79,9 +80,12 @@ def routes(*pipelines: str) -> str:
     ])  # fmt: skip
 
 
+@pytest.mark.parametrize("form", ["single-frame", "enhanced"])
 def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
-    radnode_factory, models: Path, tmp_path: Path
+    radnode_factory, models: Path, tmp_path: Path, form: str
 ) -> None:
+    """``enhanced``: the same series as one Legacy Converted Enhanced CT instance, as a
+    scanner that sends multi-frame images would; its derived image is one instance."""
     node = radnode_factory(RADNODE_MODELS__DIR=str(models))  # not started: its port is known
     modalities = {"radnode": ["RADNODE", "127.0.0.1", node.port]}
     (tmp_path / "orthanc").mkdir()
@@ -104,6 +108,10 @@ def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
         node.start()
         ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96, study_uid=STUDY_UID,
                              pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+        if form == "enhanced":
+            enhanced = make_enhanced_ct([dcmread(p) for p in ct])
+            ct = [tmp_path / "enhanced.dcm"]
+            enhanced.save_as(ct[0], enforce_file_format=True)
         for path in ct:
             post(pacs["http"], "/instances", path.read_bytes())
         (study_id,) = orthanc_get(pacs["http"], "/studies")
@@ -115,7 +123,7 @@ def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
         ct_series = {s["uid"]: s for s in found["CT"]}
         assert source_uid in ct_series and len(ct_series) == 2  # source + derived
         (derived,) = [s for uid, s in ct_series.items() if uid != source_uid]
-        assert len(derived["instances"]) == len(ct)  # one derived image per source slice
+        assert len(derived["instances"]) == len(ct)  # one derived image per source instance
         assert len(found["SEG"]) == 1 and len(found["SEG"][0]["instances"]) == 1
         assert len(found["SR"]) == 2  # one report per pipeline
         assert found["OT"]  # the Secondary Capture overlay
@@ -126,8 +134,13 @@ def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
         first = derived["instances"][0]
         derived_tags = orthanc_get(pacs["http"], f"/instances/{first}/tags?simplify")
     source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct}
-    referenced = derived_tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]
-    assert referenced in source_uids
+    if form == "enhanced":  # each frame references its source frame
+        frames = derived_tags["PerFrameFunctionalGroupsSequence"]
+        (source,) = frames[-1]["DerivationImageSequence"][0]["SourceImageSequence"]
+        assert int(source["ReferencedFrameNumber"]) == len(frames) == 30
+    else:
+        (source,) = derived_tags["SourceImageSequence"]
+    assert source["ReferencedSOPInstanceUID"] in source_uids
 
 
 def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
