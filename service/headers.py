@@ -9,6 +9,7 @@ Bits Allocated and Number of Frames promise.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_sequence_item
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pydicom.values import convert_value
 
@@ -83,8 +84,10 @@ def _read(data: bytes, transfer_syntax_uid: str) -> Dataset:
     return dataset
 
 
-#: Sequences read when a multi-frame image needs them (:func:`_frame_facts`).
-_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)
+#: Shared and Per-frame Functional Groups Sequence: read when an Enhanced image needs
+#: them (:func:`_with_frame_facts`).
+_SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
+_FUNCTIONAL_GROUPS = (_SHARED_GROUPS, _PER_FRAME_GROUPS)
 
 
 def _undefer_sequences(dataset: Dataset, data: bytes) -> None:
@@ -109,8 +112,7 @@ _READ: dict[str, tuple[int, str]] = {
         "SOPClassUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber",
         "InstanceNumber", "SliceThickness", "ImageType", "ImageOrientationPatient",
         "Manufacturer", "ManufacturerModelName", "Rows", "Columns", "BitsAllocated",
-        "SamplesPerPixel", "NumberOfFrames", "SharedFunctionalGroupsSequence",
-        "PerFrameFunctionalGroupsSequence",
+        "SamplesPerPixel", "NumberOfFrames",
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }  # fmt: skip
@@ -118,7 +120,7 @@ _READ: dict[str, tuple[int, str]] = {
 
 #: The elements read from a received data set; the others are skipped unread (their
 #: lengths still have to add up). Halves pydicom's reading of a CT slice's header.
-_SPECIFIC_TAGS = [tag for tag, _ in _READ.values()] + [_PIXEL_DATA]
+_SPECIFIC_TAGS = [tag for tag, _ in _READ.values()] + [*_FUNCTIONAL_GROUPS, _PIXEL_DATA]
 
 
 #: The VRs whose values pydicom decodes with the Specific Character Set (PS3.5 6.1.2.3).
@@ -149,13 +151,14 @@ class _Values:
             return None
         if isinstance(raw, RawDataElement) and raw.VR in (None, vr):
             try:
-                encodings = self._character_set() if vr in _CHARACTER_SET_VRS else None
+                encodings = self.character_set() if vr in _CHARACTER_SET_VRS else None
                 return convert_value(vr, raw, encodings)
             except Exception:
                 pass  # Dataset.get below gives pydicom's answer (or its error)
         return self.dataset.get(keyword)
 
-    def _character_set(self) -> list[str]:
+    def character_set(self) -> list[str]:
+        """The data set's Specific Character Set as Python codecs."""
         if self._encodings is None:
             self._encodings = convert_encodings(self.get("SpecificCharacterSet"))
         return self._encodings
@@ -239,11 +242,28 @@ def _orientation(values: Sequence[Any]) -> tuple[float, ...] | None:
         return None
 
 
-def _first_item(values: _Values, keyword: str) -> Dataset | None:
-    """The first item of a functional groups sequence, or None (absent, empty, unreadable)."""
+def _first_item(values: _Values, tag: int) -> Dataset | None:
+    """The first item of a functional groups sequence, or None (absent, empty, unreadable).
+
+    Only that item is parsed out of a sequence still in its bytes: the per-frame groups
+    have an item per frame, and pydicom spends ~30 µs on each (a 1000-frame image:
+    30 ms on the receive path) where routing needs the first frame's.
+    """
+    dataset = values.dataset
+    raw = dataset._dict.get(tag)  # type: ignore[call-overload]
     try:
-        sequence = values.dataset.get(keyword)
-        return sequence[0] if sequence else None
+        if isinstance(raw, RawDataElement) and raw.VR in (None, "SQ"):
+            if not isinstance(raw.value, bytes) or not raw.value:
+                return None
+            implicit, little = dataset.original_encoding
+            return read_sequence_item(
+                BytesIO(raw.value),
+                bool(implicit),
+                little is not False,
+                values.character_set(),
+            )
+        sequence = dataset.get(tag)
+        return sequence.value[0] if sequence is not None and sequence.value else None
     except Exception:
         return None
 
@@ -257,10 +277,36 @@ def _macro(groups: Dataset | None, sequence: str, keyword: str) -> Any:
         return None
 
 
+@functools.cache
+def _body_parts_by_code() -> dict[tuple[str, str], str]:
+    """(coding scheme, code value) -> Body Part Examined defined term (PS3.16 Annex L).
+
+    From highdicom's copy of the table: it has no public accessor, so a highdicom that
+    moves it leaves the code meaning in use (what the fallback below gives)."""
+    try:
+        from highdicom._standard_utils import get_anatomic_region_map
+
+        return {
+            (str(code.scheme_designator), str(code.value)): term
+            for term, (code, _) in get_anatomic_region_map().items()
+        }
+    except Exception:
+        return {}
+
+
+def _body_part(region: Dataset) -> str:
+    """An Anatomic Region code as the Body Part Examined term a single-frame image of the
+    region would carry ("CHESTABDOMEN"), else its code meaning."""
+    scheme = str(region.get("CodingSchemeDesignator", "") or "").strip()
+    value = str(region.get("CodeValue", "") or "").strip()
+    term = _body_parts_by_code().get((scheme, value))
+    return term or str(region.get("CodeMeaning", "") or "").strip()
+
+
 @dataclass(frozen=True)
 class _FrameFacts:
-    """What an Enhanced (multi-frame) image keeps in its functional groups, not at the
-    top level: the routing attributes a single-frame image has in its header."""
+    """The routing attributes a single-frame image has in its header, which an Enhanced
+    image keeps in its functional groups."""
 
     orientation: tuple[float, ...] | None = None
     slice_thickness: float | None = None
@@ -276,9 +322,9 @@ class _FrameFacts:
             thickness = float(_macro(groups, "PixelMeasuresSequence", "SliceThickness"))
         except (TypeError, ValueError):
             thickness = None
-        region = _macro(groups, "FrameAnatomySequence", "AnatomicRegionSequence")
         try:
-            body_part = str(region[0].get("CodeMeaning", "") or "").strip() if region else ""
+            region = _macro(groups, "FrameAnatomySequence", "AnatomicRegionSequence")
+            body_part = _body_part(region[0]) if region else ""
         except Exception:
             body_part = ""
         return cls(orientation, thickness, body_part)
@@ -296,46 +342,49 @@ class _FrameFacts:
         )
 
 
-def _frame_facts(values: _Values) -> _FrameFacts:
-    """Orientation, thickness and anatomy of a multi-frame image's frames.
+def _with_frame_facts(values: _Values, top: _FrameFacts) -> _FrameFacts:
+    """``top`` (the top-level attributes), completed from an Enhanced image's groups.
 
     The Shared Functional Groups describe every frame. An image whose frames differ (an
     MR with several stacks) has them per frame: the first frame's then stand for the
-    series, as the first instance's do for single-frame images (the per-frame sequence
-    is read only in that case; it has an item per frame). Legacy Converted images move
-    Body Part Examined into the Frame Anatomy macro as a code: its meaning ("Abdomen")
-    is what a body-part rule then sees.
+    series, as the first instance's do for single-frame images. Legacy Converted images
+    move Body Part Examined into the Frame Anatomy macro as a code, mapped back to the
+    defined term here. Enhanced SOP classes use the groups whatever their frame count.
     """
-    facts = _FrameFacts.of(_first_item(values, "SharedFunctionalGroupsSequence"))
+    if top.complete:
+        return top
+    present = values.dataset._dict
+    if _SHARED_GROUPS not in present and _PER_FRAME_GROUPS not in present:
+        return top
+    facts = top.or_else(_FrameFacts.of(_first_item(values, _SHARED_GROUPS)))
     if facts.complete:
         return facts
-    return facts.or_else(_FrameFacts.of(_first_item(values, "PerFrameFunctionalGroupsSequence")))
+    return facts.or_else(_FrameFacts.of(_first_item(values, _PER_FRAME_GROUPS)))
 
 
 def _header(ds: _Values) -> InstanceHeader:
-    iop = _orientation(_multi(ds, "ImageOrientationPatient"))
-    thickness = _number(ds, "SliceThickness", float)
-    body_part = _text(ds, "BodyPartExamined")
-    frames = max(_number(ds, "NumberOfFrames", int) or 1, 1)
-    if frames > 1 and (iop is None or thickness is None or not body_part):
-        facts = _frame_facts(ds)
-        iop = iop if iop is not None else facts.orientation
-        thickness = thickness if thickness is not None else facts.slice_thickness
-        body_part = body_part or facts.body_part
+    facts = _with_frame_facts(
+        ds,
+        _FrameFacts(
+            _orientation(_multi(ds, "ImageOrientationPatient")),
+            _number(ds, "SliceThickness", float),
+            _text(ds, "BodyPartExamined"),
+        ),
+    )
     return InstanceHeader(
         study_uid=_text(ds, "StudyInstanceUID"),
         series_uid=_text(ds, "SeriesInstanceUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         sop_class_uid=_text(ds, "SOPClassUID"),
         modality=_text(ds, "Modality"),
-        body_part=body_part,
+        body_part=facts.body_part,
         series_description=_text(ds, "SeriesDescription"),
         series_number=_number(ds, "SeriesNumber", int),
         instance_number=_number(ds, "InstanceNumber", int),
-        slice_thickness=thickness,
+        slice_thickness=facts.slice_thickness,
         image_type=_multi(ds, "ImageType"),
-        image_orientation=iop,
-        frame_count=frames,
+        image_orientation=facts.orientation,
+        frame_count=max(_number(ds, "NumberOfFrames", int) or 1, 1),
         manufacturer=_text(ds, "Manufacturer"),
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
     )

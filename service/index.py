@@ -378,7 +378,8 @@ class StudyIndex:
                 image_orientation=tuple(float(v) for v in r[10].split("\\")) if r[10] else None,
                 manufacturer=r[11],
                 manufacturer_model_name=r[12],
-                image_count=r[13],
+                # 0: a row an older radnode wrote after the upgrade: one per instance
+                image_count=r[13] or None,
             )
             for r in rows
         ]

@@ -20,6 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from structlog.testing import capture_logs
 
 from service.headers import parse_header
 from service.index import StudyIndex
@@ -82,7 +83,32 @@ def test_the_header_takes_routing_facts_from_the_functional_groups(enhanced: Pat
     assert header.frame_count == SLICES
     assert header.image_orientation == pytest.approx((1, 0, 0, 0, 1, 0))
     assert header.slice_thickness == pytest.approx(5.0)
-    assert header.body_part == "Abdomen"  # the Frame Anatomy code's meaning
+    assert header.body_part == "ABDOMEN"  # the Frame Anatomy code, as the defined term
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def test_a_frame_anatomy_code_becomes_the_body_part_a_rule_names() -> None:
+    """Annex L's table: "Chest and Abdomen" is what a CHESTABDOMEN rule must match."""
+    ds = make_enhanced_ct(make_ct_series(slices=4, rows=16, columns=16, body_part="CHESTABDOMEN"))
+    header = parse_header(_encoded(ds), ds.file_meta.TransferSyntaxUID)
+    region = ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0].AnatomicRegionSequence
+    assert region[0].CodeMeaning == "Chest and Abdomen"
+    assert header.body_part == "CHESTABDOMEN"
+
+
+def test_an_enhanced_instance_of_one_frame_still_has_its_routing_facts() -> None:
+    """Some scanners send an Enhanced series one frame per instance."""
+    ds = make_enhanced_ct(make_ct_series(slices=1, rows=16, columns=16))
+    assert int(ds.NumberOfFrames) == 1 and "ImageOrientationPatient" not in ds
+    header = parse_header(_encoded(ds), ds.file_meta.TransferSyntaxUID)
+    assert header.image_orientation == pytest.approx((1, 0, 0, 0, 1, 0))
+    assert (header.slice_thickness, header.body_part) == (1.25, "ABDOMEN")
 
 
 def test_orientation_given_per_frame_is_read_from_the_first_frame() -> None:
@@ -293,3 +319,68 @@ def test_serve_segments_an_enhanced_ct_sent_by_storescu(radnode_factory, tmp_pat
         assert reference.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
         z = float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
         assert z == pytest.approx(_frame_z(enhanced, int(reference.ReferencedFrameNumber)))
+
+
+# --------------------------------------------------------------------------- other layouts
+
+
+def _per_frame_geometry(ds: Dataset) -> Dataset:
+    """Plane Orientation and Pixel Measures per frame, none shared (Enhanced MR often)."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        group.PlaneOrientationSequence = shared.PlaneOrientationSequence
+        group.PixelMeasuresSequence = shared.PixelMeasuresSequence
+    del shared.PlaneOrientationSequence, shared.PixelMeasuresSequence
+    return ds
+
+
+def test_a_seg_is_written_when_the_geometry_is_given_per_frame(tmp_path: Path) -> None:
+    path = tmp_path / "in" / "enhanced.dcm"
+    path.parent.mkdir()
+    source = _per_frame_geometry(make_enhanced_ct(_series(), frame_order=ORDER))
+    source.save_as(path, enforce_file_format=True)
+    volume, headers = load_series([path]), read_headers([path])
+    paths = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "out")
+    (seg,) = [pydicom.dcmread(p) for p in paths if p.name.startswith("SEG_")]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        (reference,) = frame.DerivationImageSequence[0].SourceImageSequence
+        z = float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
+        assert z == pytest.approx(_frame_z(source, int(reference.ReferencedFrameNumber)))
+    assert "PlaneOrientationSequence" not in headers[0].SharedFunctionalGroupsSequence[0]
+
+
+@pytest.mark.parametrize("stacks", [2, SLICES])  # two stacks; one frame per instance
+def test_a_series_of_several_enhanced_instances_gets_every_result_but_the_seg(
+    tmp_path: Path, stacks: int
+) -> None:
+    series = _series()
+    size = SLICES // stacks
+    paths = []
+    for k in range(stacks):
+        part = make_enhanced_ct(
+            series[k * size : (k + 1) * size], sop_instance_uid=f"{series[0].SeriesInstanceUID}.{k}"
+        )
+        part.InstanceNumber = k + 1
+        paths.append(tmp_path / f"part{k}.dcm")
+        part.save_as(paths[-1], enforce_file_format=True)
+    volume = load_series(paths)
+    by_uid = {str(h.SOPInstanceUID): h for h in read_headers(paths)}
+    headers = [by_uid[uid] for uid in dict.fromkeys(s.sop_instance_uid for s in volume.sources)]
+    with capture_logs() as logs:
+        written = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "seg")
+    assert sorted({p.name.split("_")[0] for p in written}) == ["OT", "SR"]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["results.seg_not_written"]
+    derived = [
+        pydicom.dcmread(p)
+        for p in write_dicom_results(_reconstruction(volume), volume, headers, tmp_path / "rec")
+        if p.name.startswith("CT_")
+    ]
+    assert len(derived) == stacks
+    again = load_series([d.filename for d in derived])
+    np.testing.assert_allclose(again.array, np.rint(volume.array * 0.5), atol=1.0)
+    for ds in derived:
+        sources = {
+            g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            for g in ds.PerFrameFunctionalGroupsSequence
+        }
+        assert len(sources) == 1 and sources <= set(by_uid)

@@ -25,13 +25,13 @@ Per slice ``k`` (``volume.sources`` order): the header of ``source_headers[k]`` 
   Rescale Slope and Intercept, written in Explicit VR Little Endian;
 * private elements removed (they describe the source acquisition, not this image).
 
-An Enhanced (multi-frame) source, one instance whose frames are the slices, gives one
-derived multi-frame instance of the same SOP class: the source header with its
-functional groups (geometry per frame), the frames in the source's frame order, each
-encoded with its own frame's Pixel Value Transformation, Frame Type ``DERIVED\\SECONDARY``
-like the Image Type, and per frame a Derivation Image item (DCM 110001 "Image
-Processing") referencing the source frame. A series of several multi-frame instances
-raises :class:`ValueError` (see :func:`~service.writers.sources.multiframe_source`).
+An Enhanced (multi-frame) source instance, whose frames are slices, gives one derived
+multi-frame instance of the same SOP class: the source header with its functional
+groups (geometry per frame), the frames in the source's frame order, each encoded with
+its own frame's Pixel Value Transformation, Image and Frame Type ``DERIVED\\PRIMARY``
+(an Enhanced image has no SECONDARY), and per frame a Derivation Image item (DCM 110001
+"Image Processing") referencing the source frame. A series of several such instances
+(one per stack) gives one derived instance per source instance.
 """
 
 from __future__ import annotations
@@ -55,12 +55,7 @@ from service.writers.provenance import (
     Provenance,
     clip_lo,
 )
-from service.writers.sources import (
-    SliceSource,
-    in_frame_order,
-    multiframe_source,
-    source_image_items,
-)
+from service.writers.sources import SliceSource, in_frame_order, source_image_items
 
 #: Elements of the source that do not describe the derived image and are dropped.
 _DROPPED = (
@@ -133,17 +128,16 @@ def iter_derived_series(
     if image.shape[0] != len(volume.sources) or image.shape[1:] != volume.array.shape[1:]:
         raise ValueError(f"image shape {image.shape} does not match the source volume")
     info = derived_series_info(provenance, len(source_headers))
-    multiframe = multiframe_source(volume, source_headers)
-    if multiframe is not None:
-        ds = _derived_header(multiframe, provenance, info, 1)
-        _derive_frames(ds, multiframe, provenance)
-        _set_frame_pixels(ds, multiframe, in_frame_order(image, volume, multiframe))
-        yield ds
-        return
-    for k, source in enumerate(source_headers):
-        ds = _derived_header(source, provenance, info, k + 1)
-        ds.SourceImageSequence = source_image_items([source])
-        _set_pixels(ds, image[k])
+    enhanced = {s.sop_instance_uid for s in volume.sources if s.frame_number is not None}
+    slice_of = {s.sop_instance_uid: k for k, s in enumerate(volume.sources)}
+    for number, source in enumerate(source_headers, start=1):
+        ds = _derived_header(source, provenance, info, number)
+        if str(source.SOPInstanceUID) in enhanced:
+            _derive_frames(ds, source, provenance)
+            _set_frame_pixels(ds, source, in_frame_order(image, volume, source))
+        else:
+            ds.SourceImageSequence = source_image_items([source])
+            _set_pixels(ds, image[slice_of[str(source.SOPInstanceUID)]])
         yield ds
 
 

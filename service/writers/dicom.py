@@ -19,7 +19,10 @@ again gives the same files names and SOP Instance UIDs. File names are
 can be the ``payload_ref`` of one outbox delivery (:mod:`service.dicom_delivery`).
 
 2D images (radiographs: no Frame of Reference, no Image Position) are fine: SC needs
-neither and SEG is not written for classification.
+neither and SEG is not written for classification. A series of several Enhanced
+(multi-frame) instances gets no SEG either (a SEG references one multi-frame image or
+single-frame images): its SR and SC still carry the result, and
+``results.seg_not_written`` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from pydicom.dataset import Dataset
 
 from service.pipeline.result import PipelineResult, TaskKind
@@ -36,7 +40,10 @@ from service.writers.derived import derived_series_info, iter_derived_series
 from service.writers.provenance import Provenance
 from service.writers.sc import build_sc_images
 from service.writers.seg import build_seg
+from service.writers.sources import seg_problem
 from service.writers.sr import build_sr, segment_stats
+
+log = structlog.get_logger("service.writers")
 
 #: Suffix of every result file; the SCU sends ``*.dcm`` of a results folder.
 SUFFIX = ".dcm"
@@ -81,7 +88,17 @@ def write_dicom_objects(
     if result.kind is TaskKind.SEGMENTATION:
         stats = segment_stats(result, volume)
         seg = None
-        if not volume.is_2d or len(source_headers) == 1:
+        problem = seg_problem(volume, source_headers)
+        if problem is not None:
+            # The SR still reports every segment's volume and the SC shows them: the
+            # reading is complete without the SEG, which cannot reference these images.
+            log.warning(
+                "results.seg_not_written",
+                reason=problem,
+                action="have the modality send the series as single-frame images or as"
+                " one Enhanced instance to get a DICOM SEG",
+            )
+        elif not volume.is_2d or len(source_headers) == 1:
             seg = build_seg(
                 result,
                 volume,

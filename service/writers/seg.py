@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from service.pipeline.result import Label, PipelineResult
 from service.pipeline.volume import Volume
 from service.writers.provenance import MANUFACTURER, SERIES_NUMBERS, Provenance, clip_lo, code
-from service.writers.sources import in_frame_order, multiframe_source
+from service.writers.sources import in_frame_order, is_enhanced, seg_problem, with_shared_geometry
 
 #: When a bundle gives no codes: segmented property category and type.
 FALLBACK_CATEGORY = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
@@ -89,7 +89,9 @@ def build_seg(
         raise ValueError(
             f"label map has {label_map.shape[0]} slices, the volume {len(volume.sources)}"
         )
-    multiframe = multiframe_source(volume, source_headers)
+    problem = seg_problem(volume, source_headers)
+    if problem is not None:
+        raise ValueError(problem)
     counts = voxel_counts if voxel_counts is not None else result.voxel_counts()
     present = [
         (position, label)
@@ -130,8 +132,9 @@ def build_seg(
             lut[value] = number
         segments = lut[label_map].astype(np.uint8 if len(present) < 256 else np.uint16)
     source_images = list(source_headers)
-    if multiframe is not None:
-        segments = in_frame_order(segments, volume, multiframe)
+    if is_enhanced(volume):  # one multi-frame source (seg_problem): back to its frames
+        segments = in_frame_order(segments, volume, source_headers[0])
+        source_images = [with_shared_geometry(source_headers[0])]
     pixel_array = segments if segments.shape[0] > 1 else segments[0]
     seg = hd.seg.Segmentation(
         source_images=source_images,

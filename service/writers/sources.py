@@ -63,38 +63,86 @@ def source_image_items(sources: Sequence[SliceSource | Dataset]) -> list[Dataset
     return items
 
 
-def multiframe_source(volume: Volume, source_headers: Sequence[Dataset]) -> Dataset | None:
-    """The one multi-frame instance the volume's slices are frames of, or None when the
-    slices are single-frame images.
+def is_enhanced(volume: Volume) -> bool:
+    """Whether the volume's slices are frames of Enhanced (multi-frame) instances."""
+    return any(s.frame_number is not None for s in volume.sources)
 
-    Raises ValueError for a series of several multi-frame instances (an MR sent as one
-    instance per stack): a SEG, like a derived image, is made from one multi-frame
-    source (highdicom's rule as well), so there is no single frame order to write in.
+
+def seg_problem(volume: Volume, source_headers: Sequence[Dataset]) -> str | None:
+    """Why no SEG can reference this series' images, or None when one can.
+
+    A SEG references either single-frame images or the frames of one multi-frame
+    image (PS3.3 C.8.20.2; highdicom keeps to it). A series of several Enhanced
+    instances (one per stack, or one frame each) is neither.
     """
-    if all(s.frame_number is None for s in volume.sources):
-        return None
-    if len(source_headers) != 1:
-        raise ValueError(
-            f"the series is {len(source_headers)} multi-frame instances; a SEG or derived "
-            "image is written for a series of single-frame images or one multi-frame image"
+    if is_enhanced(volume) and len(source_headers) > 1:
+        return (
+            f"the series is {len(source_headers)} Enhanced (multi-frame) instances; a SEG "
+            "references one multi-frame image or single-frame images"
         )
-    return source_headers[0]
+    return None
+
+
+def with_shared_geometry(source: Dataset) -> Dataset:
+    """``source`` with its plane orientation and pixel measures in the Shared Functional
+    Groups, as highdicom's SEG requires (it raises "Source images must have a shared
+    orientation"). Enhanced MR often gives them per frame; the volume has already
+    checked that every frame has the same, so the first frame's stand for all. The
+    caller's header is left as it was."""
+    shared_sequence = source.get("SharedFunctionalGroupsSequence")
+    shared = shared_sequence[0] if shared_sequence else Dataset()
+    first = source.PerFrameFunctionalGroupsSequence[0]
+    missing = [
+        keyword
+        for keyword in ("PlaneOrientationSequence", "PixelMeasuresSequence")
+        if keyword not in shared and keyword in first
+    ]
+    if not missing:
+        return source
+    view_shared = _shallow_copy(shared)
+    for keyword in missing:
+        view_shared.add(first[keyword])
+    view = _shallow_copy(source)
+    if "SharedFunctionalGroupsSequence" in view:
+        del view.SharedFunctionalGroupsSequence  # from the copy only
+    view.SharedFunctionalGroupsSequence = [view_shared]
+    return view
+
+
+def _shallow_copy(ds: Dataset) -> Dataset:
+    """A new data set holding ``ds``'s elements (not copies): adding or deleting elements
+    leaves ``ds`` alone. (``copy.copy`` and ``Dataset(ds)`` share the element dict, and
+    setting an existing attribute changes the shared element in place.)"""
+    copy = Dataset()
+    for element in ds:
+        copy.add(element)
+    return copy
 
 
 def in_frame_order(per_slice: NDArray, volume: Volume, source: Dataset) -> NDArray:
-    """``per_slice`` (slice order, as the volume) rearranged into ``source``'s frames.
-
-    ``result[f - 1]`` is the slice that came from frame ``f``. A frame the volume did not
-    use stays zero, which a SEG omits as empty.
+    """The slices of ``per_slice`` (volume order) that are frames of ``source``, in its
+    frame order: ``result[f - 1]`` is the slice that came from frame ``f``. A frame the
+    volume did not use stays zero, which a SEG omits as empty.
     """
-    frames = int(source.NumberOfFrames)
     if per_slice.shape[0] != len(volume.sources):
         raise ValueError(f"{per_slice.shape[0]} slices given, the volume has {len(volume.sources)}")
-    numbers = np.array([s.frame_number for s in volume.sources], dtype=np.int64)
+    uid = str(source.SOPInstanceUID)
+    frames = max(int(source.get("NumberOfFrames") or 1), 1)
+    picked = [
+        (k, s.frame_number)
+        for k, s in enumerate(volume.sources)
+        if s.sop_instance_uid == uid and s.frame_number is not None
+    ]
+    if not picked:
+        raise ValueError("none of the volume's slices is a frame of this instance")
+    slices = np.array([k for k, _ in picked], dtype=np.int64)
+    numbers = np.array([f for _, f in picked], dtype=np.int64)
     if numbers.min() < 1 or numbers.max() > frames:
         raise ValueError(f"frame numbers outside 1..{frames} (NumberOfFrames)")
-    if numbers.size == frames and np.array_equal(numbers, np.arange(1, frames + 1)):
-        return per_slice  # already in frame order: no copy
+    if slices.size == per_slice.shape[0] == frames and np.array_equal(
+        numbers, np.arange(1, frames + 1)
+    ):
+        return per_slice  # the whole volume, already in frame order: no copy
     out = np.zeros((frames, *per_slice.shape[1:]), dtype=per_slice.dtype)
-    out[numbers - 1] = per_slice
+    out[numbers - 1] = per_slice[slices]
     return out

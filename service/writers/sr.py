@@ -173,11 +173,12 @@ def library_images(source_headers: Sequence[Dataset]) -> list[Dataset]:
     Every source image up to :data:`LIBRARY_MAX`; for longer series only the first one,
     which describes the series (modality, frame of reference, size, spacing): highdicom
     spends ~15 ms per library entry and a 300-entry library adds nothing a viewer uses.
-    None for an Enhanced (multi-frame) source: its entry would describe one plane, and
-    highdicom reads that from the top level, where an Enhanced image has none. The
+    None for Enhanced (multi-frame) sources: an entry would describe one plane, and
+    highdicom reads that from the top level, where an Enhanced image has none (even
+    one of a single frame). The
     evidence sequence still lists every source instance.
     """
-    if any(int(h.get("NumberOfFrames") or 1) > 1 for h in source_headers):
+    if any("PerFrameFunctionalGroupsSequence" in h for h in source_headers):
         return []
     if len(source_headers) <= LIBRARY_MAX:
         return list(source_headers)
