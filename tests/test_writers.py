@@ -30,6 +30,7 @@ from service.publish import write_dicom
 from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
 from service.writers.dicom import write_dicom_results
+from service.writers.files import write_result_files
 from service.writers.provenance import device_uid, result_uid
 from tests.conftest import require_tool
 
@@ -492,3 +493,22 @@ def test_a_radiograph_scaled_while_grey_is_the_picture_scaled_in_colour() -> Non
     rgb, rgb_scale = sc._scaled(sc._grey_rgb(pixels, "DX"))
     assert scale == rgb_scale and grey.size == rgb.size == (768, 1024)
     np.testing.assert_array_equal(np.asarray(grey.convert("RGB")), np.asarray(rgb))
+
+
+def test_nifti_copies_hold_the_results_in_the_volume_grid(ct, tmp_path):
+    """label_map.nii.gz (compresses well) and image.nii (a reconstructed image hardly
+    compresses: gzip cost seconds), each voxel where the volume has it."""
+    import nibabel
+
+    volume, _ = ct
+    seg = write_result_files(_segmentation(volume), volume, tmp_path / "seg")
+    rec = write_result_files(_reconstruction(volume), volume, tmp_path / "rec")
+    assert sorted(p.name for p in seg) == ["label_map.nii.gz", "result.json"]
+    assert sorted(p.name for p in rec) == ["image.nii", "result.json"]
+    labels = nibabel.load(tmp_path / "seg" / "label_map.nii.gz")
+    image = nibabel.load(tmp_path / "rec" / "image.nii")
+    np.testing.assert_array_equal(np.asarray(labels.dataobj).transpose(2, 1, 0), _sphere(volume))
+    np.testing.assert_allclose(
+        np.asarray(image.dataobj).transpose(2, 1, 0), volume.array.astype(np.float32) * 0.5
+    )
+    np.testing.assert_allclose(image.affine, volume.affine_ras())

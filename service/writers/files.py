@@ -76,13 +76,16 @@ def write_result_files(result: PipelineResult, volume: Volume, out_dir: Path) ->
     summary = out_dir / SUMMARY_FILE
     summary.write_text(json.dumps(result_summary(result, volume), indent=2) + "\n")
     written.append(summary)
-    for name, array in (
-        ("label_map", result.label_map),
-        ("image", result.image),
-        ("heatmap", result.heatmap),
+    # A reconstructed image (noise and all) hardly compresses: gzip took 12 s for a
+    # 300 x 512^2 CT and saved a fifth of its size; uncompressed, it is written in 0.6 s.
+    # Label maps and heatmaps shrink a hundredfold for 0.1 s.
+    for name, array, suffix in (
+        ("label_map", result.label_map, ".nii.gz"),
+        ("image", result.image, ".nii"),
+        ("heatmap", result.heatmap, ".nii.gz"),
     ):
         if array is not None:
-            written.append(write_nifti(array, volume, out_dir / f"{name}.nii.gz"))
+            written.append(write_nifti(array, volume, out_dir / f"{name}{suffix}"))
     return written
 
 
