@@ -705,7 +705,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["study_key", "state", "instance_count", "series_count"],
         "properties": {
             "study_key": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
-            "state": {"type": "string", "enum": ["receiving", "complete"]},
+            "state": {"type": "string", "enum": ["receiving", "complete", "purging"]},
             "instance_count": {"type": "integer", "minimum": 0},
             "series_count": {"type": "integer", "minimum": 0},
             "first_received_at": {"type": "string", "format": "date-time"},

@@ -124,10 +124,16 @@ class NodeSettings(_Section):
 
 
 class StudySettings(_Section):
-    """When a study counts as complete."""
+    """When a study counts as complete, and how long the node keeps it."""
 
     #: Seconds without a new instance after which a study is complete.
     completion_timeout_s: float = Field(10.0, gt=0)
+    #: Days a study is kept after its last activity (instance received, job finished)
+    #: once every job ended and every delivery was sent; then its spool files, results
+    #: and index rows are removed (the PACS holds the study and the results). 0: never.
+    keep_days: float = Field(7.0, ge=0)
+    #: Seconds between retention passes.
+    retention_check_s: float = Field(60.0, gt=0)
 
 
 class HttpSettings(_Section):

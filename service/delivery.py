@@ -396,6 +396,32 @@ class Outbox:
             ] = int(count)
         return result
 
+    def unsent(self, job_ids: Iterable[str]) -> int:
+        """Deliveries of these jobs not sent yet: pending or dead (retention keeps their
+        study: a dead letter may be resent, and it needs the study's files)."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        marks = ", ".join("?" * len(ids))
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM deliveries WHERE job_id IN ({marks}) AND state != 'sent'",
+                ids,
+            ).fetchone()
+        return int(row[0])
+
+    def forget_jobs(self, job_ids: Iterable[str]) -> int:
+        """Delete the (sent) deliveries of purged jobs: HL7 payloads hold patient data."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        marks = ", ".join("?" * len(ids))
+        with self._lock:
+            count = self._db.execute(
+                f"DELETE FROM deliveries WHERE job_id IN ({marks}) AND state = 'sent'", ids
+            ).rowcount
+        return int(count)
+
     def due_now_after_restart(self) -> int:
         """Make every pending delivery due now; returns how many were waiting.
 

@@ -6,6 +6,7 @@
     ├── UnreadableDataset  received bytes are not a DICOM data set we can parse
     ├── DatasetMismatch    data set contradicts the C-STORE request (SOP class/instance)
     ├── StorageFull        the spool cannot take more data (disk guard or write error)
+    │   └── StudyPurging   the study is being removed by retention: the sender retries
     ├── StartupError       the node cannot start (port in use, data_dir not writable)
     ├── SeriesRefused      a series cannot become a trustworthy volume
     │                      (service.pipeline.volume; carries ``reason`` and ``code``)
@@ -61,6 +62,12 @@ class StorageFull(RadnodeError):
 
 class StudyTooLarge(StorageFull):
     """The instance would take its study past ``node.max_study_mb``."""
+
+
+class StudyPurging(StorageFull):
+    """An instance of a study that retention is removing right now: refused with 0xA700
+    (the sender retries, and the study then arrives anew), never acknowledged and then
+    deleted."""
 
 
 class ResultsNotWritten(RadnodeError):

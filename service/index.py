@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from service.errors import StudyPurging
 from service.records import (
     IndexOutcome,
     JobRecord,
@@ -191,6 +192,8 @@ class StudyIndex:
             row = db.execute(
                 "SELECT state FROM studies WHERE study_uid = ?", (h.study_uid,)
             ).fetchone()
+            if row is not None and row[0] == StudyState.PURGING:
+                raise StudyPurging("the study is being removed by retention; retry shortly")
             new_study = row is None
             reopened = row is not None and row[0] != StudyState.RECEIVING
             if new_study:
@@ -284,12 +287,91 @@ class StudyIndex:
             ).fetchone()
             if row is None:
                 return False
+            if row[1] == StudyState.PURGING:
+                raise StudyPurging("the study is being removed by retention; retry shortly")
             db.execute(
                 "UPDATE studies SET last_received_at = ?, state = ?, completed_at = NULL"
                 " WHERE study_uid = ?",
                 (now, StudyState.RECEIVING, row[0]),
             )
         return row[1] != StudyState.RECEIVING
+
+    # -- retention ------------------------------------------------------------
+
+    def purgeable_studies(self, before: float, limit: int = 20) -> list[tuple[str, float]]:
+        """(Study UID, last received at) of complete studies with no activity since
+        ``before``: nothing received, no job unfinished or finished since; oldest first.
+        Whether their deliveries went out is the outbox's to say."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT st.study_uid, st.last_received_at FROM studies st"
+                " WHERE st.state = ? AND st.last_received_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = st.study_uid"
+                "  AND (j.state IN (?, ?) OR COALESCE(j.finished_at, j.created_at) >= ?))"
+                " ORDER BY st.last_received_at LIMIT ?",
+                (StudyState.COMPLETE, before, JobState.QUEUED, JobState.RUNNING, before, limit),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def studies_purging(self) -> list[str]:
+        """Studies whose purge a stop interrupted."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid FROM studies WHERE state = ?", (StudyState.PURGING,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def job_ids_of(self, study_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs WHERE study_uid = ?", (study_uid,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def begin_purge(self, study_uid: str, last_received_at: float) -> bool:
+        """Mark the study purging if it is still complete and untouched since it was
+        chosen; from then on its instances are refused (:class:`StudyPurging`)."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE studies SET state = ? WHERE study_uid = ? AND state = ?"
+                " AND last_received_at = ? AND NOT EXISTS (SELECT 1 FROM jobs"
+                "  WHERE study_uid = ? AND state IN (?, ?))",
+                (
+                    StudyState.PURGING,
+                    study_uid,
+                    StudyState.COMPLETE,
+                    last_received_at,
+                    study_uid,
+                    JobState.QUEUED,
+                    JobState.RUNNING,
+                ),
+            ).rowcount
+        return changed == 1
+
+    def purge_files(self, study_uid: str) -> tuple[list[str], list[str]]:
+        """(instance files, job result folders) of a study."""
+        with self._lock:
+            paths = self._db.execute(
+                "SELECT path FROM instances WHERE study_uid = ?", (study_uid,)
+            ).fetchall()
+            dirs = self._db.execute(
+                "SELECT result_dir FROM jobs WHERE study_uid = ? AND result_dir IS NOT NULL",
+                (study_uid,),
+            ).fetchall()
+        return [r[0] for r in paths], [r[0] for r in dirs]
+
+    def finish_purge(self, study_uid: str) -> int:
+        """Delete a purging study's rows (its files are gone); the instances it had."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT instance_count FROM studies WHERE study_uid = ? AND state = ?",
+                (study_uid, StudyState.PURGING),
+            ).fetchone()
+            if row is None:
+                return 0
+            for table in ("instances", "series", "jobs", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
+        return int(row[0])
 
     # -- completion -----------------------------------------------------------
 

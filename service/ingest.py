@@ -20,6 +20,7 @@ from service.errors import (
     DatasetMismatch,
     InvalidUID,
     StorageFull,
+    StudyPurging,
     StudyTooLarge,
     UnreadableDataset,
 )
@@ -75,6 +76,11 @@ class Ingest:
             return self._refuse(
                 instance, status, str(exc), "the sender's request and data set disagree; not stored"
             )
+        except StudyPurging as exc:
+            return self._refuse(
+                instance, StoreStatus.OUT_OF_RESOURCES, str(exc),
+                "none: the sender retries, and the study then arrives anew",
+            )  # fmt: skip
         except StudyTooLarge as exc:
             return self._refuse(
                 instance, StoreStatus.OUT_OF_RESOURCES, str(exc),
@@ -143,7 +149,11 @@ class Ingest:
             transfer_syntax_uid=instance.transfer_syntax_uid,
             calling_ae=instance.calling_ae,
         )
-        outcome = self._index.add_instance(stored)
+        try:
+            outcome = self._index.add_instance(stored)
+        except StudyPurging:
+            target.unlink(missing_ok=True)  # not acknowledged: no file left to index later
+            raise
         key = study_key(header.study_uid)
         if outcome.new_study:
             log.info("study.receiving", study=key, peer_ae=instance.calling_ae)

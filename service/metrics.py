@@ -209,6 +209,16 @@ class Metrics:
             "Studies marked complete after their quiet period (a reopened study counts again).",
             registry=r,
         )
+        self.studies_purged = Counter(
+            "radnode_studies_purged",
+            "Studies removed by retention (study.keep_days): spool files, results, rows.",
+            registry=r,
+        )
+        self.bytes_purged = Counter(
+            "radnode_purged_bytes",
+            "Bytes of spool files and results removed by retention.",
+            registry=r,
+        )
 
         # -- jobs -----------------------------------------------------------------
         self.jobs_finished = Counter(
@@ -321,6 +331,10 @@ class Metrics:
         self.studies_completed.inc()
 
     # -- jobs -------------------------------------------------------------------
+
+    def study_purged(self, size_bytes: int) -> None:
+        self.studies_purged.inc()
+        self.bytes_purged.inc(size_bytes)
 
     def job_finished(
         self,

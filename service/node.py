@@ -36,6 +36,7 @@ from service.publish import outbox_path
 from service.queue import JobQueue
 from service.receivers import ReceiverPool, build_receive_path
 from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
+from service.retention import Retention
 from service.shared_storage import edge_mark
 from service.spool import Spool
 from service.supervisor import ProcessSupervisor
@@ -130,6 +131,15 @@ class Node:
             on_exit=self._worker_died,
             niceness=settings.queue.local_worker_niceness,
         )
+        self.retention = Retention(
+            self.index,
+            self.outbox,
+            data_dir=data_dir,
+            spool_root=self.spool.root,
+            keep_s=settings.study.keep_days * 86400.0,
+            check_s=settings.study.retention_check_s,
+            on_purged=self.metrics.study_purged,
+        )
         self._stopped = threading.Event()
         self._housekeeping = threading.Thread(
             target=self._poll_job_metrics, name="job-metrics", daemon=True
@@ -142,6 +152,7 @@ class Node:
                 "config.open_to_any_calling_ae",
                 action="set node.allowed_calling_aets to the PACS AE titles",
             )
+        self.retention.resume()  # before reconcile: a half-purged study goes, not back in
         self.reconcile()
         self.check_pipelines()
         # With no remote workers configured, every worker died with the node.
@@ -251,13 +262,14 @@ class Node:
 
     def _poll_job_metrics(self) -> None:
         """Workers are other processes: count their finished jobs from the index, and
-        see which of them are alive."""
+        see which of them are alive. Retention runs here too, when a pass is due."""
         while not self._stopped.wait(2.0):
             try:
                 self.job_metrics.poll()
             except Exception:
                 log.exception("metrics.job_poll_failed", action="check the data_dir disk")
             self.worker_watch.poll_or_log()
+            self.retention.poll()
 
     def stop(self) -> None:
         self.api.stop()

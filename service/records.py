@@ -53,6 +53,8 @@ class StudyState(StrEnum):
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    #: Retention is deleting its files; its rows go last (service.retention).
+    PURGING = "purging"
 
 
 @dataclass(frozen=True)

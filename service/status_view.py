@@ -41,6 +41,7 @@ _STATE_STYLES = {
     "refused": "magenta",
     "receiving": "yellow",
     "complete": "green",
+    "purging": "dim",
 }
 
 
