@@ -105,8 +105,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (series_uid, pipeline, instance_count)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 """
 
+
+#: SQL (``st`` the study; parameters: two job states, a time): a job of the study that
+#: is queued or running, or was created or finished at or after the time.
+_RECENT_OR_UNFINISHED_JOB = (
+    "SELECT 1 FROM jobs j WHERE j.study_uid = st.study_uid"
+    " AND (j.state IN (?, ?) OR MAX(j.created_at, COALESCE(j.finished_at, 0)) >= ?)"
+)
 
 #: SQL: an Image Type (values joined by backslashes) with the value LOCALIZER.
 _LOCALIZER = "('\\' || COALESCE({}, '') || '\\') LIKE '%\\LOCALIZER\\%'"
@@ -273,10 +281,11 @@ class StudyIndex:
             new_instance=bool(inserted), new_study=new_study, reopened_study=reopened
         )
 
-    def touch_study_of(self, sop_instance_uid: str, now: float | None = None) -> bool:
+    def touch_study_of(self, sop_instance_uid: str, now: float | None = None) -> bool | None:
         """A known instance arrived again: note the activity, reopen its study.
 
-        Returns True when the study was complete and is now receiving again.
+        Returns True when the study was complete and is now receiving again; None when
+        the instance is not indexed (any more: retention may have removed it since).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -286,7 +295,7 @@ class StudyIndex:
                 (sop_instance_uid,),
             ).fetchone()
             if row is None:
-                return False
+                return None
             if row[1] == StudyState.PURGING:
                 raise StudyPurging("the study is being removed by retention; retry shortly")
             db.execute(
@@ -298,18 +307,31 @@ class StudyIndex:
 
     # -- retention ------------------------------------------------------------
 
-    def purgeable_studies(self, before: float, limit: int = 20) -> list[tuple[str, float]]:
+    def purgeable_studies(
+        self, before: float, limit: int = 20, after: tuple[float, str] = (0.0, "")
+    ) -> list[tuple[str, float]]:
         """(Study UID, last received at) of complete studies with no activity since
-        ``before``: nothing received, no job unfinished or finished since; oldest first.
+        ``before``: nothing received, not completed, no job unfinished, created or
+        finished since; oldest first, after the ``after`` (last received at, UID) cursor.
         Whether their deliveries went out is the outbox's to say."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT st.study_uid, st.last_received_at FROM studies st"
                 " WHERE st.state = ? AND st.last_received_at < ?"
-                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = st.study_uid"
-                "  AND (j.state IN (?, ?) OR COALESCE(j.finished_at, j.created_at) >= ?))"
-                " ORDER BY st.last_received_at LIMIT ?",
-                (StudyState.COMPLETE, before, JobState.QUEUED, JobState.RUNNING, before, limit),
+                " AND COALESCE(st.completed_at, st.last_received_at) < ?"
+                " AND (st.last_received_at, st.study_uid) > (?, ?)"
+                f" AND NOT EXISTS ({_RECENT_OR_UNFINISHED_JOB})"
+                " ORDER BY st.last_received_at, st.study_uid LIMIT ?",
+                (
+                    StudyState.COMPLETE,
+                    before,
+                    before,
+                    *after,
+                    JobState.QUEUED,
+                    JobState.RUNNING,
+                    before,
+                    limit,
+                ),
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
@@ -328,25 +350,39 @@ class StudyIndex:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def begin_purge(self, study_uid: str, last_received_at: float) -> bool:
+    def begin_purge(self, study_uid: str, last_received_at: float, before: float) -> bool:
         """Mark the study purging if it is still complete and untouched since it was
-        chosen; from then on its instances are refused (:class:`StudyPurging`)."""
+        chosen (no instance, no job queued, run or finished since ``before``); from
+        then on its instances are refused (:class:`StudyPurging`) and its jobs can be
+        neither created nor queued again."""
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE studies SET state = ? WHERE study_uid = ? AND state = ?"
-                " AND last_received_at = ? AND NOT EXISTS (SELECT 1 FROM jobs"
-                "  WHERE study_uid = ? AND state IN (?, ?))",
+                "UPDATE studies AS st SET state = ? WHERE study_uid = ? AND state = ?"
+                f" AND last_received_at = ? AND NOT EXISTS ({_RECENT_OR_UNFINISHED_JOB})",
                 (
                     StudyState.PURGING,
                     study_uid,
                     StudyState.COMPLETE,
                     last_received_at,
-                    study_uid,
                     JobState.QUEUED,
                     JobState.RUNNING,
+                    before,
                 ),
             ).rowcount
         return changed == 1
+
+    @staticmethod
+    def _purging(db: sqlite3.Connection, study_uid: str) -> bool:
+        row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return row is not None and row[0] == StudyState.PURGING
+
+    def cancel_purge(self, study_uid: str) -> None:
+        """A purge that must not go on (see :mod:`service.retention`): complete again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE studies SET state = ? WHERE study_uid = ? AND state = ?",
+                (StudyState.COMPLETE, study_uid, StudyState.PURGING),
+            )
 
     def purge_files(self, study_uid: str) -> tuple[list[str], list[str]]:
         """(instance files, job result folders) of a study."""
@@ -369,7 +405,16 @@ class StudyIndex:
             ).fetchone()
             if row is None:
                 return 0
-            for table in ("instances", "series", "jobs", "studies"):
+            db.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            # A Series Instance UID sent in two studies (it happens) keeps its one row
+            # for the other study's instances.
+            db.execute(
+                "UPDATE series SET study_uid = (SELECT i.study_uid FROM instances i"
+                " WHERE i.series_uid = series.series_uid LIMIT 1) WHERE study_uid = ?"
+                " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)",
+                (study_uid,),
+            )
+            for table in ("series", "jobs", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
         return int(row[0])
 
@@ -557,7 +602,7 @@ class StudyIndex:
             count = db.execute(
                 "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
             ).fetchone()
-            if count is None:
+            if count is None or self._purging(db, study_uid):
                 return None
             inserted = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, study_uid, series_uid, pipeline,"
@@ -690,11 +735,20 @@ class StudyIndex:
             )
 
     def requeue_job(self, job_id: str) -> JobRecord | None:
-        """An operator's retry: a finished job becomes queued again; None if not finished."""
+        """An operator's retry: a finished job becomes queued again; None if not finished
+        (or its study is being purged)."""
         with self._transaction() as db:
             updated = db.execute(
                 "UPDATE jobs SET state = ?, finished_at = NULL, error = NULL, task_id = NULL"
-                " WHERE job_id = ? AND state IN (?, ?, ?)",
-                (JobState.QUEUED, job_id, JobState.DONE, JobState.FAILED, JobState.REFUSED),
+                " WHERE job_id = ? AND state IN (?, ?, ?) AND study_uid NOT IN"
+                " (SELECT study_uid FROM studies WHERE state = ?)",
+                (
+                    JobState.QUEUED,
+                    job_id,
+                    JobState.DONE,
+                    JobState.FAILED,
+                    JobState.REFUSED,
+                    StudyState.PURGING,
+                ),
             ).rowcount
         return self.job(job_id) if updated else None

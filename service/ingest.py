@@ -119,11 +119,13 @@ class Ingest:
         known = self._index.instance_path(sop_instance_uid)
         if known is not None and os.path.exists(known):
             reopened = self._index.touch_study_of(sop_instance_uid)
-            log.debug("instance.duplicate", peer_ae=instance.calling_ae)
-            if reopened:
-                log.info("study.reopened", cause="duplicate instance")
-            self._metrics.instance_duplicate(len(instance.dataset))
-            return StoreStatus.SUCCESS
+            if reopened is not None:
+                log.debug("instance.duplicate", peer_ae=instance.calling_ae)
+                if reopened:
+                    log.info("study.reopened", cause="duplicate instance")
+                self._metrics.instance_duplicate(len(instance.dataset))
+                return StoreStatus.SUCCESS
+            known = None  # retention removed it in between: stored anew below
         if self._spool.free_bytes() < self._min_free_bytes:
             raise StorageFull("free disk space is below node.min_free_disk_mb")
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)

@@ -60,8 +60,10 @@ class Retention:
     ) -> None:
         self.index = index
         self.outbox = outbox
-        self.data_dir = Path(data_dir).resolve()
         self.spool_root = Path(spool_root).resolve()
+        self.results_root = Path(data_dir).resolve() / "results"
+        # the spool or the results may be links to other disks: their targets count
+        self._roots = (self.spool_root, self.results_root.resolve())
         self.keep_s = keep_s
         self.check_s = check_s
         self._on_purged = on_purged
@@ -74,19 +76,13 @@ class Retention:
 
     def resume(self) -> int:
         """Finish the purges a stop interrupted; how many. Never raises: a study left
-        purging is tried again at the next start, and refuses instances meanwhile."""
+        purging is tried again at the next pass."""
         try:
             interrupted = self.index.studies_purging()
-            for study_uid in interrupted:
-                self._purge(study_uid, resumed=True)
         except Exception as exc:
-            log.error(
-                "retention.failed",
-                reason=f"{type(exc).__name__}: {exc}",
-                action="check the disk under node.data_dir; the next start retries",
-            )
+            self._failed(exc, None)
             return 0
-        return len(interrupted)
+        return sum(self._purge(study_uid, resumed=True) for study_uid in interrupted)
 
     def poll(self) -> int:
         """Run a pass when one is due; how many studies it removed. Never raises."""
@@ -97,38 +93,72 @@ class Retention:
         try:
             return self.run_once(now)
         except Exception as exc:
-            log.error(
-                "retention.failed",
-                reason=f"{type(exc).__name__}: {exc}",
-                action="check the disk under node.data_dir; the next pass retries",
-            )
+            self._failed(exc, None)
             return 0
 
     def run_once(self, now: float | None = None) -> int:
-        """One pass: purge every study past ``keep_s`` whose deliveries all went out."""
+        """One pass: purge every study past ``keep_s`` whose deliveries all went out.
+
+        Candidates come oldest first, page after page, so studies kept for a pending
+        or dead delivery never hide the ones after them."""
         now = self._clock() if now is None else now
-        purged = 0
-        for study_uid in self.index.studies_purging():  # one a failed pass left
-            self._purge(study_uid, resumed=True)
-            purged += 1
-        for study_uid, last_received_at in self.index.purgeable_studies(now - self.keep_s, BATCH):
-            if self.outbox.unsent(self.index.job_ids_of(study_uid)):
-                continue  # a delivery is pending or dead: its files are still needed
-            if not self.index.begin_purge(study_uid, last_received_at):
-                continue  # an instance arrived or a job was queued since it was chosen
-            self._purge(study_uid)
-            purged += 1
+        before = now - self.keep_s
+        purged = self.resume()  # one a failed pass left
+        cursor = (0.0, "")
+        while page := self.index.purgeable_studies(before, BATCH, after=cursor):
+            for study_uid, last_received_at in page:
+                cursor = (last_received_at, study_uid)
+                purged += self._try(study_uid, last_received_at, before)
         return purged
 
-    def _purge(self, study_uid: str, *, resumed: bool = False) -> None:
-        paths, result_dirs = self.index.purge_files(study_uid)
-        freed = sum(self._remove_file(Path(p)) for p in paths)
-        for folder in {Path(p).parent for p in paths}:
-            self._remove_empty(folder)  # the series folder, then the study's
-            self._remove_empty(folder.parent)
-        freed += sum(self._remove_tree(Path(d)) for d in result_dirs)
-        self.outbox.forget_jobs(self.index.job_ids_of(study_uid))
-        instances = self.index.finish_purge(study_uid)
+    def _try(self, study_uid: str, last_received_at: float, before: float) -> int:
+        """Purge one candidate if nothing holds it; 1 if it went."""
+        try:
+            job_ids = self.index.job_ids_of(study_uid)
+            if self.outbox.unsent(job_ids):
+                return 0  # a delivery is pending or dead: its files are still needed
+            if not self.index.begin_purge(study_uid, last_received_at, before):
+                return 0  # an instance arrived or a job ran since it was chosen
+            if self.outbox.unsent(job_ids):  # a dead letter resent in between
+                self.index.cancel_purge(study_uid)
+                return 0
+        except Exception as exc:
+            self._failed(exc, study_uid)
+            return 0
+        return self._purge(study_uid)
+
+    def _purge(self, study_uid: str, *, resumed: bool = False) -> int:
+        """Delete a purging study's files, then its rows; 1 if it went. Never raises: a
+        study that fails stays purging (its instances refused) and is tried again at
+        the next pass, and the other studies go on."""
+        try:
+            paths, result_dirs = self.index.purge_files(study_uid)
+            job_ids = self.index.job_ids_of(study_uid)
+            # Every job's folder: a failed or refused job records none, but may have
+            # left scratch pages or partial results there.
+            folders = {Path(d) for d in result_dirs}
+            folders |= {self.results_root / job_id for job_id in job_ids}
+            outside = [p for p in (*map(Path, paths), *folders) if not self._inside(p)]
+            if outside:
+                self.index.cancel_purge(study_uid)
+                log.warning(
+                    "retention.outside_data_dir",
+                    study=study_key(study_uid),
+                    files=len(outside),
+                    action="the study is kept: its index names files outside"
+                    " node.data_dir (moved spool or results?); move them back under it",
+                )
+                return 0
+            freed = sum(self._remove_file(Path(p)) for p in paths)
+            for folder in {Path(p).parent for p in paths}:
+                self._remove_empty(folder)  # the series folder, then the study's
+                self._remove_empty(folder.parent)
+            freed += sum(self._remove_tree(folder) for folder in folders)
+            self.outbox.forget_jobs(job_ids)
+            instances = self.index.finish_purge(study_uid)
+        except Exception as exc:
+            self._failed(exc, study_uid)
+            return 0
         self._on_purged(freed)
         log.info(
             "study.purged",
@@ -138,19 +168,27 @@ class Retention:
             freed_bytes=freed,
             resumed=resumed,
         )
+        return 1
+
+    @staticmethod
+    def _failed(exc: Exception, study_uid: str | None) -> None:
+        log.error(
+            "retention.failed",
+            study=None if study_uid is None else study_key(study_uid),
+            reason=f"{type(exc).__name__}: {exc}",
+            action="see the reason; the study stays and the next pass tries again",
+        )
 
     def _inside(self, path: Path) -> bool:
-        """Only what lies under node.data_dir is ever deleted (a row naming anything
-        else is left alone, not trusted)."""
+        """Only what lies in the spool or the results, wherever they are mounted, is
+        ever deleted (a row naming anything else is not trusted)."""
         try:
-            return path.resolve().is_relative_to(self.data_dir)
+            resolved = path.resolve()
         except OSError:
             return False
+        return any(resolved.is_relative_to(root) for root in self._roots)
 
     def _remove_file(self, path: Path) -> int:
-        if not self._inside(path):
-            log.warning("retention.outside_data_dir", action="none; the file is kept")
-            return 0
         try:
             size = path.stat().st_size
             path.unlink()
@@ -159,14 +197,15 @@ class Retention:
             return 0
 
     def _remove_tree(self, folder: Path) -> int:
-        if not self._inside(folder) or not folder.is_dir():
+        folder = folder.resolve()  # a results folder may be a link to another disk
+        if not folder.is_dir():
             return 0
         size = sum(
             (Path(root) / name).stat().st_size
             for root, _, names in os.walk(folder)
             for name in names
         )
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder)
         return size
 
     def _remove_empty(self, folder: Path) -> None:

@@ -14,13 +14,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from dicom_nodes.status import StoreStatus
 from service.delivery import Outbox
 from service.index import StudyIndex
 from service.ingest import Ingest
 from service.records import JobState, StudyState
-from service.retention import Retention
+from service.retention import BATCH, Retention
 from service.spool import Spool
 from service.testing import write_ct_series
 from tests.conftest import storescu
@@ -147,7 +148,7 @@ def test_an_instance_of_a_study_being_purged_is_refused_and_not_kept(node: Node)
     into a folder being deleted."""
     study = node.receive()
     last = node.index.study(study).last_received_at
-    assert node.index.begin_purge(study, last)
+    assert node.index.begin_purge(study, last, node.now)
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SOPInstanceUID = study, generate_uid()
     assert node.ingest.store(received(ds)) == StoreStatus.OUT_OF_RESOURCES
@@ -159,7 +160,7 @@ def test_an_instance_of_a_study_being_purged_is_refused_and_not_kept(node: Node)
 
 def test_a_purge_a_stop_interrupted_is_finished_at_start(node: Node) -> None:
     study = node.receive()
-    assert node.index.begin_purge(study, node.index.study(study).last_received_at)
+    assert node.index.begin_purge(study, node.index.study(study).last_received_at, node.now)
     node.files_of(study)[0].unlink()  # the stop came after the first file
     assert node.retention.resume() == 1
     assert node.index.study(study) is None and not (node.spool.root / study).exists()
@@ -169,18 +170,122 @@ def test_a_study_that_changed_since_it_was_chosen_is_not_marked(node: Node) -> N
     study = node.receive()
     chosen = node.index.study(study).last_received_at
     node.index._db.execute("UPDATE studies SET last_received_at = last_received_at + 1")
-    assert not node.index.begin_purge(study, chosen)
+    assert not node.index.begin_purge(study, chosen, node.now)
     assert node.index.study(study).state == StudyState.COMPLETE
 
 
-def test_nothing_outside_the_data_dir_is_deleted(node: Node, tmp_path_factory) -> None:
+def test_nothing_outside_the_spool_and_results_is_deleted(node: Node, tmp_path_factory) -> None:
+    """The study is kept whole: its rows gone and its files left, the next start would
+    index them again as a new study (found by review)."""
     outside = tmp_path_factory.mktemp("elsewhere") / "keep.dcm"
     outside.write_bytes(b"important")
-    node.receive()
+    study = node.receive()
     node.index._db.execute("UPDATE instances SET path = ? WHERE rowid = 1", (str(outside),))
     node.now += KEEP_DAYS * DAY + 60
+    with capture_logs() as logs:
+        assert node.retention.run_once() == 0
+    assert outside.read_bytes() == b"important" and len(node.files_of(study)) == 3
+    assert node.index.study(study).state == StudyState.COMPLETE
+    assert [e["event"] for e in logs] == ["retention.outside_data_dir"]
+
+
+@pytest.mark.parametrize("linked", ["spool", "results"])
+def test_a_spool_or_results_folder_on_another_disk_is_purged_too(
+    tmp_path: Path, tmp_path_factory, linked: str
+) -> None:
+    (tmp_path / linked).symlink_to(tmp_path_factory.mktemp("bigger-disk"))
+    node = Node(tmp_path)
+    study = node.receive()
+    _, result_dir = node.job(study)
+    node.now += KEEP_DAYS * DAY + 60
     assert node.retention.run_once() == 1
-    assert outside.read_bytes() == b"important"
+    assert node.files_of(study) == [] and not result_dir.exists()
+    assert node.index.study(study) is None
+
+
+def test_a_study_received_long_ago_but_completed_now_is_kept(node: Node) -> None:
+    """A node down longer than keep_days completes its receiving studies at start:
+    they have not been routed yet (found by review)."""
+    study = node.receive()
+    node.index._db.execute("UPDATE studies SET state = 'receiving', completed_at = NULL")
+    node.now += KEEP_DAYS * DAY + 60
+    node.index.complete_quiet_studies(1, now=node.now)
+    assert node.retention.run_once() == 0 and node.index.study(study) is not None
+
+
+def test_studies_kept_for_dead_letters_do_not_hide_the_ones_after_them(node: Node) -> None:
+    held = []
+    for _ in range(BATCH + 5):
+        held.append(node.receive(count=1))
+        job_id, _ = node.job(held[-1])
+        node.outbox.mark_dead(node.deliver(job_id, sent=False), error="rejected")
+        node.now += 1
+    free = node.receive(count=1)
+    node.now += KEEP_DAYS * DAY + 60
+    assert node.retention.run_once() == 1
+    assert node.index.study(free) is None
+    assert all(node.index.study(uid) is not None for uid in held)
+
+
+def test_jobs_of_a_study_being_purged_are_neither_created_nor_queued_again(node: Node) -> None:
+    study = node.receive()
+    job_id, _ = node.job(study, JobState.FAILED)
+    node.now += KEEP_DAYS * DAY + 60
+    assert node.index.begin_purge(study, node.index.study(study).last_received_at, node.now)
+    assert node.index.requeue_job(job_id) is None  # POST /api/jobs/{id}/retry
+    (series,) = node.index.series_of(study)
+    assert node.index.add_job(study, series.series_uid, "other", [], []) is None
+
+
+def test_a_job_that_ran_since_the_study_was_chosen_keeps_it(node: Node) -> None:
+    study = node.receive()
+    job_id, _ = node.job(study)
+    node.now += KEEP_DAYS * DAY + 60
+    node.index.finish_job(job_id, JobState.DONE, now=node.now)  # re-run just now
+    assert not node.index.begin_purge(
+        study, node.index.study(study).last_received_at, node.now - 60
+    )
+
+
+def test_a_failed_jobs_scratch_folder_goes_with_its_study(node: Node) -> None:
+    study = node.receive()
+    job_id, result_dir = node.job(study, JobState.QUEUED)  # records no result_dir ...
+    node.index.finish_job(job_id, JobState.FAILED, error="x", now=node.now)  # ... failing
+    node.now += KEEP_DAYS * DAY + 60
+    assert node.retention.run_once() == 1
+    assert not result_dir.exists()
+
+
+def test_a_series_uid_shared_by_two_studies_does_not_stop_retention(node: Node) -> None:
+    first = node.receive()
+    (series,) = node.index.series_of(first)
+    node.now += 10
+    second = node.receive(count=1)
+    node.index._db.execute(
+        "UPDATE instances SET series_uid = ? WHERE study_uid = ?", (series.series_uid, second)
+    )
+    node.now += KEEP_DAYS * DAY + 60
+    assert node.retention.run_once() == 2
+    assert node.index.study(first) is None and node.index.study(second) is None
+
+
+def test_an_instance_sent_again_while_its_study_went_is_stored_anew(
+    node: Node, monkeypatch
+) -> None:
+    """The duplicate check saw the file, then a whole purge ran before the study was
+    touched: acknowledged as a duplicate, it was lost (found by review)."""
+    study = node.receive(count=1)
+    (path,) = node.files_of(study)
+    data = path.read_bytes()
+    node.now += KEEP_DAYS * DAY + 60
+    assert node.retention.run_once() == 1
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)  # what the duplicate check saw
+    monkeypatch.setattr(node.index, "instance_path", lambda uid: str(path))
+    ds = dcmread(path)
+    assert node.ingest.store(received(ds)) == StoreStatus.SUCCESS
+    monkeypatch.undo()
+    assert node.index.instance_path(str(ds.SOPInstanceUID)) == str(path) and path.exists()
 
 
 def test_serve_purges_a_processed_study_and_takes_it_again(radnode_factory, tmp_path: Path) -> None:
