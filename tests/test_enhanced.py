@@ -20,6 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
 from service.headers import parse_header
@@ -63,6 +64,8 @@ def loaded(enhanced: Path) -> tuple[Volume, list[Dataset]]:
 
 def _frame_z(ds: Dataset, frame_number: int) -> float:
     group = ds.PerFrameFunctionalGroupsSequence[frame_number - 1]
+    if "PlanePositionSequence" not in group:  # one frame: the converter shares it
+        group = ds.SharedFunctionalGroupsSequence[0]
     return float(group.PlanePositionSequence[0].ImagePositionPatient[2])
 
 
@@ -349,16 +352,15 @@ def test_a_seg_is_written_when_the_geometry_is_given_per_frame(tmp_path: Path) -
     assert "PlaneOrientationSequence" not in headers[0].SharedFunctionalGroupsSequence[0]
 
 
-@pytest.mark.parametrize("stacks", [2, SLICES])  # two stacks; one frame per instance
-def test_a_series_of_several_enhanced_instances_gets_every_result_but_the_seg(
-    tmp_path: Path, stacks: int
-) -> None:
+def _instances(tmp_path: Path, stacks: int) -> tuple[Volume, list[Dataset], list[Path]]:
+    """The series as ``stacks`` Enhanced instances; the volume and its source headers."""
     series = _series()
     size = SLICES // stacks
     paths = []
     for k in range(stacks):
         part = make_enhanced_ct(
-            series[k * size : (k + 1) * size], sop_instance_uid=f"{series[0].SeriesInstanceUID}.{k}"
+            series[k * size : (k + 1) * size],
+            sop_instance_uid=generate_uid(entropy_srcs=[str(series[0].SeriesInstanceUID), str(k)]),
         )
         part.InstanceNumber = k + 1
         paths.append(tmp_path / f"part{k}.dcm")
@@ -366,10 +368,49 @@ def test_a_series_of_several_enhanced_instances_gets_every_result_but_the_seg(
     volume = load_series(paths)
     by_uid = {str(h.SOPInstanceUID): h for h in read_headers(paths)}
     headers = [by_uid[uid] for uid in dict.fromkeys(s.sop_instance_uid for s in volume.sources)]
-    with capture_logs() as logs:
-        written = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "seg")
-    assert sorted({p.name.split("_")[0] for p in written}) == ["OT", "SR"]
-    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["results.seg_not_written"]
+    return volume, headers, paths
+
+
+def test_enhanced_instances_of_one_frame_each_get_a_seg_that_references_each(
+    tmp_path: Path,
+) -> None:
+    """Some scanners send an Enhanced MR or CT series one frame per instance: highdicom
+    is given them as the single-frame images they are, and the references keep their
+    Enhanced class."""
+    volume, headers, _ = _instances(tmp_path, SLICES)
+    written = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "seg")
+    (seg,) = [pydicom.dcmread(p) for p in written if p.name.startswith("SEG_")]
+    label_map = _segmentation(volume).label_map
+    masks = seg.pixel_array.reshape(-1, volume.array.shape[1], volume.array.shape[2])
+    by_uid = {str(h.SOPInstanceUID): k for k, h in enumerate(headers)}
+    for frame, mask in zip(seg.PerFrameFunctionalGroupsSequence, masks, strict=True):
+        (reference,) = frame.DerivationImageSequence[0].SourceImageSequence
+        assert reference.ReferencedSOPClassUID == headers[0].SOPClassUID  # Enhanced, kept
+        k = by_uid[reference.ReferencedSOPInstanceUID]
+        z = float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
+        assert z == pytest.approx(_frame_z(headers[k], 1))
+        segment = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(mask.astype(bool), label_map[k] == segment)
+    listed = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert {i.ReferencedSOPClassUID for i in listed} == {headers[0].SOPClassUID}
+    assert "SOPClassUID" in headers[0] and "ImagePositionPatient" not in headers[0]
+    tool = require_tool("dciodvfy")
+    run = subprocess.run([tool, seg.filename], capture_output=True, text=True, timeout=60)
+    assert [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line] == []
+
+
+@pytest.mark.parametrize("stacks", [2, SLICES])  # two stacks; one frame per instance
+def test_a_series_of_several_enhanced_instances_gets_a_derived_image_each(
+    tmp_path: Path, stacks: int
+) -> None:
+    volume, headers, _ = _instances(tmp_path, stacks)
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    if stacks == 2:
+        with capture_logs() as logs:
+            written = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "s")
+        assert sorted({p.name.split("_")[0] for p in written}) == ["OT", "SR"]
+        warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+        assert warnings == ["results.seg_not_written"]
     derived = [
         pydicom.dcmread(p)
         for p in write_dicom_results(_reconstruction(volume), volume, headers, tmp_path / "rec")

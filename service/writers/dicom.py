@@ -20,9 +20,9 @@ can be the ``payload_ref`` of one outbox delivery (:mod:`service.dicom_delivery`
 
 2D images (radiographs: no Frame of Reference, no Image Position) are fine: SC needs
 neither and SEG is not written for classification. A series of several Enhanced
-(multi-frame) instances gets no SEG either (a SEG references one multi-frame image or
-single-frame images): its SR and SC still carry the result, and
-``results.seg_not_written`` says why.
+instances of many frames each gets no SEG either (highdicom builds one over a single
+multi-frame image or single-frame images; one-frame Enhanced instances count as the
+latter): its SR and SC still carry the result, and ``results.seg_not_written`` says why.
 """
 
 from __future__ import annotations

@@ -33,7 +33,15 @@ from pydicom.dataset import Dataset
 from service.pipeline.result import Label, PipelineResult
 from service.pipeline.volume import Volume
 from service.writers.provenance import MANUFACTURER, SERIES_NUMBERS, Provenance, clip_lo, code
-from service.writers.sources import in_frame_order, is_enhanced, seg_problem, with_shared_geometry
+from service.writers.sources import (
+    as_single_frame,
+    in_frame_order,
+    is_enhanced,
+    one_frame_each,
+    restore_sop_classes,
+    seg_problem,
+    with_shared_geometry,
+)
 
 #: When a bundle gives no codes: segmented property category and type.
 FALLBACK_CATEGORY = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
@@ -132,7 +140,10 @@ def build_seg(
             lut[value] = number
         segments = lut[label_map].astype(np.uint8 if len(present) < 256 else np.uint16)
     source_images = list(source_headers)
-    if is_enhanced(volume):  # one multi-frame source (seg_problem): back to its frames
+    one_frame = one_frame_each(volume, source_headers)
+    if one_frame:  # Enhanced instances of a frame each: single-frame images to highdicom
+        source_images = [as_single_frame(h) for h in source_headers]
+    elif is_enhanced(volume):  # one multi-frame source (seg_problem): back to its frames
         segments = in_frame_order(segments, volume, source_headers[0])
         source_images = [with_shared_geometry(source_headers[0])]
     pixel_array = segments if segments.shape[0] > 1 else segments[0]
@@ -157,4 +168,6 @@ def build_seg(
         specific_character_set="ISO_IR 192",
         contributing_equipment=[provenance.contributing_equipment()],
     )
+    if one_frame:
+        restore_sop_classes(seg, source_headers)
     return SegResult(dataset=seg, segment_numbers=numbers)

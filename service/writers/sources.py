@@ -68,19 +68,99 @@ def is_enhanced(volume: Volume) -> bool:
     return any(s.frame_number is not None for s in volume.sources)
 
 
+def _frames(header: Dataset) -> int:
+    try:
+        return max(int(header.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+#: Enhanced and Legacy Converted image classes -> the classic single-frame class whose
+#: attributes an instance of one frame can be given (:func:`as_single_frame`).
+CLASSIC_CLASS: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted CT
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted MR
+    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Legacy Conv. PET
+    "1.2.840.10008.5.1.4.1.1.130": "1.2.840.10008.5.1.4.1.1.128",  # Enhanced PET -> PET
+}
+
+
+def one_frame_each(volume: Volume, source_headers: Sequence[Dataset]) -> bool:
+    """Whether the series is several Enhanced instances of one frame each, of classes
+    :data:`CLASSIC_CLASS` knows (some scanners send Enhanced MR this way)."""
+    return (
+        is_enhanced(volume)
+        and len(source_headers) > 1
+        and all(
+            _frames(h) == 1 and str(h.get("SOPClassUID", "")) in CLASSIC_CLASS
+            for h in source_headers
+        )
+    )
+
+
 def seg_problem(volume: Volume, source_headers: Sequence[Dataset]) -> str | None:
     """Why no SEG can reference this series' images, or None when one can.
 
-    A SEG references either single-frame images or the frames of one multi-frame
-    image (PS3.3 C.8.20.2; highdicom keeps to it). A series of several Enhanced
-    instances (one per stack, or one frame each) is neither.
+    highdicom builds a SEG over single-frame images or over the frames of one
+    multi-frame image. Enhanced instances of one frame each are given to it as the
+    single-frame images they are (:func:`as_single_frame`); several instances of many
+    frames (one per stack) cannot be.
     """
     if is_enhanced(volume) and len(source_headers) > 1:
+        if one_frame_each(volume, source_headers):
+            return None
         return (
             f"the series is {len(source_headers)} Enhanced (multi-frame) instances; a SEG "
             "references one multi-frame image or single-frame images"
         )
     return None
+
+
+def as_single_frame(header: Dataset) -> Dataset:
+    """A one-frame Enhanced instance's header as highdicom reads a single-frame image:
+    its frame's position, orientation and pixel measures at the top level, and the
+    classic SOP class (so highdicom does not take it for a multi-frame image). The
+    references the SEG makes to it are given its true class back afterwards
+    (:func:`restore_sop_classes`). The caller's header is left as it is."""
+    view = _shallow_copy(header)
+    groups = [
+        header.PerFrameFunctionalGroupsSequence[0],
+        *(header.get("SharedFunctionalGroupsSequence") or []),
+    ]
+    for sequence, keywords in (
+        ("PlanePositionSequence", ("ImagePositionPatient",)),
+        ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+        ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")),
+    ):
+        item = next((g[sequence][0] for g in groups if g.get(sequence)), None)
+        for keyword in keywords if item is not None else ():
+            if keyword in item and keyword not in view:
+                view.add(item[keyword])
+    if "SOPClassUID" in view:
+        del view.SOPClassUID  # from the copy only
+    view.SOPClassUID = CLASSIC_CLASS[str(header.SOPClassUID)]
+    return view
+
+
+def restore_sop_classes(dataset: Dataset, sources: Sequence[Dataset]) -> None:
+    """Give every reference in ``dataset`` to one of ``sources`` that source's own SOP
+    class (undoing :func:`as_single_frame` in what was written)."""
+    true_class = {str(h.SOPInstanceUID): h.SOPClassUID for h in sources}
+    for item in _items(dataset):
+        uid = item.get("ReferencedSOPInstanceUID")
+        if uid is not None and str(uid) in true_class and "ReferencedSOPClassUID" in item:
+            item.ReferencedSOPClassUID = true_class[str(uid)]
+
+
+def _items(dataset: Dataset):
+    """Every item of every sequence in ``dataset``, depth first."""
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield item
+                yield from _items(item)
 
 
 def with_shared_geometry(source: Dataset) -> Dataset:
