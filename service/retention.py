@@ -69,6 +69,7 @@ class Retention:
         self._on_purged = on_purged
         self._clock = clock
         self._next_pass = 0.0
+        self._warned: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -141,6 +142,9 @@ class Retention:
             outside = [p for p in (*map(Path, paths), *folders) if not self._inside(p)]
             if outside:
                 self.index.cancel_purge(study_uid)
+                if study_uid in self._warned:
+                    return 0  # said once per run, not at every pass
+                self._warned.add(study_uid)
                 log.warning(
                     "retention.outside_data_dir",
                     study=study_key(study_uid),
