@@ -642,10 +642,10 @@ def _frame_headers(index: int, ds: Dataset) -> list[_FrameHeader]:
     """One entry per 2D frame of the instance (Enhanced multi-frame gives several)."""
     if ds.get("PerFrameFunctionalGroupsSequence"):
         return _enhanced_frames(index, ds)
-    if _number_of_frames(ds) > 1:
+    if number_of_frames(ds) > 1:
         raise SeriesRefused(
             f"{_header_label(ds, index)} is a multi-frame image with "
-            f"{_number_of_frames(ds)} frames but no per-frame plane positions (no "
+            f"{number_of_frames(ds)} frames but no per-frame plane positions (no "
             "Per-frame Functional Groups), so where each frame lies cannot be determined. "
             "Ask the modality or PACS to send the series as single-frame or Enhanced "
             "(e.g. Enhanced CT/MR) instances.",
@@ -665,7 +665,7 @@ def _frame_headers(index: int, ds: Dataset) -> list[_FrameHeader]:
 def _enhanced_frames(index: int, ds: Dataset) -> list[_FrameHeader]:
     """Frames of an Enhanced image: each functional group per frame, else shared."""
     per_frame = ds.PerFrameFunctionalGroupsSequence
-    count = _number_of_frames(ds)
+    count = number_of_frames(ds)
     if len(per_frame) != count:
         raise SeriesRefused(
             f"{_header_label(ds, index)} has NumberOfFrames {count} but "
@@ -704,16 +704,23 @@ def _group_item(groups: tuple[Dataset | None, ...], keyword: str) -> Dataset | N
     return None
 
 
-def frame_rescale(ds: Dataset, frame_number: int) -> tuple[float, float]:
-    """(slope, intercept) of frame ``frame_number`` (1-based) of an Enhanced image, as
-    loading applied them: its Pixel Value Transformation, per frame before shared, (1, 0)
-    without one. The derived-series writer encodes each frame back with them."""
+def frame_macro(ds: Dataset, frame_number: int, keyword: str) -> Dataset | None:
+    """The item of functional group macro ``keyword`` (e.g. PlanePositionSequence) that
+    holds for frame ``frame_number`` (1-based) of an Enhanced image: per frame before
+    shared, as loading reads them."""
     shared_sequence = ds.get("SharedFunctionalGroupsSequence")
     groups = (
         ds.PerFrameFunctionalGroupsSequence[frame_number - 1],
         shared_sequence[0] if shared_sequence else None,
     )
-    item = _group_item(groups, "PixelValueTransformationSequence")
+    return _group_item(groups, keyword)
+
+
+def frame_rescale(ds: Dataset, frame_number: int) -> tuple[float, float]:
+    """(slope, intercept) of frame ``frame_number`` (1-based) of an Enhanced image, as
+    loading applied them: its Pixel Value Transformation, per frame before shared, (1, 0)
+    without one. The derived-series writer encodes each frame back with them."""
+    item = frame_macro(ds, frame_number, "PixelValueTransformationSequence")
     slope, intercept = _number(item, "RescaleSlope"), _number(item, "RescaleIntercept")
     return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
@@ -786,7 +793,8 @@ def _pixel_spacing(
     return None, "default"
 
 
-def _number_of_frames(ds: Dataset) -> int:
+def number_of_frames(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent or not a number."""
     try:
         return max(int(ds.get("NumberOfFrames") or 1), 1)
     except (TypeError, ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from service.pipeline.volume import Volume
+from service.pipeline.volume import Volume, frame_macro, number_of_frames
 from service.writers.provenance import SOURCE_IMAGE_PURPOSE
 
 
@@ -68,13 +68,6 @@ def is_enhanced(volume: Volume) -> bool:
     return any(s.frame_number is not None for s in volume.sources)
 
 
-def _frames(header: Dataset) -> int:
-    try:
-        return max(int(header.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
-
-
 #: Enhanced and Legacy Converted image classes -> the classic single-frame class whose
 #: attributes an instance of one frame can be given (:func:`as_single_frame`).
 CLASSIC_CLASS: dict[str, str] = {
@@ -94,7 +87,7 @@ def one_frame_each(volume: Volume, source_headers: Sequence[Dataset]) -> bool:
         is_enhanced(volume)
         and len(source_headers) > 1
         and all(
-            _frames(h) == 1 and str(h.get("SOPClassUID", "")) in CLASSIC_CLASS
+            number_of_frames(h) == 1 and str(h.get("SOPClassUID", "")) in CLASSIC_CLASS
             for h in source_headers
         )
     )
@@ -125,16 +118,12 @@ def as_single_frame(header: Dataset) -> Dataset:
     references the SEG makes to it are given its true class back afterwards
     (:func:`restore_sop_classes`). The caller's header is left as it is."""
     view = _shallow_copy(header)
-    groups = [
-        header.PerFrameFunctionalGroupsSequence[0],
-        *(header.get("SharedFunctionalGroupsSequence") or []),
-    ]
     for sequence, keywords in (
         ("PlanePositionSequence", ("ImagePositionPatient",)),
         ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
         ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")),
     ):
-        item = next((g[sequence][0] for g in groups if g.get(sequence)), None)
+        item = frame_macro(header, 1, sequence)
         for keyword in keywords if item is not None else ():
             if keyword in item and keyword not in view:
                 view.add(item[keyword])
@@ -207,7 +196,7 @@ def in_frame_order(per_slice: NDArray, volume: Volume, source: Dataset) -> NDArr
     if per_slice.shape[0] != len(volume.sources):
         raise ValueError(f"{per_slice.shape[0]} slices given, the volume has {len(volume.sources)}")
     uid = str(source.SOPInstanceUID)
-    frames = max(int(source.get("NumberOfFrames") or 1), 1)
+    frames = number_of_frames(source)
     picked = [
         (k, s.frame_number)
         for k, s in enumerate(volume.sources)
