@@ -60,43 +60,42 @@ from service.writers.provenance import (
 from service.writers.sources import SliceSource, in_frame_order, source_image_items
 
 #: Elements of the source that do not describe the derived image and are dropped.
-_DROPPED = (
-    "PixelData",
-    "FloatPixelData",
-    "DoubleFloatPixelData",
-    "LargestImagePixelValue",
-    "SmallestImagePixelValue",
-    "LargestPixelValueInSeries",
-    "SmallestPixelValueInSeries",
-    "PixelPaddingValue",
-    "PixelPaddingRangeLimit",
-    "ReferencedImageSequence",
-    "SourceImageSequence",
-    "DerivationCodeSequence",
-    "ContributingEquipmentSequence",
-    "IrradiationEventUID",
-    "InstanceCreatorUID",
-    "DigitalSignaturesSequence",
-    "MACParametersSequence",
-    "EncryptedAttributesSequence",
-    "OriginalAttributesSequence",
-    "LossyImageCompression",
-    "LossyImageCompressionRatio",
-    "LossyImageCompressionMethod",
-    "ExtendedOffsetTable",
-    "ExtendedOffsetTableLengths",
-    # the source scanner's identity: it is recorded as Acquisition Equipment instead
-    "DeviceSerialNumber",
-    "StationName",
-    "DeviceUID",
+_DROPPED = frozenset(
+    {
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "LargestImagePixelValue",
+        "SmallestImagePixelValue",
+        "LargestPixelValueInSeries",
+        "SmallestPixelValueInSeries",
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
+        "ReferencedImageSequence",
+        "SourceImageSequence",
+        "DerivationCodeSequence",
+        "ContributingEquipmentSequence",
+        "IrradiationEventUID",
+        "InstanceCreatorUID",
+        "DigitalSignaturesSequence",
+        "MACParametersSequence",
+        "EncryptedAttributesSequence",
+        "OriginalAttributesSequence",
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+        "ExtendedOffsetTable",
+        "ExtendedOffsetTableLengths",
+        # the source scanner's identity: it is recorded as Acquisition Equipment instead
+        "DeviceSerialNumber",
+        "StationName",
+        "DeviceUID",
+    }
 )
 
 
 #: Derivation Code of each frame of a derived Enhanced image (CID 7203 is extensible).
 IMAGE_PROCESSING = hd.sr.CodedConcept("110001", "DCM", "Image Processing")
-
-
-_DROPPED_KEYWORDS = frozenset(_DROPPED)
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def _copy_of_kept(source: Dataset) -> Dataset:
     tens of kB) were copied, decoded and then deleted for every image."""
     ds = Dataset()
     for element in source:
-        if element.tag.is_private or element.keyword in _DROPPED_KEYWORDS:
+        if element.tag.is_private or element.keyword in _DROPPED:
             continue
         if element.VR == "SQ":
             ds.add(copy.deepcopy(element))
