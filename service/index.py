@@ -631,6 +631,21 @@ class StudyIndex:
             ).fetchone()
         return None if row is None else self._job_from_row(row)
 
+    def replaced_by(self, job: JobRecord) -> JobRecord | None:
+        """The job whose result ``job``'s replaces: the latest job of the same series and
+        pipeline that finished with a result (``done``) and was made before ``job``, on
+        other instances (the series grew after its results were sent). None for a
+        series' first result."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
+                " AND j.job_id != ? AND j.state = ? AND j.created_at <= ?"
+                " ORDER BY j.created_at DESC LIMIT 1",
+                (job.series_uid, job.pipeline, job.job_id, JobState.DONE, job.created_at),
+            ).fetchone()
+        return None if row is None else self._job_from_row(row)
+
     def recent_jobs(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
         where = "" if state is None else "WHERE j.state = ?"
         params: tuple = (limit,) if state is None else (state, limit)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import structlog
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from service.config import Settings
 from service.delivery import Outbox
@@ -51,7 +53,13 @@ class ResultPublisher:
         deliverables: list[Deliverable] = []
         header = None
         out_dir = Path(ticket.result_dir)
-        written = write_dicom(result, volume, list(ticket.series_paths), out_dir / DICOM_FOLDER)
+        written = write_dicom(
+            result,
+            volume,
+            list(ticket.series_paths),
+            out_dir / DICOM_FOLDER,
+            predecessor=replaced_report(ticket),
+        )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
             if destination is None:
@@ -72,6 +80,7 @@ class ResultPublisher:
                         volume.spacing,
                         destination,
                         control_id=control_id_for(ticket.job_id, name),
+                        correction=ticket.replaces is not None,
                     )
                 except Hl7Error as exc:
                     log.error(
@@ -93,17 +102,49 @@ class ResultPublisher:
         return deliverables
 
 
+#: The attributes that name an SR: what its successor's Predecessor Documents item holds.
+_SR_NAME = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def replaced_report(ticket: JobTicket) -> Dataset | None:
+    """The SR of the result this job's replaces (the UIDs that name it), read from that
+    job's result folder; None for a first result, or when that folder is gone."""
+    if ticket.replaces is None:
+        return None
+    for path in sorted((Path(ticket.replaces) / DICOM_FOLDER).glob("SR_*.dcm")):
+        try:
+            sr = dcmread(path, stop_before_pixels=True, specific_tags=list(_SR_NAME))
+            named = Dataset()
+            for keyword in _SR_NAME:
+                setattr(named, keyword, sr[keyword].value)
+            return named
+        except (OSError, InvalidDicomError, KeyError) as exc:
+            log.warning(
+                "results.predecessor_unreadable",
+                job=ticket.job_id,
+                reason=type(exc).__name__,
+                action="none: the new SR names no predecessor",
+            )
+    return None
+
+
 def write_dicom(
-    result: PipelineResult, volume: Volume, series_paths: list[str], out_dir: Path
+    result: PipelineResult,
+    volume: Volume,
+    series_paths: list[str],
+    out_dir: Path,
+    *,
+    predecessor: Dataset | None = None,
 ) -> list[Path]:
-    """Write the job's DICOM result objects (SR first). Raises
-    :class:`ResultsNotWritten` if they cannot be made (the reason logged with its
-    traceback): the job then fails and nothing is sent."""
+    """Write the job's DICOM result objects (SR first); ``predecessor`` is the SR they
+    replace. Raises :class:`ResultsNotWritten` if they cannot be made (the reason logged
+    with its traceback): the job then fails and nothing is sent."""
     try:
         headers = volume.source_headers or read_headers(series_paths)
         by_uid = {str(h.SOPInstanceUID): h for h in headers}
         order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
-        return write_dicom_results(result, volume, [by_uid[uid] for uid in order], out_dir)
+        sources = [by_uid[uid] for uid in order]
+        return write_dicom_results(result, volume, sources, out_dir, predecessor=predecessor)
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
         reason = f"{type(exc).__name__}: {exc}"
         log.exception(

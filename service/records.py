@@ -168,6 +168,10 @@ class JobTicket:
     result_dir: str
     destinations: tuple[str, ...]
     attempt: int
+    #: The result folder of the job this one's result replaces (see
+    #: :meth:`service.index.StudyIndex.replaced_by`), None for a series' first result.
+    #: Its SR becomes the new SR's predecessor, and the HL7 result goes as a correction.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class JobTracker:
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
 
     def ticket(self, job: JobRecord) -> JobTicket:
+        earlier = self.index.replaced_by(job)
         return JobTicket(
             job_id=job.job_id,
             study_key=job.study_key,
@@ -81,7 +82,11 @@ class JobTracker:
             result_dir=str(self.results_dir / job.job_id),
             destinations=job.destinations,
             attempt=job.attempts + 1,
+            replaces=None if earlier is None else self._result_dir(earlier),
         )
+
+    def _result_dir(self, job: JobRecord) -> str:
+        return job.result_dir or str(self.results_dir / job.job_id)
 
     def submit(self, job: JobRecord) -> str:
         """Put a run of ``job`` in the queue, unless one was put there meanwhile.

@@ -267,6 +267,15 @@ def test_classification_gives_a_coded_finding_and_its_probability_per_label() ->
     assert {r["status"] for r in rows} == {"F"}
 
 
+def test_a_result_that_replaces_a_reported_one_is_sent_as_a_correction() -> None:
+    """OBR-25 (table 0123) and every OBX-11 (table 0085) say C, so the RIS replaces the
+    result it has for the order rather than filing a second final one."""
+    er7 = build_oru(segmentation(), ct_header(), SPACING, destination(), correction=True).er7
+    parsed = python_hl7.parse(er7)
+    assert (parsed["ORC.F1"], parsed["OBR.F25"]) == ("RE", "C")
+    assert {r["status"] for r in obx_rows(er7)} == {"C"}
+
+
 def test_segmentation_gives_one_volume_in_ml_per_segment() -> None:
     rows = obx_rows(build_oru(segmentation(), ct_header(), SPACING, destination()).er7)
     volumes = [r for r in rows if r["type"] == "NM"]

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import hl7 as python_hl7
 import pytest
 from pydicom import dcmread
 
@@ -24,6 +25,7 @@ from service.publish import OUTBOX_FILE
 from service.testing import make_enhanced_ct, write_ct_series
 from tests.conftest import free_port, storescu
 from tests.support.bundles import write_threshold_bundle
+from tests.support.mllp import MllpListener
 from tests.support.orthanc import orthanc_get, running_orthanc
 from tests.support.outbox import delivery_states
 
@@ -180,3 +182,50 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
     with sqlite3.connect(node.data_dir / OUTBOX_FILE) as db:  # a route without HL7 sends none
         kinds = {kind for (kind,) in db.execute("SELECT kind FROM deliveries")}
     assert kinds == {"dicom"}
+
+
+def test_a_series_that_grows_after_its_results_gets_a_new_result_not_a_mixed_one(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    """The PACS sends half a series, the node reports on it; the rest arrives after the
+    quiet period. The second result must not reuse the first result's UIDs: Orthanc
+    (as configured by default) keeps the first object it got under a UID, so the PACS
+    showed the half series' SR and SEG next to the whole series' HL7 result (found by
+    the acceptance run). Now the second SR names the first as its predecessor, and the
+    RIS gets the second result as a correction (OBR-25 / OBX-11 = C)."""
+    ris = MllpListener(free_port(), "AA").start()
+    (tmp_path / "orthanc").mkdir()
+    try:
+        with running_orthanc(tmp_path / "orthanc") as pacs:
+            route = {"name": "bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+                     "destinations": ["pacs", "ris"]}  # fmt: skip
+            destinations = [
+                {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": pacs["port"],
+                 "ae_title": "ORTHANC", "backoff_s": 0.2},
+                {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
+            ]  # fmt: skip
+            node = radnode_factory(
+                RADNODE_MODELS__DIR=str(models),
+                RADNODE_ROUTES=json.dumps([route]),
+                RADNODE_DESTINATIONS=json.dumps(destinations),
+            ).start()
+            ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96,
+                                 study_uid=STUDY_UID, pixel_spacing=(3.0, 3.0),
+                                 slice_thickness=3.0)  # fmt: skip
+            assert storescu(node.port, ct[:15]).returncode == 0
+            wait_all_sent(node, expected_jobs=1)
+            assert storescu(node.port, ct[15:]).returncode == 0
+            wait_all_sent(node, expected_jobs=2)
+            found = series_in_orthanc(pacs["http"])
+            reports = [orthanc_get(pacs["http"], f"/instances/{i}/tags?simplify")
+                       for s in found["SR"] for i in s["instances"]]  # fmt: skip
+            segs = [i for s in found["SEG"] for i in s["instances"]]
+    finally:
+        ris.stop()
+    assert len(reports) == 2 and len(segs) == 2  # both results, each whole
+    first, second = sorted(reports, key=lambda r: "PredecessorDocumentsSequence" in r)
+    (study,) = second["PredecessorDocumentsSequence"]
+    (item,) = study["ReferencedSeriesSequence"][0]["ReferencedSOPSequence"]
+    assert item["ReferencedSOPInstanceUID"] == first["SOPInstanceUID"]
+    statuses = [python_hl7.parse(m)["OBR.F25"] for m in ris.received]
+    assert [str(s) for s in statuses] == ["F", "C"]

@@ -233,3 +233,44 @@ def test_result_folders_are_named_by_absolute_path(tmp_path: Path, monkeypatch) 
     tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
     assert tracker.results_dir == tmp_path.resolve() / "radnode-data" / "results"
     index.close()
+
+
+def _store_another_instance(tmp_path: Path, index: StudyIndex, ds: Dataset, uid: str) -> None:
+    """One more instance of the same series (the series grows)."""
+    ds = ds.copy()
+    ds.SOPInstanceUID = uid
+    data = encode(ds, False, True)
+    assert data is not None
+    instance = ReceivedInstance(
+        str(ds.SOPClassUID), uid, ExplicitVRLittleEndian, data, "PACS", "RADNODE", "127.0.0.1"
+    )
+    Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
+
+
+def test_a_job_on_a_grown_series_replaces_the_last_result_of_that_pipeline(
+    tmp_path: Path,
+) -> None:
+    """The ticket names the result folder of the latest finished job of the same series
+    and pipeline: the worker makes its SR the new SR's predecessor and sends the HL7
+    result as a correction. Failed jobs and other pipelines are not replaced."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    first = index.add_job(study, series, "p", ["r"], [], now=1.0)
+    other = index.add_job(study, series, "q", ["r"], [], now=1.0)
+    assert first is not None and other is not None
+    assert tracker.ticket(first).replaces is None
+    index.finish_job(first.job_id, JobState.DONE, result_dir="/results/first", now=2.0)
+    index.finish_job(other.job_id, JobState.DONE, result_dir="/results/other", now=2.0)
+
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.777")
+    second = index.add_job(study, series, "p", ["r"], [], now=3.0)
+    assert second is not None
+    assert tracker.ticket(second).replaces == "/results/first"
+    index.finish_job(second.job_id, JobState.FAILED, error="model failed", now=4.0)
+
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.778")
+    third = index.add_job(study, series, "p", ["r"], [], now=5.0)
+    assert third is not None
+    assert tracker.ticket(third).replaces == "/results/first"  # the failed run made none
+    index.close()

@@ -6,6 +6,7 @@ known sphere, a 512x512 radiograph) and every written file is checked by dciodvf
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import subprocess
@@ -31,7 +32,7 @@ from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
 from service.writers.dicom import write_dicom_results
 from service.writers.files import write_result_files
-from service.writers.provenance import device_uid, result_uid
+from service.writers.provenance import device_uid, result_uid, sources_digest
 from tests.conftest import require_tool
 
 LIVER = Label(
@@ -315,7 +316,62 @@ def test_rewriting_gives_the_same_uids(ct, tmp_path):
     second = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second]
     uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in first]
-    assert uids[0] == result_uid(volume.series_uid, "ct_abdomen_segmentation", "0.1.0", "sr", 0)
+    sources = sources_digest([str(h.SOPInstanceUID) for h in headers])
+    assert uids[0] == result_uid(
+        volume.series_uid, "ct_abdomen_segmentation", "0.1.0", "sr", 0, sources=sources
+    )
+
+
+def _names(paths: list[Path]) -> dict[str, pydicom.Dataset]:
+    """SOP Instance UID -> header of each written object."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return {str(h.SOPInstanceUID): h for h in headers}
+
+
+def test_a_series_that_grew_gets_new_objects_that_name_the_report_they_replace(ct, tmp_path):
+    """The acceptance run's case: results were sent for the first part of a series, the
+    rest came later. The second result's content differs, so none of its objects may
+    reuse a UID of the first (a PACS keeps the first object it got under a UID, and
+    would show the old result); its SR names the old SR as its predecessor, and the
+    tracking UIDs (the findings) stay the same."""
+    volume, headers = ct
+    paths = [Path(h.filename) for h in headers]
+    part = load_series(paths[:20])
+    by_uid = {h.SOPInstanceUID: h for h in headers}
+    part_headers = [by_uid[s.sop_instance_uid] for s in part.sources]
+    before = _names(write_dicom_results(_segmentation(part), part, part_headers, tmp_path / "a"))
+    (old_sr,) = [h for h in before.values() if h.Modality == "SR"]
+
+    after = _names(
+        write_dicom_results(
+            _segmentation(volume), volume, headers, tmp_path / "b", predecessor=old_sr
+        )
+    )
+    assert not set(before) & set(after)
+    old_series = {h.SeriesInstanceUID for h in before.values()}
+    assert not old_series & {h.SeriesInstanceUID for h in after.values()}
+    (new_sr,) = [h for h in after.values() if h.Modality == "SR"]
+    (study,) = new_sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == old_sr.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == old_sr.SeriesInstanceUID
+    (item,) = series.ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert _tracking_uids(new_sr) == _tracking_uids(old_sr) != set()
+    assert "PredecessorDocumentsSequence" not in old_sr
+
+
+def _tracking_uids(sr: pydicom.Dataset) -> set[str]:
+    found: set[str] = set()
+    pending = list(pydicom.dcmread(sr.filename).ContentSequence)
+    while pending:
+        item = pending.pop()
+        if item.get("ConceptNameCodeSequence") and item.ConceptNameCodeSequence[0].CodeValue == (
+            "112040"  # Tracking Unique Identifier
+        ):
+            found.add(str(item.UID))
+        pending.extend(item.get("ContentSequence", []))
+    return found
 
 
 def test_new_model_version_gets_new_uids_and_device_uid():
@@ -512,3 +568,21 @@ def test_nifti_copies_hold_the_results_in_the_volume_grid(ct, tmp_path):
         np.asarray(image.dataobj).transpose(2, 1, 0), volume.array.astype(np.float32) * 0.5
     )
     np.testing.assert_allclose(image.affine, volume.affine_ras())
+
+
+@pytest.mark.parametrize("make", [_segmentation, _reconstruction])
+def test_a_source_without_type2_patient_attributes_still_gets_results(ct, tmp_path, make):
+    """A sender left out Patient ID (Type 2, so non-conformant): every result of the
+    job failed in highdicom with "no attribute 'PatientID'" (acceptance run). The
+    results now carry the attributes empty, as the source does in effect."""
+    volume, headers = ct
+    stripped = [copy.deepcopy(h) for h in headers]
+    for header in stripped:
+        for keyword in ("PatientID", "PatientName", "StudyID", "AccessionNumber",
+                        "ReferringPhysicianName", "PatientBirthDate"):  # fmt: skip
+            if keyword in header:
+                delattr(header, keyword)
+    paths = write_dicom_results(make(volume), volume, stripped, tmp_path)
+    for path in paths[:3]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.PatientID == "" and ds.StudyInstanceUID == headers[0].StudyInstanceUID

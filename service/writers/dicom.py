@@ -65,14 +65,19 @@ def write_dicom_results(
     volume: Volume,
     source_headers: list[Dataset],
     out_dir: Path,
+    *,
+    predecessor: Dataset | None = None,
 ) -> list[Path]:
     """Write the DICOM objects of ``result`` into ``out_dir``; return their paths.
 
     ``source_headers`` are the source instances' headers (pixel data not needed), in
-    ``volume.sources`` order. The SR is always the first path returned: its SOP
+    ``volume.sources`` order. ``predecessor`` is the SR this result replaces (its
+    study, series, class and instance UIDs are enough), named in the new SR's
+    Predecessor Documents Sequence. The SR is always the first path returned: its SOP
     Instance UID is a good outbox ``message_id`` for the job.
     """
-    return [obj.path for obj in write_dicom_objects(result, volume, source_headers, out_dir)]
+    written = write_dicom_objects(result, volume, source_headers, out_dir, predecessor=predecessor)
+    return [obj.path for obj in written]
 
 
 def write_dicom_objects(
@@ -80,10 +85,16 @@ def write_dicom_objects(
     volume: Volume,
     source_headers: Sequence[Dataset],
     out_dir: Path,
+    *,
+    predecessor: Dataset | None = None,
 ) -> list[WrittenObject]:
     """:func:`write_dicom_results` with what each file is (SR first)."""
     _check_sources(volume, source_headers)
-    provenance = Provenance.of(result.bundle, volume.series_uid)
+    _fill_empty_type2(source_headers)
+    provenance = Provenance.of(
+        result.bundle, volume.series_uid, [str(h.SOPInstanceUID) for h in source_headers]
+    )
+    previous = [predecessor] if predecessor is not None else None
     datasets: list[Dataset] = []
     if result.kind is TaskKind.SEGMENTATION:
         stats = segment_stats(result, volume)
@@ -106,13 +117,14 @@ def write_dicom_objects(
                 provenance,
                 {value: stat.voxels for value, stat in stats.items()},
             )
-        sr = build_sr(result, volume, source_headers, provenance, seg=seg, stats=stats)
+        sr = build_sr(result, volume, source_headers, provenance, seg=seg, stats=stats,
+                      previous=previous)  # fmt: skip
         datasets.append(sr)
         if seg is not None:
             datasets.append(seg.dataset)
         datasets.extend(build_sc_images(result, volume, source_headers, provenance, stats=stats))
     elif result.kind is TaskKind.CLASSIFICATION:
-        datasets.append(build_sr(result, volume, source_headers, provenance))
+        datasets.append(build_sr(result, volume, source_headers, provenance, previous=previous))
         datasets.extend(build_sc_images(result, volume, source_headers, provenance))
     out_dir.mkdir(parents=True, exist_ok=True)
     if result.kind is TaskKind.RECONSTRUCTION:
@@ -122,9 +134,39 @@ def write_dicom_objects(
             for ds in iter_derived_series(result, volume, source_headers, provenance)
         ]
         info = derived_series_info(provenance, len(derived))
-        sr = build_sr(result, volume, source_headers, provenance, derived=info)
+        sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
         return [_save(sr, out_dir), *derived]
     return [_save(ds, out_dir) for ds in datasets]
+
+
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
+#: that every result copies from its source, and highdicom reads without a default.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _fill_empty_type2(source_headers: Sequence[Dataset]) -> None:
+    """Give the job's copies of the source headers an empty value for each of
+    :data:`_TYPE2_COPIED` they lack, as a Type 2 attribute without a value is sent.
+
+    Why: a sender that leaves one out (non-conformant, but it happens) made every result
+    of the job fail in highdicom ("no attribute 'PatientID'", found by the acceptance
+    run); the results now carry it empty, as the source does in effect. Only these
+    in-memory headers change; the received files stay as they came.
+    """
+    for header in source_headers:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in header:
+                setattr(header, keyword, "")
 
 
 def _check_sources(volume: Volume, source_headers: Sequence[Dataset]) -> None:

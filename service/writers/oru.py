@@ -8,6 +8,7 @@ work list. docs/hl7.md is the message profile; in short::
     PID  PatientID/Issuer (PID-3), PatientName (PID-5), BirthDate (PID-7), Sex (PID-8)
     ORC  RE, Accession Number as placer and/or filler order number
     OBR  same order numbers, OBR-4 the procedure, OBR-7 study date/time, OBR-25 F
+         (C, with OBX-11 C, for a result that replaces one sent for the same series)
     OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
     OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
     OBX  NM  probability in % (DCM 122157) or volume in mL (SCT)    } sharing OBX-4
@@ -189,16 +190,21 @@ def build_oru(
     *,
     control_id: str | None = None,
     now: datetime | None = None,
+    correction: bool = False,
 ) -> OruMessage:
     """Build the ORU^R01 for ``result``, computed from the series ``source`` belongs to.
 
     ``source`` is the header of any instance of the source series (patient, study and
     order attributes are read from it); ``spacing_mm`` the voxel spacing (x, y, z) of
     the volume, for segment volumes. ``control_id`` defaults to a random one; pass
-    :func:`control_id_for` to make re-runs idempotent. Raises :class:`Hl7Error` (which
-    never quotes patient data) if the message cannot be built.
+    :func:`control_id_for` to make re-runs idempotent. ``correction``: the result
+    replaces one already reported for this order (the series grew after its first
+    result), so its result status is C, "correction" (OBR-25, table 0123; OBX-11, table
+    0085), not F. Raises :class:`Hl7Error` (which never quotes patient data) if the
+    message cannot be built.
     """
     now = now or datetime.now(UTC)
+    status = "C" if correction else "F"
     control_id = control_id or uuid.uuid4().hex[:20]
     try:
         message = Message("ORU_R01", version=HL7_VERSION, validation_level=_STRICT)
@@ -206,7 +212,7 @@ def build_oru(
         patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
         _pid(patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"), source)
         order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-        _order(order, source, destination, now)
+        _order(order, source, destination, now, status)
         observed_at = _hl7_now(now)
         method = _fit(f"{result.bundle.name} {result.bundle.version}")
         for set_id, (value_type, ident, sub_id, value, units) in enumerate(
@@ -219,7 +225,7 @@ def build_oru(
             _set(obx, "obx_4", sub_id)
             obx.obx_5 = value
             _set(obx, "obx_6", units)
-            obx.obx_11 = "F"
+            obx.obx_11 = status
             obx.obx_14 = observed_at
             obx.obx_17 = "^" + method
         message.validate()
@@ -285,7 +291,9 @@ def _person_name(pid: Segment, value: object) -> None:
     _set(pid, "pid_5.xpn_5", _fit(name.name_prefix))
 
 
-def _order(order: Group, ds: Dataset, dest: Hl7DestinationSettings, now: datetime) -> None:
+def _order(
+    order: Group, ds: Dataset, dest: Hl7DestinationSettings, now: datetime, status: str
+) -> None:
     number = _order_number(ds)
     placer = number if dest.order_number_field in ("placer", "both") else ""
     filler = number if dest.order_number_field in ("filler", "both") else ""
@@ -302,7 +310,7 @@ def _order(order: Group, ds: Dataset, dest: Hl7DestinationSettings, now: datetim
     _set(obr, "obr_7", _dicom_datetime(ds, "StudyDate", "StudyTime"))
     obr.obr_22 = _hl7_now(now)
     obr.obr_24 = "RAD"
-    obr.obr_25 = "F"
+    obr.obr_25 = status
 
 
 def _order_number(ds: Dataset) -> str:

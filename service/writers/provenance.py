@@ -13,9 +13,13 @@ the Secondary Capture images and the derived series all take their identity from
   Identification (SR measurement groups).
 * **Device observer** (TID 1004) of the SR observation context.
 * **Deterministic UIDs**: :func:`result_uid` derives every result UID from (source
-  series, pipeline, version, kind, index) with uuid5 and highdicom's ``UID.from_uuid``,
-  so running a job again (or resending it) writes the same SOP Instance UIDs and the
-  PACS replaces rather than duplicates.
+  series, the source instances, pipeline, version, kind, index) with uuid5 and
+  highdicom's ``UID.from_uuid``, so running a job again (or resending it) writes the
+  same SOP Instance UIDs and the PACS keeps one copy. A result made from other
+  instances of the series (it grew after its first result was sent) has other content,
+  so it gets UIDs of its own: a PACS keeps the first object it got under a UID (Orthanc
+  does by default), and one UID must never name two contents. Only the Tracking UIDs,
+  which name a finding across reports, stay the same.
 * **Series descriptions** and the **banner** ("<bundle> <version> — AI result, not for
   diagnostic use on its own").
 
@@ -25,6 +29,7 @@ Objects carrying the banner are written with Specific Character Set ``ISO_IR 192
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,16 +77,31 @@ def _uuid5_uid(*parts: str) -> str:
 
 
 def result_uid(
-    source_series_uid: str, pipeline: str, version: str, kind: str, index: int = 0
+    source_series_uid: str,
+    pipeline: str,
+    version: str,
+    kind: str,
+    index: int = 0,
+    *,
+    sources: str = "",
 ) -> str:
     """A result UID that is the same every time the same job is written.
 
     ``kind`` names what the UID is for (``"sr"``, ``"seg"``, ``"sc"``, ``"derived"``,
     ``"series:sc"``, ``"tracking"`` ...), ``index`` tells apart several of one kind (SC
-    image number, derived slice, segment). A new model version gives new UIDs, so its
-    results sit next to the old version's instead of replacing them.
+    image number, derived slice, segment), ``sources`` is :func:`sources_digest` of the
+    source instances (empty for UIDs that do not depend on them). A new model version
+    gives new UIDs, so its results sit next to the old version's instead of replacing
+    them.
     """
-    return _uuid5_uid("result", source_series_uid, pipeline, version, kind, str(index))
+    parts = ("result", source_series_uid, pipeline, version, kind, str(index))
+    return _uuid5_uid(*parts, *((sources,) if sources else ()))
+
+
+def sources_digest(sop_instance_uids: Sequence[str]) -> str:
+    """A short digest of a result's source instances (order does not matter)."""
+    joined = "\0".join(sorted(set(sop_instance_uids)))
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
 def device_uid(name: str, version: str) -> str:
@@ -105,10 +125,18 @@ class Provenance:
 
     bundle: BundleIdentity
     source_series_uid: str
+    #: :func:`sources_digest` of the source instances ("" when they are not known).
+    sources: str = ""
 
     @classmethod
-    def of(cls, bundle: BundleIdentity, source_series_uid: str) -> Provenance:
-        return cls(bundle=bundle, source_series_uid=source_series_uid)
+    def of(
+        cls,
+        bundle: BundleIdentity,
+        source_series_uid: str,
+        source_instance_uids: Sequence[str] = (),
+    ) -> Provenance:
+        digest = sources_digest(source_instance_uids) if source_instance_uids else ""
+        return cls(bundle=bundle, source_series_uid=source_series_uid, sources=digest)
 
     @property
     def name(self) -> str:
@@ -138,8 +166,12 @@ class Provenance:
         return f"{identity} — AI result, not for diagnostic use on its own"
 
     def uid(self, kind: str, index: int = 0) -> str:
-        """:func:`result_uid` for this bundle version and source series."""
-        return result_uid(self.source_series_uid, self.name, self.version, kind, index)
+        """:func:`result_uid` for this bundle version and these source instances; a
+        ``"tracking"`` UID names the finding, whatever instances it was found on."""
+        sources = "" if kind == "tracking" else self.sources
+        return result_uid(
+            self.source_series_uid, self.name, self.version, kind, index, sources=sources
+        )
 
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""

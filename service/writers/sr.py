@@ -126,8 +126,10 @@ def build_sr(
     seg: SegResult | None = None,
     stats: dict[int, SegmentStats] | None = None,
     derived: DerivedSeries | None = None,
+    previous: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report of ``result`` (see the module docstring)."""
+    """The TID 1500 report of ``result`` (see the module docstring); ``previous`` are
+    the SRs it replaces (Predecessor Documents Sequence)."""
     first = source_headers[0]
     algorithm = provenance.sr_algorithm()
     groups: list = []
@@ -163,6 +165,7 @@ def build_sr(
         is_complete=True,
         is_final=True,
         is_verified=False,
+        previous_versions=previous or None,
         **provenance.common_kwargs("SR"),
     )
 
