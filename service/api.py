@@ -35,7 +35,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -90,6 +90,21 @@ class DeadLetter:
     dead_lettered_at: float
 
 
+@dataclass(frozen=True)
+class DeliveryView:
+    """Where one result of a job stands for one destination, without patient data."""
+
+    destination: str
+    kind: str
+    #: ``pending`` (waiting for its first try or a retry), ``sent`` or ``dead``.
+    state: str
+    attempts: int
+    #: When a pending delivery is tried next (None once sent or dead).
+    next_attempt_at: float | None
+    #: Operator-facing reason of the last failure, if any (never patient data).
+    error: str | None
+
+
 class StatusSource(Protocol):
     """What the API reads and asks for; the node implements it over index and queue.
 
@@ -108,6 +123,10 @@ class StatusSource(Protocol):
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         """The ``limit`` most recent dead-lettered deliveries not yet retried."""
+        ...
+
+    def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
+        """The deliveries of these jobs (in the order they were made), by job id."""
         ...
 
     def workers(self) -> list[WorkerView]:
@@ -173,11 +192,28 @@ def study_view(study: StudySummary) -> dict[str, Any]:
     }
 
 
-def job_view(job: JobRecord) -> dict[str, Any]:
-    """A job as the API shows it: keys instead of UIDs, no result path."""
-    error = job.error
+def _clip_error(error: str | None) -> str | None:
     if error is not None and len(error) > MAX_ERROR_CHARS:
-        error = error[: MAX_ERROR_CHARS - 1] + "…"
+        return error[: MAX_ERROR_CHARS - 1] + "…"
+    return error
+
+
+def delivery_view(delivery: DeliveryView) -> dict[str, Any]:
+    return {
+        "destination": delivery.destination,
+        "kind": delivery.kind,
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "next_attempt_at": _iso(delivery.next_attempt_at),
+        "error": _clip_error(delivery.error),
+    }
+
+
+def job_view(job: JobRecord, deliveries: Sequence[DeliveryView] = ()) -> dict[str, Any]:
+    """A job as the API shows it: keys instead of UIDs, no result path; with where each
+    of its results stands (a result waiting for a PACS that is down shows here as
+    ``pending`` with its attempts and last error, while the job itself is ``done``)."""
+    error = _clip_error(job.error)
     return {
         "job_id": job.job_id,
         "study_key": job.study_key,
@@ -194,6 +230,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "run_s": _span(job.started_at, job.finished_at),
         "error": error,
         "timings": dict(job.timings) if job.timings else {},
+        "deliveries": [delivery_view(d) for d in deliveries],
     }
 
 
@@ -337,9 +374,9 @@ def _jobs(api: ApiServer, request: _Request) -> _Response:
             allowed = ", ".join(s.value for s in JobState)
             raise _BadRequest(f"state must be one of {allowed}") from exc
     jobs = api.source.recent_jobs(limit, state)
-    return _json(
-        HTTPStatus.OK, {"generated_at": _iso(time.time()), "jobs": [job_view(j) for j in jobs]}
-    )
+    deliveries = api.source.deliveries([j.job_id for j in jobs])
+    views = [job_view(j, deliveries.get(j.job_id, ())) for j in jobs]
+    return _json(HTTPStatus.OK, {"generated_at": _iso(time.time()), "jobs": views})
 
 
 def _dead_letters(api: ApiServer, request: _Request) -> _Response:
@@ -732,12 +769,34 @@ _SCHEMAS: dict[str, Any] = {
             "finished_at": _NULLABLE_TIME,
             "wait_s": {**_NULLABLE_SECONDS, "description": "Seconds queued before it ran."},
             "run_s": {**_NULLABLE_SECONDS, "description": "Seconds from start to finish."},
-            "error": {"type": ["string", "null"], "description": "Why it failed or was refused."},
+            "error": {
+                "type": ["string", "null"],
+                "description": "Why it failed or was refused; for a done job, which"
+                " destinations get no result and why (e.g. an HL7 message that could not"
+                " be built).",
+            },
             "timings": {
                 "type": "object",
                 "description": "Seconds per stage of the last run (load_s, inference_s …).",
                 "additionalProperties": {"type": "number"},
             },
+            "deliveries": {
+                "type": "array",
+                "description": "Where each result of the job stands, per destination.",
+                "items": _ref("Delivery"),
+            },
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["destination", "kind", "state", "attempts"],
+        "properties": {
+            "destination": {"type": "string"},
+            "kind": {"type": "string", "enum": ["dicom", "hl7"]},
+            "state": {"type": "string", "enum": ["pending", "sent", "dead"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "next_attempt_at": _NULLABLE_TIME,
+            "error": {"type": ["string", "null"], "description": "The last failure."},
         },
     },
     "DeadLetter": {

@@ -410,6 +410,22 @@ class Outbox:
             ).fetchone()
         return int(row[0])
 
+    def of_jobs(self, job_ids: Iterable[str]) -> dict[str, list[Delivery]]:
+        """The deliveries of these jobs, oldest first, by job id (for the status API)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        marks = ", ".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE job_id IN ({marks}) ORDER BY id", ids
+            ).fetchall()
+        found: dict[str, list[Delivery]] = {}
+        for row in rows:
+            delivery = _row_to_delivery(row)
+            found.setdefault(delivery.job_id, []).append(delivery)
+        return found
+
     def forget_jobs(self, job_ids: Iterable[str]) -> int:
         """Delete the (sent) deliveries of purged jobs: HL7 payloads hold patient data."""
         ids = list(job_ids)

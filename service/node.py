@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -20,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_nodes.tls import TlsError
 from service import __version__
-from service.api import ApiServer, DeadLetter, RetryOutcome, disk_space_check
+from service.api import ApiServer, DeadLetter, DeliveryView, RetryOutcome, disk_space_check
 from service.completion import CompletionMonitor
 from service.config import Settings
 from service.delivery import DeliveryState, DeliveryTarget, DeliveryWorker, Outbox
@@ -335,6 +336,25 @@ class NodeStatus:
                 )
             )
         return letters
+
+    def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
+        found = self._node.outbox.of_jobs(job_ids)
+        return {
+            job_id: [
+                DeliveryView(
+                    destination=item.destination,
+                    kind=str(item.kind),
+                    state=str(item.state),
+                    attempts=item.attempts,
+                    next_attempt_at=(
+                        item.next_attempt_at if item.state is DeliveryState.PENDING else None
+                    ),
+                    error=item.last_error,
+                )
+                for item in items
+            ]
+            for job_id, items in found.items()
+        }
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         index = self._node.index

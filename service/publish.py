@@ -12,6 +12,7 @@ a job that runs again does not send twice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -41,16 +42,26 @@ def outbox_path(settings: Settings) -> Path:
     return Path(settings.node.data_dir) / OUTBOX_FILE
 
 
+@dataclass(frozen=True)
+class Publication:
+    """What the worker made of a result for the job's destinations: the deliverables,
+    and for each destination that gets none, why (operator-facing, no patient data).
+    The reasons become the job's error, so a result the RIS never gets shows on the job
+    in ``/api/jobs`` and ``radnode status``, not only in a log line."""
+
+    deliverables: tuple[Deliverable, ...]
+    not_sent: tuple[str, ...] = ()
+
+
 class ResultPublisher:
     """Worker side: build each destination's payload from a finished job's result."""
 
     def __init__(self, settings: Settings) -> None:
         self.destinations = {d.name: d for d in settings.destinations}
 
-    def prepare(
-        self, ticket: JobTicket, result: PipelineResult, volume: Volume
-    ) -> list[Deliverable]:
+    def prepare(self, ticket: JobTicket, result: PipelineResult, volume: Volume) -> Publication:
         deliverables: list[Deliverable] = []
+        not_sent: list[str] = []
         header = None
         out_dir = Path(ticket.result_dir)
         written = write_dicom(
@@ -65,6 +76,8 @@ class ResultPublisher:
             if destination is None:
                 log.error("delivery.unknown_destination", job=ticket.job_id, destination=name,
                           action="add the destination to the configuration")  # fmt: skip
+                not_sent.append(f"{name}: not sent: no such destination in this worker's"
+                                " configuration")  # fmt: skip
                 continue
             if isinstance(destination, Hl7DestinationSettings):
                 if header is None:
@@ -90,6 +103,7 @@ class ResultPublisher:
                         reason=str(exc),
                         action="fix the source header or the destination settings",
                     )
+                    not_sent.append(f"{name}: HL7 result not built: {exc}")
                     continue
                 path = out_dir / "hl7" / f"{name}.hl7"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +113,7 @@ class ResultPublisher:
                 # the SR's derived UID names the delivery: a re-run job sends nothing new
                 sr_uid = str(dcmread(written[0], stop_before_pixels=True).SOPInstanceUID)
                 deliverables.append(Deliverable(name, "dicom", sr_uid, str(out_dir / DICOM_FOLDER)))
-        return deliverables
+        return Publication(tuple(deliverables), tuple(not_sent))
 
 
 #: The attributes that name an SR: what its successor's Predecessor Documents item holds.

@@ -186,6 +186,38 @@ def _failed_table(jobs: Sequence[Item], now: float) -> Table:
     return table
 
 
+def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item | None]]:
+    """(job, destination, what, delivery) for each result that has not reached its
+    destination and is not a dead letter: deliveries being retried, and destinations a
+    done job made no result for (its error says why)."""
+    rows: list[tuple[Item, str, str, Item | None]] = []
+    for job in jobs:
+        deliveries = [d for d in job.get("deliveries") or () if isinstance(d, dict)]
+        for d in deliveries:
+            if d.get("state") == "pending" and int(d.get("attempts") or 0) > 0:
+                rows.append((job, str(d.get("destination", "?")), "retrying", d))
+        if job.get("state") == "done" and job.get("error"):
+            rows.append((job, "", "not sent", None))
+    return rows
+
+
+def _undelivered_table(jobs: Sequence[Item]) -> Table:
+    table = Table(title="Results not delivered yet (done jobs)", title_justify="left")
+    for name in ("job", "study", "pipeline", "destination", "state", "tries", "error"):
+        table.add_column(name, overflow="fold")
+    for job, destination, what, d in _undelivered(jobs):
+        table.add_row(
+            str(job.get("job_id", "?")),
+            str(job.get("study_key", "?")),
+            str(job.get("pipeline", "?")),
+            destination,
+            Text(what, style="yellow" if what == "retrying" else "bold red"),
+            str(d.get("attempts", "")) if d else "",
+            str((d.get("error") if d else job.get("error")) or ""),
+        )
+    return table
+
+
 def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
     table = Table(title="Dead letters (retry with POST /api/jobs/{id}/retry)", title_justify="left")
     for name in ("job", "study", "pipeline", "destination", "tries", "given up", "error"):
@@ -233,7 +265,8 @@ def render_status(
     workers: Sequence[Item] | None = None,
     now: float | None = None,
 ) -> RenderableType:
-    """The status screen: workers, queue, recent studies, failed jobs and dead letters.
+    """The status screen: workers, queue, recent studies, failed jobs, results not
+    delivered yet (retrying, or not made for a destination) and dead letters.
 
     Items are the API's JSON objects. ``failed_jobs`` defaults to the failed and
     refused jobs among ``jobs``; ``now`` (epoch seconds) is for stable test output.
@@ -247,6 +280,8 @@ def render_status(
         _studies_table(studies, now),
         _failed_table(failed_jobs, now),
     ]
+    if _undelivered(jobs):
+        parts.append(_undelivered_table(jobs))
     if dead_letters:
         parts.append(_dead_letters_table(dead_letters, now))
     return Group(*parts)

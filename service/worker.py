@@ -151,7 +151,7 @@ class JobRunner:
             stage = "write"
             written = time.perf_counter()
             write_result_files(result, volume, out_dir)
-            deliverables = self.publisher.prepare(ticket, result, volume)
+            publication = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written
         except (SeriesRefused, InputMismatch) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
@@ -183,7 +183,8 @@ class JobRunner:
                 for s in summary.get("segments", [])
             ]
             or None,
-            deliverables=len(deliverables),
+            deliverables=len(publication.deliverables),
+            not_sent=list(publication.not_sent) or None,
         )
         return JobReport(
             job_id=ticket.job_id,
@@ -191,7 +192,8 @@ class JobRunner:
             state=JobState.DONE,
             result_dir=str(out_dir),
             timings=timings,
-            deliverables=tuple(deliverables),
+            deliverables=publication.deliverables,
+            error="; ".join(publication.not_sent) or None,
         )
 
     def _end(self, ticket: JobTicket, state: JobState, reason: str, bound: Any) -> JobReport:

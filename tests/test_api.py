@@ -13,7 +13,7 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from service.api import (
     ROUTES,
     ApiServer,
     DeadLetter,
+    DeliveryView,
     RetryOutcome,
     disk_space_check,
 )
@@ -62,6 +63,7 @@ class FakeNode:
     index: StudyIndex
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     letters: list[DeadLetter] = field(default_factory=list)
+    delivered: dict[str, list[DeliveryView]] = field(default_factory=dict)
     seen_workers: list[WorkerView] = field(default_factory=list)
     checks: dict[str, bool | str] = field(
         default_factory=lambda: {"scp_listening": True, "queue": True, "disk": True}
@@ -82,6 +84,9 @@ class FakeNode:
 
     def workers(self) -> list[WorkerView]:
         return list(self.seen_workers)
+
+    def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
+        return {j: self.delivered[j] for j in job_ids if j in self.delivered}
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         job = self.jobs.get(job_id)
@@ -151,6 +156,16 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "j-running": job(
             "j-running", first, JobState.RUNNING, 1_700_000_002.0, started_at=1_700_000_020.0
         ),
+    }
+    node.jobs["j-no-hl7"] = job(
+        "j-no-hl7", second, JobState.DONE, 1_700_000_003.0,
+        error="ris: HL7 result not built: source instance has no PatientID (PID-3 is required)",
+    )  # fmt: skip
+    node.delivered = {
+        "j-done": [
+            DeliveryView("pacs", "dicom", "pending", 3, 1_700_000_300.0, "connection refused"),
+            DeliveryView("ris", "hl7", "sent", 1, None, None),
+        ]
     }
     node.letters = [
         DeadLetter("j-done", study_key(str(first.StudyInstanceUID)), "chest-xray", "pacs", 5,
@@ -245,7 +260,7 @@ def test_jobs_show_state_timings_and_error(stack: Stack) -> None:
     status, body = get_json(stack.api, "/api/jobs")
     assert status == 200
     jobs = {j["job_id"]: j for j in body["jobs"]}
-    assert set(jobs) == {"j-done", "j-failed", "j-running"}
+    assert set(jobs) == {"j-done", "j-failed", "j-running", "j-no-hl7"}
     done = jobs["j-done"]
     assert done["state"] == "done"
     assert done["wait_s"] == 10.0 and done["run_s"] == 30.5
@@ -255,6 +270,20 @@ def test_jobs_show_state_timings_and_error(stack: Stack) -> None:
     assert not {"study_uid", "series_uid", "result_dir"} & set(done)
     _, failed = get_json(stack.api, "/api/jobs?state=failed")
     assert [j["job_id"] for j in failed["jobs"]] == ["j-failed"]
+
+
+def test_jobs_show_where_each_result_stands(stack: Stack) -> None:
+    """A done job whose results wait for a PACS that is down, or whose HL7 result could
+    not be built, said nothing of it in the API (acceptance run): its deliveries, their
+    tries and last error are on the job now, and the reason a result was not made is
+    its error."""
+    jobs = {j["job_id"]: j for j in get_json(stack.api, "/api/jobs")[1]["jobs"]}
+    pacs, ris = jobs["j-done"]["deliveries"]
+    assert (pacs["destination"], pacs["state"], pacs["attempts"]) == ("pacs", "pending", 3)
+    assert pacs["error"] == "connection refused" and pacs["next_attempt_at"].startswith("2023")
+    assert (ris["state"], ris["next_attempt_at"], ris["error"]) == ("sent", None, None)
+    assert jobs["j-running"]["deliveries"] == []
+    assert "no PatientID" in jobs["j-no-hl7"]["error"]
 
 
 @pytest.mark.parametrize(
@@ -400,6 +429,9 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
     assert study_key(stack.studies[1].StudyInstanceUID) in screen
     assert "bundle raised RuntimeError" in screen
     assert "association rejected by PACS" in screen
+    assert "Results not delivered yet" in screen
+    assert "retrying" in screen and "connection refused" in screen
+    assert "not sent" in screen and "no PatientID" in screen
     for secret in (*PHI, str(stack.studies[0].StudyInstanceUID)):
         assert secret not in screen
 

@@ -164,6 +164,33 @@ def test_result_reaches_the_ris_as_a_strict_oru_over_mllp(
     assert "O'BRIEN" not in "\n".join(node.lines)
 
 
+def test_a_result_the_ris_cannot_take_is_the_jobs_error_not_only_a_log_line(
+    radnode_factory, models: Path, tmp_path: Path, listener_factory
+) -> None:
+    """A radiograph with an empty Patient ID: PID-3 is required, so no ORU^R01 can be
+    built. The acceptance run found the job "done" with no error and no delivery: the
+    RIS never got the result and nothing but a log line said so. The reason is now the
+    job's error in /api/jobs (and so in ``radnode status``)."""
+    ris = listener_factory("AA")
+    routes = [{"name": "cxr", "pipeline": "cxr_test_classifier",
+               "match": {"Modality": "DX"}, "destinations": ["ris"]}]  # fmt: skip
+    destinations = [{"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port}]
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=json.dumps(routes),
+        RADNODE_DESTINATIONS=json.dumps(destinations),
+    ).start()
+    cxr = write_radiograph(tmp_path / "cxr.dcm", rows=256, columns=256, patient_id="")
+    assert storescu(node.port, [cxr]).returncode == 0
+    node.wait_for_event("job.recorded", timeout=120)
+    url = f"http://127.0.0.1:{node.http_port}/api/jobs"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        (job,) = json.loads(answer.read())["jobs"]
+    assert job["state"] == "done" and job["deliveries"] == []
+    assert job["error"].startswith("ris: HL7 result not built") and "PatientID" in job["error"]
+    assert ris.received == []
+
+
 def test_results_reach_the_pacs_in_the_source_study(
     radnode_factory, models: Path, tmp_path: Path, orthanc
 ) -> None:

@@ -170,6 +170,12 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
     assert storescu(node.port, ct).returncode == 0
     node.wait_for_event("dicom.retry", count=2, timeout=120)  # tried, and will try again
     assert "sent" not in delivery_states(node.data_dir)
+    # The job is done, and the API says where its result is: waiting, and why.
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/api/jobs") as answer:
+        (job,) = json.loads(answer.read())["jobs"]
+    (waiting,) = job["deliveries"]
+    assert (job["state"], waiting["destination"], waiting["state"]) == ("done", "pacs", "pending")
+    assert waiting["attempts"] >= 2 and waiting["error"] and waiting["next_attempt_at"]
 
     (tmp_path / "orthanc").mkdir()
     with running_orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
