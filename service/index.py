@@ -281,11 +281,14 @@ class StudyIndex:
             new_instance=bool(inserted), new_study=new_study, reopened_study=reopened
         )
 
-    def touch_study_of(self, sop_instance_uid: str, now: float | None = None) -> bool | None:
+    def touch_study_of(
+        self, sop_instance_uid: str, now: float | None = None
+    ) -> tuple[str, bool] | None:
         """A known instance arrived again: note the activity, reopen its study.
 
-        Returns True when the study was complete and is now receiving again; None when
-        the instance is not indexed (any more: retention may have removed it since).
+        Returns its study's UID and whether the study was complete and is now receiving
+        again; None when the instance is not indexed (any more: retention may have
+        removed it since).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -303,7 +306,7 @@ class StudyIndex:
                 " WHERE study_uid = ?",
                 (now, StudyState.RECEIVING, row[0]),
             )
-        return row[1] != StudyState.RECEIVING
+        return row[0], row[1] != StudyState.RECEIVING
 
     # -- retention ------------------------------------------------------------
 

@@ -118,11 +118,14 @@ class Ingest:
         require_uid(instance.sop_class_uid, "Affected SOP Class UID")
         known = self._index.instance_path(sop_instance_uid)
         if known is not None and os.path.exists(known):
-            reopened = self._index.touch_study_of(sop_instance_uid)
-            if reopened is not None:
+            touched = self._index.touch_study_of(sop_instance_uid)
+            if touched is not None:
+                study_uid, reopened = touched
                 log.debug("instance.duplicate", peer_ae=instance.calling_ae)
                 if reopened:
-                    log.info("study.reopened", cause="duplicate instance")
+                    log.info(
+                        "study.reopened", study=study_key(study_uid), cause="duplicate instance"
+                    )
                 self._metrics.instance_duplicate(len(instance.dataset))
                 return StoreStatus.SUCCESS
             known = None  # retention removed it in between: stored anew below

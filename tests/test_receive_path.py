@@ -28,6 +28,7 @@ from service.spool import (
     Spool,
     file_meta_bytes,
 )
+from service.uids import study_key
 
 
 def ct_small() -> Dataset:
@@ -240,6 +241,21 @@ def test_quiet_study_completes_and_late_instance_reopens(parts) -> None:
     assert study.instance_count == 2
     time.sleep(0.05)
     assert len(monitor.check_now()) == 1
+
+
+def test_a_duplicate_that_reopens_a_study_names_the_study_in_its_log_line(parts) -> None:
+    """The acceptance run saw ``study.reopened`` without its ``study`` key for a
+    duplicate instance (docs/logging.md promises it)."""
+    _, index, ingest = parts
+    ds = ct_small()
+    assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert CompletionMonitor(index, quiet_s=0.01).check_now()
+    with structlog.testing.capture_logs() as logs:
+        assert ingest.store(received(ds)) == StoreStatus.SUCCESS
+    (line,) = [e for e in logs if e["event"] == "study.reopened"]
+    assert line["study"] == study_key(ds.StudyInstanceUID)
+    assert line["cause"] == "duplicate instance"
 
 
 def test_completion_is_not_early(parts) -> None:
