@@ -9,12 +9,17 @@ and fast enough (a 300-slice 512x512 series in a few seconds) to generate per te
 
 The objects are valid instances of their IODs (``dciodvfy`` reports no errors):
 
+* :func:`make_ct_phantom` / :func:`write_ct_phantom` — a randomised adult abdomen
+  (sizes in mm) with its label map: liver, spleen and kidneys. The reference CT models
+  were trained on it, and ``python -m service.testing ct`` writes it.
 * :func:`make_ct_series` / :func:`write_ct_series` — CT Image Storage. Air outside an
   elliptic body of fat and soft tissue, with liver (patient right), spleen, kidneys,
   aorta and a vertebral column with discs; organs are ellipsoids, so their sections
   change from slice to slice. Values are Hounsfield units stored with intercept -1024.
   The phantom is scaled to the imaged box, so small test images still show every organ;
   at the default size (512x512 at 0.7 mm, 300 slices of 1.25 mm) its sizes are adult.
+  Written a slice at a time, for tests and benchmarks of size and speed; the reference
+  CT model does not know its anatomy.
 * :func:`make_radiograph` / :func:`write_radiograph` — Digital X-Ray (for presentation)
   or Computed Radiography: a PA chest with lung fields, heart and mediastinum, spine,
   ribs and, on request, a round nodule in a lung field.
@@ -52,11 +57,13 @@ __all__ = [
     "CT_PHANTOM_LABELS",
     "CTPhantom",
     "Orientation",
+    "cli_ct_phantom",
     "iter_ct_series",
     "make_ct_phantom",
     "make_ct_series",
     "make_enhanced_ct",
     "make_radiograph",
+    "organ_volumes_ml",
     "phantom_volume",
     "write_ct_phantom",
     "write_ct_series",
@@ -384,8 +391,6 @@ def iter_ct_series(
     Only one slice is in memory at a time, which keeps long series cheap to write.
     """
     if volume is not None:
-        if orientation != "axial":
-            raise ValueError("a given volume is written as an axial series only")
         if volume.ndim != 3:
             raise ValueError("volume must be (slices, rows, columns) in HU")
         slices, rows, columns = (int(n) for n in volume.shape)
@@ -503,8 +508,9 @@ def make_ct_series(
     given are generated, and SOP Instance and Frame of Reference UIDs are derived from
     the series UID, so fixed UIDs and seed give identical datasets.
 
-    ``volume`` (HU, shape (slices, rows, columns), e.g. :attr:`CTPhantom.hu`) replaces
-    the fixed phantom: the series then has its shape, is axial, and ``seed`` is unused.
+    ``volume`` (HU, shape (slices, rows, columns) of the series in ``orientation``,
+    e.g. :attr:`CTPhantom.hu` for an axial one) replaces the fixed phantom: the series
+    then has its shape and ``seed`` is unused.
     """
     return list(
         iter_ct_series(
@@ -743,21 +749,66 @@ def _random_abdomen(rng: np.random.Generator) -> list[_Organ]:
     return shapes
 
 
-def _smooth_warp(
-    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray, amplitude: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinates displaced by a few long sine waves: organs bend instead of staying ellipsoids."""
-    out = [x, y, z]
-    for axis in range(3):
-        shift = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.float32)
-        for _ in range(3):
-            k = rng.normal(0.0, 1.0, 3)
-            k *= 2 * math.pi / rng.uniform(150.0, 350.0) / np.linalg.norm(k)
-            shift += np.float32(amplitude / 3 * rng.uniform(0.5, 1.5)) * np.sin(
-                (k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * math.pi)).astype(np.float32)
-            )
-        out[axis] = out[axis] + shift
-    return out[0], out[1], out[2]
+@dataclass(frozen=True)
+class _Warp:
+    """A smooth bending of space: per axis, a few long sine waves of the coordinates.
+
+    Drawn once and applied to blocks of slices, so a large phantom never needs its
+    whole coordinate grid in memory (a 300 x 512 x 512 one took about 4 GB at once).
+    """
+
+    #: per axis (x, y, z): (wave vector, amplitude in mm, phase) of each wave
+    waves: tuple[tuple[tuple[np.ndarray, np.float32, float], ...], ...]
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, amplitude: float) -> _Warp:
+        """Draw the waves; the order of draws is fixed, so a seed keeps its phantom."""
+        axes = []
+        for _axis in range(3):
+            waves = []
+            for _ in range(3):
+                k = rng.normal(0.0, 1.0, 3)
+                k *= 2 * math.pi / rng.uniform(150.0, 350.0) / np.linalg.norm(k)
+                scale = np.float32(amplitude / 3 * rng.uniform(0.5, 1.5))
+                waves.append((k, scale, rng.uniform(0, 2 * math.pi)))
+            axes.append(tuple(waves))
+        return cls(tuple(axes))
+
+    def apply(
+        self, x: np.ndarray, y: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Coordinates displaced by the waves: organs bend instead of staying ellipsoids."""
+        out = [x, y, z]
+        for axis, waves in enumerate(self.waves):
+            shift = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.float32)
+            for k, scale, phase in waves:
+                shift += scale * np.sin((k[0] * x + k[1] * y + k[2] * z + phase).astype(np.float32))
+            out[axis] = out[axis] + shift
+        return out[0], out[1], out[2]
+
+
+#: Voxels painted at a time by :func:`make_ct_phantom` (bounds its working memory).
+_PHANTOM_BLOCK_VOXELS = 2_000_000
+
+
+def _paint_organs(
+    clean: np.ndarray,
+    labels: np.ndarray,
+    shapes: Sequence[_Organ],
+    coordinates: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Paint ``shapes`` in order into a block of slices, given each voxel's (x, y, z) mm."""
+    xx, yy, zz = coordinates
+    for shape in shapes:
+        cos, sin = math.cos(shape.angle), math.sin(shape.angle)
+        dx, dy, dz = xx - shape.center[0], yy - shape.center[1], zz - shape.center[2]
+        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+        inside = (u / shape.radii[0]) ** 2 + (v / shape.radii[1]) ** 2
+        if not math.isinf(shape.radii[2]):
+            inside += (dz / shape.radii[2]) ** 2
+        mask = inside <= 1.0
+        clean[mask] = shape.hu
+        labels[mask] = shape.label
 
 
 def make_ct_phantom(
@@ -781,6 +832,8 @@ def make_ct_phantom(
     Sizes are adult, in millimetres, so the phantom does not scale with the image as
     :func:`make_ct_series` does. Gaussian noise of ``noise_hu`` is added to ``hu``
     (``clean`` has none). Write it as a DICOM series with :func:`write_ct_phantom`.
+    It is built a few slices at a time: memory is the three volumes it returns
+    (9 bytes a voxel) plus a small working block, whatever the size.
     """
     rng = np.random.default_rng(seed)
     columns = rows if columns is None else columns
@@ -796,22 +849,20 @@ def make_ct_phantom(
     x = ((np.arange(columns) - (columns - 1) / 2) * pixel_spacing).astype(np.float32)
     y = ((np.arange(rows) - (rows - 1) / 2) * pixel_spacing).astype(np.float32)
     z = ((np.arange(slices) - (slices - 1) / 2) * slice_spacing + z_offset).astype(np.float32)
-    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
-    xx, yy, zz = _smooth_warp(rng, xx, yy, zz, amplitude=rng.uniform(4.0, 14.0))
+    warp = _Warp.draw(rng, amplitude=rng.uniform(4.0, 14.0))
 
     clean = np.full((slices, rows, columns), -1000.0, dtype=np.float32)
     labels = np.zeros((slices, rows, columns), dtype=np.uint8)
-    for shape in shapes:
-        cos, sin = math.cos(shape.angle), math.sin(shape.angle)
-        dx, dy, dz = xx - shape.center[0], yy - shape.center[1], zz - shape.center[2]
-        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-        inside = (u / shape.radii[0]) ** 2 + (v / shape.radii[1]) ** 2
-        if not math.isinf(shape.radii[2]):
-            inside += (dz / shape.radii[2]) ** 2
-        mask = inside <= 1.0
-        clean[mask] = shape.hu
-        labels[mask] = shape.label
-    hu = clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise_hu)
+    hu = np.empty_like(clean)
+    block = max(1, _PHANTOM_BLOCK_VOXELS // (rows * columns))
+    for z0 in range(0, slices, block):
+        part = slice(z0, min(z0 + block, slices))
+        zz, yy, xx = np.meshgrid(z[part], y, x, indexing="ij")
+        _paint_organs(clean[part], labels[part], shapes, warp.apply(xx, yy, zz))
+        # The noise comes after every other draw: drawn block by block it is the
+        # same stream as one draw for the whole volume.
+        noise = rng.standard_normal(clean[part].shape, dtype=np.float32)
+        hu[part] = clean[part] + noise * np.float32(noise_hu)
     return CTPhantom(
         hu=hu,
         labels=labels,
@@ -825,21 +876,49 @@ def write_ct_phantom(
     phantom: CTPhantom,
     *,
     transfer_syntax: str = ExplicitVRLittleEndian,
+    orientation: Orientation = "axial",
     **kwargs: object,
 ) -> list[Path]:
-    """Write a :class:`CTPhantom` as an axial CT series (see :func:`write_ct_series`).
+    """Write a :class:`CTPhantom` as a CT series (see :func:`write_ct_series`).
 
-    ``kwargs`` go to :func:`iter_ct_series` (UIDs, names, descriptions); the geometry
-    comes from the phantom. HU are rounded to integers as stored values.
+    The phantom is an axial acquisition; ``orientation`` "coronal" or "sagittal" writes
+    it as a multiplanar reformat of that volume instead (one image per row, or per
+    column, of the axial grid), in the same patient space, for trying routes that look
+    at orientation. ``kwargs`` go to :func:`iter_ct_series` (UIDs, names, descriptions);
+    the geometry comes from the phantom. HU are rounded to integers as stored values.
     """
+    volume, pixel_spacing, thickness = _phantom_as_series(phantom, orientation)
     return write_ct_series(
         out_dir,
         transfer_syntax=transfer_syntax,
-        volume=phantom.hu,
-        pixel_spacing=(phantom.spacing[1], phantom.spacing[0]),
-        slice_thickness=phantom.spacing[2],
+        volume=volume,
+        orientation=orientation,
+        pixel_spacing=pixel_spacing,
+        slice_thickness=thickness,
         **kwargs,
     )
+
+
+def _phantom_as_series(
+    phantom: CTPhantom, orientation: str
+) -> tuple[np.ndarray, tuple[float, float], float]:
+    """The phantom's HU as (slices, rows, columns) of a series in ``orientation``, with
+    its (row, column) pixel spacing and slice spacing.
+
+    :func:`iter_ct_series` centres every series on the origin, as the phantom is, so
+    only the axes move: a coronal image runs head to feet down its rows (column
+    direction -z) and its slices go along +y; a sagittal one runs along +y across its
+    columns and its slices go along -x (the normal of :data:`_ORIENTATIONS`).
+    """
+    sx, sy, sz = phantom.spacing
+    hu = phantom.hu  # [z, y, x]
+    if orientation == "axial":
+        return hu, (sy, sx), sz
+    if orientation == "coronal":
+        return hu.transpose(1, 0, 2)[:, ::-1, :], (sz, sx), sy
+    if orientation == "sagittal":
+        return hu.transpose(2, 0, 1)[::-1, ::-1, :], (sz, sy), sx
+    raise ValueError(f"orientation must be one of {sorted(_ORIENTATIONS)}")
 
 
 def phantom_volume(
@@ -1143,6 +1222,14 @@ def write_radiograph(
 # ---------------------------------------------------------------------------------------
 
 
+#: Length of abdomen the ``ct`` command covers when only ``--slices`` is given: inside
+#: the 200-380 mm the reference CT model was trained on, liver top to kidneys' lower poles.
+_CLI_SCAN_LENGTH_MM = 300.0
+#: The ``ct`` command's default seed: held out (the reference CT model was trained on
+#: seeds 0-59 and measured on 10000-10009), so a first try shows honest results.
+_CLI_CT_SEED = 10000
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service.testing",
@@ -1150,14 +1237,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ct = commands.add_parser("ct", help="a CT abdomen series, one file per slice")
+    ct = commands.add_parser(
+        "ct",
+        help="an abdominal CT series, one file per slice",
+        description="Write an adult abdominal CT phantom (make_ct_phantom: the anatomy the "
+        "reference CT models were trained on, sizes in mm) and print its true organ volumes.",
+    )
     ct.add_argument("out_dir", type=Path)
-    ct.add_argument("--slices", type=int, default=300)
+    ct.add_argument(
+        "--slices",
+        type=int,
+        help=f"number of axial slices (default: from the seed; with only --slices they "
+        f"cover {_CLI_SCAN_LENGTH_MM:.0f} mm)",
+    )
+    ct.add_argument(
+        "--slice-spacing",
+        type=float,
+        help="mm between axial slices (default: from the seed, 2-5 mm, or "
+        f"{_CLI_SCAN_LENGTH_MM:.0f} mm / --slices)",
+    )
     ct.add_argument("--rows", type=int, default=512)
-    ct.add_argument("--columns", type=int, default=512)
-    ct.add_argument("--orientation", choices=sorted(_ORIENTATIONS), default="axial")
-    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--columns", type=int, help="default: --rows")
+    ct.add_argument(
+        "--orientation",
+        choices=sorted(_ORIENTATIONS),
+        default="axial",
+        help="coronal and sagittal write a reformat of the axial volume",
+    )
+    ct.add_argument("--seed", type=int, default=_CLI_CT_SEED, help="the anatomy and noise")
     ct.add_argument("--transfer-syntax", default=ExplicitVRLittleEndian, help="a UID")
+    ct.add_argument(
+        "--fixed-phantom",
+        action="store_true",
+        help="write the older fixed phantom instead: scaled to the image box (small images "
+        "keep every organ), any size in constant memory, 300 slices of 1.25 mm by default; "
+        "its organs are not the reference CT model's anatomy, so that model's results on it "
+        "mean nothing",
+    )
 
     xr = commands.add_parser("radiograph", help="a PA chest radiograph")
     xr.add_argument("out_file", type=Path)
@@ -1172,24 +1288,99 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m service.testing``."""
-    args = _parser().parse_args(argv)
-    if args.command == "ct":
+def cli_ct_phantom(
+    *,
+    seed: int = _CLI_CT_SEED,
+    rows: int = 512,
+    columns: int | None = None,
+    slices: int | None = None,
+    slice_spacing: float | None = None,
+) -> CTPhantom:
+    """The phantom ``python -m service.testing ct`` writes for these options.
+
+    Only ``slices`` given: the slices cover :data:`_CLI_SCAN_LENGTH_MM`, so that asking
+    for many slices gives thin ones over an abdomen, not a metre of body around it (the
+    seed's own 2-5 mm spacing times 300 slices would be 0.6-1.5 m, far from what the
+    reference CT model knows). Only ``slice_spacing`` given: the same length.
+    """
+    if any(n is not None and n < 1 for n in (rows, columns, slices)):
+        raise ValueError("--slices, --rows and --columns must be positive")
+    if slice_spacing is not None and slice_spacing <= 0:
+        raise ValueError("--slice-spacing must be a positive number of mm")
+    if slices is not None and slice_spacing is None:
+        slice_spacing = _CLI_SCAN_LENGTH_MM / slices
+    elif slices is None and slice_spacing is not None:
+        slices = max(1, round(_CLI_SCAN_LENGTH_MM / slice_spacing))
+    return make_ct_phantom(
+        seed=seed, rows=rows, columns=columns, slices=slices, slice_spacing=slice_spacing
+    )
+
+
+def organ_volumes_ml(phantom: CTPhantom) -> dict[str, float]:
+    """Each labelled organ's true volume inside the imaged box, in mL, by name."""
+    voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
+    return {
+        name: np.count_nonzero(phantom.labels == value) * voxel_ml
+        for value, name in CT_PHANTOM_LABELS.items()
+    }
+
+
+def _main_ct(args: argparse.Namespace) -> None:
+    """Write the CT the ``ct`` command asks for and say what it is."""
+    if args.fixed_phantom:
+        slices = 300 if args.slices is None else args.slices
+        columns = args.rows if args.columns is None else args.columns
+        extra = {} if args.slice_spacing is None else {"slice_thickness": args.slice_spacing}
         paths = write_ct_series(
             args.out_dir,
-            slices=args.slices,
+            slices=slices,
             rows=args.rows,
-            columns=args.columns,
+            columns=columns,
             orientation=args.orientation,
             seed=args.seed,
             transfer_syntax=args.transfer_syntax,
+            **extra,
         )
         size_mb = sum(p.stat().st_size for p in paths) / 1e6
         print(
-            f"wrote {len(paths)} CT slices ({args.rows}x{args.columns}, {args.orientation}, "
-            f"{size_mb:.1f} MB) to {args.out_dir}"
+            f"wrote {len(paths)} CT slices of the fixed phantom ({args.rows}x{columns}, "
+            f"{args.orientation}, {size_mb:.1f} MB) to {args.out_dir}"
         )
+        return
+    phantom = cli_ct_phantom(
+        seed=args.seed,
+        rows=args.rows,
+        columns=args.columns,
+        slices=args.slices,
+        slice_spacing=args.slice_spacing,
+    )
+    paths = write_ct_phantom(
+        args.out_dir,
+        phantom,
+        transfer_syntax=args.transfer_syntax,
+        orientation=args.orientation,
+    )
+    slices, rows, columns = phantom.hu.shape
+    sx, _sy, sz = phantom.spacing
+    size_mb = sum(p.stat().st_size for p in paths) / 1e6
+    volumes = ", ".join(f"{name} {ml:.0f} mL" for name, ml in organ_volumes_ml(phantom).items())
+    print(
+        f"wrote {len(paths)} CT slices ({args.orientation}; axial volume {slices} x {rows}x"
+        f"{columns}, {sx:.2f} mm pixels, {sz:.2f} mm slices, seed {args.seed}, "
+        f"{size_mb:.1f} MB) to {args.out_dir}\n"
+        f"true organ volumes in the imaged box: {volumes}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m service.testing``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "ct":
+        try:
+            _main_ct(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         path = write_radiograph(
             args.out_file,
