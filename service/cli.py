@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from service import __version__
-from service.config import Settings, load_settings
+from service.config import PipelineInventory, Settings, load_settings
 from service.errors import ConfigError, RadnodeError
 
 app = typer.Typer(
@@ -33,10 +33,15 @@ def _settings_or_exit(path: Path | None) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        typer.echo(f"radnode: configuration is invalid ({len(exc.problems)} problem(s)):", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  - {problem}", err=True)
-        raise typer.Exit(code=2) from exc
+        _exit_invalid(exc.problems)
+
+
+def _exit_invalid(problems: list[str]) -> NoReturn:
+    """List every problem, one line each with its key, and exit 2 (as ``serve`` does)."""
+    typer.echo(f"radnode: configuration is invalid ({len(problems)} problem(s)):", err=True)
+    for problem in problems:
+        typer.echo(f"  - {problem}", err=True)
+    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -56,8 +61,21 @@ def serve(config: ConfigOption = None) -> None:
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="TOML file to validate.")]) -> None:
-    """Validate a configuration file (and the RADNODE_* environment)."""
+    """Validate a configuration file (and the RADNODE_* environment).
+
+    Beyond the file's own keys, every route's pipeline must be a usable bundle in
+    ``models.dir``: ``serve`` would start, but every job of such a route would fail.
+    """
     settings = _settings_or_exit(file)
+    inventory = PipelineInventory.scan(settings.models.dir)
+    problems = inventory.route_problems(settings.routes)
+    if problems and not settings.queue.remote_workers_only:
+        _exit_invalid(problems)
+    for problem in problems:
+        typer.echo(f"note: {problem} (fine if the remote workers have it)", err=True)
+    nothing = inventory.nothing_found()
+    if nothing and not settings.routes:
+        typer.echo(f"note: {nothing}; no pipeline will run", err=True)
     typer.echo(
         f"{file}: OK — AE {settings.node.ae_title} on port {settings.node.port}, "
         f"{len(settings.destinations)} destination(s), {len(settings.routes)} route(s)"
@@ -107,24 +125,34 @@ def receiver(
 
 @app.command()
 def route(
-    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of DICOM files (searched recursively), or one file.")
+    ],
     config: ConfigOption = None,
 ) -> None:
-    """Show which pipelines the configured routes would run on the series of a folder."""
-    from service.offline import scan_folder
+    """Show which pipelines the configured routes would run on a folder's series, and why
+    not (including routes whose pipeline is not in models.dir)."""
+    from service.offline import no_series_message, scan_folder
     from service.routing import format_plan, plan
 
     settings = _settings_or_exit(config)
     scan = scan_folder(folder)
     if not scan.series:
-        typer.echo(f"{folder}: no DICOM series found", err=True)
+        typer.echo(no_series_message(folder, scan), err=True)
         raise typer.Exit(code=1)
     typer.echo(format_plan(plan(scan.series_infos(), settings.routes), scan.series_infos()))
+    # Why nothing (or something) would not run: the routes' pipelines must be there.
+    inventory = PipelineInventory.scan(settings.models.dir)
+    nothing = inventory.nothing_found()
+    for line in [nothing] if nothing else inventory.route_problems(settings.routes):
+        typer.echo(f"! {line}")
 
 
 @app.command()
 def run(
-    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of DICOM files (searched recursively), or one file.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")],
     pipeline: Annotated[
         str | None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +37,7 @@ from dicom_nodes.policy import ae_title_problem, network_problem
 from service.dicom_delivery import DicomDestinationSettings
 from service.errors import ConfigError
 from service.hl7 import Hl7DestinationSettings
+from service.pipeline.bundle import discover_bundles
 from service.reference_routes import reference_routes
 from service.routing import RouteRule, route_problems
 
@@ -179,6 +182,12 @@ class QueueSettings(_Section):
             raise ValueError("must be empty (SQLite) or a redis:// URL")
         return value or None
 
+    @property
+    def remote_workers_only(self) -> bool:
+        """Only workers on other machines run jobs: the bundles may well live on them
+        alone, so a pipeline missing here is a note, not an error."""
+        return self.local_workers == 0 and bool(self.url)
+
 
 class LogSettings(_Section):
     """Logging. JSON lines on standard output."""
@@ -317,3 +326,72 @@ def load_settings(path: Path | None = None) -> Settings:
         settings = settings.model_copy(update={"routes": reference_routes(settings.models.dir)})
         settings._reference_routes = True
     return settings
+
+
+@dataclass(frozen=True)
+class PipelineInventory:
+    """The bundles in ``models.dir`` and what they mean for the routes.
+
+    ``serve`` starts even when a route names a pipeline that is not there (receiving
+    must not stop for a missing model): it logs ``route.pipeline_missing`` and every job
+    of that route fails. ``config check`` and ``route`` use this to say so before the
+    first study arrives, with the same rule as ``serve``: a route's pipeline must be a
+    bundle folder that :func:`~service.pipeline.bundle.discover_bundles` can read.
+    """
+
+    models_dir: Path
+    usable: tuple[str, ...]
+    #: bundle folder name -> why it cannot run (as ``serve`` logs ``pipeline.unusable``)
+    unusable: dict[str, str]
+
+    @classmethod
+    def scan(cls, models_dir: Path) -> PipelineInventory:
+        """Read every bundle's metadata under ``models_dir`` (no model is loaded)."""
+        if not Path(models_dir).is_dir():
+            return cls(Path(models_dir), (), {})
+        specs, problems = discover_bundles(models_dir)
+        return cls(Path(models_dir), tuple(sorted(specs)), problems)
+
+    def route_problems(self, routes: Sequence[RouteRule]) -> list[str]:
+        """One line per route whose pipeline cannot run here, keyed like other problems."""
+        problems = []
+        for i, route in enumerate(routes):
+            key, name = f"routes[{i}].pipeline", route.pipeline
+            if name in self.usable:
+                continue
+            if name in self.unusable:
+                problems.append(
+                    f"{key}: bundle {name!r} under models.dir={self.models_dir} cannot run: "
+                    f"{self.unusable[name]}"
+                )
+            elif not self.models_dir.is_dir():
+                problems.append(f"{key}: no bundle {name!r}: {self._missing_dir()}")
+            else:
+                problems.append(
+                    f"{key}: no bundle {name!r} under models.dir={self.models_dir}; "
+                    f"available: {', '.join(self.usable) or 'none'} (install the bundle there, "
+                    "one folder with configs/, or fix the route's pipeline)"
+                )
+        return problems
+
+    def nothing_found(self) -> str | None:
+        """Why no pipeline can run at all, or None when some bundle is usable."""
+        if self.usable:
+            return None
+        if not self.models_dir.is_dir():
+            return f"no pipelines found: {self._missing_dir()}"
+        found = (
+            "; ".join(f"{name} cannot run: {why}" for name, why in self.unusable.items())
+            or "no bundle folder (with configs/) there"
+        )
+        return (
+            f"no pipelines found under models.dir={self.models_dir}: {found}; install MONAI "
+            "bundles there or set models.dir to the folder that holds them"
+        )
+
+    def _missing_dir(self) -> str:
+        relative = "" if self.models_dir.is_absolute() else f" (relative to {Path.cwd()})"
+        return (
+            f"models.dir={self.models_dir} does not exist{relative}; set models.dir to the "
+            "folder of MONAI bundles"
+        )

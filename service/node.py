@@ -213,10 +213,9 @@ class Node:
         specs, problems = discover_bundles(self.settings.models.dir)
         for name, problem in problems.items():
             log.error("pipeline.unusable", pipeline=name, reason=problem)
-        remote_only = self.settings.queue.local_workers == 0 and bool(self.settings.queue.url)
+        remote_only = self.settings.queue.remote_workers_only
         for route in self.settings.routes:
             if route.pipeline not in specs and route.pipeline not in problems:
-                # With only remote workers the bundles may well live on them alone.
                 (log.info if remote_only else log.error)(
                     "route.pipeline_missing",
                     route=route.name,

@@ -1,15 +1,16 @@
 """``radnode run`` and ``radnode route``: the node's path on a folder, without a network.
 
-A folder of DICOM files (any layout, searched recursively) is grouped into series by
-header alone; routing and the pipelines then run exactly as in the node (same routes,
-same bundles, same series-to-volume checks), so an administrator can try a route or a
-model on a study before the PACS sends one.
+A folder of DICOM files (any layout, searched recursively), or one DICOM file, is
+grouped into series by header alone; routing and the pipelines then run exactly as in
+the node (same routes, same bundles, same series-to-volume checks), so an administrator
+can try a route or a model on a study before the PACS sends one.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,20 +66,44 @@ class FolderScan:
         return infos
 
 
-def scan_folder(folder: Path) -> FolderScan:
-    """Read every file's header under ``folder``; files that are not DICOM are listed."""
-    scan = FolderScan()
+def _files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, or ``folder`` itself when it is one file.
+
+    One file is a folder of one: ``radnode run cxr.dcm`` found "no DICOM series" because
+    walking a file yields nothing (acceptance test).
+    """
+    if folder.is_file():
+        yield folder
+        return
     for root, _dirs, files in os.walk(folder):
         for name in sorted(files):
-            path = Path(root) / name
-            try:
-                header = header_from_dataset(dcmread(path, stop_before_pixels=True))
-            except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError):
-                scan.unreadable.append(path)
-                continue
-            if header.series_uid:
-                scan.series.setdefault(header.series_uid, []).append((path, header))
+            yield Path(root) / name
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Read every file's header under ``folder`` (or the one file ``folder`` names);
+    files that are not DICOM are listed."""
+    scan = FolderScan()
+    for path in _files(folder):
+        try:
+            header = header_from_dataset(dcmread(path, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError):
+            scan.unreadable.append(path)
+            continue
+        if header.series_uid:
+            scan.series.setdefault(header.series_uid, []).append((path, header))
     return scan
+
+
+def no_series_message(folder: Path, scan: FolderScan) -> str:
+    """Why ``scan`` of ``folder`` has nothing to run on, and what to give instead."""
+    if not folder.exists():
+        return f"{folder}: no such file or folder"
+    not_dicom = f" ({len(scan.unreadable)} file(s) were not DICOM)" if scan.unreadable else ""
+    return (
+        f"{folder}: no DICOM series found{not_dicom}; give a folder of DICOM files "
+        "(searched recursively) or one DICOM file"
+    )
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,7 @@ def run_folder(folder: Path, out: Path, settings: Settings, *, pipeline: str | N
     console = Console(stderr=True)
     scan = scan_folder(folder)
     if not scan.series:
-        raise RadnodeError(f"{folder}: no DICOM series found")
+        raise RadnodeError(no_series_message(folder, scan))
     infos = sorted(scan.series_infos(), key=lambda s: (s.series_number or 0, s.series_uid))
     labels = {info.series_uid: _series_label(info, i + 1) for i, info in enumerate(infos)}
     if pipeline is not None:
