@@ -294,7 +294,8 @@ def test_slab_wise_resampling_gives_monais_voxels(
 ) -> None:
     """An oblique, anisotropic resample in slabs of 7 output rows (the last one short):
     every voxel equal to MONAI's own AffineTransform, and Spacingd through the installed
-    class equal to MONAI's Spacingd, geometry included."""
+    class equal to MONAI's Spacingd, geometry included (bilinear Spacingd of an image
+    without rotation is separable: equal to float rounding, see the next test)."""
     import monai.transforms.spatial.functional as functional
     import torch
     from monai.data import MetaTensor
@@ -319,8 +320,47 @@ def test_slab_wise_resampling_gives_monais_voxels(
     monai_own = spacing({"image": volume.clone()})["image"]
     monkeypatch.setattr(functional, "AffineTransform", resample.SlabAffineTransform)
     slab_wise = spacing({"image": volume.clone()})["image"]
-    assert torch.equal(slab_wise.as_tensor(), monai_own.as_tensor())
+    if mode == "nearest":
+        assert torch.equal(slab_wise.as_tensor(), monai_own.as_tensor())
+    else:
+        torch.testing.assert_close(slab_wise.as_tensor(), monai_own.as_tensor())
     assert torch.equal(slab_wise.affine, monai_own.affine)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_axis_aligned_bilinear_resampling_is_separable_and_equal_to_grid_sample(
+    monkeypatch: pytest.MonkeyPatch, padding: str, align_corners: bool
+) -> None:
+    """Scales, shifts and flips per axis (what Spacingd and Invertd do to an image in
+    RAS), up and down, reaching past the input's edges: the separable path gives
+    grid_sample's voxels to float rounding; it is taken where the output is not much
+    smaller than the input (up, same size), the grid where it is (down)."""
+    import torch
+    from monai.networks.layers import AffineTransform
+
+    from service.pipeline import resample
+
+    monkeypatch.setattr(resample, "SEPARABLE_SLAB_BYTES", 4 * 2 * 29 * 40 * 3)  # 3-row slabs
+    generator = torch.Generator().manual_seed(7)
+    options = {"normalized": False, "mode": "bilinear", "padding_mode": padding,
+               "align_corners": align_corners, "reverse_indexing": True}  # fmt: skip
+    taken = []
+    separable = resample._resample_separable
+    monkeypatch.setattr(
+        resample, "_resample_separable", lambda *a: taken.append(1) or separable(*a)
+    )
+    for case, size in enumerate([(39, 29, 40), (11, 12, 9), (23, 31, 17)]):
+        image = torch.randn(1, 2, 23, 31, 17, generator=generator)
+        theta = torch.eye(4)
+        scales = torch.rand(3, generator=generator) * 2 + 0.3
+        scales[case] = -scales[case]  # a flip
+        theta[0, 0], theta[1, 1], theta[2, 2] = scales
+        theta[:3, 3] = torch.randn(3, generator=generator) * 3
+        expected = AffineTransform(**options)(image, theta, spatial_size=size)
+        got = resample.SlabAffineTransform(**options)(image, theta, spatial_size=size)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(taken) == 2  # not for (11, 12, 9): the grid samples fewer voxels
 
 
 def test_the_loader_hands_the_input_over_so_it_can_be_freed() -> None:
