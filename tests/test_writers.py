@@ -32,7 +32,12 @@ from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
 from service.writers.dicom import write_dicom_results
 from service.writers.files import write_result_files
-from service.writers.provenance import device_uid, result_uid, sources_digest
+from service.writers.provenance import (
+    Provenance,
+    device_uid,
+    result_uid,
+    sources_digest,
+)
 from tests.conftest import require_tool
 
 LIVER = Label(
@@ -372,6 +377,24 @@ def _tracking_uids(sr: pydicom.Dataset) -> set[str]:
             found.add(str(item.UID))
         pending.extend(item.get("ContentSequence", []))
     return found
+
+
+def test_each_pipeline_numbers_its_result_series_in_a_block_of_its_own(written):
+    """Two pipelines on one study both wrote their report as series 9901 (acceptance
+    run). Each pipeline now has a block of ten; kinds keep their order inside it."""
+    names = ("ct_abdomen_segmentation", "ct_lowdose_denoising", "cxr_nodule_classification",
+             "mr_brain_extraction")  # fmt: skip
+    numbers = {}
+    for name in names:
+        provenance = Provenance.of(BundleIdentity(name, "1.0", TaskKind.SEGMENTATION), "1.2.3")
+        kinds = [provenance.series_number(k) for k in ("SR", "SEG", "SC", "DERIVED")]
+        assert kinds == list(range(kinds[0], kinds[0] + 4)) and 9000 < kinds[0] < 9900
+        numbers[name] = kinds[0]
+    assert len(set(numbers.values())) == len(names)  # the shipped pipelines do not clash
+    sr = pydicom.dcmread(written["segmentation"][0], stop_before_pixels=True)
+    expected = Provenance.of(BundleIdentity("ct_abdomen_segmentation", "0.1.0",
+                                            TaskKind.SEGMENTATION), "x")  # fmt: skip
+    assert sr.SeriesNumber == expected.series_number("SR")
 
 
 def test_new_model_version_gets_new_uids_and_device_uid():

@@ -53,7 +53,6 @@ from service.pipeline.volume import Volume, frame_rescale, stored_range
 from service.writers.provenance import (
     CHARACTER_SET,
     MANUFACTURER,
-    SERIES_NUMBERS,
     Provenance,
     clip_lo,
 )
@@ -160,7 +159,7 @@ def _derived_header(
     ds.SpecificCharacterSet = CHARACTER_SET
     ds.SOPInstanceUID = sop_uid
     ds.SeriesInstanceUID = info.series_uid
-    ds.SeriesNumber = SERIES_NUMBERS["DERIVED"]
+    ds.SeriesNumber = provenance.series_number("DERIVED")
     ds.SeriesDescription = info.description
     ds.InstanceNumber = number
     ds.ImageType = _derived_type(source.get("ImageType"))

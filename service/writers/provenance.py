@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ RADNODE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://radnode.invalid/dico
 
 #: Series Numbers of result series: high, so they sort after the modality's series.
 SERIES_NUMBERS: dict[str, int] = {"SR": 9901, "SEG": 9902, "SC": 9903, "DERIVED": 9904}
+#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9899).
+_SERIES_BLOCKS = 90
 
 #: What each result kind is called in its Series Description.
 _SERIES_LABELS: dict[str, str] = {
@@ -172,6 +175,15 @@ class Provenance:
         return result_uid(
             self.source_series_uid, self.name, self.version, kind, index, sources=sources
         )
+
+    def series_number(self, kind: str) -> int:
+        """The Series Number of ``kind`` (SR, SEG, SC, DERIVED) for this pipeline: in a
+        block of ten of its own, chosen by a stable hash of the pipeline name, so the
+        results of two pipelines in one study do not share numbers (the acceptance run
+        saw two "9901" report series). Results still sort after the source's series;
+        two pipelines share a block one time in ninety."""
+        block = zlib.crc32(self.name.encode()) % _SERIES_BLOCKS
+        return SERIES_NUMBERS[kind] - 900 + 10 * block
 
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""

@@ -31,7 +31,6 @@ from service.pipeline.result import PipelineResult, TaskKind
 from service.pipeline.volume import Volume
 from service.writers.provenance import (
     MANUFACTURER,
-    SERIES_NUMBERS,
     Provenance,
     patient_orientation,
 )
@@ -305,7 +304,7 @@ def _sc_image(
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=provenance.uid("series:sc"),
-        series_number=SERIES_NUMBERS["SC"],
+        series_number=provenance.series_number("SC"),
         sop_instance_uid=provenance.uid("sc", number),
         instance_number=number,
         manufacturer=MANUFACTURER,

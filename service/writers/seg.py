@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 
 from service.pipeline.result import Label, PipelineResult
 from service.pipeline.volume import Volume
-from service.writers.provenance import MANUFACTURER, SERIES_NUMBERS, Provenance, clip_lo, code
+from service.writers.provenance import MANUFACTURER, Provenance, clip_lo, code
 from service.writers.sources import (
     as_single_frame,
     in_frame_order,
@@ -153,7 +153,7 @@ def build_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=provenance.uid("series:seg"),
-        series_number=SERIES_NUMBERS["SEG"],
+        series_number=provenance.series_number("SEG"),
         sop_instance_uid=provenance.uid("seg"),
         instance_number=1,
         manufacturer=MANUFACTURER,

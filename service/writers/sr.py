@@ -38,7 +38,6 @@ from service.pipeline.volume import Volume
 from service.writers.derived import DerivedSeries
 from service.writers.provenance import (
     MANUFACTURER,
-    SERIES_NUMBERS,
     Provenance,
     clip_lo,
     code,
@@ -158,7 +157,7 @@ def build_sr(
         evidence=evidence,
         content=report,
         series_instance_uid=provenance.uid("series:sr"),
-        series_number=SERIES_NUMBERS["SR"],
+        series_number=provenance.series_number("SR"),
         sop_instance_uid=provenance.uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
