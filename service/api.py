@@ -252,7 +252,7 @@ def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
         "pipeline": letter.pipeline,
         "destination": letter.destination,
         "attempts": letter.attempts,
-        "error": letter.error[:MAX_ERROR_CHARS],
+        "error": _clip_error(letter.error),
         "dead_lettered_at": _iso(letter.dead_lettered_at),
     }
 
