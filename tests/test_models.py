@@ -165,6 +165,14 @@ def test_classifier_takes_a_full_size_monochrome1_radiograph_and_gives_a_heatmap
     assert result.probabilities is not None and 0.0 <= result.probabilities[0] <= 1.0
     assert result.heatmap is not None and result.heatmap.shape == (1, 2000, 2000)
     assert np.isfinite(result.heatmap).all() and result.heatmap.max() > 0
+    # The heatmap is hot where the nodule is (MONAI's default CAM postprocessing had
+    # flipped it: the acceptance run found it coldest on the nodule).
+    clear = load_series([write_radiograph(tmp_path / "clear.dcm", photometric="MONOCHROME1",
+                                          seed=7, bits_stored=12)])  # fmt: skip
+    nodule = np.abs(volume.array - clear.array) > 0
+    assert nodule.any()
+    at_nodule = float(np.mean(result.heatmap[nodule]))
+    assert at_nodule > np.percentile(result.heatmap, 90), at_nodule
 
 
 # --- reconstruction (denoising) --------------------------------------------------------

@@ -555,6 +555,11 @@ def _to_volume_layout(prediction: Any, volume: Volume) -> NDArray[Any]:
     return tensor.permute(2, 1, 0).contiguous().numpy()
 
 
+def _as_computed(activation_map: Any) -> Any:
+    """GradCAM postprocessing that leaves the upsampled map as it is."""
+    return activation_map
+
+
 def _heatmap(
     bundle: LoadedBundle,
     item: dict[str, Any],
@@ -574,7 +579,14 @@ def _heatmap(
     try:
         image = item[bundle.spec.input_key]
         batch = image.unsqueeze(0).to(bundle.device).as_tensor().requires_grad_(True)
-        cam = GradCAM(nn_module=bundle.network, target_layers=bundle.spec.heatmap_layer)
+        # MONAI's default postprocessing maps (min, max) to (1, 0): it flips the map, so
+        # the overlay was hottest everywhere but the finding (acceptance run). The map
+        # is taken as computed and scaled to 0..1 below, high where the class is.
+        cam = GradCAM(
+            nn_module=bundle.network,
+            target_layers=bundle.spec.heatmap_layer,
+            postprocessing=_as_computed,
+        )
         with torch.enable_grad():
             heat = cam(x=batch)[0].detach().float().cpu()  # (1, spatial...) in input space
         mapped = MetaTensor(heat, meta=dict(image.meta))
