@@ -129,6 +129,28 @@ def test_segmentation_finds_the_organs_of_a_held_out_dicom_phantom(tmp_path: Pat
     assert min(scores.values()) >= 0.90, scores  # the project's target, per organ
 
 
+def test_segmentation_refuses_a_series_covering_part_of_the_abdomen(tmp_path: Path) -> None:
+    """On the lower 150 mm of an abdomen the model marked liver and spleen in the pelvis
+    and the node reported them as final (second acceptance pass). It was trained on
+    200-380 mm; its metadata says so, and a shorter series is refused with the reason
+    before the model runs. The same phantom over 250 mm passes the check."""
+    from types import SimpleNamespace
+
+    from service.pipeline.inference import InputMismatch, check_input
+
+    spec = read_bundle_spec(MODELS / "ct_abdomen_segmentation")
+    assert spec.min_extent_mm == 200
+    bundle = SimpleNamespace(spec=spec)
+    for slices, refused in ((60, True), (100, False)):
+        phantom = make_ct_phantom(seed=10101, rows=64, slices=slices, slice_spacing=2.5)
+        volume = load_series(write_ct_phantom(tmp_path / str(slices), phantom))
+        if refused:
+            with pytest.raises(InputMismatch, match=r"at least 200 mm; the series covers 150 mm"):
+                check_input(bundle, volume)  # type: ignore[arg-type]
+        else:
+            check_input(bundle, volume)  # type: ignore[arg-type]
+
+
 # --- classification --------------------------------------------------------------------
 
 

@@ -34,13 +34,16 @@ code, like a plugin directory, and must be writable only by the administrator.
 
     "radnode": {
       "task": "segmentation",
-      "input": {"modalities": ["CT"], "dimensions": 3},
+      "input": {"modalities": ["CT"], "dimensions": 3, "min_extent_mm": 200},
       "labels": [{"value": 1, "name": "liver",
                   "finding": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"},
                   "category": {"value": "123037004", "scheme": "SCT",
                                "meaning": "Anatomical Structure"}}],
       "heatmap": {"target_layer": "class_layers.relu"}
     }
+
+``min_extent_mm`` (optional, 3D): the shortest scanned length along the slice axis the
+model was trained on; a series that covers less is refused before the model runs.
 
 A bundle without that section (an unmodified model-zoo bundle) still runs: the task kind
 and the label names come from ``network_data_format`` (``outputs.pred.format`` /
@@ -97,6 +100,9 @@ class BundleSpec:
     modalities: tuple[str, ...]
     #: 2 for single images (radiographs), 3 for volumes.
     dimensions: int
+    #: Shortest scanned length (mm, along the slice axis) the model was trained on: a
+    #: shorter series is refused, not run (None: any).
+    min_extent_mm: float | None = None
     #: Dotted module path inside the network for GradCAM (classification only).
     heatmap_layer: str | None = None
     #: Whether metadata.json has a ``radnode`` section (else everything was inferred).
@@ -173,11 +179,24 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
         labels=_labels(path.name, meta, section, kind),
         modalities=tuple(str(m).upper() for m in modalities),
         dimensions=dimensions,
+        min_extent_mm=_min_extent(path.name, inputs.get("min_extent_mm")),
         heatmap_layer=heatmap.get("target_layer"),
         has_radnode_section=bool(section),
         input_key=_only_key(meta, "inputs", "image"),
         output_key=_only_key(meta, "outputs", "pred"),
     )
+
+
+def _min_extent(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        extent = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        extent = -1.0
+    if not extent > 0:
+        raise BundleError(f"bundle {name}: radnode.input.min_extent_mm must be a positive number")
+    return extent
 
 
 def discover_bundles(models_dir: Path) -> tuple[dict[str, BundleSpec], dict[str, str]]:

@@ -58,6 +58,16 @@ def check_input(bundle: LoadedBundle, volume: Volume) -> None:
             f"pipeline {spec.name} needs a 3D volume; the series has a single image; route"
             " only multi-slice series to it (e.g. ImageCount = { min = 20 })"
         )
+    if spec.dimensions == 3 and spec.min_extent_mm and not volume.is_2d:
+        extent = volume.array.shape[0] * float(volume.spacing[2])
+        if extent < spec.min_extent_mm:
+            raise InputMismatch(
+                f"pipeline {spec.name} was trained on scans covering at least"
+                f" {spec.min_extent_mm:.0f} mm; the series covers {extent:.0f} mm"
+                " (part of the body only), where it would report organs that are not there;"
+                " send the whole series, or raise study.completion_timeout_s if it arrives"
+                " in parts"
+            )
     if spec.dimensions == 2 and volume.array.shape[0] != 1:
         raise InputMismatch(
             f"pipeline {spec.name} takes one 2D image; the series has"
