@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from dicom_nodes.status import StoreStatus
 from service import __version__
-from service.records import JobRecord
+from service.records import JobRecord, JobState
 
 log = structlog.get_logger("service.metrics")
 
@@ -245,7 +245,7 @@ class Metrics:
         self.end_to_end_seconds = Histogram(
             "radnode_end_to_end_seconds",
             "Seconds from the last instance of the study received to the job finished "
-            "(results written and handed to delivery), by pipeline.",
+            "(results written and handed to delivery), by pipeline; done jobs only.",
             ["pipeline"],
             buckets=DURATION_BUCKETS,
             registry=r,
@@ -430,7 +430,10 @@ class FinishedJobRecorder:
                 continue
             self._remember(job)
             end_to_end = None
-            if self._last_received_at is not None and job.finished_at is not None:
+            # only runs that made results: a refusal or failure is not a latency
+            # (the second acceptance pass saw refused jobs in the histogram)
+            done = job.state is JobState.DONE and job.finished_at is not None
+            if done and self._last_received_at is not None:
                 received = self._last_received_at(job.study_uid)
                 if received is not None:
                     end_to_end = max(job.finished_at - received, 0.0)

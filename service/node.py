@@ -348,7 +348,9 @@ class NodeStatus:
                     next_attempt_at=(
                         item.next_attempt_at if item.state is DeliveryState.PENDING else None
                     ),
-                    error=item.last_error,
+                    # a delivery that got through has no current error (the second
+                    # acceptance pass read the last retry's as a failure)
+                    error=None if item.state is DeliveryState.SENT else item.last_error,
                 )
                 for item in items
             ]

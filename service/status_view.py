@@ -186,18 +186,21 @@ def _failed_table(jobs: Sequence[Item], now: float) -> Table:
     return table
 
 
-def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item | None]]:
+def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item]]:
     """(job, destination, what, delivery) for each result that has not reached its
     destination and is not a dead letter: deliveries being retried, and destinations a
     done job made no result for (its error says why)."""
-    rows: list[tuple[Item, str, str, Item | None]] = []
+    rows: list[tuple[Item, str, str, Item]] = []
     for job in jobs:
         deliveries = [d for d in job.get("deliveries") or () if isinstance(d, dict)]
         for d in deliveries:
             if d.get("state") == "pending" and int(d.get("attempts") or 0) > 0:
                 rows.append((job, str(d.get("destination", "?")), "retrying", d))
         if job.get("state") == "done" and job.get("error"):
-            rows.append((job, "", "not sent", None))
+            # the worker's reasons, "<destination>: <why>" joined by "; "
+            for reason in str(job["error"]).split("; "):
+                destination, _, why = reason.partition(": ")
+                rows.append((job, destination, "not sent", {"error": why or reason}))
     return rows
 
 
@@ -212,8 +215,8 @@ def _undelivered_table(jobs: Sequence[Item]) -> Table:
             str(job.get("pipeline", "?")),
             destination,
             Text(what, style="yellow" if what == "retrying" else "bold red"),
-            str(d.get("attempts", "")) if d else "",
-            str((d.get("error") if d else job.get("error")) or ""),
+            str(d.get("attempts", "")),
+            str(d.get("error") or ""),
         )
     return table
 

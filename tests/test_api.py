@@ -432,6 +432,8 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
     assert "Results not delivered yet" in screen
     assert "retrying" in screen and "connection refused" in screen
     assert "not sent" in screen and "no PatientID" in screen
+    (row,) = [line for line in screen.splitlines() if "not sent" in line]
+    assert "│ ris " in row and "HL7 result not built" in row  # its destination, its reason
     for secret in (*PHI, str(stack.studies[0].StudyInstanceUID)):
         assert secret not in screen
 

@@ -177,10 +177,12 @@ def test_runs_finished_by_workers_are_counted_once_from_the_index(metrics) -> No
     assert value(metrics, finished, pipeline="liver-seg", state="failed") == 1
     assert value(metrics, finished, pipeline="liver-seg", state="done") == 0
     assert value(metrics, "radnode_inference_seconds_count", pipeline="liver-seg") == 1
-    assert value(metrics, "radnode_end_to_end_seconds_sum", pipeline="liver-seg") == 310.0
+    # a failed (or refused) run made no results: it is no end-to-end latency
+    assert value(metrics, "radnode_end_to_end_seconds_count", pipeline="liver-seg") == 0
     jobs[1] = finished_job("new", 900.0, JobState.DONE)  # retried by an operator, ran again
     assert recorder.poll() == 1
     assert value(metrics, finished, pipeline="liver-seg", state="done") == 1
+    assert value(metrics, "radnode_end_to_end_seconds_sum", pipeline="liver-seg") == 810.0
 
 
 def test_buckets_span_a_tenth_of_a_second_to_half_an_hour() -> None:

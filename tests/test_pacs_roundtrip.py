@@ -181,6 +181,9 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
     with running_orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
         wait_all_sent(node, expected_jobs=1, timeout=120)
         found = series_in_orthanc(pacs["http"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/api/jobs") as answer:
+        (sent,) = json.loads(answer.read())["jobs"][0]["deliveries"]
+    assert (sent["state"], sent["error"], sent["next_attempt_at"]) == ("sent", None, None)
     written = sorted((node.data_dir / "results").glob("*/dicom/*.dcm"))
     in_pacs = sum(len(s["instances"]) for series in found.values() for s in series)
     assert in_pacs == len(written) == 3  # SEG, SR, Secondary Capture: none lost, none twice
