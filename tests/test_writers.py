@@ -364,6 +364,10 @@ def test_a_series_that_grew_gets_new_objects_that_name_the_report_they_replace(c
     assert item.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
     assert _tracking_uids(new_sr) == _tracking_uids(old_sr) != set()
     assert "PredecessorDocumentsSequence" not in old_sr
+    # In the PACS the two sit side by side: the revision says so, and when it was made.
+    assert all(h.SeriesDescription.endswith(" revised 30 img") for h in after.values())
+    assert not any("revised" in h.SeriesDescription for h in before.values())
+    assert all(h.SeriesDate and h.SeriesTime for h in after.values())
 
 
 def _tracking_uids(sr: pydicom.Dataset) -> set[str]:

@@ -92,7 +92,10 @@ def write_dicom_objects(
     _check_sources(volume, source_headers)
     _fill_empty_type2(source_headers)
     provenance = Provenance.of(
-        result.bundle, volume.series_uid, [str(h.SOPInstanceUID) for h in source_headers]
+        result.bundle,
+        volume.series_uid,
+        [str(h.SOPInstanceUID) for h in source_headers],
+        revised=predecessor is not None,
     )
     previous = [predecessor] if predecessor is not None else None
     datasets: list[Dataset] = []
@@ -180,6 +183,10 @@ def _check_sources(volume: Volume, source_headers: Sequence[Dataset]) -> None:
 
 
 def _save(ds: Dataset, out_dir: Path) -> WrittenObject:
+    if "SeriesDate" not in ds and "ContentDate" in ds:
+        # When the result series was made: with a revised result next to the one it
+        # replaces, viewers that list series dates show which is newer.
+        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.get("ContentTime", "")
     modality = str(ds.get("Modality", "OT"))
     path = out_dir / f"{modality}_{ds.SOPInstanceUID}{SUFFIX}"
     tmp = path.with_suffix(".tmp")

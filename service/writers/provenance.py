@@ -130,6 +130,9 @@ class Provenance:
     source_series_uid: str
     #: :func:`sources_digest` of the source instances ("" when they are not known).
     sources: str = ""
+    #: For a result that replaces an earlier one of the same series (it grew): how many
+    #: source instances it was made from; said in every series description.
+    revised_from: int = 0
 
     @classmethod
     def of(
@@ -137,9 +140,16 @@ class Provenance:
         bundle: BundleIdentity,
         source_series_uid: str,
         source_instance_uids: Sequence[str] = (),
+        *,
+        revised: bool = False,
     ) -> Provenance:
         digest = sources_digest(source_instance_uids) if source_instance_uids else ""
-        return cls(bundle=bundle, source_series_uid=source_series_uid, sources=digest)
+        return cls(
+            bundle=bundle,
+            source_series_uid=source_series_uid,
+            sources=digest,
+            revised_from=len(set(source_instance_uids)) if revised else 0,
+        )
 
     @property
     def name(self) -> str:
@@ -187,8 +197,14 @@ class Provenance:
 
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""
-        text = f"{_SERIES_LABELS[kind]} {self.name} {self.version}"
-        return clip_lo(f"{text} {detail}".strip())
+        text = clip_lo(f"{_SERIES_LABELS[kind]} {self.name} {self.version} {detail}".strip())
+        if not self.revised_from:
+            return text
+        # A revised result sits next to the one it replaces (a Storage SCU cannot remove
+        # that): the second acceptance pass could not tell them apart. The mark is kept
+        # whole; the rest is shortened to make room.
+        mark = f" revised {self.revised_from} img"
+        return clip_lo(text[: _LO_MAX - len(mark)].rstrip()) + mark
 
     # -- the forms highdicom wants ---------------------------------------------------
 
