@@ -237,6 +237,9 @@ class _AssociationStats:
     instances: int = 0
     failures: int = 0
     bytes: int = 0
+    #: Set when the association ended (its line is logged): a store that had not begun
+    #: by then is refused, not stored and acknowledged after the counts were logged.
+    closed: bool = False
 
 
 class StorageSCP:
@@ -529,6 +532,11 @@ class StorageSCP:
             peer_address=str(requestor.address),
         )
         with stats.storing if stats is not None else contextlib.nullcontext():
+            if stats is not None and stats.closed:
+                # The association was aborted (stop, timeout) while this data set came
+                # in: its line is logged, and the peer sends the instance again on its
+                # next association (the acceptance pass saw 24 acknowledged, 23 logged).
+                return int(StoreStatus.OUT_OF_RESOURCES)
             try:
                 status = self._receiver.store(instance)
             except Exception:
@@ -626,6 +634,7 @@ class StorageSCP:
         # thread is storing: count that store first (found by review: an instance
         # stored and acknowledged was logged as instances=0).
         counted = stats.storing.acquire(timeout=_STORE_WAIT_S)
+        stats.closed = True
         if counted:
             stats.storing.release()
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"

@@ -361,3 +361,26 @@ def test_a_store_that_outlasts_the_network_timeout_is_counted_in_the_close_line(
     opened = [e["peer_ae"] for e in events if e["event"] == "association.opened"]
     assert opened == ["PACS", "LATER"]
     assert len(node._stats) == 0
+
+
+def test_a_store_that_begins_after_its_association_closed_is_refused_not_stored() -> None:
+    """Stopping the node aborts associations from another thread. A data set that came
+    in whole just then was stored and acknowledged after the close line had counted
+    the association (the acceptance pass: 24 acknowledged, 23 logged). Once closed, a
+    store is refused (A700: the peer sends it again) and the receiver never sees it."""
+    from types import SimpleNamespace
+
+    from dicom_nodes.scp import _AssociationStats
+
+    receiver = _Recorder()
+    node = StorageSCP(AssociationPolicy(ae_title="RADNODE"), receiver, host="127.0.0.1", port=0)
+    peer = SimpleNamespace(ae_title="PACS", address="127.0.0.1")
+    assoc = SimpleNamespace(requestor=peer, acceptor=SimpleNamespace(ae_title="RADNODE"))
+    stats = _AssociationStats(calling_ae="PACS", address="127.0.0.1")
+    args = (CTImageStorage, "1.2.3.4", "1.2.840.10008.1.2.1", b"\x08\x00")
+    stats.closed = True
+    assert node._store(assoc, stats, *args) == 0xA700
+    assert receiver.instances == [] and stats.instances == 0
+    stats.closed = False
+    node._store(assoc, stats, *args)
+    assert len(receiver.instances) == 1 and stats.instances == 1
