@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -118,6 +119,13 @@ class NodeSettings(_Section):
                 raise ValueError(f"{', '.join(given)} need node.tls_cert (TLS is off)")
         if self.tls_require_client_cert and self.tls_ca is None:
             raise ValueError("tls_require_client_cert needs node.tls_ca to check client certs")
+        if self.tls_port is not None and self.tls_port == self.port:
+            # both listeners would bind it; the second failed as "in use by another
+            # program" (third acceptance pass)
+            raise ValueError(
+                f"tls_port and port are both {self.port}; give TLS a port of its own, or"
+                " leave tls_port out to make port TLS-only"
+            )
         return self
 
     @field_validator("allowed_calling_aets")
@@ -256,6 +264,36 @@ class Settings(BaseSettings):
             raise ConfigError(problems)
 
 
+def url_without_password(url: str) -> str:
+    """A URL as it may be shown (``queue.url``): any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+#: Parts of a key name that mark its value as a secret (never shown in a problem).
+_SECRET_KEYS = ("password", "token", "secret")
+
+
+def _is_secret(key: object) -> bool:
+    return any(mark in str(key).lower() for mark in _SECRET_KEYS)
+
+
+def _shown(value: Any) -> Any:
+    """A value as a configuration problem may quote it: secrets as ``***``, passwords
+    in URLs masked. A check of a whole section quotes the section, and the third
+    acceptance pass found the TLS key password and the Redis password printed."""
+    if isinstance(value, dict):
+        return {k: "***" if _is_secret(k) else _shown(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_shown(v) for v in value)
+    if isinstance(value, str) and "://" in value:
+        return url_without_password(value)
+    return value
+
+
 def _format_validation_error(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
@@ -270,10 +308,20 @@ def _format_validation_error(error: ValidationError) -> list[str]:
             message = "required, and has no default"
         elif item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
-        elif "input" in item and item["type"] not in ("missing",):
-            message = f"{message} (got {item['input']!r})"
+            variable = _environment_name(item["loc"])
+            if variable in os.environ:  # not in the file: say where to look
+                message = f"unknown key, from the environment variable {variable}"
+        elif "input" in item and not any(_is_secret(part) for part in item["loc"]):
+            message = f"{message} (got {_shown(item['input'])!r})"
         problems.append(f"{key}: {message}")
     return problems
+
+
+def _environment_name(loc: tuple[Any, ...]) -> str:
+    """The ``RADNODE_*`` variable that sets the key at ``loc`` (``RADNODE_NODE__PROT``)."""
+    prefix = str(Settings.model_config["env_prefix"])
+    delimiter = str(Settings.model_config["env_nested_delimiter"])
+    return prefix + delimiter.join(str(part).upper() for part in loc)
 
 
 def _unknown_environment_names() -> list[str]:

@@ -20,26 +20,16 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.exceptions import TaskException
 
-from service.config import Settings
+from service.config import Settings, url_without_password
 from service.errors import StartupError
 from service.records import JobReport, JobTicket
 
 log = structlog.get_logger("service.queue")
-
-
-def _without_password(url: str) -> str:
-    """``queue.url`` as it may be shown: any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 #: The one task name producers and consumers agree on.
@@ -211,7 +201,7 @@ class JobQueue:
             self.huey.pending_count()
         except Exception as exc:
             raise StartupError(
-                f"cannot use the queue at {_without_password(self._url)}: "
+                f"cannot use the queue at {url_without_password(self._url)}: "
                 f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check queue.url (address,"
                 " password, redis:// or rediss://) and that the server is up"
             ) from exc

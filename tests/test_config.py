@@ -127,3 +127,43 @@ def test_a_misspelled_environment_variable_is_a_problem(monkeypatch: pytest.Monk
     monkeypatch.setenv("RADNODE_NODE_PORT", "11112")
     with pytest.raises(ConfigError, match="RADNODE_NODE_PORT names no setting"):
         load_settings()
+
+
+def test_a_problem_never_quotes_a_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check of the whole [node] section quoted the section, TLS key password
+    included, and a bad queue.url was quoted with its Redis password (third acceptance
+    pass); both are documented as never shown."""
+    config = tmp_path / "radnode.toml"
+    config.write_text(
+        '[node]\ntls_cert = "c.pem"\ntls_key = "k.pem"\ntls_require_client_cert = true\n'
+        'tls_key_password = "hunter2-file"\n'
+        '[queue]\nurl = "redi://:RedisPassw0rd@10.0.0.1:6379/0"\n'
+    )
+    for source in ("file", "environment"):
+        if source == "environment":
+            monkeypatch.setenv("RADNODE_NODE__TLS_KEY_PASSWORD", "hunter2-env")
+        with pytest.raises(ConfigError) as caught:
+            load_settings(config)
+        text = "\n".join(caught.value.problems)
+        assert "node: tls_require_client_cert needs node.tls_ca" in text
+        assert "queue.url" in text and "redi://:***@10.0.0.1" in text
+        for secret in ("hunter2", "RedisPassw0rd"):
+            assert secret not in text
+
+
+def test_tls_on_the_plain_port_and_an_unknown_environment_key_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tls_port = port passed, and serve then said another program held the port; an
+    unknown key from the environment read like a key of the file (third acceptance
+    pass)."""
+    config = tmp_path / "radnode.toml"
+    config.write_text('[node]\nport = 43110\ntls_port = 43110\ntls_cert = "c.pem"\n')
+    with pytest.raises(ConfigError, match="tls_port and port are both 43110"):
+        load_settings(config)
+    monkeypatch.setenv("RADNODE_NODE__PROT", "1")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None)
+    assert caught.value.problems == [
+        "node.prot: unknown key, from the environment variable RADNODE_NODE__PROT"
+    ]
