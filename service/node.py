@@ -224,6 +224,16 @@ class Node:
                     action="install the bundle in models.dir or fix the route's pipeline",
                 )
         log.info("pipelines.found", pipelines=sorted(specs))
+        if not specs and not remote_only:
+            # The node still receives and completes studies, but no job will ever run:
+            # one line that says so (the third acceptance pass found only a
+            # pipeline.unusable naming the folder).
+            log.error(
+                "pipelines.none",
+                models_dir=str(self.settings.models.dir),
+                action="install MONAI bundles there or set models.dir; studies are"
+                " received and kept, and no pipeline runs until then",
+            )
         log.info(
             "routes.active",
             routes=[route.name for route in self.settings.routes if route.enabled],

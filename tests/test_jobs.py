@@ -272,3 +272,13 @@ def test_phi_sentinels_appear_in_no_log_line_and_no_api_response(
     seen = "\n".join([*node.lines, *answers, status.stdout, status.stderr])
     assert [s for s in sentinels if s in seen] == []
     assert sentinels[1] in ris.received[0]  # the RIS does get them: that is its job
+
+
+def test_a_node_without_any_pipeline_says_so_once_at_start(radnode_factory, tmp_path) -> None:
+    """models.dir missing: the node receives and completes studies and never runs a
+    job; it used to say so only as a pipeline.unusable line naming the folder (third
+    acceptance pass)."""
+    node = radnode_factory(RADNODE_MODELS__DIR=str(tmp_path / "no-models-here")).start()
+    (line,) = node.wait_for_event("pipelines.none", timeout=60)[-1:]
+    assert line["level"] == "error" and line["models_dir"].endswith("no-models-here")
+    assert "install MONAI bundles" in line["action"]
