@@ -95,7 +95,8 @@ def write_dicom_objects(
         result.bundle,
         volume.series_uid,
         [str(h.SOPInstanceUID) for h in source_headers],
-        revised=predecessor is not None,
+        # images, not instances: one Enhanced instance holds them all
+        revised_from=volume.array.shape[0] if predecessor is not None else 0,
     )
     previous = [predecessor] if predecessor is not None else None
     datasets: list[Dataset] = []

@@ -131,7 +131,8 @@ class Provenance:
     #: :func:`sources_digest` of the source instances ("" when they are not known).
     sources: str = ""
     #: For a result that replaces an earlier one of the same series (it grew): how many
-    #: source instances it was made from; said in every series description.
+    #: source images (slices or frames) it was made from; said in every series
+    #: description.
     revised_from: int = 0
 
     @classmethod
@@ -141,14 +142,14 @@ class Provenance:
         source_series_uid: str,
         source_instance_uids: Sequence[str] = (),
         *,
-        revised: bool = False,
+        revised_from: int = 0,
     ) -> Provenance:
         digest = sources_digest(source_instance_uids) if source_instance_uids else ""
         return cls(
             bundle=bundle,
             source_series_uid=source_series_uid,
             sources=digest,
-            revised_from=len(set(source_instance_uids)) if revised else 0,
+            revised_from=revised_from,
         )
 
     @property
