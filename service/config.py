@@ -10,12 +10,12 @@ once, one line each, naming its key, so an operator fixes the file in one pass.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -264,13 +264,17 @@ class Settings(BaseSettings):
             raise ConfigError(problems)
 
 
+#: ``user:password@`` in anything URL-like, and ``password=`` / ``token=`` parameters.
+_URL_PASSWORD = re.compile(r":[^:@/\s]*@")
+_SECRET_PARAMETER = re.compile(r"((?:password|passwd|token|secret)=)[^&\s]*", re.IGNORECASE)
+
+
 def url_without_password(url: str) -> str:
-    """A URL as it may be shown (``queue.url``): any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A URL as it may be shown (``queue.url``): any password replaced by ``***``.
+
+    By pattern, not by parsing: a malformed URL (a typo, a ``#`` or ``]`` in the
+    password) parsed into another netloc, or raised, and was shown whole (review)."""
+    return _SECRET_PARAMETER.sub(r"\1***", _URL_PASSWORD.sub(":***@", url))
 
 
 #: Parts of a key name that mark its value as a secret (never shown in a problem).
@@ -289,7 +293,7 @@ def _shown(value: Any) -> Any:
         return {k: "***" if _is_secret(k) else _shown(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(_shown(v) for v in value)
-    if isinstance(value, str) and "://" in value:
+    if isinstance(value, str):
         return url_without_password(value)
     return value
 
@@ -401,11 +405,12 @@ class PipelineInventory:
         return cls(Path(models_dir), tuple(sorted(specs)), problems)
 
     def route_problems(self, routes: Sequence[RouteRule]) -> list[str]:
-        """One line per route whose pipeline cannot run here, keyed like other problems."""
+        """One line per enabled route whose pipeline cannot run here, keyed like other
+        problems (a route switched off until its model arrives is no problem)."""
         problems = []
         for i, route in enumerate(routes):
             key, name = f"routes[{i}].pipeline", route.pipeline
-            if name in self.usable:
+            if name in self.usable or not route.enabled:
                 continue
             if name in self.unusable:
                 problems.append(

@@ -636,16 +636,30 @@ class StudyIndex:
 
     def replaced_by(self, job: JobRecord) -> JobRecord | None:
         """The job whose result ``job``'s replaces: the latest job of the same series and
-        pipeline that finished with a result (``done``) and was made before ``job``, on
-        other instances (the series grew after its results were sent). None for a
-        series' first result."""
+        pipeline made before ``job``, on other instances (the series grew), that made or
+        is making a result (``done``, ``running`` or ``queued``; not failed or refused).
+        None for a series' first result.
+
+        Not only ``done``: the second job is usually submitted while the first is still
+        queued or running, and it must be a revision all the same, on every attempt
+        (review). One local worker runs them in order, so the first's SR is there when
+        the second is written; with several workers it may not be yet, and the second
+        is still sent as a revision, without naming the SR."""
         with self._lock:
             row = self._db.execute(
                 f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
                 " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
-                " AND j.job_id != ? AND j.state = ? AND j.created_at <= ?"
+                " AND j.job_id != ? AND j.state IN (?, ?, ?) AND j.created_at <= ?"
                 " ORDER BY j.created_at DESC LIMIT 1",
-                (job.series_uid, job.pipeline, job.job_id, JobState.DONE, job.created_at),
+                (
+                    job.series_uid,
+                    job.pipeline,
+                    job.job_id,
+                    JobState.DONE,
+                    JobState.RUNNING,
+                    JobState.QUEUED,
+                    job.created_at,
+                ),
             ).fetchone()
         return None if row is None else self._job_from_row(row)
 

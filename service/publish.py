@@ -70,6 +70,7 @@ class ResultPublisher:
             list(ticket.series_paths),
             out_dir / DICOM_FOLDER,
             predecessor=replaced_report(ticket),
+            revised=ticket.replaces is not None,
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
@@ -149,16 +150,20 @@ def write_dicom(
     out_dir: Path,
     *,
     predecessor: Dataset | None = None,
+    revised: bool = False,
 ) -> list[Path]:
-    """Write the job's DICOM result objects (SR first); ``predecessor`` is the SR they
-    replace. Raises :class:`ResultsNotWritten` if they cannot be made (the reason logged
-    with its traceback): the job then fails and nothing is sent."""
+    """Write the job's DICOM result objects (SR first); ``revised``: they replace an
+    earlier result, whose SR ``predecessor`` is (when it could be read). Raises
+    :class:`ResultsNotWritten` if they cannot be made (the reason logged with its
+    traceback): the job then fails and nothing is sent."""
     try:
         headers = volume.source_headers or read_headers(series_paths)
         by_uid = {str(h.SOPInstanceUID): h for h in headers}
         order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
         sources = [by_uid[uid] for uid in order]
-        return write_dicom_results(result, volume, sources, out_dir, predecessor=predecessor)
+        return write_dicom_results(
+            result, volume, sources, out_dir, predecessor=predecessor, revised=revised
+        )
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
         reason = f"{type(exc).__name__}: {exc}"
         log.exception(

@@ -273,4 +273,11 @@ def test_a_job_on_a_grown_series_replaces_the_last_result_of_that_pipeline(
     third = index.add_job(study, series, "p", ["r"], [], now=5.0)
     assert third is not None
     assert tracker.ticket(third).replaces == "/results/first"  # the failed run made none
+
+    # Usually the series grows while its first job still waits: the next one is a
+    # revision all the same, of the waiting job's result folder (review).
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.779")
+    fourth = index.add_job(study, series, "p", ["r"], [], now=6.0)
+    assert fourth is not None
+    assert tracker.ticket(fourth).replaces == str(tracker.results_dir / third.job_id)
     index.close()

@@ -315,6 +315,29 @@ def test_every_object_names_the_algorithm(written):
         assert ds.SeriesDescription.startswith("AI ")
 
 
+def test_every_object_of_a_result_series_has_one_series_date_and_time(written):
+    """highdicom stamps each SC image with its own now(): the series time differed
+    between the images of one series (review)."""
+    for paths in written.values():
+        by_series: dict[str, set[tuple[str, str]]] = {}
+        for path in paths:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            by_series.setdefault(ds.SeriesInstanceUID, set()).add((ds.SeriesDate, ds.SeriesTime))
+        assert all(len(stamps) == 1 for stamps in by_series.values()), by_series
+
+
+def test_a_revision_whose_earlier_sr_is_gone_is_still_marked_revised(ct, tmp_path):
+    """The earlier result's folder may be gone (or not written yet by another worker):
+    the result is still a revision, as its HL7 correction says, naming no SR."""
+    volume, headers = ct
+    paths = write_dicom_results(
+        _segmentation(volume), volume, headers, tmp_path, predecessor=None, revised=True
+    )
+    sr = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert sr.SeriesDescription.endswith(" revised 30 img")
+    assert "PredecessorDocumentsSequence" not in sr
+
+
 def test_rewriting_gives_the_same_uids(ct, tmp_path):
     volume, headers = ct
     first = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "a")

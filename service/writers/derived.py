@@ -136,8 +136,9 @@ def iter_derived_series(
     equipment = [*_acquisition_equipment(source_headers[0]), provenance.contributing_equipment()]
     enhanced = {s.sop_instance_uid for s in volume.sources if s.frame_number is not None}
     slice_of = {s.sop_instance_uid: k for k, s in enumerate(volume.sources)}
+    made = datetime.now()  # one Series Date/Time for every image of the series (review)
     for number, source in enumerate(source_headers, start=1):
-        ds = _derived_header(source, provenance, info, number)
+        ds = _derived_header(source, provenance, info, number, made)
         ds.ContributingEquipmentSequence = copy.deepcopy(equipment)
         if str(source.SOPInstanceUID) in enhanced:
             _derive_frames(ds, source, provenance)
@@ -149,7 +150,7 @@ def iter_derived_series(
 
 
 def _derived_header(
-    source: Dataset, provenance: Provenance, info: DerivedSeries, number: int
+    source: Dataset, provenance: Provenance, info: DerivedSeries, number: int, made: datetime
 ) -> Dataset:
     """``source``'s header as the header of derived instance ``number`` (1-based): new
     identity, derivation and equipment; pixels and source references still to set."""
@@ -167,8 +168,7 @@ def _derived_header(
     ds.ImageComments = provenance.banner
     # This image, series and equipment are radnode's, made now; acquisition date/time
     # stay the source's (found by review: all were the source's).
-    now = datetime.now()
-    created_date, created_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    created_date, created_time = made.strftime("%Y%m%d"), made.strftime("%H%M%S")
     ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created_date
     ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created_time
     ds.Manufacturer = MANUFACTURER

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -67,16 +68,20 @@ def write_dicom_results(
     out_dir: Path,
     *,
     predecessor: Dataset | None = None,
+    revised: bool = False,
 ) -> list[Path]:
     """Write the DICOM objects of ``result`` into ``out_dir``; return their paths.
 
     ``source_headers`` are the source instances' headers (pixel data not needed), in
     ``volume.sources`` order. ``predecessor`` is the SR this result replaces (its
     study, series, class and instance UIDs are enough), named in the new SR's
-    Predecessor Documents Sequence. The SR is always the first path returned: its SOP
+    Predecessor Documents Sequence; ``revised`` marks a result that replaces one even
+    when that SR could not be read. The SR is always the first path returned: its SOP
     Instance UID is a good outbox ``message_id`` for the job.
     """
-    written = write_dicom_objects(result, volume, source_headers, out_dir, predecessor=predecessor)
+    written = write_dicom_objects(
+        result, volume, source_headers, out_dir, predecessor=predecessor, revised=revised
+    )
     return [obj.path for obj in written]
 
 
@@ -87,6 +92,7 @@ def write_dicom_objects(
     out_dir: Path,
     *,
     predecessor: Dataset | None = None,
+    revised: bool = False,
 ) -> list[WrittenObject]:
     """:func:`write_dicom_results` with what each file is (SR first)."""
     _check_sources(volume, source_headers)
@@ -96,7 +102,7 @@ def write_dicom_objects(
         volume.series_uid,
         [str(h.SOPInstanceUID) for h in source_headers],
         # images, not instances: one Enhanced instance holds them all
-        revised_from=volume.array.shape[0] if predecessor is not None else 0,
+        revised_from=volume.array.shape[0] if revised or predecessor is not None else 0,
     )
     previous = [predecessor] if predecessor is not None else None
     datasets: list[Dataset] = []
@@ -139,8 +145,20 @@ def write_dicom_objects(
         ]
         info = derived_series_info(provenance, len(derived))
         sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
-        return [_save(sr, out_dir), *derived]
-    return [_save(ds, out_dir) for ds in datasets]
+        stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
+        return [_save(_stamped(sr, stamp), out_dir), *derived]
+    # One Series Date/Time for every object of this result (highdicom stamps each SC
+    # image with its own now(); review found two times in one series).
+    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
+    return [_save(_stamped(ds, stamp), out_dir) for ds in datasets]
+
+
+def _stamped(ds: Dataset, stamp: list[str]) -> Dataset:
+    """``ds`` with Series Date/Time ``stamp`` where it has none: with a revised result
+    next to the one it replaces, viewers that list series dates show which is newer."""
+    if "SeriesDate" not in ds:
+        ds.SeriesDate, ds.SeriesTime = stamp
+    return ds
 
 
 #: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
@@ -184,10 +202,6 @@ def _check_sources(volume: Volume, source_headers: Sequence[Dataset]) -> None:
 
 
 def _save(ds: Dataset, out_dir: Path) -> WrittenObject:
-    if "SeriesDate" not in ds and "ContentDate" in ds:
-        # When the result series was made: with a revised result next to the one it
-        # replaces, viewers that list series dates show which is newer.
-        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.get("ContentTime", "")
     modality = str(ds.get("Modality", "OT"))
     path = out_dir / f"{modality}_{ds.SOPInstanceUID}{SUFFIX}"
     tmp = path.with_suffix(".tmp")
