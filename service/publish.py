@@ -64,13 +64,14 @@ class ResultPublisher:
         not_sent: list[str] = []
         header = None
         out_dir = Path(ticket.result_dir)
+        revised = ticket.replaces is not None
         written = write_dicom(
             result,
             volume,
             list(ticket.series_paths),
             out_dir / DICOM_FOLDER,
             predecessor=replaced_report(ticket),
-            revised=ticket.replaces is not None,
+            revised=revised,
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
@@ -94,7 +95,7 @@ class ResultPublisher:
                         volume.spacing,
                         destination,
                         control_id=control_id_for(ticket.job_id, name),
-                        correction=ticket.replaces is not None,
+                        correction=revised,
                     )
                 except Hl7Error as exc:
                     log.error(

@@ -137,6 +137,9 @@ def write_dicom_objects(
         datasets.append(build_sr(result, volume, source_headers, provenance, previous=previous))
         datasets.extend(build_sc_images(result, volume, source_headers, provenance))
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One Series Date/Time for every object of this result (highdicom stamps each SC
+    # image with its own now(); review found two times in one series).
+    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
     if result.kind is TaskKind.RECONSTRUCTION:
         # Saved one by one as they are made: a long series is never in memory twice.
         derived = [
@@ -145,11 +148,7 @@ def write_dicom_objects(
         ]
         info = derived_series_info(provenance, len(derived))
         sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
-        stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
         return [_save(_stamped(sr, stamp), out_dir), *derived]
-    # One Series Date/Time for every object of this result (highdicom stamps each SC
-    # image with its own now(); review found two times in one series).
-    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
     return [_save(_stamped(ds, stamp), out_dir) for ds in datasets]
 
 
