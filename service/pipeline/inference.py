@@ -58,7 +58,7 @@ def check_input(bundle: LoadedBundle, volume: Volume) -> None:
             f"pipeline {spec.name} needs a 3D volume; the series has a single image; route"
             " only multi-slice series to it (e.g. ImageCount = { min = 20 })"
         )
-    if spec.dimensions == 3 and spec.min_extent_mm and not volume.is_2d:
+    if spec.dimensions == 3 and spec.min_extent_mm:  # a 2D series was refused above
         extent = volume.array.shape[0] * float(volume.spacing[2])
         if extent < spec.min_extent_mm:
             raise InputMismatch(

@@ -59,7 +59,7 @@ RADNODE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://radnode.invalid/dico
 
 #: Series Numbers of result series: high, so they sort after the modality's series.
 SERIES_NUMBERS: dict[str, int] = {"SR": 9901, "SEG": 9902, "SC": 9903, "DERIVED": 9904}
-#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9899).
+#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9894).
 _SERIES_BLOCKS = 90
 
 #: What each result kind is called in its Series Description.
