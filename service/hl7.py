@@ -26,6 +26,7 @@ the answer; it comes from the receiver, not from our message, and is logged clip
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -226,6 +227,56 @@ def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
     return Ack(code=code, control_id=_field(msa, 2), text=error_text)
 
 
+#: Fields of radnode's own ORU that identify the patient or the order: PID-3 (IDs),
+#: PID-5 (name), PID-7 (birth date), PID-18 (account), PID-19 (SSN), ORC-2/3 and OBR-2/3
+#: (the accession number as placer/filler order number).
+_IDENTIFYING_FIELDS = (("PID", (3, 5, 7, 18, 19)), ("ORC", (2, 3)), ("OBR", (2, 3)))
+#: A quoted value, and anything shaped like a DICOM UID (four or more numeric parts).
+_QUOTED_OR_UID = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+(?:\.\d+){3,}\b")
+REDACTED = "<redacted>"
+
+
+def without_identifiers(text: str, message: bytes | None, encoding: str = "utf-8") -> str:
+    """The receiver's error ``text`` with the patient's identifiers taken out.
+
+    Why: the text is logged and kept in the outbox, which hold no patient data, and a
+    receiver may quote what it refused ("AE: unknown patient DOE^JANE, MRN 12345"). Every
+    name part, ID, birth date and order number radnode sent in ``message`` (2 characters
+    or more) is replaced wherever it stands as a word, as are quoted values and UIDs; the
+    rest of the text, what tells the operator what to fix, stays.
+    """
+    if not text:
+        return text
+    text = _QUOTED_OR_UID.sub(REDACTED, text)
+    tokens = sorted(_identifiers(message, encoding), key=len, reverse=True)
+    if tokens:
+        words = "|".join(re.escape(t) for t in tokens)
+        text = re.sub(rf"(?<![\w.-])(?:{words})(?![\w-])", REDACTED, text, flags=re.IGNORECASE)
+    return text
+
+
+def _identifiers(message: bytes | None, encoding: str) -> set[str]:
+    """Every component of :data:`_IDENTIFYING_FIELDS` in ``message``, 2+ characters."""
+    if not message:
+        return set()
+    raw = message.decode(encoding, errors="replace").replace("\n", "\r").strip("\r")
+    try:
+        parsed = python_hl7.parse(raw)
+    except (KeyError, ValueError, IndexError, python_hl7.ParseException):
+        return set()
+    found: set[str] = set()
+    for name, indexes in _IDENTIFYING_FIELDS:
+        for segment in _segments(parsed, name):
+            for index in indexes:
+                value = parsed.unescape(_field(segment, index))
+                for part in re.split(r"[~^&\s]+", value):
+                    if len(part) >= 2:
+                        found.add(part)
+                        if len(part) == 8 and part.isdigit():  # a date: also as written
+                            found.add(f"{part[:4]}-{part[4:6]}-{part[6:]}")
+    return found
+
+
 def _segments(message: python_hl7.Message, name: str) -> list[python_hl7.Segment]:
     try:
         return list(message.segments(name))
@@ -268,7 +319,8 @@ class Hl7Deliverer:
             return DeliveryOutcome.retry("ACK answers another message (MSA-2 != MSH-10)")
         if ack.accepted:
             return DeliveryOutcome.delivered()
-        reason = f"{ack.code}: {ack.text or 'no error text'}"
+        text = without_identifiers(ack.text, item.payload, self.settings.encoding)
+        reason = f"{ack.code}: {text or 'no error text'}"
         if ack.rejected:
             return DeliveryOutcome.rejected(reason)
         return DeliveryOutcome.retry(reason)

@@ -30,7 +30,14 @@ from service.delivery import (
     RetryPolicy,
     UnknownDelivery,
 )
-from service.hl7 import Hl7Deliverer, Hl7DestinationSettings, MllpClient, MllpError, parse_ack
+from service.hl7 import (
+    Hl7Deliverer,
+    Hl7DestinationSettings,
+    MllpClient,
+    MllpError,
+    parse_ack,
+    without_identifiers,
+)
 from service.metrics import Metrics
 from service.pipeline.result import (
     BundleIdentity,
@@ -250,6 +257,22 @@ def test_a_delivery_for_an_unconfigured_destination_is_dead_lettered(tmp_path: P
     assert "not configured" in (outbox.get(item.id).last_error or "")
 
 
+def test_error_text_loses_birth_date_order_number_uids_and_quoted_values() -> None:
+    sent = (
+        b"MSH|^~\\&|RADNODE|AI|RIS|H|20260101||ORU^R01|m1|P|2.5.1\r"
+        b"PID|1||77^^^HOSP^MR||Lee^Li||19600102|F\rORC|RE|ACC-9\rOBR|1|ACC-9||x\r"
+    )
+    text = (
+        "LI LEE born 1960-01-02 (19600102): order ACC-9 of study 1.2.840.99.1.2 "
+        "has 'Lee^Li'; check segment OBR field 2"
+    )
+    assert without_identifiers(text, sent) == (
+        "<redacted> <redacted> born <redacted> (<redacted>): order <redacted> of study "
+        "<redacted> has <redacted>; check segment OBR field 2"
+    )
+    assert without_identifiers("database busy", None) == "database busy"
+
+
 def test_parse_ack_reads_code_control_id_and_error_text() -> None:
     raw = (
         b"MSH|^~\\&|RIS||RADNODE||20250101||ACK^R01^ACK|9|P|2.5.1\r"
@@ -370,6 +393,29 @@ def test_ar_dead_letters_with_the_receivers_error_text(listener_factory, deliver
     assert letter["job"] == "job-42" and letter["message_id"] == item.message_id
     assert "Unknown placer order number" in letter["reason"]
     assert_strict(listener.received)
+    assert_no_patient_data(events)
+
+
+@pytest.mark.integration
+def test_a_receiver_quoting_the_patient_is_not_echoed_into_logs_or_outbox(
+    listener_factory, delivery
+) -> None:
+    """A RIS that names the patient in its refusal (real interface engines do) must not
+    put the name, ID or birth date into the log or the outbox; its reason stays."""
+    family, given = PATIENT_NAME.split("^")[:2]
+    listener = listener_factory(
+        "AR", error_text=f"Patient {given} {family.lower()} MRN {PATIENT_ID} not on file"
+    )
+    with structlog.testing.capture_logs() as events:
+        outbox, item, worker = delivery(settings_for(listener.port))
+        wait_until(lambda: outbox.get(item.id).state is DeliveryState.DEAD)
+        worker.stop()
+    kept = outbox.get(item.id).last_error or ""
+    (letter,) = [e for e in events if e["event"] == "hl7.dead_letter"]
+    for text in (kept, letter["reason"]):
+        assert "not on file" in text and "MRN <redacted>" in text
+        assert family.lower() not in text.lower() and given.lower() not in text.lower()
+        assert PATIENT_ID not in text
     assert_no_patient_data(events)
 
 
