@@ -74,6 +74,9 @@ class RetryOutcome(StrEnum):
     UNKNOWN_JOB = "unknown_job"
     #: The job is queued, running, or done with every delivery made: nothing to retry.
     NOT_RETRYABLE = "not_retryable"
+    #: A later job of the same series and pipeline (the series grew) made or is making
+    #: the result that replaces this one's: run or sent again, it would land after it.
+    SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,13 @@ def _retry(api: ApiServer, request: _Request) -> _Response:
             "the job is not in a retryable state",
             "only failed jobs and jobs with dead-lettered deliveries can be retried; "
             "check its state in GET /api/jobs",
+        )
+    if outcome is RetryOutcome.SUPERSEDED:
+        return _problem(
+            HTTPStatus.CONFLICT,
+            "a later job of the same series and pipeline replaces this job's result",
+            "the series grew after this job was made; retry the latest job of the series"
+            " (GET /api/jobs) instead",
         )
     log.info("api.job_retried", job=job_id, peer_address=request.peer)
     return _json(HTTPStatus.ACCEPTED, {"job_id": job_id, "outcome": str(outcome)})

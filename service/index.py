@@ -35,6 +35,16 @@ from service.uids import study_key
 
 SCHEMA_VERSION = 3
 
+#: Jobs made before / after another, by (created_at, job_id): a strict order, so two
+#: jobs made in the same instant never each wait for the other.
+_BEFORE = "(j.created_at < ? OR (j.created_at = ? AND j.job_id < ?))"
+_AFTER = "(j.created_at > ? OR (j.created_at = ? AND j.job_id > ?))"
+
+
+def _order_of(job: JobRecord) -> tuple[float, float, str]:
+    return (job.created_at, job.created_at, job.job_id)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
@@ -514,11 +524,16 @@ class StudyIndex:
             for r in rows
         ]
 
-    def instance_paths(self, series_uid: str) -> list[str]:
+    def instance_paths(self, series_uid: str, first: int | None = None) -> list[str]:
+        """The files of a series, in instance number order; with ``first``, only the
+        ``first`` instances that arrived (what a job was made for: a re-run after the
+        series grew must not become the later job's run)."""
+        limit = -1 if first is None else first
         with self._lock:
             rows = self._db.execute(
-                "SELECT path FROM instances WHERE series_uid = ? ORDER BY instance_number, path",
-                (series_uid,),
+                "SELECT path FROM (SELECT path, instance_number FROM instances"
+                " WHERE series_uid = ? ORDER BY rowid LIMIT ?) ORDER BY instance_number, path",
+                (series_uid, limit),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -563,7 +578,7 @@ class StudyIndex:
     _JOB_COLUMNS = (
         "j.job_id, j.study_uid, st.study_key, j.series_uid, j.pipeline, j.routes,"
         " j.destinations, j.state, j.attempts, j.created_at, j.started_at, j.finished_at,"
-        " j.error, j.result_dir, j.timings, j.task_id, j.worker"
+        " j.error, j.result_dir, j.timings, j.task_id, j.worker, j.instance_count"
     )
 
     @staticmethod
@@ -586,6 +601,7 @@ class StudyIndex:
             timings=json.loads(row[14]) if row[14] else None,
             task_id=row[15],
             worker=row[16],
+            instance_count=row[17],
         )
 
     def add_job(
@@ -635,30 +651,57 @@ class StudyIndex:
         return None if row is None else self._job_from_row(row)
 
     def replaced_by(self, job: JobRecord) -> JobRecord | None:
-        """The job whose result ``job``'s replaces: the latest job of the same series and
-        pipeline made before ``job``, on other instances (the series grew), that made or
-        is making a result (``done``, ``running`` or ``queued``; not failed or refused).
-        None for a series' first result.
+        """The job whose result ``job``'s replaces: the latest ``done`` job of the same
+        series and pipeline made before ``job`` (the series grew since). None for a
+        series' first result, and when the earlier jobs were refused or failed: then
+        nothing was sent that ``job`` could correct.
 
-        Not only ``done``: the second job is usually submitted while the first is still
-        queued or running, and it must be a revision all the same, on every attempt
-        (review). One local worker runs them in order, so the first's SR is there when
-        the second is written; with several workers it may not be yet, and the second
-        is still sent as a revision, without naming the SR."""
+        Asked when ``job`` is submitted, which :meth:`earlier_unfinished` holds back
+        until every earlier job of its series and pipeline has finished: the answer is
+        final, and the earlier result's deliveries are in the outbox before this one's.
+        """
         with self._lock:
             row = self._db.execute(
                 f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
                 " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
-                " AND j.job_id != ? AND j.state IN (?, ?, ?) AND j.created_at <= ?"
-                " ORDER BY j.created_at DESC LIMIT 1",
+                f" AND j.state = ? AND {_BEFORE} ORDER BY j.created_at DESC, j.job_id DESC LIMIT 1",
+                (job.series_uid, job.pipeline, JobState.DONE, *_order_of(job)),
+            ).fetchone()
+        return None if row is None else self._job_from_row(row)
+
+    def earlier_unfinished(self, job: JobRecord) -> JobRecord | None:
+        """An earlier job of the same series and pipeline that is still queued or running.
+
+        Why: ``job`` must wait for it. Run side by side (several workers), the earlier,
+        partial result could finish last and reach the PACS and the RIS after the
+        revision, leaving the partial one as the last word (review).
+        """
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
+                f" AND j.state IN (?, ?) AND {_BEFORE} ORDER BY j.created_at, j.job_id LIMIT 1",
+                (job.series_uid, job.pipeline, JobState.QUEUED, JobState.RUNNING, *_order_of(job)),
+            ).fetchone()
+        return None if row is None else self._job_from_row(row)
+
+    def superseded_by(self, job: JobRecord) -> JobRecord | None:
+        """A later job of the same series and pipeline that made, or is making, a result
+        (``done``, ``running`` or ``queued``): ``job``'s result is out of date, and run
+        or sent again it would arrive after the newer one."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
+                f" AND j.state IN (?, ?, ?) AND {_AFTER}"
+                " ORDER BY j.created_at DESC, j.job_id DESC LIMIT 1",
                 (
                     job.series_uid,
                     job.pipeline,
-                    job.job_id,
                     JobState.DONE,
                     JobState.RUNNING,
                     JobState.QUEUED,
-                    job.created_at,
+                    *_order_of(job),
                 ),
             ).fetchone()
         return None if row is None else self._job_from_row(row)
@@ -753,8 +796,8 @@ class StudyIndex:
                 ),
             )
 
-    def set_task(self, job_id: str, task_id: str) -> None:
-        """Record the queue's id of the job's current run."""
+    def set_task(self, job_id: str, task_id: str | None) -> None:
+        """Record the queue's id of the job's current run (None: it has none)."""
         with self._transaction() as db:
             db.execute("UPDATE jobs SET task_id = ? WHERE job_id = ?", (task_id, job_id))
 

@@ -372,6 +372,8 @@ class NodeStatus:
         job = index.job(job_id)
         if job is None:
             return RetryOutcome.UNKNOWN_JOB
+        if index.superseded_by(job) is not None:
+            return RetryOutcome.SUPERSEDED
         dead = self._node.outbox.list(state=DeliveryState.DEAD, job_id=job_id)
         if dead:
             for item in dead:

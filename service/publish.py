@@ -28,7 +28,7 @@ from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, read_headers
 from service.records import Deliverable, JobReport, JobTicket
-from service.writers.dicom import write_dicom_results
+from service.writers.dicom import result_sr_uid, write_dicom_results
 from service.writers.oru import build_oru, control_id_for
 
 log = structlog.get_logger("service.publish")
@@ -65,12 +65,21 @@ class ResultPublisher:
         header = None
         out_dir = Path(ticket.result_dir)
         revised = ticket.replaces is not None
+        predecessor = replaced_report(ticket)
+        if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(result, volume):
+            # Made from the very images of the result it would replace (only a localizer
+            # joined the series, say): the same result, not a revision. Marked revised it
+            # named itself as its own predecessor and went to the RIS as a correction of
+            # nothing new (review).
+            log.info("results.same_as_replaced", job=ticket.job_id,
+                     action="none: the result is sent again as it was")  # fmt: skip
+            predecessor, revised = None, False
         written = write_dicom(
             result,
             volume,
             list(ticket.series_paths),
             out_dir / DICOM_FOLDER,
-            predecessor=replaced_report(ticket),
+            predecessor=predecessor,
             revised=revised,
         )
         for name in ticket.destinations:

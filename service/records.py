@@ -154,6 +154,9 @@ class JobRecord:
     task_id: str | None = None
     #: ``host:pid`` of the worker running it, as its heartbeat says.
     worker: str | None = None
+    #: How many instances the series had when the job was made: every run of the job
+    #: reads these first ones, whatever arrived since (a later job covers those).
+    instance_count: int | None = None
 
 
 @dataclass(frozen=True)

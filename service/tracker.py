@@ -67,6 +67,7 @@ class JobTracker:
         #: when each run's heartbeat was last heard, keyed by (job, attempt)
         self._heard = HeardClock()
         self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
+        self._held: set[str] = set()  # jobs waiting for an earlier one (logged once)
         self._check_failure: tuple[str, float] | None = None  # last logged, when
         self._next_trace_check = 0.0
         self._stop = threading.Event()
@@ -78,7 +79,7 @@ class JobTracker:
             job_id=job.job_id,
             study_key=job.study_key,
             pipeline=job.pipeline,
-            series_paths=tuple(self.index.instance_paths(job.series_uid)),
+            series_paths=tuple(self.index.instance_paths(job.series_uid, job.instance_count)),
             result_dir=str(self.results_dir / job.job_id),
             destinations=job.destinations,
             attempt=job.attempts + 1,
@@ -88,13 +89,16 @@ class JobTracker:
     def _result_dir(self, job: JobRecord) -> str:
         return job.result_dir or str(self.results_dir / job.job_id)
 
-    def submit(self, job: JobRecord) -> str:
+    def submit(self, job: JobRecord) -> str | None:
         """Put a run of ``job`` in the queue, unless one was put there meanwhile.
 
         Why the check: the dispatcher creates a job and then submits it, while this
         tracker's own pass submits any unfinished job without a task. Both could see
         the new job without one, and the study would run twice. Under the tracker's lock
         the job is read again; a task id means its run is already queued.
+
+        None when the job is held: an earlier job of its series and pipeline is still
+        unfinished (see :meth:`_submit`); a later pass submits it.
         """
         with self._lock:
             current = self.index.job(job.job_id) or job
@@ -102,8 +106,32 @@ class JobTracker:
                 return current.task_id
             return self._submit(current)
 
-    def _submit(self, job: JobRecord) -> str:
-        """Put a run of ``job`` in the queue and remember its task id (no checks)."""
+    def _submit(self, job: JobRecord) -> str | None:
+        """Put a run of ``job`` in the queue and remember its task id, unless an earlier
+        job of the same series and pipeline is unfinished: then hold it (None).
+
+        Why hold: the later job is the grown series' revision. Submitted only once the
+        earlier one has finished, it is known whether it revises a result that was sent
+        (``replaced_by``), and the earlier result is in the outbox ahead of it, so the
+        PACS and the RIS get the revision last whatever the number of workers (review:
+        two workers sent the partial result after its correction).
+        """
+        earlier = self.index.earlier_unfinished(job)
+        if earlier is not None:
+            if job.job_id not in self._held:
+                self._held.add(job.job_id)
+                log.info(
+                    "job.held",
+                    job=job.job_id,
+                    study=job.study_key,
+                    pipeline=job.pipeline,
+                    until=earlier.job_id,
+                    reason="an earlier job of this series and pipeline is unfinished",
+                )
+            if job.task_id is not None:  # a run queued before it had to wait: not its run
+                self.index.set_task(job.job_id, None)
+            return None
+        self._held.discard(job.job_id)
         task_id = self.queue.submit(self.ticket(job))
         self.index.set_task(job.job_id, task_id)
         return task_id

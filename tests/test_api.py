@@ -65,6 +65,7 @@ class FakeNode:
     letters: list[DeadLetter] = field(default_factory=list)
     delivered: dict[str, list[DeliveryView]] = field(default_factory=dict)
     seen_workers: list[WorkerView] = field(default_factory=list)
+    superseded: set[str] = field(default_factory=set)
     checks: dict[str, bool | str] = field(
         default_factory=lambda: {"scp_listening": True, "queue": True, "disk": True}
     )
@@ -92,6 +93,8 @@ class FakeNode:
         job = self.jobs.get(job_id)
         if job is None:
             return RetryOutcome.UNKNOWN_JOB
+        if job_id in self.superseded:
+            return RetryOutcome.SUPERSEDED
         if job.state is not JobState.FAILED:
             return RetryOutcome.NOT_RETRYABLE
         self.jobs[job_id] = replace(job, state=JobState.QUEUED, error=None)
@@ -342,6 +345,14 @@ def test_retry_answers_404_for_unknown_and_409_for_unretryable_jobs(stack: Stack
     assert call(stack.api, "/api/jobs/j-running/retry", "POST", TOKEN)[0] == 409
     status, body = get_json(stack.api, "/api/jobs/j-done/retry", method="POST", token=TOKEN)
     assert status == 409 and "retryable" in body["error"]
+
+
+def test_retry_of_a_job_a_later_one_replaces_is_refused_with_what_to_do(stack: Stack) -> None:
+    stack.node.superseded.add("j-failed")
+    status, body = get_json(stack.api, "/api/jobs/j-failed/retry", method="POST", token=TOKEN)
+    assert status == 409 and "later job" in body["error"]
+    assert "latest job of the series" in body["action"]
+    assert stack.node.jobs["j-failed"].state is JobState.FAILED
 
 
 def test_retry_queues_a_failed_job_again(stack: Stack) -> None:

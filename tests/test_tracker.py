@@ -274,10 +274,37 @@ def test_a_job_on_a_grown_series_replaces_the_last_result_of_that_pipeline(
     assert third is not None
     assert tracker.ticket(third).replaces == "/results/first"  # the failed run made none
 
-    # Usually the series grows while its first job still waits: the next one is a
-    # revision all the same, of the waiting job's result folder (review).
+    # Usually the series grows while its job still waits. The next job is held until
+    # that one has finished (run side by side, the partial result could reach the PACS
+    # and the RIS after its revision: review), then revises it if it made a result.
     _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.779")
     fourth = index.add_job(study, series, "p", ["r"], [], now=6.0)
     assert fourth is not None
-    assert tracker.ticket(fourth).replaces == str(tracker.results_dir / third.job_id)
+    assert tracker.submit(third) is not None
+    assert tracker.submit(fourth) is None and index.job(fourth.job_id).task_id is None
+    # every run of a job reads the instances it was made for, not those that came since
+    assert len(tracker.ticket(third).series_paths) == 3
+    assert len(tracker.ticket(fourth).series_paths) == 4
+    assert index.superseded_by(third) == index.job(fourth.job_id)
+    index.finish_job(third.job_id, JobState.DONE, result_dir="/results/third", now=7.0)
+    assert tracker.submit(fourth) is not None
+    assert tracker.ticket(fourth).replaces == "/results/third"
+    assert index.superseded_by(index.job(fourth.job_id)) is None
+    index.close()
+
+
+def test_a_revision_of_a_refused_result_is_no_revision(tmp_path: Path) -> None:
+    """An earlier job that was refused sent nothing: the job on the grown series is the
+    series' first result (an HL7 correction of nothing was sent before: review)."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    first = index.add_job(study, series, "p", ["r"], [], now=1.0)
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.777")
+    second = index.add_job(study, series, "p", ["r"], [], now=2.0)
+    assert first is not None and second is not None
+    assert tracker.submit(second) is None  # held while the first may still make a result
+    index.finish_job(first.job_id, JobState.REFUSED, error="too short", now=3.0)
+    assert tracker.submit(second) is not None
+    assert tracker.ticket(second).replaces is None
     index.close()

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 import structlog
 
+from service.config import load_settings
 from service.errors import ResultsNotWritten
 from service.pipeline.result import (
     BundleIdentity,
@@ -27,7 +28,8 @@ from service.pipeline.result import (
     TaskKind,
 )
 from service.pipeline.volume import Volume, load_series, read_headers
-from service.publish import write_dicom
+from service.publish import ResultPublisher, write_dicom
+from service.records import JobTicket
 from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
 from service.writers.dicom import write_dicom_results
@@ -636,3 +638,23 @@ def test_a_source_without_type2_patient_attributes_still_gets_results(ct, tmp_pa
     for path in paths[:3]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.PatientID == "" and ds.StudyInstanceUID == headers[0].StudyInstanceUID
+
+
+def test_a_revision_made_from_the_same_images_is_the_same_result(ct, tmp_path, monkeypatch):
+    """Only a localizer joined the series after its result: the next job's sources are
+    the same images, so its result is the earlier one again: not marked revised, not
+    naming itself as its own predecessor (review), the same SR UID."""
+    monkeypatch.setenv("RADNODE_ROUTES", "[]")
+    volume, headers = ct
+    publisher = ResultPublisher(load_settings())
+    paths = tuple(str(h.filename) for h in headers)
+
+    def ticket(job: str, replaces: str | None) -> JobTicket:
+        return JobTicket(job, "key", "p", paths, str(tmp_path / job), (), 1, replaces)
+
+    publisher.prepare(ticket("first", None), _segmentation(volume), volume)
+    publisher.prepare(ticket("second", str(tmp_path / "first")), _segmentation(volume), volume)
+    first, second = (_names((tmp_path / j / "dicom").glob("*.dcm")) for j in ("first", "second"))
+    assert set(first) == set(second)
+    assert not any("revised" in h.SeriesDescription for h in second.values())
+    assert not any("PredecessorDocumentsSequence" in h for h in second.values())

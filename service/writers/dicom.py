@@ -97,10 +97,9 @@ def write_dicom_objects(
     """:func:`write_dicom_results` with what each file is (SR first)."""
     _check_sources(volume, source_headers)
     _fill_empty_type2(source_headers)
-    provenance = Provenance.of(
-        result.bundle,
-        volume.series_uid,
-        [str(h.SOPInstanceUID) for h in source_headers],
+    provenance = _provenance(
+        result,
+        volume,
         # images, not instances: one Enhanced instance holds them all
         revised_from=volume.array.shape[0] if revised or predecessor is not None else 0,
     )
@@ -150,6 +149,18 @@ def write_dicom_objects(
         sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
         return [_save(_stamped(sr, stamp), out_dir), *derived]
     return [_save(_stamped(ds, stamp), out_dir) for ds in datasets]
+
+
+def result_sr_uid(result: PipelineResult, volume: Volume) -> str:
+    """The SOP Instance UID that :func:`write_dicom_results` gives the SR of ``result``:
+    the same for the same bundle version and source instances, so a caller can tell a
+    result from the one it would replace before writing it."""
+    return _provenance(result, volume).uid("sr")
+
+
+def _provenance(result: PipelineResult, volume: Volume, revised_from: int = 0) -> Provenance:
+    sources = list(dict.fromkeys(s.sop_instance_uid for s in volume.sources))
+    return Provenance.of(result.bundle, volume.series_uid, sources, revised_from=revised_from)
 
 
 def _stamped(ds: Dataset, stamp: list[str]) -> Dataset:
