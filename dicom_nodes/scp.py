@@ -484,6 +484,11 @@ class StorageSCP:
         request: Any = event.request
         with self._stats_lock:
             stats = self._stats.get(event.assoc)
+        if stats is None:
+            # Every accepted association has its counts from A-ASSOCIATE-RQ on, until it
+            # closes: this one has closed while its data set came in. Refused as on the
+            # inline path (review: it was stored uncounted here), for the peer to resend.
+            return int(StoreStatus.OUT_OF_RESOURCES)
         return self._store(
             event.assoc,
             stats,

@@ -265,16 +265,23 @@ class Settings(BaseSettings):
 
 
 #: ``user:password@`` in anything URL-like, and ``password=`` / ``token=`` parameters.
-_URL_PASSWORD = re.compile(r":[^:@/\s]*@")
 _SECRET_PARAMETER = re.compile(r"((?:password|passwd|token|secret)=)[^&\s]*", re.IGNORECASE)
 
 
 def url_without_password(url: str) -> str:
     """A URL as it may be shown (``queue.url``): any password replaced by ``***``.
 
-    By pattern, not by parsing: a malformed URL (a typo, a ``#`` or ``]`` in the
-    password) parsed into another netloc, or raised, and was shown whole (review)."""
-    return _SECRET_PARAMETER.sub(r"\1***", _URL_PASSWORD.sub(":***@", url))
+    Not by parsing: a malformed URL (a typo, a ``#`` or ``]`` in the password) parsed
+    into another netloc, or raised, and was shown whole (review). Everything between
+    the scheme and the last ``@`` is the user information, whatever it holds (a ``/``,
+    ``:`` or ``@`` in a password showed part of it: second review); of it only a user
+    name before the first ``:`` is kept."""
+    head, at, host = url.rpartition("@")
+    if at:
+        scheme, sep, userinfo = head.rpartition("://") if "://" in head else ("", "", head)
+        user, colon, _ = userinfo.partition(":")
+        url = f"{scheme}{sep}{user}:***@{host}" if colon else f"{scheme}{sep}***@{host}"
+    return _SECRET_PARAMETER.sub(r"\1***", url)
 
 
 #: Parts of a key name that mark its value as a secret (never shown in a problem).

@@ -171,7 +171,12 @@ def test_tls_on_the_plain_port_and_an_unknown_environment_key_are_named(
 
 @pytest.mark.parametrize(
     "url",
-    ["http://u:hun#ter2@h/0", "redis//:hunter2@h", "http://:hun]ter2@h"],
+    [
+        "http://u:hun#ter2@h/0",
+        "redis//:hunter2@h",
+        "http://:hun]ter2@h",
+        "redis//:Zm9v/hunter2@h:6379/0",  # base64 holds '/' (second review)
+    ],
 )  # fmt: skip
 def test_a_malformed_url_is_quoted_without_its_password(tmp_path: Path, url: str) -> None:
     """Masking by parsing missed a password after a '#', in a URL without '://', and
@@ -183,6 +188,19 @@ def test_a_malformed_url_is_quoted_without_its_password(tmp_path: Path, url: str
     (problem,) = caught.value.problems
     assert problem.startswith("queue.url:") and "hunter2" not in problem and "***" in problem
     assert url_without_password("ftp://h/0?password=hunter2&x=1") == "ftp://h/0?password=***&x=1"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:p@ss:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://user:a/b:hunter2@h/1", "redis://user:***@h/1"),
+        ("redis://hunter2@h", "redis://***@h"),  # a token as the user name
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_every_character_of_a_password_is_masked(url: str, shown: str) -> None:
+    assert url_without_password(url) == shown
 
 
 def test_a_switched_off_route_may_name_a_bundle_not_installed_yet(tmp_path: Path) -> None:

@@ -384,3 +384,32 @@ def test_a_store_that_begins_after_its_association_closed_is_refused_not_stored(
     stats.closed = False
     node._store(assoc, stats, *args)
     assert len(receiver.instances) == 1 and stats.instances == 1
+
+
+def test_a_store_through_pynetdicom_after_its_association_closed_is_refused() -> None:
+    """The same for a C-STORE the inline reader left to pynetdicom: the close has taken
+    the association's counts away, and the store was saved uncounted (review)."""
+    from types import SimpleNamespace
+
+    receiver = _Recorder()
+    node = StorageSCP(AssociationPolicy(ae_title="RADNODE"), receiver, host="127.0.0.1", port=0)
+
+    class Assoc:  # weakly referenced, as the node keys its counts
+        requestor = SimpleNamespace(
+            ae_title="PACS", address="127.0.0.1", primitive=SimpleNamespace(calling_ae_title="PACS")
+        )
+        acceptor = SimpleNamespace(ae_title="RADNODE")
+
+    assoc = Assoc()
+    request = SimpleNamespace(
+        AffectedSOPClassUID=CTImageStorage,
+        AffectedSOPInstanceUID="1.2.3.4",
+        DataSet=SimpleNamespace(getvalue=lambda: b"\x08\x00"),
+    )
+    context = SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1")
+    event = SimpleNamespace(assoc=assoc, request=request, context=context)
+    assert node._on_store(event) == 0xA700  # no counts: it has closed
+    assert receiver.instances == []
+    node._open_stats(assoc)
+    node._on_store(event)
+    assert len(receiver.instances) == 1
