@@ -18,6 +18,7 @@ import structlog
 
 from service.index import StudyIndex
 from service.metrics import Metrics
+from service.observability import RepeatedFailureLog
 from service.records import StudyState, StudySummary
 
 log = structlog.get_logger("service.completion")
@@ -51,6 +52,9 @@ class CompletionMonitor:
         #: study UID -> (failed hand-overs, when to try again (monotonic))
         self._failed: dict[str, tuple[int, float]] = {}
         self._stop = threading.Event()
+        self._check_failures = RepeatedFailureLog(
+            "completion.check_failed", "check the data_dir disk"
+        )
         self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
 
     def start(self) -> None:
@@ -142,8 +146,8 @@ class CompletionMonitor:
             try:
                 self.check_now()
                 wait = self._next_wait()
-            except Exception:
+            except Exception as exc:
                 wait = self._poll_s
                 # Keep monitoring: a failing check (e.g. a locked database) is retried
                 # at the next poll, and the study index still holds every study.
-                log.exception("completion.check_failed", action="check the data_dir disk")
+                self._check_failures.failed(exc, log)

@@ -51,6 +51,7 @@ import structlog
 
 from service.errors import RadnodeError
 from service.metrics import Metrics
+from service.sqlite_tx import immediate_transaction
 
 log = structlog.get_logger("service.delivery")
 
@@ -304,29 +305,23 @@ class Outbox:
         if only is not None:
             which += "AND d.destination = ? "
             params.append(only)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))} "
-                    "FROM deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
-                    "AND d.id = (SELECT MIN(id) FROM deliveries "
-                    "            WHERE state = 'pending' AND destination = d.destination) "
-                    f"{which}ORDER BY d.next_attempt_at, d.id LIMIT 1",
-                    params,
-                ).fetchone()
-                if row is None:
-                    self._db.execute("COMMIT")
-                    return None
-                self._db.execute(
+        with self._lock, immediate_transaction(self._db) as db:
+            row = db.execute(
+                f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))} "
+                "FROM deliveries d WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+                "AND d.id = (SELECT MIN(id) FROM deliveries "
+                "            WHERE state = 'pending' AND destination = d.destination) "
+                f"{which}ORDER BY d.next_attempt_at, d.id LIMIT 1",
+                params,
+            ).fetchone()
+            if row is not None:
+                db.execute(
                     "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ? "
                     "WHERE id = ?",
                     (now + lease_s, row[0]),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        if row is None:
+            return None
         item = _row_to_delivery(row)
         return replace(item, attempts=item.attempts + 1, next_attempt_at=now + lease_s)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from service.index import StudyIndex
+from service.observability import RepeatedFailureLog
 from service.records import JobRecord, SeriesInfo, StudySummary
 from service.routing import RouteRule, plan
 from service.uids import study_key
@@ -50,6 +51,9 @@ class Dispatcher:
         self.quiet_s = quiet_s
         self.poll_s = poll_s
         self._stop = threading.Event()
+        self._check_failures = RepeatedFailureLog(
+            "dispatch.check_failed", "check the data_dir disk"
+        )
         self._thread = threading.Thread(target=self._run, name="dispatch", daemon=True)
 
     @property
@@ -97,8 +101,8 @@ class Dispatcher:
         while not self._stop.wait(self.poll_s):
             try:
                 self.check_now()
-            except Exception:
-                log.exception("dispatch.check_failed", action="check the data_dir disk")
+            except Exception as exc:
+                self._check_failures.failed(exc, log)
 
     # -- routing ----------------------------------------------------------------
 

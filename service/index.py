@@ -31,6 +31,7 @@ from service.records import (
     StudyState,
     StudySummary,
 )
+from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
 
 SCHEMA_VERSION = 3
@@ -174,14 +175,8 @@ class StudyIndex:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate_transaction(self._db) as db:
+            yield db
 
     # -- receive path ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ its own status and one log line that says what the operator can do, and is count
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import structlog
 
@@ -90,6 +91,18 @@ class Ingest:
             return self._refuse(
                 instance, StoreStatus.OUT_OF_RESOURCES, str(exc),
                 "free disk space under node.data_dir; senders will retry", error=True,
+            )  # fmt: skip
+        except sqlite3.Error as exc:
+            # The study index could not record it: on a disk that filled past the
+            # min_free_disk_mb guard (something else wrote to it), the COMMIT fails. Out
+            # of resources, for the sender to retry; the acceptance pass saw C0FF "report
+            # this as a bug", which a PACS may take as final. A spool file written
+            # already is indexed at the next start; nothing was acknowledged.
+            return self._refuse(
+                instance, StoreStatus.OUT_OF_RESOURCES,
+                f"the study index could not record the instance: {exc}",
+                "check the disk under node.data_dir (free space, I/O errors); senders will"
+                " retry", error=True,
             )  # fmt: skip
 
     def _refuse(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 import warnings
 
 import structlog
@@ -49,6 +50,30 @@ class RedactQuotedValues(logging.Filter):
         if record.name.split(".", 1)[0] in _LIBRARIES:
             record.msg = _QUOTED.sub("'<redacted>'", record.getMessage())
             record.args = None
+        return True
+
+
+class ThrottleQueueLibraryErrors(logging.Filter):
+    """Let each of huey's error messages through once a minute.
+
+    Why: while Redis is down huey's consumer logs "Error reading from queue" with a
+    traceback about ten times a second (249 lines in 26 s, acceptance pass); radnode's
+    own ``jobs.check_failed`` / ``worker.*`` lines already say the queue is down.
+    """
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("huey") or record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        now = time.monotonic()
+        if now - self._last.get(message, -self.every_s) < self.every_s:
+            return False
+        self._last[message] = now
         return True
 
 
@@ -113,8 +138,37 @@ def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(RedactQuotedValues())
+    handler.addFilter(ThrottleQueueLibraryErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     quiet_libraries()
     warnings.showwarning = _log_warning
+
+
+class RepeatedFailureLog:
+    """How a periodic check that keeps failing is logged: its traceback once per kind
+    of failure (type and message), then one line a minute while that kind repeats.
+
+    Why: an outage of the index disk or of Redis made the tracker, the completion
+    monitor and the dispatcher log a traceback on every pass (29 in 6 s, then 51 a
+    minute in the acceptance pass). Nothing resets on a pass that went through: a
+    check that touches the failing part only on some passes reset it in between, and
+    the flood came back (acceptance pass).
+    """
+
+    def __init__(self, event: str, action: str, every_s: float = 60.0) -> None:
+        self.event, self.action, self.every_s = event, action, every_s
+        self._last: tuple[str, float] | None = None  # kind, when it was logged
+
+    def failed(self, exc: BaseException, logger: structlog.typing.FilteringBoundLogger) -> None:
+        """Log ``exc`` (call from its ``except`` block), unless its kind was just logged."""
+        kind = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self._last is not None and self._last[0] == kind:
+            if now - self._last[1] < self.every_s:
+                return
+            logger.error(self.event, reason=kind, repeated=True, action=self.action)
+        else:
+            logger.exception(self.event, reason=kind, action=self.action)
+        self._last = (kind, now)

@@ -28,6 +28,7 @@ import structlog
 from service.config import Settings
 from service.delivery import Outbox
 from service.index import StudyIndex
+from service.observability import RepeatedFailureLog
 from service.publish import enqueue_deliverables
 from service.queue import HeardClock, JobQueue
 from service.records import JobRecord, JobState, JobTicket
@@ -68,7 +69,9 @@ class JobTracker:
         self._heard = HeardClock()
         self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
         self._held: set[str] = set()  # jobs waiting for an earlier one (logged once)
-        self._check_failure: tuple[str, float] | None = None  # last logged, when
+        self._check_failures = RepeatedFailureLog(
+            "jobs.check_failed", "check the data_dir disk and the queue"
+        )
         self._next_trace_check = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
@@ -311,22 +314,7 @@ class JobTracker:
                 if time.monotonic() >= next_full_check:
                     next_full_check = time.monotonic() + self.poll_s
                     self.check_now()
-                    self._check_failure = None  # a whole pass went through
                 else:
                     self.check_reports()
             except Exception as exc:
-                self._report_check_failure(exc)
-
-    def _report_check_failure(self, exc: Exception) -> None:
-        """One traceback per kind of failure, then a reminder a minute: a Redis outage
-        logged a traceback every pass (29 in 6 s; found by review)."""
-        kind = f"{type(exc).__name__}: {exc}"
-        now = time.monotonic()
-        if self._check_failure is not None and self._check_failure[0] == kind:
-            if now - self._check_failure[1] < 60.0:
-                return
-            log.error("jobs.check_failed", reason=kind, repeated=True,
-                      action="check the data_dir disk and the queue")  # fmt: skip
-        else:
-            log.exception("jobs.check_failed", action="check the data_dir disk and the queue")
-        self._check_failure = (kind, now)
+                self._check_failures.failed(exc, log)

@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import structlog
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -59,3 +61,45 @@ def test_highdicom_info_lines_naming_instances_are_not_logged() -> None:
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["level"] for line in lines] == ["warning"]
     assert "1.2.3.4" not in done.stdout
+
+
+def test_a_check_that_keeps_failing_is_logged_once_a_minute_whatever_passes_between() -> None:
+    """Passes that do not touch the failing part went through and reset the throttle,
+    so a Redis outage logged a traceback every 8 s (acceptance pass). Now one traceback
+    per kind of failure, then one line a minute; another kind is logged at once."""
+    from service.observability import RepeatedFailureLog
+
+    failures = RepeatedFailureLog("x.check_failed", "check the disk", every_s=60.0)
+    logger = structlog.get_logger("test")
+    with structlog.testing.capture_logs() as events:
+        for _ in range(20):
+            try:
+                raise ConnectionError("Redis is down")
+            except ConnectionError as exc:
+                failures.failed(exc, logger)
+        try:
+            raise OSError("disk full")
+        except OSError as exc:
+            failures.failed(exc, logger)
+    assert [(e["event"], e["reason"]) for e in events] == [
+        ("x.check_failed", "ConnectionError: Redis is down"),
+        ("x.check_failed", "OSError: disk full"),
+    ]
+    assert all(e["action"] == "check the disk" for e in events)
+
+
+def test_huey_repeating_an_error_while_redis_is_down_is_let_through_once_a_minute() -> None:
+    import logging
+
+    from service.observability import ThrottleQueueLibraryErrors
+
+    throttle = ThrottleQueueLibraryErrors(every_s=60.0)
+
+    def record(name: str, level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    reading = record("huey.consumer", logging.ERROR, "Error reading from queue")
+    assert sum(throttle.filter(reading) for _ in range(50)) == 1
+    assert throttle.filter(record("huey.consumer", logging.ERROR, "Error reading schedule."))
+    assert all(throttle.filter(record("huey", logging.INFO, "Executing task")) for _ in range(3))
+    assert all(throttle.filter(record("service.worker", logging.ERROR, "x")) for _ in range(3))

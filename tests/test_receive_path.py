@@ -223,6 +223,29 @@ def test_disk_guard_refuses_with_out_of_resources(tmp_path: Path) -> None:
     index.close()
 
 
+def test_an_index_that_cannot_grow_refuses_with_out_of_resources(parts) -> None:
+    """A disk filled past the guard by something else: the index COMMIT fails. The
+    sender gets A700 (retry), not C0FF "report this as a bug", which a PACS may take as
+    final (acceptance pass); its resend is stored once there is room. SQLite's own
+    max_page_count gives the real "database or disk is full" error without a full disk."""
+    _, index, ingest = parts
+    assert ingest.store(received(ct_small())) == StoreStatus.SUCCESS
+    (pages,) = index._db.execute("PRAGMA page_count").fetchone()
+    index._db.execute(f"PRAGMA max_page_count = {pages}")
+    statuses = []
+    with structlog.testing.capture_logs() as events:
+        while StoreStatus.OUT_OF_RESOURCES not in statuses and len(statuses) < 200:
+            refused_one = ct_small()
+            refused_one.SOPInstanceUID = generate_uid()
+            statuses.append(ingest.store(received(refused_one)))  # until the pages are full
+    assert statuses[-1] == StoreStatus.OUT_OF_RESOURCES
+    (refused,) = [e for e in events if e["event"] == "store.refused"]
+    assert "disk is full" in refused["reason"] and "node.data_dir" in refused["action"]
+    index._db.execute(f"PRAGMA max_page_count = {pages * 100}")
+    assert ingest.store(received(refused_one)) == StoreStatus.SUCCESS  # the sender's retry
+    assert index.instance_count() == len(statuses) + 1
+
+
 def test_quiet_study_completes_and_late_instance_reopens(parts) -> None:
     _, index, ingest = parts
     completed = []
