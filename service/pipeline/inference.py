@@ -121,11 +121,45 @@ def volume_to_metatensor(volume: Volume, dimensions: int, axcodes: str | None = 
     return MetaTensor(tensor, meta=meta)
 
 
+#: Direction cosines within this of an axis (0.057 degrees) are taken as that axis.
+AXIS_SNAP = 1e-3
+
+
 def _grid_affine(volume: Volume, dimensions: int) -> NDArray[np.float64]:
     if dimensions == 2:
         sx, sy, _ = volume.spacing
         return np.diag([sx, sy, 1.0, 1.0])
-    return volume.affine_ras()
+    return snapped_to_axes(volume.affine_ras(), volume.spacing)
+
+
+def snapped_to_axes(
+    affine: NDArray[np.float64], spacing: tuple[float, float, float]
+) -> NDArray[np.float64]:
+    """``affine`` with direction cosines that round to the axes made exact.
+
+    Why: scanners write an axial ImageOrientationPatient as ``0.99999994\\-0\\0.000001
+    \\0\\0.99999988\\-0.00034``. To MONAI's ``Spacingd`` any off-diagonal term makes
+    the image oblique: it fits the output grid to the rotated corners, which moved it
+    0.67 mm against the exactly axial image, and the reference CT model's kidney
+    volumes by up to 13 % (acceptance pass). Snapped, the image is resampled as the
+    axial image it is. The model's output comes back through the same affine, so it
+    lies on the source voxels either way; only the model's view of a 0.06-degree tilt
+    is dropped. Anything further from an axis is left to MONAI as an oblique image.
+    The snapped axes are scaled by ``spacing`` (x, y, z) itself, not by the length of
+    the header's slightly short direction cosines.
+    """
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    nearest = np.argmax(np.abs(directions), axis=0)
+    if len(set(nearest.tolist())) != 3:
+        return affine
+    snapped = np.zeros((3, 3))
+    for column, axis in enumerate(nearest):
+        if np.abs(np.delete(directions[:, column], axis)).max() > AXIS_SNAP:
+            return affine
+        snapped[axis, column] = np.sign(directions[axis, column])
+    result = affine.copy()
+    result[:3, :3] = snapped * np.asarray(spacing, dtype=np.float64)
+    return result
 
 
 def _reorient(
