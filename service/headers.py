@@ -112,7 +112,7 @@ _READ: dict[str, tuple[int, str]] = {
         "SOPClassUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber",
         "InstanceNumber", "SliceThickness", "ImageType", "ImageOrientationPatient",
         "Manufacturer", "ManufacturerModelName", "Rows", "Columns", "BitsAllocated",
-        "SamplesPerPixel", "NumberOfFrames",
+        "SamplesPerPixel", "NumberOfFrames", "ViewPosition",
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }  # fmt: skip
@@ -387,4 +387,5 @@ def _header(ds: _Values) -> InstanceHeader:
         frame_count=max(_number(ds, "NumberOfFrames", int) or 1, 1),
         manufacturer=_text(ds, "Manufacturer"),
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
+        view_position=_text(ds, "ViewPosition"),
     )

@@ -34,7 +34,7 @@ from service.records import (
 from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS series (
     image_orientation TEXT,
     manufacturer TEXT NOT NULL,
     manufacturer_model_name TEXT NOT NULL,
+    view_position TEXT NOT NULL DEFAULT '',
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL
 );
@@ -160,13 +161,19 @@ class StudyIndex:
         """Bring an index written by an older radnode up to :data:`SCHEMA_VERSION`.
 
         Version 3 added ``series.image_count``; the series already indexed count one
-        image per instance (what routing saw before).
+        image per instance (what routing saw before). Version 4 added
+        ``series.view_position``; series indexed before have none ("").
         """
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
         if "image_count" not in columns:
             self._db.executescript(
                 "BEGIN; ALTER TABLE series ADD COLUMN image_count INTEGER NOT NULL DEFAULT 0;"
                 " UPDATE series SET image_count = instance_count; COMMIT;"
+            )
+        if "view_position" not in columns:
+            self._db.executescript(
+                "BEGIN; ALTER TABLE series ADD COLUMN view_position TEXT NOT NULL DEFAULT '';"
+                " COMMIT;"
             )
 
     def close(self) -> None:
@@ -219,8 +226,8 @@ class StudyIndex:
                 "INSERT INTO series (series_uid, study_uid, modality, body_part,"
                 " series_description, sop_class_uid, series_number, slice_thickness,"
                 " image_type, image_orientation, manufacturer, manufacturer_model_name,"
-                " first_received_at, last_received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " view_position, first_received_at, last_received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 # Routing reads these from the series' first instance; a localizer
                 # that came first (a scout inside the axial series) would route the
                 # series as a localizer: the first other image describes it instead.
@@ -233,7 +240,8 @@ class StudyIndex:
                 " image_type = excluded.image_type,"
                 " image_orientation = excluded.image_orientation,"
                 " manufacturer = excluded.manufacturer,"
-                " manufacturer_model_name = excluded.manufacturer_model_name"
+                " manufacturer_model_name = excluded.manufacturer_model_name,"
+                " view_position = excluded.view_position"
                 f" WHERE {_LOCALIZER.format('series.image_type')}"
                 f" AND NOT {_LOCALIZER.format('excluded.image_type')}",
                 (
@@ -249,6 +257,7 @@ class StudyIndex:
                     _join(h.image_orientation),
                     h.manufacturer,
                     h.manufacturer_model_name,
+                    h.view_position,
                     now,
                     now,
                 ),
@@ -493,8 +502,8 @@ class StudyIndex:
             rows = self._db.execute(
                 "SELECT study_uid, series_uid, modality, body_part, series_description,"
                 " sop_class_uid, series_number, instance_count, slice_thickness, image_type,"
-                " image_orientation, manufacturer, manufacturer_model_name, image_count"
-                " FROM series"
+                " image_orientation, manufacturer, manufacturer_model_name, image_count,"
+                " view_position FROM series"
                 " WHERE study_uid = ? ORDER BY series_number, series_uid",
                 (study_uid,),
             ).fetchall()
@@ -515,6 +524,7 @@ class StudyIndex:
                 manufacturer_model_name=r[12],
                 # 0: a row an older radnode wrote after the upgrade: one per instance
                 image_count=r[13] or None,
+                view_position=r[14],
             )
             for r in rows
         ]

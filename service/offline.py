@@ -61,6 +61,7 @@ class FolderScan:
                     image_orientation=first.image_orientation,
                     manufacturer=first.manufacturer,
                     manufacturer_model_name=first.manufacturer_model_name,
+                    view_position=first.view_position,
                 )
             )
         return infos

@@ -35,6 +35,8 @@ class InstanceHeader:
     manufacturer_model_name: str = ""
     #: Number of Frames: 2D images in the instance (1 for a single-frame image).
     frame_count: int = 1
+    #: View Position of a projection radiograph (PA, AP, LL, RL, ...), "" if not given.
+    view_position: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class SeriesInfo:
     #: sends a whole series as one instance of many frames; rules that mean "enough
     #: slices" count these. None: as many as instances (all single-frame).
     image_count: int | None = None
+    #: View Position (0018,5101) of a radiograph series: PA, AP, LL, RL... ("" if none).
+    view_position: str = ""
 
     @property
     def images(self) -> int:

@@ -24,6 +24,8 @@ _NOT_ABDOMEN = "(?i)head|brain|skull|neck|extremity|arm|hand|knee|leg|foot|ankle
 _T1 = r"(?i)(^|[^a-z0-9])t1|mp-?rage|spgr|bravo|(^|[^a-z0-9])tfe([^a-z0-9]|$)"
 #: Body parts a brain model has no business reading.
 _NOT_HEAD = "(?i)spine|neck|chest|breast|abdomen|pelvis|knee|hip|shoulder|extremity|cardiac"
+#: View Positions (PS3.3 C.8.11.5.1.1 defined terms) of non-frontal radiographs.
+_LATERAL_OR_OBLIQUE = r"(?i)^\s*(LL|RL|LLO|RLO|LAT|LATERAL)\s*$"
 
 _REFERENCE: list[dict[str, Any]] = [
     {
@@ -65,6 +67,10 @@ _REFERENCE: list[dict[str, Any]] = [
             "Modality": {"any_of": ["CR", "DX"]},
             "ImageType": {"excludes": ["DERIVED", "SECONDARY"]},
             "BodyPartExamined": {"regex": "(?i)chest|thorax|lung"},
+            # frontal views only, as the model was trained (a lateral of a two-view
+            # study was picked by its lower series number: acceptance pass); a
+            # radiograph without View Position still runs
+            "ViewPosition": {"not_regex": _LATERAL_OR_OBLIQUE},
         },
     },
 ]

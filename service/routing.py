@@ -139,6 +139,7 @@ ATTRIBUTES: dict[str, _Attribute] = {
     "Manufacturer": _Attribute(AttributeKind.TEXT, lambda s: s.manufacturer),
     "ManufacturerModelName": _Attribute(AttributeKind.TEXT, lambda s: s.manufacturer_model_name),
     "Orientation": _Attribute(AttributeKind.TEXT, lambda s: orientation_label(s.image_orientation)),
+    "ViewPosition": _Attribute(AttributeKind.TEXT, lambda s: s.view_position),
 }
 
 

@@ -122,3 +122,23 @@ def test_pixel_data_sent_as_a_sequence_is_refused_as_unreadable() -> None:
     ])  # fmt: skip
     with pytest.raises(UnreadableDataset, match="Pixel Data"):
         parse_header(body, ExplicitVRLittleEndian)
+
+
+def test_a_radiographs_view_position_reaches_the_series_that_routing_reads(tmp_path) -> None:
+    from service.index import StudyIndex
+    from service.records import StoredInstance
+    from service.testing import write_radiograph
+
+    path = write_radiograph(tmp_path / "cxr.dcm", rows=64, columns=64)
+    ds = dcmread(path)
+    ds.ViewPosition = "LL"
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    body = buffer.getvalue()[ds.file_meta.FileMetaInformationGroupLength + 144 :]
+    header = parse_header(body, ds.file_meta.TransferSyntaxUID)
+    assert header.view_position == "LL"
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    index.add_instance(StoredInstance(header, str(path), 1, ExplicitVRLittleEndian, "CR"))
+    (series,) = index.series_of(header.study_uid)
+    assert series.view_position == "LL"
+    index.close()

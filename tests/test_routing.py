@@ -706,3 +706,24 @@ def test_format_plan_says_when_nothing_matched() -> None:
     series = [make_series(modality="MR")]
     text = format_plan(plan(series, [make_route({"Modality": "CT"})]), series)
     assert text.endswith("no route matched")
+
+
+def test_the_reference_radiograph_route_reads_the_frontal_view_of_a_two_view_study() -> None:
+    """A PA and a lateral in one study: the lateral (series 1) was picked by its lower
+    series number and reported as the nodule finding, while the PA got nothing
+    (acceptance pass). The model reads frontal views only; a radiograph without View
+    Position still runs."""
+    from pathlib import Path
+
+    from service.reference_routes import reference_routes
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    routes = [r for r in reference_routes(models) if r.pipeline == "cxr_nodule_classification"]
+    chest = {"modality": "DX", "body_part": "CHEST", "image_type": ("ORIGINAL", "PRIMARY"),
+             "image_orientation": None, "instance_count": 1, "slice_thickness": None}  # fmt: skip
+    lateral = make_series(series_uid="1.2.3.1", series_number=1, view_position="LL", **chest)
+    frontal = make_series(series_uid="1.2.3.2", series_number=2, view_position="PA", **chest)
+    (picked,) = plan([lateral, frontal], routes).selections
+    assert picked.series_uid == frontal.series_uid
+    unknown = make_series(series_uid="1.2.3.3", series_number=1, view_position="", **chest)
+    assert len(plan([unknown], routes).selections) == 1
