@@ -658,3 +658,18 @@ def test_a_revision_made_from_the_same_images_is_the_same_result(ct, tmp_path, m
     assert set(first) == set(second)
     assert not any("revised" in h.SeriesDescription for h in second.values())
     assert not any("PredecessorDocumentsSequence" in h for h in second.values())
+
+
+def test_images_without_a_frame_of_reference_get_their_report_without_a_seg(ct, tmp_path):
+    """Anonymisers and old scanners drop the Frame of Reference UID. The job failed
+    after inference with highdicom's error and "report this with the job id"
+    (acceptance pass); the SR and overlays need no frame of reference."""
+    volume, headers = ct
+    stripped = [copy.deepcopy(h) for h in headers]
+    for header in stripped:
+        del header.FrameOfReferenceUID
+    with structlog.testing.capture_logs() as events:
+        written = _names(write_dicom_results(_segmentation(volume), volume, stripped, tmp_path))
+    assert sorted({h.Modality for h in written.values()}) == ["OT", "SR"]
+    (skipped,) = [e for e in events if e["event"] == "results.seg_not_written"]
+    assert "Frame of Reference" in skipped["reason"]

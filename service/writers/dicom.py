@@ -22,7 +22,8 @@ can be the ``payload_ref`` of one outbox delivery (:mod:`service.dicom_delivery`
 neither and SEG is not written for classification. A series of several Enhanced
 instances of many frames each gets no SEG either (highdicom builds one over a single
 multi-frame image or single-frame images; one-frame Enhanced instances count as the
-latter): its SR and SC still carry the result, and ``results.seg_not_written`` says why.
+latter), nor do images without a Frame of Reference UID: their SR and SC still carry
+the result, and ``results.seg_not_written`` says why.
 """
 
 from __future__ import annotations

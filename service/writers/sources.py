@@ -101,6 +101,11 @@ def seg_problem(volume: Volume, source_headers: Sequence[Dataset]) -> str | None
     single-frame images they are (:func:`as_single_frame`); several instances of many
     frames (one per stack) cannot be.
     """
+    if not volume.is_2d and not all("FrameOfReferenceUID" in h for h in source_headers):
+        # Type 1 in every cross-sectional image, but anonymisers and old scanners drop
+        # it; a SEG must share its source's frame of reference. The job failed after
+        # inference, asking for a bug report (acceptance pass).
+        return "the images have no Frame of Reference UID (removed by an anonymiser?)"
     if is_enhanced(volume) and len(source_headers) > 1:
         if one_frame_each(volume, source_headers):
             return None
