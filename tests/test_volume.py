@@ -683,6 +683,12 @@ REFUSALS = [
     ),
     ("duplicate position", _duplicate, "duplicate_position", "share a slice position"),
     ("missing slice", lambda s: s[:5] + s[6:], "missing_slices", "1 slice(s) missing"),
+    (
+        "slices missing in two places",  # counted at every gap, not the first only
+        lambda s: s[:3] + s[4:7] + s[8:],
+        "missing_slices",
+        "about 2 slice(s) missing: 2 gap(s)",
+    ),
     ("uneven spacing", _shift(0.3), "uneven_spacing", "uneven slice spacing"),
     ("no position", _drop("ImagePositionPatient"), "missing_position", "ImagePositionPatient"),
     ("no orientation", _drop("ImageOrientationPatient"), "missing_position", "Orientation"),
