@@ -118,7 +118,18 @@ class ResultPublisher:
                     continue
                 path = out_dir / "hl7" / f"{name}.hl7"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(message.to_bytes())
+                payload, replaced = message.encoded()
+                if replaced:
+                    log.warning(
+                        "hl7.characters_replaced",
+                        job=ticket.job_id,
+                        destination=name,
+                        characters=replaced,
+                        charset=destination.character_set,
+                        action='set character_set = "UNICODE UTF-8" on this destination if'
+                        " the RIS accepts it; other letters went as their base letter or ?",
+                    )
+                path.write_bytes(payload)
                 deliverables.append(Deliverable(name, "hl7", message.control_id, str(path)))
             elif isinstance(destination, DicomDestinationSettings) and written:
                 # the SR's derived UID names the delivery: a re-run job sends nothing new

@@ -398,6 +398,21 @@ def test_latin1_destination_sends_latin1_bytes() -> None:
     assert b"|8859/1" in message.to_bytes()
 
 
+def test_letters_a_latin1_destination_cannot_hold_go_as_their_base_letters_and_are_counted():
+    """A Polish name went to a Latin-1 RIS as "W?sowski^?ukasz", silently (acceptance
+    pass): now as its base letters, and the caller learns how many were replaced."""
+    ds = ct_header()
+    ds.PatientName = "Wąsowski^Łukasz"
+    ds.StudyDescription = "Jama brzuszna – kontrast"
+    message = build_oru(classification(), ds, SPACING, destination(character_set="8859/1"))
+    payload, replaced = message.encoded()
+    assert b"Wasowski^Lukasz" in payload and b"Jama brzuszna - kontrast" in payload
+    assert replaced == 3
+    assert message.encoded() == (message.to_bytes(), 3)
+    utf8 = build_oru(classification(), ds, SPACING, destination())
+    assert utf8.encoded()[1] == 0 and "Wąsowski".encode() in utf8.to_bytes()
+
+
 def test_destination_names_must_fit_hd() -> None:
     with pytest.raises(ValueError, match="delimiters"):
         destination(receiving_application="RIS^X")

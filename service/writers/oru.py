@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 import textwrap
+import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -86,7 +87,38 @@ class OruMessage:
     encoding: str
 
     def to_bytes(self) -> bytes:
-        return self.er7.encode(self.encoding, errors="replace")
+        return self.encoded()[0]
+
+    def encoded(self) -> tuple[bytes, int]:
+        """The message in its character set, and how many characters it cannot hold.
+
+        A character outside the set (a Polish "Ł" in 8859/1) is written as its base
+        letter where it has one ("Ł" -> "L", "ą" -> "a"), else as "?". Why: it was
+        "?" in every case and nothing said so (acceptance pass); the caller logs the
+        count, and the fix is UTF-8 on the destination.
+        """
+        replaced = 0
+        out = []
+        for char in self.er7:
+            try:
+                out.append(char.encode(self.encoding))
+            except UnicodeEncodeError:
+                replaced += 1
+                out.append(_transliterated(char).encode(self.encoding, errors="replace"))
+        return b"".join(out), replaced
+
+
+#: Letters that Unicode does not decompose into a base letter and a mark, and
+#: typographic punctuation.
+_BASE_LETTERS = str.maketrans(
+    {"Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Ø": "O", "ø": "o", "Ħ": "H", "ħ": "h", "ı": "i",
+     "Œ": "OE", "œ": "oe", "–": "-", "—": "-", "‘": "'", "’": "'", "“": '"', "”": '"'}
+)  # fmt: skip
+
+
+def _transliterated(char: str) -> str:
+    base = unicodedata.normalize("NFKD", char.translate(_BASE_LETTERS))
+    return "".join(c for c in base if not unicodedata.combining(c)) or "?"
 
 
 def escape(text: str) -> str:
