@@ -118,6 +118,15 @@ class ResultPublisher:
                     continue
                 path = out_dir / "hl7" / f"{name}.hl7"
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if not str(header.get("AccessionNumber", "") or "").strip():
+                    log.warning(
+                        "hl7.no_order_number",
+                        job=ticket.job_id,
+                        destination=name,
+                        action="the study has no Accession Number, so ORC/OBR carry no order"
+                        " number and the RIS may not match the result to its order; have the"
+                        " modality take the study from the worklist",
+                    )
                 payload, replaced = message.encoded()
                 if replaced:
                     log.warning(

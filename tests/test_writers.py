@@ -673,3 +673,27 @@ def test_images_without_a_frame_of_reference_get_their_report_without_a_seg(ct, 
     assert sorted({h.Modality for h in written.values()}) == ["OT", "SR"]
     (skipped,) = [e for e in events if e["event"] == "results.seg_not_written"]
     assert "Frame of Reference" in skipped["reason"]
+
+
+def test_a_study_without_accession_number_warns_that_the_ris_may_not_match_it(
+    ct, tmp_path, monkeypatch
+):
+    """Its ORU goes with empty order numbers, which a RIS files nowhere: said, not
+    silent (acceptance pass)."""
+    monkeypatch.setenv("RADNODE_ROUTES", "[]")
+    monkeypatch.setenv(
+        "RADNODE_DESTINATIONS", '[{"name": "ris", "type": "hl7", "host": "h", "port": 1}]'
+    )
+    volume, headers = ct
+    publisher = ResultPublisher(load_settings())
+    paths = tuple(str(h.filename) for h in headers)
+    for accession in ("ACC-1", ""):  # the fixture's headers have none: left so
+        for header in volume.source_headers or headers:
+            header.AccessionNumber = accession
+        out = str(tmp_path / f"j{accession}")
+        ticket = JobTicket(f"j{accession}", "key", "p", paths, out, ("ris",), 1)
+        with structlog.testing.capture_logs() as events:
+            publication = publisher.prepare(ticket, _segmentation(volume), volume)
+        assert [d.kind for d in publication.deliverables] == ["hl7"]
+        warned = [e for e in events if e["event"] == "hl7.no_order_number"]
+        assert len(warned) == (0 if accession else 1)
