@@ -1,10 +1,11 @@
 """The job queue: huey on SQLite (one machine) or Redis (workers on other machines).
 
 A task carries a :class:`~service.records.JobTicket` (everything the worker needs) and
-returns a :class:`~service.records.JobReport`, which huey keeps in its result store
-until the edge has recorded it. While it runs, the worker writes a heartbeat
-(``hb:<job id>:<attempt>``) every few seconds; the edge reads both, so the study index has one
-writer (the edge) and a worker that dies mid-job is noticed by its silent heartbeat.
+leaves a :class:`~service.records.JobReport` in huey's result store (under the task id,
+put by :meth:`JobQueue.keep_report`) until the edge has recorded it. While it runs, the
+worker writes a heartbeat (``hb:<job id>:<attempt>``) every few seconds; the edge reads
+both, so the study index has one writer (the edge) and a worker that dies mid-job is
+noticed by its silent heartbeat.
 
 The study index, not the queue, is the truth about jobs (ARCHITECTURE step 5): the
 edge re-submits a job whose run was lost, and re-running a job is harmless (results
@@ -138,12 +139,48 @@ class JobQueue:
         #: What runs a ticket in a worker (None: this process only submits).
         self.handler = handler
 
-        def run_job(ticket: JobTicket) -> JobReport:
+        def run_job(ticket: JobTicket, task: Any = None) -> None:
             if self.handler is None:
                 raise RuntimeError("this process only submits jobs; run `radnode worker`")
-            return self.handler(ticket)
+            self.keep_report(str(task.id), ticket, self.handler(ticket))
 
-        self._task = self.huey.task(name=TASK_NAME, retries=0)(run_job)
+        self._task = self.huey.task(name=TASK_NAME, retries=0, context=True)(run_job)
+
+    #: How long a worker holds a finished run's report for a queue that does not answer.
+    REPORT_PATIENCE_S = 3600.0
+
+    def keep_report(self, task_id: str, ticket: JobTicket, report: JobReport) -> bool:
+        """Put ``report`` where the edge reads it, trying again every heartbeat while
+        the queue does not answer (for up to :data:`REPORT_PATIENCE_S`).
+
+        Why not huey's own result storing: when Redis was down as the run ended, huey
+        logged the error and dropped the report; the edge took the healthy run for lost
+        and ran the job a second time (acceptance pass). The edge does not count a
+        run's silence while it cannot read the queue itself (:mod:`service.tracker`).
+        """
+        deadline = time.monotonic() + self.REPORT_PATIENCE_S
+        failing = False
+        while True:
+            try:
+                self.huey.put_result(task_id, report)
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    log.error("report.lost", job=ticket.job_id, reason=f"{type(exc).__name__}",
+                              action="the edge runs the job again; check queue.url")  # fmt: skip
+                    return False
+                if not failing:
+                    log.warning(
+                        "report.unsaved",
+                        job=ticket.job_id,
+                        reason=f"{type(exc).__name__}: {exc}",
+                        action="check queue.url; the worker keeps the report and tries again",
+                    )
+                failing = True
+                time.sleep(self.heartbeat_s)
+                continue
+            if failing:
+                log.info("report.saved", job=ticket.job_id)
+            return True
 
     # -- the edge ---------------------------------------------------------------
 

@@ -69,6 +69,9 @@ class JobTracker:
         self._heard = HeardClock()
         self._deferred: set[str] = set()  # jobs whose recording failed (logged once)
         self._held: set[str] = set()  # jobs waiting for an earlier one (logged once)
+        #: a pass failed (the queue did not answer); silence counts from _silence_from
+        self._blind = False
+        self._silence_from = 0.0
         self._check_failures = RepeatedFailureLog(
             "jobs.check_failed", "check the data_dir disk and the queue"
         )
@@ -183,6 +186,13 @@ class JobTracker:
     def check_now(self) -> None:
         with self._lock:
             now = time.time()
+            if self._blind:
+                # The last pass could not read the queue: a run's silence counts from
+                # now, not from its last beat before the outage (acceptance pass: a
+                # healthy run was taken for lost as Redis came back and ran twice).
+                self._blind = False
+                self._silence_from = now
+                self._untraced.clear()
             for job in self.index.unfinished_jobs():
                 if job.task_id is None:
                     self._submit(job)
@@ -200,6 +210,7 @@ class JobTracker:
                     last = job.started_at or now
                     if beat is not None:  # on this edge's clock: a first beat is news
                         last = self._heard.heard((job.job_id, job.attempts), beat.at, now)
+                    last = max(last, self._silence_from)
                     if now - last > SILENT_BEATS * self.queue.heartbeat_s:
                         self._lost(job, "its worker stopped sending heartbeats")
             self._heard.forget_others()  # runs that ended or were lost
@@ -317,4 +328,5 @@ class JobTracker:
                 else:
                     self.check_reports()
             except Exception as exc:
+                self._blind = True
                 self._check_failures.failed(exc, log)

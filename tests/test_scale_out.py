@@ -12,14 +12,17 @@ import json
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import structlog
 
 from service.config import Settings
 from service.queue import JobQueue
+from service.records import JobReport, JobState, JobTicket
 from service.shared_storage import MARK_FILE, edge_mark
 from service.testing import write_ct_series
 from tests.conftest import RADNODE, free_port, storescu
@@ -139,6 +142,41 @@ def test_heartbeats_go_on_after_redis_restarts(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_report_finished_while_redis_is_down_reaches_the_edge_once_redis_is_back(
+    tmp_path: Path,
+) -> None:
+    """huey dropped the report of a run that ended while Redis was down, and the edge
+    ran the healthy job a second time (acceptance pass). The worker keeps the report
+    and puts it once Redis answers."""
+    port = free_port()
+    settings = Settings(
+        node={"data_dir": str(tmp_path)},  # type: ignore[arg-type]
+        queue={"url": f"redis://127.0.0.1:{port}/0"},  # type: ignore[arg-type]
+    )
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    ticket = JobTicket("job-1", "key", "p", (), str(tmp_path / "r"), (), 1)
+    report = JobReport(job_id="job-1", worker="w:1", state=JobState.DONE)
+    kept: list[bool] = []
+    with structlog.testing.capture_logs() as events:
+        keeper = threading.Thread(
+            target=lambda: kept.append(queue.keep_report("t-1", ticket, report))
+        )
+        keeper.start()  # nothing listens on the port yet: Redis is down
+        time.sleep(0.5)
+        server = start_redis(tmp_path, port)
+        try:
+            keeper.join(timeout=10)
+            assert kept == [True]
+            assert queue.report("t-1") == report
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    assert [e["event"] for e in events if e["event"].startswith("report.")] == [
+        "report.unsaved",
+        "report.saved",
+    ]
 
 
 def test_a_worker_that_cannot_use_its_queue_says_so_and_exits(tmp_path: Path) -> None:

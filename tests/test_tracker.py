@@ -192,6 +192,29 @@ def test_a_run_beating_with_a_clock_behind_the_edges_is_not_taken_for_lost(
     index.close()
 
 
+def test_silence_while_the_edge_could_not_read_the_queue_does_not_count(tmp_path: Path) -> None:
+    """Redis down for 26 s: as it came back, the edge compared with the last beat
+    before the outage and took the healthy run for lost (acceptance pass). A failed pass
+    restarts the count; a run that stays silent afterwards is still lost."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None
+    tracker.submit(job)
+    queue.huey.put(f"hb:{job.job_id}:1", Heartbeat("w:1", 1, time.time()))
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.RUNNING
+    time.sleep(0.6)  # longer than the 0.4 s window, the queue unreadable all along:
+    tracker._blind = True  # what a failed pass leaves (tracker._run)
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.RUNNING
+    time.sleep(0.6)  # silent after the queue answers again: lost
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.QUEUED
+    index.close()
+
+
 def test_a_run_that_crashed_outside_the_job_is_lost_not_a_stuck_pass(tmp_path: Path) -> None:
     """A run that raised outside the job handler (its first heartbeat could not be
     written) leaves huey's error instead of a report. Reading it raised on every pass,
