@@ -391,6 +391,17 @@ class Outbox:
             ] = int(count)
         return result
 
+    def waiting(self) -> dict[str, tuple[int, float]]:
+        """Per destination: deliveries not sent yet (pending), and when the oldest of
+        them was queued (for ``radnode_deliveries_waiting`` and its age)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, COUNT(*), MIN(created_at) FROM deliveries"
+                " WHERE state = ? GROUP BY destination",
+                (DeliveryState.PENDING,),
+            ).fetchall()
+        return {destination: (int(count), float(oldest)) for destination, count, oldest in rows}
+
     def unsent(self, job_ids: Iterable[str]) -> int:
         """Deliveries of these jobs not sent yet: pending or dead (retention keeps their
         study: a dead letter may be resent, and it needs the study's files)."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +73,8 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
 #: ``delivered``: the peer acknowledged; ``retry``: a try failed and will be repeated;
 #: ``failed``: the last try failed (the delivery is dead-lettered, see dead letters).
 DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
+#: States a job run ends in (``radnode_jobs_finished_total``).
+JOB_STATES = ("done", "failed", "refused")
 
 
 class ReceiveCounter(Protocol):
@@ -148,6 +151,50 @@ class _JobCountsCollector(Collector):
         for (pipeline, state), count in sorted(counts.items()):
             family.add_metric([pipeline, state], count)
         yield family
+
+
+class _WaitingDeliveriesCollector(Collector):
+    """``radnode_deliveries_waiting`` and the age of the oldest, read from the outbox at
+    scrape: "results not delivered for 30 minutes" needs a gauge, not a counter of tries
+    (acceptance pass)."""
+
+    def __init__(
+        self,
+        source: Callable[[], Mapping[str, tuple[int, float]]],
+        destinations: Sequence[str],
+        clock: Callable[[], float],
+    ) -> None:
+        self._source, self._destinations, self._clock = source, destinations, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        count = GaugeMetricFamily(
+            "radnode_deliveries_waiting",
+            "Results queued for a destination and not sent yet (pending; dead letters are"
+            " radnode_dead_letters_total), by destination.",
+            labels=["destination"],
+        )
+        age = GaugeMetricFamily(
+            "radnode_deliveries_oldest_waiting_seconds",
+            "Seconds since the oldest waiting delivery of a destination was queued; 0 when"
+            " none waits.",
+            labels=["destination"],
+        )
+        try:
+            waiting = dict(self._source())
+        except Exception as exc:
+            log.warning(
+                "metrics.deliveries_failed",
+                reason=f"{type(exc).__name__}: {exc}",
+                action="check that node.data_dir is readable; the next scrape retries",
+            )
+            return
+        now = self._clock()
+        for destination in sorted({*self._destinations, *waiting}):
+            pending, oldest = waiting.get(destination, (0, now))
+            count.add_metric([destination], pending)
+            age.add_metric([destination], max(now - oldest, 0.0) if pending else 0.0)
+        yield count
+        yield age
 
 
 class Metrics:
@@ -289,6 +336,9 @@ class Metrics:
             self.bytes_received.labels(outcome=outcome)
         for outcome in ASSOCIATION_OUTCOMES:
             self.associations.labels(outcome=outcome)
+        for status in StoreStatus:
+            if status is not StoreStatus.SUCCESS:
+                self.store_refusals.labels(status=f"0x{status:04X}", reason=status.name.lower())
 
         # -- host -----------------------------------------------------------------
         if data_dir is not None:
@@ -298,6 +348,31 @@ class Metrics:
                 registry=r,
             )
             disk.set_function(lambda: _free_bytes(data_dir))
+
+    def start_at_zero(self, *, destinations: Iterable[str], pipelines: Iterable[str]) -> None:
+        """Create the series of the configured destinations and pipelines at 0.
+
+        Why: a labelled counter that first appears at 1 (or at 125, after a burst of
+        refusals inside one scrape) has no increase() for an alert to see; the first
+        dead letter after every restart went unnoticed (acceptance pass).
+        """
+        for destination in destinations:
+            for outcome in DELIVERY_OUTCOMES:
+                self.deliveries.labels(destination=destination, outcome=outcome)
+            self.dead_letters.labels(destination=destination)
+        for pipeline in pipelines:
+            for state in JOB_STATES:
+                self.jobs_finished.labels(pipeline=pipeline, state=state)
+
+    def watch_deliveries(
+        self,
+        waiting: Callable[[], Mapping[str, tuple[int, float]]],
+        destinations: Sequence[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Serve ``radnode_deliveries_waiting`` and its age from ``waiting`` (the
+        outbox's :meth:`~service.delivery.Outbox.waiting`) at each scrape."""
+        self.registry.register(_WaitingDeliveriesCollector(waiting, destinations, clock))
 
     # -- receive path -----------------------------------------------------------
 

@@ -96,6 +96,11 @@ class Node:
             metrics=self.metrics,
         )
         self.outbox = Outbox(outbox_path(settings))
+        self.metrics.watch_deliveries(self.outbox.waiting, [d.name for d in settings.destinations])
+        self.metrics.start_at_zero(
+            destinations=[d.name for d in settings.destinations],
+            pipelines=sorted({route.pipeline for route in settings.routes}),
+        )
         self.delivery = DeliveryWorker(
             self.outbox,
             {

@@ -237,8 +237,40 @@ def test_deliveries_and_dead_letters_count_per_destination(metrics) -> None:
         metrics.association("maybe")
 
 
+def test_alerted_series_exist_at_zero_and_waiting_results_are_a_gauge(tmp_path: Path) -> None:
+    """A counter that appears at 1 (or at 125 after a burst inside one scrape) has no
+    increase() for an alert: the first dead letter after a restart, a burst of A700s
+    went unseen. And "results not delivered for 30 minutes" needs a gauge of what
+    waits and since when (acceptance pass)."""
+    from service.delivery import Outbox
+
+    now = [1000.0]
+    outbox = Outbox(tmp_path / "outbox.sqlite3", clock=lambda: now[0])
+    metrics = Metrics(data_dir=tmp_path)
+    metrics.start_at_zero(destinations=["pacs", "ris"], pipelines=["seg"])
+    metrics.watch_deliveries(outbox.waiting, ["pacs", "ris"], clock=lambda: now[0])
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("radnode_dead_letters_total", destination="ris") == 0
+    assert sample("radnode_deliveries_total", destination="pacs", outcome="failed") == 0
+    assert sample("radnode_jobs_finished_total", pipeline="seg", state="failed") == 0
+    assert sample("radnode_store_refusals_total", status="0xA700", reason="out_of_resources") == 0
+    assert sample("radnode_deliveries_waiting", destination="pacs") == 0
+    outbox.enqueue(job_id="j", destination="pacs", kind="hl7", message_id="m1", payload=b"x")
+    now[0] += 90
+    outbox.enqueue(job_id="k", destination="pacs", kind="hl7", message_id="m2", payload=b"y")
+    now[0] += 30
+    assert sample("radnode_deliveries_waiting", destination="pacs") == 2
+    assert sample("radnode_deliveries_oldest_waiting_seconds", destination="pacs") == 120
+    assert sample("radnode_deliveries_oldest_waiting_seconds", destination="ris") == 0
+    outbox.close()
+
+
 def test_every_metric_is_prefixed_parseable_and_documented(tmp_path: Path) -> None:
     metrics = Metrics(data_dir=tmp_path, job_counts=lambda: {("p", "done"): 1})
+    metrics.watch_deliveries(lambda: {"pacs": (1, 0.0)}, ["pacs"])
     metrics.job_finished("p", "done", {"inference_s": 1.0}, end_to_end_s=1.0)
     metrics.delivery("pacs", "delivered")
     metrics.dead_letter("pacs")
