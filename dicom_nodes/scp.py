@@ -595,6 +595,26 @@ class StorageSCP:
             **_tls_fields(event.assoc),
         )
         self._notify("accepted")
+        if not event.assoc.accepted_contexts:
+            self._log_no_context(event.assoc, stats)
+
+    @staticmethod
+    def _log_no_context(assoc: Association, stats: _AssociationStats) -> None:
+        """Every presentation context refused: the peer learns "no acceptable
+        presentation contexts" and aborts, and the operator saw only opened/aborted
+        (acceptance pass). Name what was asked for (SOP classes and transfer syntaxes
+        are not patient data)."""
+        refused = assoc.rejected_contexts
+        log.warning(
+            "association.no_acceptable_context",
+            peer_ae=stats.calling_ae,
+            peer_address=stats.address,
+            sop_classes=sorted({_uid_name(c.abstract_syntax) for c in refused}),
+            transfer_syntaxes=sorted({_uid_name(t) for c in refused for t in c.transfer_syntax}),
+            action="the peer offered only SOP classes or transfer syntaxes radnode does not"
+            " take (docs/conformance-statement.md); have it offer a storage SOP class with an"
+            " uncompressed transfer syntax",
+        )
 
     def _on_rejected(self, event: evt.Event) -> None:
         with self._stats_lock:
@@ -658,6 +678,13 @@ class StorageSCP:
     def _notify(self, outcome: str) -> None:
         if self._on_association is not None:
             self._on_association(outcome)
+
+
+def _uid_name(uid: object) -> str:
+    """A UID with its name where pydicom knows it (``1.2.840.10008.1.2.4.100 (MPEG2
+    Main Profile / Main Level)``); an unknown UID as it is."""
+    name = getattr(uid, "name", "")
+    return f"{uid} ({name})" if name and name != str(uid) else str(uid)
 
 
 def _calling_ae(assoc: Association) -> str:

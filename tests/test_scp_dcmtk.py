@@ -178,3 +178,20 @@ def test_one_instance_per_association(radnode: RadnodeProcess, tmp_path: Path) -
         assert acknowledged_files(storescu(radnode.port, [path]).stderr) == [str(path)]
     for path in files:
         assert spool_file(radnode, path).read_bytes().endswith(path.read_bytes()[-1024:])
+
+
+def test_an_association_offering_nothing_radnode_takes_is_named_in_a_warning(
+    radnode: RadnodeProcess,
+) -> None:
+    """DCMTK findscu asks for Modality Worklist only: every context is refused, the peer
+    aborts, and the log said only opened/closed (acceptance pass). One warning names
+    what was asked for and what to do."""
+    result = subprocess.run(
+        [require_tool("findscu"), "-W", "-aec", "RADNODE", "-k", "PatientName=",
+         "127.0.0.1", str(radnode.port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+    (warning,) = radnode.wait_for_event("association.no_acceptable_context")
+    assert any("1.2.840.10008.5.1.4.31" in uid for uid in warning["sop_classes"])
+    assert warning["peer_ae"] == "FINDSCU" and "uncompressed" in warning["action"]
