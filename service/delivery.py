@@ -641,7 +641,14 @@ class DeliveryWorker:
         delay = target.policy.delay_s(item.attempts)
         self.outbox.mark_retry(item.id, error=outcome.reason, delay_s=delay)
         self.metrics.delivery(item.destination, "retry")
-        log.warning(f"{item.kind}.retry", reason=_clip(outcome.reason), retry_in_s=delay, **ids)
+        log.warning(
+            f"{item.kind}.retry",
+            reason=_clip(outcome.reason),
+            retry_in_s=delay,
+            action=f"none if it passes: tried again in {delay:g} s; if it lasts, check the"
+            f" destination {item.destination!r} (reason) and radnode status",
+            **ids,
+        )
         return False
 
     def _dead(self, item: Delivery, reason: str, ids: dict[str, object]) -> None:

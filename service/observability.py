@@ -53,6 +53,22 @@ class RedactQuotedValues(logging.Filter):
         return True
 
 
+#: pynetdicom's own lines for a connection radnode reports itself (``scu.association_failed``
+#: and ``dicom.retry``, with what to do): two more error lines per try, without an action.
+_PYNETDICOM_DUPLICATES = ("Association request failed", "TCP Initialisation Error")
+
+
+class DropReportedConnectionErrors(logging.Filter):
+    """Drop pynetdicom's error lines for a connection that failed: radnode's
+    ``scu.association_failed`` and ``dicom.retry`` say it, with an action (acceptance
+    pass: each PACS retry logged two extra error lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        return not str(record.msg).startswith(_PYNETDICOM_DUPLICATES)
+
+
 class ThrottleQueueLibraryErrors(logging.Filter):
     """Let each of huey's error messages through once a minute.
 
@@ -139,6 +155,7 @@ def configure_logging(level: str = "info") -> None:
     handler.setFormatter(formatter)
     handler.addFilter(RedactQuotedValues())
     handler.addFilter(ThrottleQueueLibraryErrors())
+    handler.addFilter(DropReportedConnectionErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])

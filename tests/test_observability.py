@@ -103,3 +103,21 @@ def test_huey_repeating_an_error_while_redis_is_down_is_let_through_once_a_minut
     assert throttle.filter(record("huey.consumer", logging.ERROR, "Error reading schedule."))
     assert all(throttle.filter(record("huey", logging.INFO, "Executing task")) for _ in range(3))
     assert all(throttle.filter(record("service.worker", logging.ERROR, "x")) for _ in range(3))
+
+
+def test_pynetdicoms_connection_error_lines_give_way_to_radnodes_own() -> None:
+    import logging
+
+    from service.observability import DropReportedConnectionErrors
+
+    drop = DropReportedConnectionErrors()
+
+    def record(name: str, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, message, None, None)
+
+    assert not drop.filter(record("pynetdicom.transport", "TCP Initialisation Error: refused"))
+    assert not drop.filter(
+        record("pynetdicom.transport", "Association request failed: unable to connect")
+    )
+    assert drop.filter(record("pynetdicom.acse", "Association Aborted"))
+    assert drop.filter(record("service.delivery", "TCP Initialisation Error"))
