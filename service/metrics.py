@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import (
@@ -125,6 +125,21 @@ def _free_bytes(path: Path) -> float:
         return math.nan
 
 
+def _read_at_scrape(source: Callable[[], Mapping[Any, Any]], event: str) -> dict[Any, Any] | None:
+    """``source()`` as a dict, or None (logged) when it fails: a scrape must still return
+    every other metric when the index or the outbox is busy or broken, and the gap in
+    this one is not silent."""
+    try:
+        return dict(source())
+    except Exception as exc:
+        log.warning(
+            event,
+            reason=f"{type(exc).__name__}: {exc}",
+            action="check that node.data_dir is readable; the next scrape retries",
+        )
+        return None
+
+
 class _JobCountsCollector(Collector):
     """``radnode_jobs``: jobs per pipeline and state, read from the index at scrape."""
 
@@ -137,16 +152,8 @@ class _JobCountsCollector(Collector):
             "Jobs per pipeline and state, as the study index holds them now.",
             labels=["pipeline", "state"],
         )
-        try:
-            counts = dict(self._source())
-        except Exception as exc:
-            # A scrape must still return every other metric when the index is busy or
-            # broken; the gap in this one is logged so it is not silent.
-            log.warning(
-                "metrics.job_counts_failed",
-                reason=f"{type(exc).__name__}: {exc}",
-                action="check that node.data_dir is readable; the next scrape retries",
-            )
+        counts = _read_at_scrape(self._source, "metrics.job_counts_failed")
+        if counts is None:
             return
         for (pipeline, state), count in sorted(counts.items()):
             family.add_metric([pipeline, state], count)
@@ -179,14 +186,8 @@ class _WaitingDeliveriesCollector(Collector):
             " none waits.",
             labels=["destination"],
         )
-        try:
-            waiting = dict(self._source())
-        except Exception as exc:
-            log.warning(
-                "metrics.deliveries_failed",
-                reason=f"{type(exc).__name__}: {exc}",
-                action="check that node.data_dir is readable; the next scrape retries",
-            )
+        waiting = _read_at_scrape(self._source, "metrics.deliveries_failed")
+        if waiting is None:
             return
         now = self._clock()
         for destination in sorted({*self._destinations, *waiting}):
