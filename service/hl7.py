@@ -227,10 +227,15 @@ def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
     return Ack(code=code, control_id=_field(msa, 2), text=error_text)
 
 
-#: Fields of radnode's own ORU that identify the patient or the order: PID-3 (IDs),
-#: PID-5 (name), PID-7 (birth date), PID-18 (account), PID-19 (SSN), ORC-2/3 and OBR-2/3
-#: (the accession number as placer/filler order number).
-_IDENTIFYING_FIELDS = (("PID", (3, 5, 7, 18, 19)), ("ORC", (2, 3)), ("OBR", (2, 3)))
+#: Fields of radnode's own ORU that identify the patient or the order, and how many of
+#: their leading components do: PID-3 (the ID of each repetition, not its issuer or
+#: type code), PID-5 (family, given, middle name), PID-7 (birth date), PID-18
+#: (account), PID-19 (SSN), ORC-2/3 and OBR-2/3 (the accession number, not its issuer).
+_IDENTIFYING_FIELDS = (
+    ("PID", ((3, 1), (5, 3), (7, 1), (18, 1), (19, 1))),
+    ("ORC", ((2, 1), (3, 1))),
+    ("OBR", ((2, 1), (3, 1))),
+)
 #: A quoted value, and anything shaped like a DICOM UID (four or more numeric parts).
 _QUOTED_OR_UID = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+(?:\.\d+){3,}\b")
 REDACTED = "<redacted>"
@@ -256,7 +261,7 @@ def without_identifiers(text: str, message: bytes | None, encoding: str = "utf-8
 
 
 def _identifiers(message: bytes | None, encoding: str) -> set[str]:
-    """Every component of :data:`_IDENTIFYING_FIELDS` in ``message``, 2+ characters."""
+    """The words of :data:`_IDENTIFYING_FIELDS` in ``message``, 2+ characters each."""
     if not message:
         return set()
     raw = message.decode(encoding, errors="replace").replace("\n", "\r").strip("\r")
@@ -265,15 +270,16 @@ def _identifiers(message: bytes | None, encoding: str) -> set[str]:
     except (KeyError, ValueError, IndexError, python_hl7.ParseException):
         return set()
     found: set[str] = set()
-    for name, indexes in _IDENTIFYING_FIELDS:
+    for name, fields in _IDENTIFYING_FIELDS:
         for segment in _segments(parsed, name):
-            for index in indexes:
-                value = parsed.unescape(_field(segment, index))
-                for part in re.split(r"[~^&\s]+", value):
-                    if len(part) >= 2:
-                        found.add(part)
-                        if len(part) == 8 and part.isdigit():  # a date: also as written
-                            found.add(f"{part[:4]}-{part[4:6]}-{part[6:]}")
+            for index, leading in fields:
+                for repetition in _field(segment, index).split("~"):
+                    for component in repetition.split("^")[:leading]:
+                        for part in parsed.unescape(component).split():
+                            if len(part) >= 2:
+                                found.add(part)
+                            if len(part) >= 8 and part[:8].isdigit():  # a date, as written too
+                                found.update((part[:8], f"{part[:4]}-{part[4:6]}-{part[6:8]}"))
     return found
 
 
