@@ -697,3 +697,21 @@ def test_a_study_without_accession_number_warns_that_the_ris_may_not_match_it(
         assert [d.kind for d in publication.deliverables] == ["hl7"]
         warned = [e for e in events if e["event"] == "hl7.no_order_number"]
         assert len(warned) == (0 if accession else 1)
+
+
+def test_an_overlay_names_its_image_as_the_viewer_numbers_it(ct, tmp_path, monkeypatch):
+    """'slice 78/100' was radnode's sort index: on a top-down numbered or feet-first
+    series a reader went 55 slices away (acceptance pass). The banner names the
+    source's series and Instance Number, which the SC also references."""
+    volume, headers = ct
+    captions: list[str] = []
+    monkeypatch.setattr(sc, "_banner", lambda image, prov, legend, detail: captions.append(detail))
+    written = _names(write_dicom_results(_segmentation(volume), volume, headers, tmp_path))
+    overlays = [h for h in written.values() if h.Modality in ("OT", "SC")]
+    by_uid = {h.SOPInstanceUID: h for h in headers}
+    shown = {
+        f"series {by_uid[o.SourceImageSequence[0].ReferencedSOPInstanceUID].SeriesNumber}, "
+        f"image {by_uid[o.SourceImageSequence[0].ReferencedSOPInstanceUID].InstanceNumber}"
+        for o in overlays
+    }
+    assert overlays and set(captions) == shown

@@ -113,9 +113,24 @@ def _segmentation_images(
         if not legend:
             legend.append(("no finding segmented", (255, 255, 255)))
         image, scale = _scaled(rgb)
-        _banner(image, provenance, legend, f"slice {k + 1}/{label_map.shape[0]}")
+        _banner(image, provenance, legend, image_label(sources[k]))
         images.append(_sc_image(image, scale, sources[k], provenance, number, volume))
     return images
+
+
+def image_label(source: SliceSource) -> str:
+    """Which source image an overlay shows, as the viewer numbers it: its series and
+    Instance Number (and frame). radnode's own slice index ("slice 78/100") sent a
+    reader 55 slices away on a feet-first or top-down numbered series (acceptance
+    pass)."""
+    header = source.header
+    series = header.get("SeriesNumber")
+    number = header.get("InstanceNumber")
+    parts = [f"series {series}"] if series not in (None, "") else []
+    parts.append(f"image {number}" if number not in (None, "") else "image (no number)")
+    if source.frame_number is not None:
+        parts.append(f"frame {source.frame_number}")
+    return ", ".join(parts)
 
 
 def _classification_images(
@@ -142,7 +157,11 @@ def _classification_images(
         (f"{label.name}: {100.0 * p:.1f} %", (255, 255, 255))
         for label, p in zip(result.labels, result.probabilities or (), strict=True)
     ]
-    detail = "class activation map" if heatmap is not None else ""
+    detail = ""
+    if heatmap is not None:
+        # an all-zero map draws nothing: say so rather than name a map that is not there
+        shown = float(np.nanmax(heatmap[k])) >= 0.5 / 255  # below: no grey level changes
+        detail = "class activation map" if shown else "no class activation to show"
     _banner(image, provenance, legend, detail)
     return [_sc_image(image, scale, sources[k], provenance, 1, volume)]
 
