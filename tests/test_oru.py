@@ -122,6 +122,7 @@ def obx_rows(er7: str) -> list[dict[str, str]]:
                     ("units", 6, ".R1.C1"),
                     ("units_system", 6, ".R1.C3"),
                     ("status", 11, ""),
+                    ("flag", 8, ""),
                 )
             }
         )
@@ -435,3 +436,17 @@ def test_enqueue_oru_is_idempotent_per_job_and_destination(tmp_path) -> None:
     assert first.kind == "hl7" and first.message_id == control_id_for("job-9", "ris")
     assert first.payload is not None and first.message_id.encode() in first.payload
     assert len(outbox.list()) == 1
+
+
+def test_a_classification_says_present_or_absent_as_the_sr_does() -> None:
+    """A RIS listing coded findings showed "Solitary nodule of lung" on a normal chest,
+    only the 0.2 % beside it telling otherwise (acceptance pass). The sentence says
+    present or absent, and both OBX of a finding carry the abnormal flag (A / N)."""
+    er7 = build_oru(classification(), ct_header(), SPACING, destination()).er7
+    rows = obx_rows(er7)
+    flags = {(r["sub"], r["type"]): r["flag"] for r in rows if r["sub"]}
+    assert flags == {("1", "CWE"): "A", ("1", "NM"): "A", ("2", "CWE"): "N", ("2", "NM"): "N"}
+    summary = " ".join(r["value"] for r in rows if r["type"] == "TX")
+    assert "Pneumothorax: present (probability 87.3 %)." in summary
+    assert "Uncoded finding: absent (probability 2.0 %)." in summary
+    strict(er7)

@@ -12,6 +12,7 @@ work list. docs/hl7.md is the message profile; in short::
     OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
     OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
     OBX  NM  probability in % (DCM 122157) or volume in mL (SCT)    } sharing OBX-4
+             (a classification's pair: OBX-8 A at or above the SR's Present threshold, else N)
     OBX  ST  Study Instance UID (DCM 110180), Series Instance UID (DCM 112002)
 
 The message is built and checked with hl7apy under STRICT validation, so a message the
@@ -47,6 +48,7 @@ from pydicom.valuerep import PersonName
 from service.delivery import Delivery, Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
+from service.writers.sr import PRESENT_THRESHOLD
 
 HL7_VERSION = "2.5.1"
 _STRICT = VALIDATION_LEVEL.STRICT
@@ -247,7 +249,7 @@ def build_oru(
         _order(order, source, destination, now, status)
         observed_at = _hl7_now(now)
         method = _fit(f"{result.bundle.name} {result.bundle.version}")
-        for set_id, (value_type, ident, sub_id, value, units) in enumerate(
+        for set_id, (value_type, ident, sub_id, value, units, flag) in enumerate(
             _observations(result, source, spacing_mm), start=1
         ):
             obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
@@ -257,6 +259,7 @@ def build_oru(
             _set(obx, "obx_4", sub_id)
             obx.obx_5 = value
             _set(obx, "obx_6", units)
+            _set(obx, "obx_8", flag)
             obx.obx_11 = status
             obx.obx_14 = observed_at
             obx.obx_17 = "^" + method
@@ -381,7 +384,8 @@ def _universal_service_id(ds: Dataset) -> str:
     return _coded(None, description or (f"{modality} study" if modality else "Imaging study"))
 
 
-Observation = tuple[str, str, str, str, str]  # value type, OBX-3, OBX-4, OBX-5, OBX-6
+#: value type, OBX-3, OBX-4, OBX-5, OBX-6, OBX-8 (abnormal flag, table 0078)
+Observation = tuple[str, str, str, str, str, str]
 
 
 def _observations(
@@ -389,26 +393,35 @@ def _observations(
 ) -> Iterable[Observation]:
     findings = list(_finding_lines(result, spacing_mm))
     for line in _summary_lines(result, ds, [text for text, _ in findings]):
-        yield "TX", _coded(SUMMARY), "", line, ""
+        yield "TX", _coded(SUMMARY), "", line, "", ""
     for sub_id, (_, observations) in enumerate(findings, start=1):
-        for value_type, ident, value, units in observations:
-            yield value_type, ident, str(sub_id), value, units
-    yield "ST", _coded(STUDY_INSTANCE_UID), "", _fit(_text(ds, "StudyInstanceUID")), ""
-    yield "ST", _coded(SERIES_INSTANCE_UID), "", _fit(_text(ds, "SeriesInstanceUID")), ""
+        for value_type, ident, value, units, flag in observations:
+            yield value_type, ident, str(sub_id), value, units, flag
+    yield "ST", _coded(STUDY_INSTANCE_UID), "", _fit(_text(ds, "StudyInstanceUID")), "", ""
+    yield "ST", _coded(SERIES_INSTANCE_UID), "", _fit(_text(ds, "SeriesInstanceUID")), "", ""
 
 
 def _finding_lines(
     result: PipelineResult, spacing_mm: tuple[float, float, float]
-) -> Iterable[tuple[str, list[tuple[str, str, str, str]]]]:
-    """Per label: a summary sentence and its OBX pair (coded concept, measurement)."""
+) -> Iterable[tuple[str, list[tuple[str, str, str, str, str]]]]:
+    """Per label: a summary sentence and its OBX pair (coded concept, measurement).
+
+    A classification's finding says present or absent, as the SR does (probability at
+    or above :data:`PRESENT_THRESHOLD`), in the sentence and as the abnormal flag of
+    both OBX (A / N): a RIS that lists coded findings showed "Solitary nodule of lung"
+    on a normal chest, the 0.2 % beside it the only hint (acceptance pass).
+    """
     if result.kind is TaskKind.CLASSIFICATION and result.probabilities is not None:
         for label, probability in zip(result.labels, result.probabilities, strict=True):
             percent = min(100.0, max(0.0, probability * 100.0))
+            present = probability >= PRESENT_THRESHOLD
+            flag = "A" if present else "N"
             yield (
-                f"{label.name}: probability {percent:.1f} %.",
+                f"{label.name}: {'present' if present else 'absent'}"
+                f" (probability {percent:.1f} %).",
                 [
-                    ("CWE", _coded(FINDING), _coded(label.finding, label.name), ""),
-                    ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT)),
+                    ("CWE", _coded(FINDING), _coded(label.finding, label.name), "", flag),
+                    ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT), flag),
                 ],
             )
     elif result.kind is TaskKind.SEGMENTATION and result.label_map is not None:
@@ -418,8 +431,8 @@ def _finding_lines(
             yield (
                 f"{label.name}: volume {volume:.2f} mL.",
                 [
-                    ("CWE", _coded(FINDING_SITE), _coded(label.finding, label.name), ""),
-                    ("NM", _coded(VOLUME), f"{volume:.2f}", _coded(MILLILITRE)),
+                    ("CWE", _coded(FINDING_SITE), _coded(label.finding, label.name), "", ""),
+                    ("NM", _coded(VOLUME), f"{volume:.2f}", _coded(MILLILITRE), ""),
                 ],
             )
 
