@@ -715,3 +715,34 @@ def test_an_overlay_names_its_image_as_the_viewer_numbers_it(ct, tmp_path, monke
         for o in overlays
     }
     assert overlays and set(captions) == shown
+
+
+def test_every_report_group_and_derived_series_says_it_is_not_for_diagnosis(ct, tmp_path):
+    """SR viewers show the content tree and a series list shows the description; the
+    warning was only in Contributing Equipment and Image Comments, which neither shows
+    (acceptance pass: the denoised CT read as a diagnostic CT)."""
+    volume, headers = ct
+    written = _names(write_dicom_results(_segmentation(volume), volume, headers, tmp_path))
+    (sr,) = [h for h in written.values() if h.Modality == "SR"]
+    groups = [
+        item
+        for container in sr.ContentSequence
+        if "ContentSequence" in container
+        for item in container.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"
+    ]
+    comments = [[c.TextValue for c in g.ContentSequence if c.ValueType == "TEXT"] for g in groups]
+    assert groups and all(
+        any("not for diagnostic use" in text for text in texts) for texts in comments
+    )
+    image = volume.array.astype(np.float32)
+    result = PipelineResult(
+        bundle=BundleIdentity("denoise", "1.0", TaskKind.RECONSTRUCTION),
+        labels=(),
+        device="cpu",
+        timings=StageTimings(),
+        image=image,
+    )
+    derived = _names(write_dicom_results(result, volume, headers, tmp_path / "recon"))
+    series = {h.SeriesDescription for h in derived.values() if h.Modality != "SR"}
+    assert series == {"AI derived, not for diagnosis: denoise 1.0"}

@@ -67,7 +67,11 @@ _SERIES_LABELS: dict[str, str] = {
     "SR": "AI report",
     "SEG": "AI segmentation",
     "SC": "AI overlay",
-    "DERIVED": "AI derived",
+    # A derived series looks like any other in a viewer's series list, which shows only
+    # this: it says it is not for diagnosis there (acceptance pass: the denoised CT read
+    # as a diagnostic CT; the warning was in Image Comments only). Kept first, so a
+    # revision's shortening does not cut it.
+    "DERIVED": "AI derived, not for diagnosis:",
 }
 
 _LO_MAX = 64  # Long String, e.g. Series Description, Manufacturer's Model Name

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import highdicom as hd
 import numpy as np
+from highdicom.sr.templates import Template
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -214,28 +215,27 @@ def _classification_groups(
     groups = []
     for label, probability in zip(result.labels, probabilities, strict=True):
         finding = finding_code(label)
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(provenance, label),
-                finding_type=finding,
-                algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=PROBABILITY,
-                        value=round(float(probability) * 100.0, 4),
-                        unit=PERCENT,
-                        algorithm_id=algorithm,
-                    )
-                ],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=finding,
-                        value=PRESENT if probability >= PRESENT_THRESHOLD else ABSENT,
-                    )
-                ],
-                source_images=sources,
-            )
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(provenance, label),
+            finding_type=finding,
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(
+                    name=PROBABILITY,
+                    value=round(float(probability) * 100.0, 4),
+                    unit=PERCENT,
+                    algorithm_id=algorithm,
+                )
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    name=finding,
+                    value=PRESENT if probability >= PRESENT_THRESHOLD else ABSENT,
+                )
+            ],
+            source_images=sources,
         )
+        groups.append(_with_comment(group, f"{provenance.banner}."))
     return groups
 
 
@@ -269,27 +269,25 @@ def _segmentation_groups(
                 )
             )
         number = seg.segment_numbers.get(label.value) if seg is not None else None
+        group: Template
         if seg is not None and number is not None:
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(provenance, label),
-                    referenced_segment=_referenced_segment(seg, number, volume),
-                    finding_type=segment_type(label),
-                    finding_category=segment_category(label),
-                    algorithm_id=algorithm,
-                    measurements=measurements,
-                )
+            group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(provenance, label),
+                referenced_segment=_referenced_segment(seg, number, volume),
+                finding_type=segment_type(label),
+                finding_category=segment_category(label),
+                algorithm_id=algorithm,
+                measurements=measurements,
             )
         else:  # nothing segmented for this label: no segment to point at
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(provenance, label),
-                    finding_type=segment_type(label),
-                    finding_category=segment_category(label),
-                    algorithm_id=algorithm,
-                    measurements=measurements,
-                )
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(provenance, label),
+                finding_type=segment_type(label),
+                finding_category=segment_category(label),
+                algorithm_id=algorithm,
+                measurements=measurements,
             )
+        groups.append(_with_comment(group, f"{provenance.banner}."))
     return groups
 
 
@@ -311,11 +309,24 @@ def _reconstruction_group(
         )
     else:
         note = f"No derived series was produced. {provenance.banner}."
-    # TID 1501 row 13 allows TEXT qualitative evaluations; highdicom's class is CODE only.
+    return _with_comment(group, note)
+
+
+_Group = TypeVar("_Group", bound=Template)
+
+
+def _with_comment(group: _Group, text: str) -> _Group:
+    """``group`` with a TEXT Comment (DCM 121106) in its content.
+
+    TID 1501/1411 allow TEXT qualitative evaluations; highdicom's class is CODE only.
+    Every group says the result is not for diagnosis on its own in the report itself:
+    an SR viewer shows the content tree, not Contributing Equipment, where it was the
+    only place it was said (acceptance pass).
+    """
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
             name=COMMENT,
-            value=note[:1024],
+            value=text[:1024],
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
