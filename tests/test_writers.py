@@ -746,3 +746,13 @@ def test_every_report_group_and_derived_series_says_it_is_not_for_diagnosis(ct, 
     derived = _names(write_dicom_results(result, volume, headers, tmp_path / "recon"))
     series = {h.SeriesDescription for h in derived.values() if h.Modality != "SR"}
     assert series == {"AI derived, not for diagnosis: denoise 1.0"}
+    # the report lists the images it is about in its evidence, not only in a comment
+    (report,) = [h for h in derived.values() if h.Modality == "SR"]
+    images = {h.SOPInstanceUID for h in derived.values() if h.Modality != "SR"}
+    listed = {
+        sop.ReferencedSOPInstanceUID
+        for study in report.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study.ReferencedSeriesSequence
+        for sop in series_item.ReferencedSOPSequence
+    }
+    assert images <= listed and len(images) == len(headers)

@@ -104,13 +104,18 @@ class DerivedSeries:
     series_uid: str
     description: str
     count: int
+    #: (SOP Class UID, SOP Instance UID) of each derived image, for the SR's evidence.
+    instances: tuple[tuple[str, str], ...] = ()
 
 
-def derived_series_info(provenance: Provenance, count: int) -> DerivedSeries:
+def derived_series_info(
+    provenance: Provenance, instances: Sequence[tuple[str, str]]
+) -> DerivedSeries:
     return DerivedSeries(
         series_uid=provenance.uid("series:derived"),
         description=provenance.series_description("DERIVED"),
-        count=count,
+        count=len(instances),
+        instances=tuple(instances),
     )
 
 
@@ -130,7 +135,7 @@ def iter_derived_series(
         raise ValueError("a derived series needs an image")
     if image.shape[0] != len(volume.sources) or image.shape[1:] != volume.array.shape[1:]:
         raise ValueError(f"image shape {image.shape} does not match the source volume")
-    info = derived_series_info(provenance, len(source_headers))
+    info = derived_series_info(provenance, ())  # its UID and description
     # The same for every image of the series, and costly to make (highdicom checks the
     # IOD: 4 ms an image); one scanner made the series.
     equipment = [*_acquisition_equipment(source_headers[0]), provenance.contributing_equipment()]

@@ -146,7 +146,9 @@ def write_dicom_objects(
             _save(ds, out_dir)
             for ds in iter_derived_series(result, volume, source_headers, provenance)
         ]
-        info = derived_series_info(provenance, len(derived))
+        info = derived_series_info(
+            provenance, [(obj.sop_class_uid, obj.sop_instance_uid) for obj in derived]
+        )
         sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
         return [_save(_stamped(sr, stamp), out_dir), *derived]
     return [_save(_stamped(ds, stamp), out_dir) for ds in datasets]

@@ -143,6 +143,10 @@ def build_sr(
             evidence.append(seg.dataset)
     elif result.kind is TaskKind.RECONSTRUCTION:
         groups = [_reconstruction_group(provenance, algorithm, derived)]
+        if derived is not None:
+            # the images the report is about: in its evidence, not only named in a
+            # comment (acceptance pass), so a viewer can go from the report to them
+            evidence += [_evidence_item(first, derived.series_uid, *i) for i in derived.instances]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=provenance.device_observer()
@@ -310,6 +314,18 @@ def _reconstruction_group(
     else:
         note = f"No derived series was produced. {provenance.banner}."
     return _with_comment(group, note)
+
+
+def _evidence_item(
+    study: Dataset, series_uid: str, sop_class_uid: str, sop_instance_uid: str
+) -> Dataset:
+    """What highdicom reads of an evidence instance: its study, series and SOP UIDs."""
+    item = Dataset()
+    item.StudyInstanceUID = study.StudyInstanceUID
+    item.SeriesInstanceUID = series_uid
+    item.SOPClassUID = sop_class_uid
+    item.SOPInstanceUID = sop_instance_uid
+    return item
 
 
 _Group = TypeVar("_Group", bound=Template)
