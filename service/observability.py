@@ -89,6 +89,8 @@ class ThrottleQueueLibraryErrors(logging.Filter):
         now = time.monotonic()
         if now - self._last.get(message, -self.every_s) < self.every_s:
             return False
+        if len(self._last) >= 1000:  # messages that name a task differ each time
+            self._last.clear()
         self._last[message] = now
         return True
 
