@@ -450,3 +450,12 @@ def test_a_classification_says_present_or_absent_as_the_sr_does() -> None:
     assert "Pneumothorax: present (probability 87.3 %)." in summary
     assert "Uncoded finding: absent (probability 2.0 %)." in summary
     strict(er7)
+
+
+def test_a_reconstructions_summary_names_the_derived_series_to_open() -> None:
+    """The summary of a denoising said which algorithm ran, not which series it made
+    (acceptance pass): the RIS reader is told its number and description."""
+    er7 = build_oru(reconstruction(), ct_header(), SPACING, destination()).er7
+    summary = " ".join(r["value"] for r in obx_rows(er7) if r["type"] == "TX")
+    assert "Derived image series 9" in summary
+    assert '"AI derived, not for diagnosis: ct_denoise 0.1.0" (2 images)' in summary

@@ -48,6 +48,7 @@ from pydicom.valuerep import PersonName
 from service.delivery import Delivery, Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
+from service.writers.provenance import Provenance
 from service.writers.sr import PRESENT_THRESHOLD
 
 HL7_VERSION = "2.5.1"
@@ -424,6 +425,15 @@ def _finding_lines(
                     ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT), flag),
                 ],
             )
+    elif result.kind is TaskKind.RECONSTRUCTION and result.image is not None:
+        # what the RIS reader should open; the summary named no series (acceptance pass)
+        provenance = Provenance.of(result.bundle, "")
+        yield (
+            f"Derived image series {provenance.series_number('DERIVED')} "
+            f'"{provenance.series_description("DERIVED")}" ({result.image.shape[0]} images)'
+            " in this study.",
+            [],
+        )
     elif result.kind is TaskKind.SEGMENTATION and result.label_map is not None:
         volumes = result.segment_volumes_ml(spacing_mm)
         for label in result.labels:
