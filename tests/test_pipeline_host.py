@@ -527,3 +527,48 @@ def test_an_axial_series_with_rounded_direction_cosines_is_resampled_as_axial(tm
     oblique = np.eye(4)
     oblique[:2, :2] = [[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]]
     assert np.array_equal(snapped_to_axes(oblique, (1.0, 1.0, 1.0)), oblique)
+
+
+def test_transforms_given_by_reference_are_rewritten_as_inline_ones(tmp_path) -> None:
+    """MONAI's own segmentation_template gives its lists by reference
+    (``transforms: $@preprocessing_transforms + ...``). Only inline lists were
+    rewritten: LoadImaged failed every job and SaveImaged wrote into the bundle folder
+    (acceptance pass). The referenced items are rewritten too; the result is the same
+    as the inline bundle's."""
+    from monai.networks.nets import UNet
+
+    from tests.support.bundles import SPLEEN_METADATA, spleen_inference_config, write_bundle
+
+    config = spleen_inference_config()
+    config["preprocessing_transforms"] = config["preprocessing"]["transforms"][:1]
+    config["more_transforms"] = config["preprocessing"]["transforms"][1:]
+    config["preprocessing"]["transforms"] = "$@preprocessing_transforms + @more_transforms"
+    config["postprocessing_transforms"] = config["postprocessing"]["transforms"]
+    config["postprocessing"]["transforms"] = "@postprocessing_transforms"
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="batch")
+    by_reference = write_bundle(tmp_path / "models", "by_reference", SPLEEN_METADATA, config, net)
+    bundle = load_bundle(read_bundle_spec(by_reference), "cpu")
+    assert {"preprocessing_transforms:LoadImaged", "postprocessing_transforms:SaveImaged"} <= set(
+        bundle.swapped
+    )
+    inline = load_bundle(read_bundle_spec(write_zoo_spleen_bundle(tmp_path / "inline")), "cpu")
+    volume = load_series(small_ct(tmp_path / "ct"))
+    result = run_bundle(bundle, volume)
+    assert np.array_equal(result.label_map, run_bundle(inline, volume).label_map)
+    assert not (by_reference / "eval").exists()  # nothing written beside the weights
+
+
+def test_a_loader_built_by_an_expression_radnode_cannot_follow_is_refused_at_load(
+    tmp_path,
+) -> None:
+    from monai.networks.nets import UNet
+
+    from tests.support.bundles import SPLEEN_METADATA, spleen_inference_config, write_bundle
+
+    config = spleen_inference_config()
+    config["preprocessing"]["transforms"] = "$[monai.transforms.LoadImaged(keys='image')]"
+    net = UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="batch")
+    bundle = write_bundle(tmp_path, "hidden_loader", SPLEEN_METADATA, config, net)
+    with pytest.raises(BundleError, match=r"hidden_loader.*still include LoadImaged"):
+        load_bundle(read_bundle_spec(bundle), "cpu")

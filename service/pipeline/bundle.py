@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -376,9 +377,8 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
     parser["device"] = f"$torch.device('{device}')"
     swapped: list[str] = []
     config = parser.get()
-    for key in ("preprocessing", "postprocessing"):
-        if key in config:
-            _swap_io(config[key], spec.identity.kind, swapped, key)
+    for key in _transform_keys(config):
+        _swap_io(config[key], spec.identity.kind, swapped, key)
     _no_pretrained(config.get("network_def"), swapped)
     parser.set(config)
 
@@ -402,6 +402,7 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
             raise BundleError(
                 f"bundle {spec.name}: its inference config does not instantiate: {exc}"
             ) from exc
+    _check_no_file_io(spec, spec.identity.kind, preprocessing, postprocessing)
     if weights:
         network.eval()
     return LoadedBundle(
@@ -413,6 +414,60 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
         postprocessing=postprocessing,
         swapped=tuple(swapped),
     )
+
+
+#: A reference to another config item: ``@transforms``, ``$@pre + @extra``, ``@a#0``.
+_REFERENCE = re.compile(r"@([A-Za-z_]\w*)")
+#: Top-level items never rewritten, whoever references them.
+_NOT_TRANSFORMS = frozenset({"network_def", "network", "inferer", "bundle_root", "device"})
+
+
+def _transform_keys(config: dict[str, Any]) -> list[str]:
+    """``preprocessing``, ``postprocessing`` and every top-level item they reference,
+    directly or through another reference.
+
+    Why: zoo configs give their lists by reference (MONAI's own segmentation_template:
+    ``transforms: $@preprocessing_transforms + @deterministic_transforms``). Only the
+    two keys were rewritten, so a LoadImaged failed every job, a SaveImaged wrote into
+    the bundle folder and a classifier's AsDiscreted turned 0.52 into 1.0 (acceptance
+    pass).
+    """
+    keys = [key for key in ("preprocessing", "postprocessing") if key in config]
+    seen = set(keys)
+    pending = list(keys)
+    while pending:
+        for name in _REFERENCE.findall(json.dumps(config[pending.pop()])):
+            if name in config and name not in seen and name not in _NOT_TRANSFORMS:
+                seen.add(name)
+                keys.append(name)
+                pending.append(name)
+    return keys
+
+
+def _check_no_file_io(spec: BundleSpec, kind: TaskKind, *transforms: Any) -> None:
+    """Refuse a bundle whose instantiated transforms still load or save files (or, for a
+    classifier, discretise): built by an expression radnode could not follow, they would
+    fail every job or write beside the weights. Better refused at load, naming them."""
+    left: list[str] = []
+
+    def walk(transform: Any) -> None:
+        name = type(transform).__name__
+        discretiser = kind is TaskKind.CLASSIFICATION and name in _DISCRETISERS
+        if name in _LOADERS or name in _SAVERS or discretiser:
+            left.append(name)
+        for inner in getattr(transform, "transforms", ()) or ():
+            walk(inner)
+
+    for transform in transforms:
+        if transform is not None:
+            walk(transform)
+    if left:
+        raise BundleError(
+            f"bundle {spec.name}: its transforms still include {', '.join(sorted(set(left)))}"
+            " after radnode replaced the ones it found; they are built by an expression it"
+            " cannot follow. List them in preprocessing/postprocessing (or in items those"
+            " reference with @name)"
+        )
 
 
 def _target_name(node: dict[str, Any]) -> str:
