@@ -572,3 +572,58 @@ def test_a_loader_built_by_an_expression_radnode_cannot_follow_is_refused_at_loa
     bundle = write_bundle(tmp_path, "hidden_loader", SPLEEN_METADATA, config, net)
     with pytest.raises(BundleError, match=r"hidden_loader.*still include LoadImaged"):
         load_bundle(read_bundle_spec(bundle), "cpu")
+
+
+def _threshold_variant(root: Path, name: str, change) -> Path:
+    """The threshold bundle with its metadata or config changed by ``change``."""
+    import json
+
+    bundle = write_threshold_bundle(root, name)
+    for file in ("metadata.json", "inference.json"):
+        path = bundle / "configs" / file
+        data = json.loads(path.read_text())
+        change(file, data)
+        path.write_text(json.dumps(data))
+    return bundle
+
+
+def test_nan_made_by_postprocessing_fails_the_job_as_nan_from_the_network_does(tmp_path):
+    """Checked only on the network's output, NaN from a postprocessing step became an
+    empty label map, "bone 0.0 mL", sent as a result (acceptance pass)."""
+
+    nan = {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x * float('nan')"}
+
+    def nan_before_argmax(file: str, data: dict) -> None:
+        if file == "inference.json":
+            data["postprocessing"]["transforms"].insert(0, nan)
+
+    def nan_last(file: str, data: dict) -> None:
+        if file == "inference.json":
+            data["postprocessing"]["transforms"] = [nan]
+
+    volume = load_series(small_ct(tmp_path / "ct"))
+    bundle = load_bundle(read_bundle_spec(_threshold_variant(tmp_path, "last", nan_last)))
+    with pytest.raises(PipelineFailed, match="postprocessing's output has NaN"):
+        run_bundle(bundle, volume)
+    made = _threshold_variant(tmp_path, "before_argmax", nan_before_argmax)
+    bundle = load_bundle(read_bundle_spec(made))
+    with pytest.raises(PipelineFailed, match=r"postprocessing failed.*NaN"):
+        run_bundle(bundle, volume)
+
+
+def test_labels_the_network_has_no_channel_for_fail_the_job(tmp_path):
+    """Two channels, four labels declared: the job was done and the RIS got "0.00 mL"
+    for organs the network cannot segment (acceptance pass)."""
+
+    def more_labels(file: str, data: dict) -> None:
+        if file == "metadata.json":
+            data["network_data_format"]["outputs"]["pred"]["channel_def"] = {
+                "0": "other",
+                "1": "bone",
+                "2": "spleen",
+                "3": "kidney",
+            }
+
+    bundle = load_bundle(read_bundle_spec(_threshold_variant(tmp_path, "four", more_labels)))
+    with pytest.raises(PipelineFailed, match=r"2 channel\(s\).*spleen \(2\), kidney \(3\)"):
+        run_bundle(bundle, load_series(small_ct(tmp_path / "ct")))

@@ -27,7 +27,13 @@ from monai.utils import convert_to_tensor
 
 
 def channel_argmax(tensor: Any, dim: int = 0, keepdim: bool = True) -> Any:
-    """``torch.argmax(tensor, dim, keepdim)``, computed as ``torch.max(...).indices``."""
+    """``torch.argmax(tensor, dim, keepdim)``, computed as ``torch.max(...).indices``.
+
+    Raises ValueError on NaN or infinite values: their argmax is a plausible label map
+    (an organ of "0 mL"), and a postprocessing step that made them before the argmax
+    had its result sent as a normal one (acceptance pass)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError("the values to take the argmax of have NaN or infinite values")
     return torch.max(tensor, dim=dim, keepdim=keepdim).indices
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import RadnodeError
-from service.pipeline.bundle import LoadedBundle
+from service.pipeline.bundle import BundleSpec, LoadedBundle
 from service.pipeline.paging import page_out
 from service.pipeline.result import PipelineResult, StageTimings, TaskKind
 from service.pipeline.volume import Volume
@@ -313,12 +313,15 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     except Exception as exc:
         raise PipelineFailed(f"pipeline {spec.name}: inference failed: {exc}") from exc
     _require_finite(spec.name, batch[out_key])
+    if spec.identity.kind is TaskKind.SEGMENTATION:
+        _require_channels_for_labels(spec, batch[out_key])
     inferred = time.perf_counter()
     try:
         (output,) = decollate_batch(batch)
         if bundle.postprocessing is not None:
             output = bundle.postprocessing(output)
         prediction = output[out_key]
+        _require_finite(spec.name, prediction, "its postprocessing's output")
         notes: dict[str, Any] = {"swapped": list(bundle.swapped)}
         result = _interpret(bundle, volume, prediction, reference, notes)
     except (PipelineFailed, InputMismatch):
@@ -346,19 +349,39 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     )
 
 
-def _require_finite(name: str, output: Any) -> None:
+def _require_finite(name: str, output: Any, what: str = "the model's output") -> None:
     """Refuse a model output with NaN or infinite values: argmax and rounding turn them
     into a plausible label map or image (a segmentation of "0 mL", a derived series of
     -32768), reported as a normal result (found by review). One pass over the output;
-    also catches fp16 overflow under CUDA autocast."""
+    also catches fp16 overflow under CUDA autocast. Checked again after the bundle's
+    postprocessing, which can make them too (acceptance pass: "bone 0.0 mL")."""
     import torch
 
     if not torch.is_tensor(output) or not output.is_floating_point():
         return
     if not bool(torch.isfinite(output).all()):
         raise PipelineFailed(
-            f"pipeline {name}: the model's output has NaN or infinite values; check"
-            " its weights and the input's intensities (nothing was written)"
+            f"pipeline {name}: {what} has NaN or infinite values; check its weights,"
+            " transforms and the input's intensities (nothing was written)"
+        )
+
+
+def _require_channels_for_labels(spec: BundleSpec, output: Any) -> None:
+    """Refuse a segmentation whose labels the network cannot give: a label value needs
+    a channel of its own (value v: channel v; one channel: a binary mask, value 1).
+    With 4 labels declared for 2 channels the job was done and the RIS got "spleen:
+    0.00 mL" for organs the network never segments (acceptance pass)."""
+    if getattr(output, "ndim", 0) < 3:  # not a batch of channel-first images: unknown
+        return
+    channels = int(output.shape[1])
+    highest = max(channels - 1, 1)
+    beyond = [label for label in spec.labels if label.value > highest]
+    if beyond:
+        names = ", ".join(f"{label.name} ({label.value})" for label in beyond)
+        raise PipelineFailed(
+            f"pipeline {spec.name}: the network gives {channels} channel(s), label values"
+            f" 0-{highest}, but metadata.json declares {names}; make its labels"
+            " (radnode.labels or channel_def) match the network's outputs"
         )
 
 
