@@ -627,3 +627,30 @@ def test_labels_the_network_has_no_channel_for_fail_the_job(tmp_path):
     bundle = load_bundle(read_bundle_spec(_threshold_variant(tmp_path, "four", more_labels)))
     with pytest.raises(PipelineFailed, match=r"2 channel\(s\).*spleen \(2\), kidney \(3\)"):
         run_bundle(bundle, load_series(small_ct(tmp_path / "ct")))
+
+
+def test_a_bundle_written_in_yaml_runs_as_its_json_twin(tmp_path) -> None:
+    """Half the zoo writes inference.yaml; pyyaml was not installed and every such
+    bundle failed (acceptance pass)."""
+    import json
+
+    import yaml
+
+    folder = write_zoo_spleen_bundle(tmp_path / "models", "yaml_spleen")
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").unlink()
+    (folder / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    twin = load_bundle(read_bundle_spec(write_zoo_spleen_bundle(tmp_path / "json")), "cpu")
+    bundle = load_bundle(read_bundle_spec(folder), "cpu")
+    volume = load_series(small_ct(tmp_path / "ct"))
+    assert np.array_equal(run_bundle(bundle, volume).label_map, run_bundle(twin, volume).label_map)
+
+
+def test_a_swin_unetr_network_instantiates() -> None:
+    """SwinUNETR needs einops; without it the bundle loaded and failed at its first job
+    (acceptance pass)."""
+    from monai.networks.nets import SwinUNETR
+
+    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 2, 64, 64, 64)
