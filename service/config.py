@@ -370,6 +370,14 @@ def load_settings(path: Path | None = None) -> Settings:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError([f"{path}: file not found"]) from exc
+        except IsADirectoryError as exc:
+            raise ConfigError([f"{path}: is a folder; give the TOML file (--config FILE)"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                [f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]
+            ) from exc
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot be read: {exc.strerror}"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
     try:

@@ -87,6 +87,13 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
     Raises :class:`StatusUnavailable` when the node cannot be reached or does not
     answer as radnode's API does.
     """
+    if not base_url.startswith(("http://", "https://")):
+        # "127.0.0.1:8080" without a scheme was read as "cannot reach ... is radnode
+        # serve running", "nonsense" raised a traceback (acceptance pass)
+        raise StatusUnavailable(
+            f"{base_url!r} is not an HTTP address; give it as http://HOST:PORT"
+            " (the node's node.http_port)"
+        )
     query = f"?limit={limit}"
     failed = [
         *_get(base_url, f"/api/jobs{query}&state=failed", "jobs", timeout),

@@ -454,6 +454,14 @@ def test_status_view_says_what_to_check_when_the_node_is_down() -> None:
         fetch_status(f"http://127.0.0.1:{free_port()}", timeout=2)
 
 
+@pytest.mark.parametrize("url", ["nonsense", "127.0.0.1:8080"])
+def test_status_view_asks_for_an_http_address(url: str) -> None:
+    """A traceback for "nonsense", "is radnode serve running" for a missing scheme
+    (acceptance pass)."""
+    with pytest.raises(StatusUnavailable, match="not an HTTP address.*http://HOST:PORT"):
+        fetch_status(url, timeout=2)
+
+
 def test_the_api_token_never_reaches_the_log(radnode_factory) -> None:
     secret = "tok-7f3a9c-never-log-me"
     node = radnode_factory(RADNODE_HTTP__TOKEN=secret).start()

@@ -215,3 +215,14 @@ def test_a_switched_off_route_may_name_a_bundle_not_installed_yet(tmp_path: Path
     assert inventory.route_problems([later]) == []
     (problem,) = inventory.route_problems([later, now])
     assert problem.startswith("routes[1].pipeline: no bundle 'not_installed_yet'")
+
+
+def test_a_folder_or_a_non_utf8_file_as_config_is_a_clear_problem(tmp_path: Path) -> None:
+    """Both were tracebacks with exit 1 (acceptance pass)."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[node]\nae_title = "RADNÖDE"\n'.encode("latin-1"))
+    for path, words in ((tmp_path, "is a folder"), (latin1, "not UTF-8")):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(path)
+        (problem,) = caught.value.problems
+        assert problem.startswith(str(path)) and words in problem
