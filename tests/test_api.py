@@ -458,7 +458,7 @@ def test_status_view_says_what_to_check_when_the_node_is_down() -> None:
 def test_status_view_asks_for_an_http_address(url: str) -> None:
     """A traceback for "nonsense", "is radnode serve running" for a missing scheme
     (acceptance pass)."""
-    with pytest.raises(StatusUnavailable, match="not an HTTP address.*http://HOST:PORT"):
+    with pytest.raises(StatusUnavailable, match=r"not an HTTP address.*http://HOST:PORT"):
         fetch_status(url, timeout=2)
 
 
