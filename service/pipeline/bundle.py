@@ -542,9 +542,13 @@ def _load_network(spec: BundleSpec, parser: Any, device: Any, torch: Any) -> Any
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        # torch's first line is only "Error(s) in loading state_dict for Conv3d:"; the
+        # lines after it name the parameters and shapes that differ (acceptance pass)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4]) or lines[0]
+        detail = detail if len(detail) <= 400 else detail[:399] + "…"
         raise BundleError(
-            f"bundle {spec.name}: models/model.pt does not fit network_def ({first}); the"
+            f"bundle {spec.name}: models/model.pt does not fit network_def ({detail}); the"
             " weights belong to another network or another version of the config"
         ) from exc
     return network.to(device)
