@@ -654,3 +654,22 @@ def test_a_swin_unetr_network_instantiates() -> None:
     net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3).eval()
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 2, 64, 64, 64)
+
+
+def test_a_bundle_that_turns_amp_off_is_run_without_autocast(tmp_path) -> None:
+    """On CUDA every bundle ran under fp16 autocast, whatever its config said (review of
+    the code in the acceptance pass; no GPU here, so the flag is what is checked)."""
+    import torch as _torch
+
+    from service.pipeline.inference import _autocast
+
+    def amp_off(file: str, data: dict) -> None:
+        if file == "inference.json":
+            data["amp"] = False
+
+    off = load_bundle(read_bundle_spec(_threshold_variant(tmp_path, "amp_off", amp_off)), "cpu")
+    on = load_bundle(read_bundle_spec(write_threshold_bundle(tmp_path / "on")), "cpu")
+    assert (off.amp, on.amp) == (False, True)
+    cuda = _torch.device("cuda")
+    assert isinstance(_autocast(cuda, True), _torch.autocast)
+    assert not isinstance(_autocast(cuda, False), _torch.autocast)

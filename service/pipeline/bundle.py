@@ -316,6 +316,8 @@ class LoadedBundle:
     inferer: Callable[..., Any]
     postprocessing: Callable[[Any], Any] | None
     swapped: tuple[str, ...]
+    #: The config's ``amp`` (mixed precision on CUDA); true when it has none.
+    amp: bool = True
 
 
 def choose_device(preferred: str | None = None) -> Any:
@@ -391,6 +393,7 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
                 if "postprocessing" in parser
                 else None
             )
+            amp = bool(parser.get_parsed_content("amp")) if "amp" in parser else True
             network = (
                 _load_network(spec, parser, device, torch)
                 if weights
@@ -413,6 +416,7 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
         inferer=inferer,
         postprocessing=postprocessing,
         swapped=tuple(swapped),
+        amp=amp,
     )
 
 

@@ -306,7 +306,7 @@ def run_bundle(bundle: LoadedBundle, volume: Volume, *, load_s: float = 0.0) -> 
     preprocessed = time.perf_counter()
     batch = list_data_collate([item])
     try:
-        with torch.no_grad(), _autocast(bundle.device):
+        with torch.no_grad(), _autocast(bundle.device, bundle.amp):
             batch[out_key] = bundle.inferer(batch[key].to(bundle.device), bundle.network)
         if bundle.device.type == "cuda":
             torch.cuda.synchronize(bundle.device)
@@ -397,12 +397,14 @@ def _innermost(exc: BaseException) -> str:
     return f"{where}: {type(cause).__name__}: {cause}"
 
 
-def _autocast(device: Any) -> Any:
+def _autocast(device: Any, amp: bool = True) -> Any:
+    """fp16 autocast on CUDA unless the bundle's config says ``amp: false`` (a network
+    that overflows in fp16; it was ignored: acceptance pass, from the code)."""
     import contextlib
 
     import torch
 
-    if device.type == "cuda":
+    if device.type == "cuda" and amp:
         return torch.autocast("cuda")
     return contextlib.nullcontext()
 
