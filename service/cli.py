@@ -60,15 +60,29 @@ def serve(config: ConfigOption = None) -> None:
 
 
 @config_app.command("check")
-def config_check(file: Annotated[Path, typer.Argument(help="TOML file to validate.")]) -> None:
+def config_check(
+    file: Annotated[Path, typer.Argument(help="TOML file to validate.")],
+    load: Annotated[
+        bool,
+        typer.Option(
+            "--load/--no-load",
+            help="Load each routed bundle on the CPU, as a worker does (a few seconds each).",
+        ),
+    ] = True,
+) -> None:
     """Validate a configuration file (and the RADNODE_* environment).
 
     Beyond the file's own keys, every route's pipeline must be a usable bundle in
     ``models.dir``: ``serve`` would start, but every job of such a route would fail.
+    With ``--load`` (the default) each is also loaded as a worker loads it: a config
+    that does not parse or instantiate, or weights that do not fit the network, passed
+    the check and failed at the worker (acceptance pass).
     """
     settings = _settings_or_exit(file)
     inventory = PipelineInventory.scan(settings.models.dir)
     problems = inventory.route_problems(settings.routes)
+    if load:
+        problems += inventory.load_problems(settings.routes)
     if problems and not settings.queue.remote_workers_only:
         _exit_invalid(problems)
     for problem in problems:

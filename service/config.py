@@ -419,6 +419,24 @@ class PipelineInventory:
         specs, problems = discover_bundles(models_dir)
         return cls(Path(models_dir), tuple(sorted(specs)), problems)
 
+    def load_problems(self, routes: Sequence[RouteRule]) -> list[str]:
+        """One line per usable bundle of an enabled route that does not load on the CPU
+        as a worker loads it (config that does not instantiate, weights that do not fit)."""
+        from service.pipeline.bundle import BundleError, load_bundle, read_bundle_spec
+
+        problems = []
+        checked: set[str] = set()
+        for i, route in enumerate(routes):
+            name = route.pipeline
+            if not route.enabled or name not in self.usable or name in checked:
+                continue
+            checked.add(name)
+            try:
+                load_bundle(read_bundle_spec(self.models_dir / name), "cpu")
+            except BundleError as exc:
+                problems.append(f"routes[{i}].pipeline: {exc}")
+        return problems
+
     def route_problems(self, routes: Sequence[RouteRule]) -> list[str]:
         """One line per enabled route whose pipeline cannot run here, keyed like other
         problems (a route switched off until its model arrives is no problem)."""

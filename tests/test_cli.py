@@ -74,6 +74,26 @@ def test_config_check_passes_a_route_whose_bundle_is_there(
     assert "OK" in checked.stdout and "1 route(s)" in checked.stdout
 
 
+def test_config_check_loads_the_bundles_as_a_worker_would(
+    radnode: CliRunner, models: Path, tmp_path: Path
+) -> None:
+    """A bundle whose weights do not fit its network passed the check and failed at
+    the worker (acceptance pass); --no-load skips loading."""
+    import shutil
+
+    broken = tmp_path / "models"
+    shutil.copytree(models / "bone_threshold", broken / "bone_threshold")
+    config = broken / "bone_threshold" / "configs" / "inference.json"
+    config.write_text(config.read_text().replace('"out_channels": 2', '"out_channels": 3'))
+    path = config_file(tmp_path, broken, "bone_threshold")
+    checked = invoke(radnode, "config", "check", str(path))
+    assert checked.exit_code == 2, checked.output
+    assert "routes[0].pipeline: bundle bone_threshold: models/model.pt does not fit" in (
+        checked.stderr
+    )
+    assert invoke(radnode, "config", "check", "--no-load", str(path)).exit_code == 0
+
+
 def test_with_only_remote_workers_a_missing_pipeline_is_a_note(
     radnode: CliRunner, models: Path, tmp_path: Path
 ) -> None:
