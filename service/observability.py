@@ -95,6 +95,30 @@ class ThrottleQueueLibraryErrors(logging.Filter):
         return True
 
 
+def redact_quoted(text: str) -> str:
+    """``text`` with every quoted value replaced by ``'<redacted>'``.
+
+    Why: an exception from pydicom or highdicom quotes the value it refused, and that
+    value can be patient data (a malformed birth date reached a job's error, its log
+    lines and /api/jobs: acceptance pass). Used on job errors from exceptions."""
+    return _QUOTED.sub("'<redacted>'", text)
+
+
+def redact_exception_messages(
+    logger: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """structlog processor: quoted values in a logged traceback's messages redacted.
+
+    Only the lines that are not indented: the ``ValueError: ...`` message lines (and
+    chained ones). File and code lines, which quote source, stay readable."""
+    text = event_dict.get("exception")
+    if isinstance(text, str):
+        event_dict["exception"] = "\n".join(
+            line if line[:1].isspace() else redact_quoted(line) for line in text.split("\n")
+        )
+    return event_dict
+
+
 def _log_warning(
     message: Warning | str,
     category: type[Warning],
@@ -139,6 +163,7 @@ def configure_logging(level: str = "info") -> None:
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            redact_exception_messages,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -150,6 +175,7 @@ def configure_logging(level: str = "info") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_exception_messages,
             structlog.processors.JSONRenderer(),
         ],
     )

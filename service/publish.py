@@ -25,6 +25,7 @@ from service.delivery import Outbox
 from service.dicom_delivery import DicomDestinationSettings
 from service.errors import ResultsNotWritten
 from service.hl7 import Hl7DestinationSettings, Hl7Error
+from service.observability import redact_quoted
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, read_headers
 from service.records import Deliverable, JobReport, JobTicket
@@ -195,7 +196,7 @@ def write_dicom(
             result, volume, sources, out_dir, predecessor=predecessor, revised=revised
         )
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = redact_quoted(f"{type(exc).__name__}: {exc}")
         log.exception(
             "dicom.not_written",
             pipeline=result.bundle.name,

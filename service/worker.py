@@ -31,6 +31,7 @@ import structlog
 
 from service.config import Settings
 from service.errors import RadnodeError, StartupError
+from service.observability import redact_quoted
 from service.pipeline.bundle import (
     BundleError,
     LoadedBundle,
@@ -197,6 +198,7 @@ class JobRunner:
         )
 
     def _end(self, ticket: JobTicket, state: JobState, reason: str, bound: Any) -> JobReport:
+        reason = redact_quoted(reason)  # from exceptions, which may quote header values
         bound.warning(
             "job.finished",
             state=state.value,

@@ -121,3 +121,20 @@ def test_pynetdicoms_connection_error_lines_give_way_to_radnodes_own() -> None:
     )
     assert drop.filter(record("pynetdicom.acse", "Association Aborted"))
     assert drop.filter(record("service.delivery", "TCP Initialisation Error"))
+
+
+def test_a_logged_tracebacks_messages_lose_their_quoted_values() -> None:
+    """pydicom and highdicom quote the value they refused; a malformed birth date
+    reached the log that way (acceptance pass). Code lines stay readable."""
+    from service.observability import redact_exception_messages, redact_quoted
+
+    trace = (
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n'
+        "    raise ValueError(f'bad {value!r}')\n"
+        "ValueError: Unable to convert '1961029' to 'DA' object"
+    )
+    redacted = redact_exception_messages(None, "error", {"exception": trace})["exception"]
+    assert "1961029" not in redacted
+    assert "    raise ValueError(f'bad {value!r}')" in redacted
+    assert redact_quoted('x "DOE^JANE" y') == "x '<redacted>' y"

@@ -756,3 +756,16 @@ def test_every_report_group_and_derived_series_says_it_is_not_for_diagnosis(ct, 
         for sop in series_item.ReferencedSOPSequence
     }
     assert images <= listed and len(images) == len(headers)
+
+
+def test_a_malformed_birth_date_is_left_out_of_the_results_not_a_failed_job(ct, tmp_path):
+    """A 7-digit PatientBirthDate failed the job in highdicom, whose error quoted it
+    into the log and /api/jobs (acceptance pass). The results carry it empty."""
+    volume, headers = ct
+    odd = [copy.deepcopy(h) for h in headers]
+    for header in odd:
+        header.PatientBirthDate = "1961029"
+        header.PatientSex = "X"
+    written = _names(write_dicom_results(_segmentation(volume), volume, odd, tmp_path))
+    assert written and all(h.PatientBirthDate == "" for h in written.values())
+    assert all(h.PatientSex == "" for h in written.values())

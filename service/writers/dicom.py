@@ -28,6 +28,7 @@ the result, and ``results.seg_not_written`` says why.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -202,6 +203,35 @@ def _fill_empty_type2(source_headers: Sequence[Dataset]) -> None:
         for keyword in _TYPE2_COPIED:
             if keyword not in header:
                 setattr(header, keyword, "")
+            elif not _valid_value(keyword, header.get(keyword)):
+                # A malformed birth date (7 digits) failed the job in highdicom, whose
+                # error quoted it into the log and /api/jobs (acceptance pass). The
+                # results carry it empty, as for a missing one; the source file stays.
+                setattr(header, keyword, "")
+
+
+_DATES = ("PatientBirthDate", "StudyDate")
+
+
+def _valid_value(keyword: str, value: object) -> bool:
+    """Whether a copied Type 2 value is one highdicom takes: a real date, a time, a sex."""
+    text = str(value or "").strip()
+    if not text:
+        return True
+    if keyword in _DATES:
+        try:
+            return len(text) == 8 and datetime.strptime(text, "%Y%m%d") is not None
+        except ValueError:
+            return False
+    if keyword == "StudyTime":
+        return bool(_DICOM_TIME.fullmatch(text))
+    if keyword == "PatientSex":
+        return text in ("M", "F", "O")
+    return True
+
+
+#: TM (PS3.5 6.2): HH, HHMM, HHMMSS, HHMMSS.F{1,6}, hours 00-23, minutes/seconds 00-59 (60).
+_DICOM_TIME = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d|60)?)?(\.\d{1,6})?")
 
 
 def _check_sources(volume: Volume, source_headers: Sequence[Dataset]) -> None:
