@@ -156,10 +156,6 @@ class Ingest:
             sending_ae=instance.calling_ae,
         )
         size = self._spool.write(target, meta, instance.dataset)
-        if known is not None:
-            # Indexed, but its file was gone (an operator removed the study's folder):
-            # acknowledged as a duplicate it would have been lost (found by review).
-            log.info("instance.restored", study=study_key(header.study_uid))
         stored = StoredInstance(
             header=header,
             path=str(target),
@@ -173,11 +169,20 @@ class Ingest:
             target.unlink(missing_ok=True)  # not acknowledged: no file left to index later
             raise
         key = study_key(header.study_uid)
+        if known is not None:
+            # Indexed, but its file was gone (an operator removed the study's folder):
+            # acknowledged as a duplicate it would have been lost (found by review).
+            # Logged once it is recorded: during a purge it is refused instead, and the
+            # line said "restored" of what was removed again (acceptance pass).
+            log.info("instance.restored", study=key)
         if outcome.new_study:
             log.info("study.receiving", study=key, peer_ae=instance.calling_ae)
         elif outcome.reopened_study:
             log.info("study.reopened", study=key, cause="new instance after completion")
-        self._metrics.instance_stored(len(instance.dataset))
+        if outcome.new_instance:
+            self._metrics.instance_stored(len(instance.dataset))
+        else:  # another association stored it first (same study sent twice at once)
+            self._metrics.instance_duplicate(len(instance.dataset))
         return StoreStatus.SUCCESS
 
     def _check_study_size(self, study_uid: str, incoming: int) -> None:

@@ -77,6 +77,21 @@ def test_ingest_counts_stored_duplicate_and_refused_instances(ingest, metrics) -
     ) == (1)
 
 
+def test_an_instance_another_association_stored_first_counts_as_duplicate(
+    ingest, metrics, monkeypatch
+) -> None:
+    """Two associations storing the same instance at once both pass the "already held?"
+    look before either records it; both were counted stored (541 for 256 instances in
+    the acceptance pass). The race is made here by hiding the first one from that look;
+    the index's own insert then says it was not new."""
+    ds = received(ct_small())
+    assert ingest.store(ds) == StoreStatus.SUCCESS
+    monkeypatch.setattr(ingest._index, "instance_path", lambda uid: None)
+    assert ingest.store(ds) == StoreStatus.SUCCESS
+    assert value(metrics, "radnode_instances_received_total", outcome="stored") == 1
+    assert value(metrics, "radnode_instances_received_total", outcome="duplicate") == 1
+
+
 def test_mismatch_refusal_is_counted_with_its_own_status(ingest, metrics) -> None:
     ds = ct_small()
     assert ingest.store(received(ds, sop_instance_uid=generate_uid())) == (
