@@ -476,6 +476,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    # Methods no endpoint takes: a JSON 405 (or 404) from the router, not http.server's
+    # HTML 501 page (acceptance pass: every error answer is JSON, as documented).
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
     def log_message(self, format: str, *args: Any) -> None:
         # http.server writes access lines to stderr; radnode logs one JSON event per
         # request in _dispatch instead.

@@ -381,6 +381,11 @@ def test_unknown_paths_get_404_and_wrong_methods_405(stack: Stack) -> None:
     status, headers, _ = call(stack.api, "/api/jobs/j-failed/retry")
     assert status == 405 and headers["Allow"] == "POST"
     assert call(stack.api, "/healthz", "POST")[0] == 405
+    # methods no endpoint takes: JSON too, not http.server's HTML 501 (acceptance pass)
+    for method in ("DELETE", "PUT", "PATCH"):
+        status, headers, body = call(stack.api, "/api/jobs", method, TOKEN)
+        assert status == 405 and headers["Allow"] == "GET", method
+        assert json.loads(body)["action"].startswith("use GET")
 
 
 def test_an_unexpected_error_is_a_500_and_the_api_keeps_serving(stack: Stack) -> None:
