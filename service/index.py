@@ -34,7 +34,7 @@ from service.records import (
 from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS studies (
     instance_count INTEGER NOT NULL DEFAULT 0,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
-    completed_at REAL
+    completed_at REAL,
+    -- instances refused because the study would pass node.max_study_mb
+    refused_too_large INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, last_received_at);
 CREATE INDEX IF NOT EXISTS studies_by_key ON studies (study_key);
@@ -162,13 +164,20 @@ class StudyIndex:
 
         Version 3 added ``series.image_count``; the series already indexed count one
         image per instance (what routing saw before). Version 4 added
-        ``series.view_position``; series indexed before have none ("").
+        ``series.view_position``; series indexed before have none (""). Version 5 added
+        ``studies.refused_too_large``.
         """
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
         if "image_count" not in columns:
             self._db.executescript(
                 "BEGIN; ALTER TABLE series ADD COLUMN image_count INTEGER NOT NULL DEFAULT 0;"
                 " UPDATE series SET image_count = instance_count; COMMIT;"
+            )
+        study_columns = {row[1] for row in self._db.execute("PRAGMA table_info(studies)")}
+        if "refused_too_large" not in study_columns:
+            self._db.executescript(
+                "BEGIN; ALTER TABLE studies ADD COLUMN refused_too_large INTEGER NOT NULL"
+                " DEFAULT 0; COMMIT;"
             )
         if "view_position" not in columns:
             self._db.executescript(
@@ -194,6 +203,29 @@ class StudyIndex:
                 "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchone()
         return None if row is None else str(row[0])
+
+    def refused_too_large(self, study_uid: str) -> None:
+        """Count an instance of the study refused for node.max_study_mb (a study that
+        is not indexed yet has nothing stored, hence nothing to report on)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE studies SET refused_too_large = refused_too_large + 1 WHERE study_uid = ?",
+                (study_uid,),
+            )
+
+    def forget_refused_too_large(self, study_uid: str | None = None) -> None:
+        """Forget the refusals (of one study, or all: at start, when node.max_study_mb
+        may have been raised), so the study's jobs run on what it then holds."""
+        where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
+        with self._transaction() as db:
+            db.execute(f"UPDATE studies SET refused_too_large = 0 {where}", params)
+
+    def instances_refused_too_large(self, study_uid: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT refused_too_large FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def study_bytes(self, study_uid: str) -> int:
         """Bytes of the study's stored instances (spool files, file meta included)."""

@@ -189,6 +189,7 @@ class Ingest:
         if not self._max_study_bytes:
             return
         if self._index.study_bytes(study_uid) + incoming > self._max_study_bytes:
+            self._index.refused_too_large(study_uid)
             raise StudyTooLarge(
                 f"the study would exceed node.max_study_mb"
                 f" ({self._max_study_bytes // (1024 * 1024)} MB)"

@@ -57,6 +57,9 @@ class Node:
         try:
             self.spool = Spool(data_dir)
             self.index = StudyIndex(data_dir / "index.sqlite3")
+            # node.max_study_mb may have been raised for the studies it refused: their
+            # jobs run again on what they hold once the PACS has sent them again
+            self.index.forget_refused_too_large()
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(
                 f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
@@ -379,6 +382,7 @@ class NodeStatus:
             return RetryOutcome.UNKNOWN_JOB
         if index.superseded_by(job) is not None:
             return RetryOutcome.SUPERSEDED
+        index.forget_refused_too_large(job.study_uid)  # the operator says it is whole now
         dead = self._node.outbox.list(state=DeliveryState.DEAD, job_id=job_id)
         if dead:
             for item in dead:

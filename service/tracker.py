@@ -122,6 +122,26 @@ class JobTracker:
         PACS and the RIS get the revision last whatever the number of workers (review:
         two workers sent the partial result after its correction).
         """
+        refused = self.index.instances_refused_too_large(job.study_uid)
+        if refused:
+            # Part of the study was never stored: a result on the rest would be sent as
+            # the study's (acceptance pass: a final ORU on 55 of 64 slices).
+            reason = (
+                f"{refused} instance(s) of the study were refused for node.max_study_mb,"
+                " so its series may be incomplete; raise the limit if the study is genuine"
+                " and have the PACS send it again"
+            )
+            self.index.start_job(job.job_id, worker="edge")
+            self.index.finish_job(job.job_id, JobState.REFUSED, error=reason)
+            log.warning(
+                "job.finished",
+                job=job.job_id,
+                study=job.study_key,
+                state="refused",
+                reason=reason,
+                action="raise node.max_study_mb and restart, then resend the study",
+            )
+            return None
         earlier = self.index.earlier_unfinished(job)
         if earlier is not None:
             if job.job_id not in self._held:

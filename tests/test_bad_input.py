@@ -7,6 +7,7 @@ as they are" mode. The node under test is the real ``radnode serve`` process.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,11 @@ def test_a_study_past_max_study_mb_is_refused_with_a700_and_others_go_on(
     assert refused[0]["status"] == "0xA700" and "max_study_mb" in refused[0]["reason"]
     study_dir = next((node.data_dir / "spool").glob("1.*"))
     assert sum(1 for _ in study_dir.rglob("*.dcm")) == len(acked)
+    # the study is known to be incomplete: its jobs are refused, not run on the rest
+    index = sqlite3.connect(node.data_dir / "index.sqlite3")
+    (count,) = index.execute("SELECT refused_too_large FROM studies").fetchone()
+    assert count == len(node.events("store.refused")) >= 1
+    index.close()
 
     other = storescu(node.port, small)
     assert other.returncode == 0 and len(acknowledged_files(other.stdout + other.stderr)) == 3

@@ -331,3 +331,28 @@ def test_a_revision_of_a_refused_result_is_no_revision(tmp_path: Path) -> None:
     assert tracker.submit(second) is not None
     assert tracker.ticket(second).replaces is None
     index.close()
+
+
+def test_a_study_cut_short_by_max_study_mb_gets_its_jobs_refused_not_run(tmp_path: Path) -> None:
+    """55 of 64 slices stored, 9 refused A700 for node.max_study_mb: the job ran on the
+    rest and sent a final result as the study's (acceptance pass). It is refused, with
+    the reason and what to do; forgetting the refusals (a restart with a raised limit,
+    an operator's retry) lets the next job run."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    index.refused_too_large(study)
+    job = index.add_job(study, series, "p", ["r"], [])
+    assert job is not None
+    with structlog.testing.capture_logs() as events:
+        assert tracker.submit(job) is None
+    refused = index.job(job.job_id)
+    assert refused.state is JobState.REFUSED and "node.max_study_mb" in refused.error
+    assert [e["action"] for e in events if e["event"] == "job.finished"] == [
+        "raise node.max_study_mb and restart, then resend the study"
+    ]
+    index.forget_refused_too_large()
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.777")
+    again = index.add_job(study, series, "p", ["r"], [])
+    assert again is not None and tracker.submit(again) is not None
+    index.close()
