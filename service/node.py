@@ -136,7 +136,7 @@ class Node:
             worker_command(config_path),
             role="worker",
             died_action="its job is queued again; if this repeats, check memory and the"
-            " pipeline's bundle",
+            " bundle named by the worker's last pipeline.preloading or job.started line",
             on_exit=self._worker_died,
             niceness=settings.queue.local_worker_niceness,
         )

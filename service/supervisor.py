@@ -63,11 +63,18 @@ class ProcessSupervisor:
         self.restart_delay_s = restart_delay_s
         self.pass_fds = pass_fds
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._spawned_at: list[float] = []
+        self._quick_deaths: list[int] = []
+        self._respawn_at: list[float | None] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"{role}s", daemon=True)
 
     def start(self) -> None:
         self._procs = [self._spawn() for _ in range(self.count)]
+        now = time.monotonic()
+        self._spawned_at = [now] * self.count
+        self._quick_deaths = [0] * self.count
+        self._respawn_at = [None] * self.count
         if self.count:
             self._thread.start()
 
@@ -90,16 +97,40 @@ class ProcessSupervisor:
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
             for i, proc in enumerate(self._procs):
-                code = proc.poll()
-                if code is None or self._stop.is_set():
+                if self._stop.is_set():
+                    return
+                now = time.monotonic()
+                respawn_at = self._respawn_at[i]
+                if respawn_at is not None:
+                    if now >= respawn_at:
+                        self._respawn_at[i] = None
+                        self._procs[i] = self._spawn()
+                        self._spawned_at[i] = now
                     continue
+                code = proc.poll()
+                if code is None:
+                    continue
+                delay = self._restart_delay(i, now)
                 log.error(
-                    f"{self.role}.died", pid=proc.pid, exit_code=code, action=self.died_action
+                    f"{self.role}.died",
+                    pid=proc.pid,
+                    exit_code=code,
+                    restart_in_s=delay,
+                    deaths_in_a_row=self._quick_deaths[i],
+                    action=self.died_action,
                 )
                 if self.on_exit is not None:
                     self.on_exit(proc.pid)
-                time.sleep(self.restart_delay_s)
-                self._procs[i] = self._spawn()
+                self._respawn_at[i] = now + delay
+
+    def _restart_delay(self, slot: int, now: float) -> float:
+        """``restart_delay_s``, doubled for each death within a minute of its start, up
+        to a minute. Why: a worker killed while it loads a bundle (out of memory, a
+        crash in native code) was restarted 23 times in 100 s (acceptance pass)."""
+        quick = now - self._spawned_at[slot] < QUICK_DEATH_S
+        self._quick_deaths[slot] = self._quick_deaths[slot] + 1 if quick else 0
+        doublings = max(self._quick_deaths[slot] - 1, 0)
+        return min(self.restart_delay_s * 2.0**doublings, MAX_RESTART_DELAY_S)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGINT (a clean stop) to each, then SIGKILL to any still running at the deadline."""
@@ -116,6 +147,12 @@ class ProcessSupervisor:
                 proc.wait()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+#: A child that dies within this many seconds of its start died "quickly".
+QUICK_DEATH_S = 60.0
+#: The longest wait before a child is started again.
+MAX_RESTART_DELAY_S = 60.0
 
 
 def _die_with_parent() -> None:

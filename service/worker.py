@@ -97,6 +97,9 @@ class PipelineCache:
         """
         problems = {}
         for name in dict.fromkeys(names):
+            # named before it loads: a bundle that kills the process (out of memory, a
+            # crash in native code) is the last one named (acceptance pass)
+            log.info("pipeline.preloading", pipeline=name)
             try:
                 self.get(name)
             except Exception as exc:

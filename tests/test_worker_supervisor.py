@@ -40,3 +40,24 @@ def test_local_workers_run_niced_by_default_and_zero_keeps_the_node_priority() -
     assert default > 0
     assert _spawned_nice(default) == min(19, own + default)
     assert _spawned_nice(0) == own
+
+
+def test_a_child_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
+    """A worker killed while loading a bundle was restarted 23 times in 100 s, every
+    pipeline down with it (acceptance pass). Each quick death doubles the wait."""
+    import structlog
+
+    supervisor = ProcessSupervisor(
+        1, [sys.executable, "-c", "raise SystemExit(3)"], restart_delay_s=0.2
+    )
+    with structlog.testing.capture_logs() as events:
+        supervisor.start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if len([e for e in events if e["event"] == "worker.died"]) >= 4:
+                break
+            time.sleep(0.1)
+        supervisor.stop(timeout_s=5)
+    delays = [e["restart_in_s"] for e in events if e["event"] == "worker.died"][:4]
+    assert delays == [0.2, 0.4, 0.8, 1.6]
+    assert all(e["exit_code"] == 3 for e in events if e["event"] == "worker.died")
