@@ -182,6 +182,9 @@ class QueueSettings(_Section):
     max_attempts: int = Field(2, ge=1, le=10)
     #: How often a worker says it is alive; a run silent for 4 beats is lost and runs again.
     heartbeat_s: float = Field(3.0, gt=0, le=300)
+    #: Longest run of one job; a worker whose job runs longer (a bundle that hangs) ends
+    #: itself, is restarted, and the job counts one attempt. 0: no limit.
+    job_timeout_s: float = Field(1800.0, ge=0)
 
     @field_validator("url")
     @classmethod

@@ -18,11 +18,13 @@ A run ends in one of three states, each with one ``job.finished`` log line:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +138,10 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job=ticket.job_id):
             if self.queue is None:
                 return self._run(ticket)
-            with self.queue.beating(ticket.job_id, worker_name(), ticket.attempt):
+            with (
+                self.queue.beating(ticket.job_id, worker_name(), ticket.attempt),
+                _time_limit(self.settings.queue.job_timeout_s, ticket),
+            ):
                 return self._run(ticket)
 
     def _run(self, ticket: JobTicket) -> JobReport:
@@ -211,6 +216,44 @@ class JobRunner:
             else "check the pipeline's bundle and the log above, then retry the job",
         )
         return JobReport(job_id=ticket.job_id, worker=worker_name(), state=state, error=reason)
+
+
+#: Exit status of a worker that ended itself because a job ran past its time limit.
+TIMED_OUT_EXIT = 75
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, ticket: JobTicket) -> Iterator[None]:
+    """End this worker process if the block runs longer than ``seconds`` (0: no limit).
+
+    Why a process exit: a bundle that hangs (a transform waiting for ever) cannot be
+    interrupted from another thread, and it held the worker, so every other pipeline's
+    jobs waited with nothing saying why (acceptance pass). The worker exits; radnode
+    serve (or the service manager, for a remote worker) starts it again, the edge sees
+    the run lost and queues the job again, up to queue.max_attempts.
+    """
+    if not seconds:
+        yield
+        return
+
+    def expire() -> None:
+        log.error(
+            "job.timed_out",
+            job=ticket.job_id,
+            pipeline=ticket.pipeline,
+            seconds=seconds,
+            action="the worker ends and is restarted, the job is tried again up to"
+            " queue.max_attempts; check the bundle, or raise queue.job_timeout_s",
+        )
+        os._exit(TIMED_OUT_EXIT)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def worker_name(pid: int | None = None) -> str:

@@ -61,3 +61,34 @@ def test_a_child_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> No
     delays = [e["restart_in_s"] for e in events if e["event"] == "worker.died"][:4]
     assert delays == [0.2, 0.4, 0.8, 1.6]
     assert all(e["exit_code"] == 3 for e in events if e["event"] == "worker.died")
+
+
+def test_a_job_past_its_time_limit_ends_the_worker_which_says_why() -> None:
+    """A bundle that hung held its worker, every other pipeline's jobs waiting with
+    nothing saying why (acceptance pass). Past queue.job_timeout_s the worker logs
+    job.timed_out and exits; it is restarted and the job tried again."""
+    import json
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import time
+        from service.observability import configure_logging
+        from service.records import JobTicket
+        from service.worker import _time_limit
+        configure_logging()
+        with _time_limit(0.3, JobTicket("j1", "k", "hangs", (), "/tmp/x", (), 1)):
+            time.sleep(30)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    from service.worker import TIMED_OUT_EXIT
+
+    assert done.returncode == TIMED_OUT_EXIT, done.stderr
+    (line,) = [json.loads(x) for x in done.stdout.splitlines() if "job.timed_out" in x]
+    assert (line["job"], line["pipeline"]) == ("j1", "hangs")
+    assert "queue.job_timeout_s" in line["action"]
