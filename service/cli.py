@@ -120,6 +120,8 @@ def worker(
     except RadnodeError as exc:
         typer.echo(f"radnode: {exc}", err=True)
         raise typer.Exit(code=1) from exc
+    except KeyboardInterrupt:  # stopped (SIGINT, or SIGTERM) while it was starting
+        raise typer.Exit(code=0) from None
 
 
 @app.command(hidden=True)

@@ -54,14 +54,58 @@ from service.writers.files import result_summary, write_result_files
 log = structlog.get_logger("service.worker")
 
 
-class PipelineCache:
-    """Bundles loaded once per process, by pipeline name."""
+#: Loads of one bundle that ended its worker process before it is not loaded again.
+QUARANTINE_AFTER = 2
 
-    def __init__(self, models_dir: Path, device: str | None = None) -> None:
+
+class PipelineCache:
+    """Bundles loaded once per process, by pipeline name.
+
+    ``crash_marks``: a folder where a load in progress is marked (per host and bundle)
+    and the mark removed when the load returns, raised or not. A mark still there at
+    the next load means the process died loading that bundle (out of memory, a crash in
+    native code); after :data:`QUARANTINE_AFTER` such deaths the bundle is refused with
+    what to do, and the worker serves the other pipelines. Why: such a bundle kept the
+    worker in a restart loop and every pipeline down with it (acceptance pass).
+    """
+
+    def __init__(
+        self, models_dir: Path, device: str | None = None, crash_marks: Path | None = None
+    ) -> None:
         self.models_dir = Path(models_dir)
         self.device = choose_device(device)
+        self.crash_marks = crash_marks
         self._loaded: dict[str, LoadedBundle] = {}
         self._lock = threading.Lock()
+
+    def _mark(self, name: str) -> Path | None:
+        if self.crash_marks is None:
+            return None
+        return self.crash_marks / f"loading-{socket.gethostname()}-{name}"
+
+    def _begin_load(self, name: str) -> Path | None:
+        """Mark a load of ``name``; raise BundleError if loads of it killed the process."""
+        mark = self._mark(name)
+        if mark is None:
+            return None
+        try:
+            deaths = int(mark.read_text() or 0) if mark.exists() else 0
+        except (OSError, ValueError):
+            deaths = 0
+        if deaths >= QUARANTINE_AFTER:
+            reason = (
+                f"bundle {name}: quarantined: the worker died {deaths} times while loading"
+                f" it (memory? a crash in native code); fix the bundle, then delete {mark}"
+                " and restart the worker"
+            )
+            log.error("pipeline.quarantined", pipeline=name, deaths=deaths, action=reason)
+            raise BundleError(reason)
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(str(deaths + 1))
+        except OSError:
+            return None  # no marks where none can be written; loading goes on
+        return mark
 
     def get(self, name: str) -> LoadedBundle:
         with self._lock:
@@ -74,7 +118,12 @@ class PipelineCache:
                     )
                     raise BundleError(why)
                 started = time.perf_counter()
-                self._loaded[name] = load_bundle(specs[name], self.device)
+                mark = self._begin_load(name)
+                try:
+                    self._loaded[name] = load_bundle(specs[name], self.device)
+                finally:  # returned or raised: the process lived through the load
+                    if mark is not None:
+                        mark.unlink(missing_ok=True)
                 log.info(
                     "pipeline.loaded",
                     pipeline=name,
@@ -275,9 +324,17 @@ def run_worker(settings: Settings, *, local: bool = False) -> None:
     queue.check()  # before anything slow: a wrong queue.url ends the worker with a reason
     if not local:
         check_shared_storage(queue)
-    cache = PipelineCache(settings.models.dir, settings.models.device)
+    cache = PipelineCache(
+        settings.models.dir,
+        settings.models.device,
+        crash_marks=Path(settings.node.data_dir) / "workers",
+    )
     runner = JobRunner(settings, cache, ResultPublisher(settings), queue)
     queue.handler = runner.run
+    # huey's consumer stops gracefully on SIGINT; make SIGTERM (docker stop, the node
+    # going away) do the same, from here on: a stop while a bundle loads then unwinds
+    # the load, and it is not taken for a load that killed the worker (PipelineCache)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     # the models of the enabled routes are loaded before the first job is taken
     problems = cache.preload([route.pipeline for route in settings.routes if route.enabled])
     if problems and not local:
@@ -291,8 +348,6 @@ def run_worker(settings: Settings, *, local: bool = False) -> None:
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
     consumer = queue.consumer()
-    # huey's consumer stops gracefully on SIGINT; make SIGTERM (docker stop) do the same.
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         with queue.present(worker_name(), str(cache.device), cache.loaded()):
             consumer.run()

@@ -92,3 +92,69 @@ def test_a_job_past_its_time_limit_ends_the_worker_which_says_why() -> None:
     (line,) = [json.loads(x) for x in done.stdout.splitlines() if "job.timed_out" in x]
     assert (line["job"], line["pipeline"]) == ("j1", "hangs")
     assert "queue.job_timeout_s" in line["action"]
+
+
+def test_a_bundle_whose_loading_killed_the_worker_twice_is_refused_and_others_load(
+    tmp_path: Path,
+) -> None:
+    """A bundle that killed its worker while loading (out of memory) kept it in a
+    restart loop, every pipeline down with it (acceptance pass). The load is marked
+    while it runs; a mark left by a dead process counts, and after two the bundle is
+    refused with what to do, while the other bundles load."""
+    import shutil
+
+    import pytest
+
+    from service.pipeline.bundle import BundleError
+    from service.worker import PipelineCache
+    from tests.support.bundles import write_threshold_bundle
+
+    models = tmp_path / "models"
+    write_threshold_bundle(models, "crashes")
+    write_threshold_bundle(models, "fine")
+    marks = tmp_path / "workers"
+    cache = PipelineCache(models, "cpu", crash_marks=marks)
+    cache.get("fine")
+    assert not list(marks.iterdir())  # a load that returned leaves no mark
+    (mark,) = [cache._mark("crashes")]
+    marks.mkdir(exist_ok=True)
+    mark.write_text("2")  # what two processes that died loading it left
+    with pytest.raises(BundleError, match=r"quarantined.*delete .*loading-"):
+        PipelineCache(models, "cpu", crash_marks=marks).get("crashes")
+    mark.write_text("1")  # one death is forgiven by a load that returns
+    PipelineCache(models, "cpu", crash_marks=marks).get("crashes")
+    assert not mark.exists()
+    shutil.rmtree(marks)
+
+
+def test_a_process_killed_while_loading_a_bundle_leaves_the_mark_that_counts(
+    tmp_path: Path,
+) -> None:
+    """The same with real deaths: a network_def that ends the process as it is built."""
+    import json
+    import subprocess
+    import textwrap
+
+    from tests.support.bundles import write_threshold_bundle
+
+    bundle = write_threshold_bundle(tmp_path / "models", "dies")
+    config = bundle / "configs" / "inference.json"
+    data = json.loads(config.read_text())
+    data["network_def"] = "$__import__('os')._exit(9)"
+    config.write_text(json.dumps(data))
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from service.worker import PipelineCache
+        PipelineCache(Path({str(tmp_path / "models")!r}), "cpu",
+                      crash_marks=Path({str(tmp_path / "marks")!r})).get("dies")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", script]
+    codes = [
+        subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+        for _ in range(3)
+    ]
+    assert [c.returncode for c in codes[:2]] == [9, 9]
+    assert codes[2].returncode == 1 and "quarantined" in codes[2].stderr
