@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,23 +167,23 @@ class StudyIndex:
         ``series.view_position``; series indexed before have none (""). Version 5 added
         ``studies.refused_too_large``.
         """
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
-        if "image_count" not in columns:
-            self._db.executescript(
-                "BEGIN; ALTER TABLE series ADD COLUMN image_count INTEGER NOT NULL DEFAULT 0;"
-                " UPDATE series SET image_count = instance_count; COMMIT;"
-            )
-        study_columns = {row[1] for row in self._db.execute("PRAGMA table_info(studies)")}
-        if "refused_too_large" not in study_columns:
-            self._db.executescript(
-                "BEGIN; ALTER TABLE studies ADD COLUMN refused_too_large INTEGER NOT NULL"
-                " DEFAULT 0; COMMIT;"
-            )
-        if "view_position" not in columns:
-            self._db.executescript(
-                "BEGIN; ALTER TABLE series ADD COLUMN view_position TEXT NOT NULL DEFAULT '';"
-                " COMMIT;"
-            )
+        self._add_column(
+            "series",
+            "image_count INTEGER NOT NULL DEFAULT 0",
+            then="UPDATE series SET image_count = instance_count;",
+        )
+        self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
+        self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
+
+    def _add_column(self, table: str, definition: str, then: str = "") -> None:
+        """Add the column ``definition`` names to ``table`` unless it is there, and run
+        ``then`` in the same transaction."""
+        column = definition.split()[0]
+        if column in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+            return
+        self._db.executescript(
+            f"BEGIN; ALTER TABLE {table} ADD COLUMN {definition}; {then} COMMIT;"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -697,14 +697,7 @@ class StudyIndex:
         until every earlier job of its series and pipeline has finished: the answer is
         final, and the earlier result's deliveries are in the outbox before this one's.
         """
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
-                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
-                f" AND j.state = ? AND {_BEFORE} ORDER BY j.created_at DESC, j.job_id DESC LIMIT 1",
-                (job.series_uid, job.pipeline, JobState.DONE, *_order_of(job)),
-            ).fetchone()
-        return None if row is None else self._job_from_row(row)
+        return self._sibling(job, (JobState.DONE,), later=False, newest=True)
 
     def earlier_unfinished(self, job: JobRecord) -> JobRecord | None:
         """An earlier job of the same series and pipeline that is still queued or running.
@@ -713,33 +706,29 @@ class StudyIndex:
         partial result could finish last and reach the PACS and the RIS after the
         revision, leaving the partial one as the last word (review).
         """
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
-                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
-                f" AND j.state IN (?, ?) AND {_BEFORE} ORDER BY j.created_at, j.job_id LIMIT 1",
-                (job.series_uid, job.pipeline, JobState.QUEUED, JobState.RUNNING, *_order_of(job)),
-            ).fetchone()
-        return None if row is None else self._job_from_row(row)
+        return self._sibling(job, (JobState.QUEUED, JobState.RUNNING), later=False, newest=False)
 
     def superseded_by(self, job: JobRecord) -> JobRecord | None:
         """A later job of the same series and pipeline that made, or is making, a result
         (``done``, ``running`` or ``queued``): ``job``'s result is out of date, and run
         or sent again it would arrive after the newer one."""
+        states = (JobState.DONE, JobState.RUNNING, JobState.QUEUED)
+        return self._sibling(job, states, later=True, newest=True)
+
+    def _sibling(
+        self, job: JobRecord, states: Sequence[JobState], *, later: bool, newest: bool
+    ) -> JobRecord | None:
+        """A job of ``job``'s series and pipeline in one of ``states``, made before it
+        (``later``: after it), by (created_at, job_id); the newest such, or the oldest."""
+        order = "DESC" if newest else "ASC"
         with self._lock:
             row = self._db.execute(
                 f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
                 " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
-                f" AND j.state IN (?, ?, ?) AND {_AFTER}"
-                " ORDER BY j.created_at DESC, j.job_id DESC LIMIT 1",
-                (
-                    job.series_uid,
-                    job.pipeline,
-                    JobState.DONE,
-                    JobState.RUNNING,
-                    JobState.QUEUED,
-                    *_order_of(job),
-                ),
+                f" AND j.state IN ({', '.join('?' * len(states))})"
+                f" AND {_AFTER if later else _BEFORE}"
+                f" ORDER BY j.created_at {order}, j.job_id {order} LIMIT 1",
+                (job.series_uid, job.pipeline, *states, *_order_of(job)),
             ).fetchone()
         return None if row is None else self._job_from_row(row)
 

@@ -48,7 +48,7 @@ class RedactQuotedValues(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".", 1)[0] in _LIBRARIES:
-            record.msg = _QUOTED.sub("'<redacted>'", record.getMessage())
+            record.msg = redact_quoted(record.getMessage())
             record.args = None
         return True
 
@@ -133,7 +133,7 @@ def _log_warning(
     structlog.get_logger("py.warnings").warning(
         "python.warning",
         category=category.__name__,
-        message=_QUOTED.sub("'<redacted>'", str(message)),
+        message=redact_quoted(str(message)),
         source=f"{filename.rsplit('/', 1)[-1]}:{lineno}",
     )
 
