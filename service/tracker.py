@@ -114,7 +114,8 @@ class JobTracker:
 
     def _submit(self, job: JobRecord) -> str | None:
         """Put a run of ``job`` in the queue and remember its task id, unless an earlier
-        job of the same series and pipeline is unfinished: then hold it (None).
+        job of the same series and pipeline is unfinished: then hold it (None); or
+        refuse it when its study was cut short (:meth:`_refused_as_cut_short`).
 
         Why hold: the later job is the grown series' revision. Submitted only once the
         earlier one has finished, it is known whether it revises a result that was sent
@@ -122,25 +123,7 @@ class JobTracker:
         PACS and the RIS get the revision last whatever the number of workers (review:
         two workers sent the partial result after its correction).
         """
-        refused = self.index.instances_refused_too_large(job.study_uid)
-        if refused:
-            # Part of the study was never stored: a result on the rest would be sent as
-            # the study's (acceptance pass: a final ORU on 55 of 64 slices).
-            reason = (
-                f"{refused} instance(s) of the study were refused for node.max_study_mb,"
-                " so its series may be incomplete; raise the limit if the study is genuine"
-                " and have the PACS send it again"
-            )
-            self.index.start_job(job.job_id, worker="edge")
-            self.index.finish_job(job.job_id, JobState.REFUSED, error=reason)
-            log.warning(
-                "job.finished",
-                job=job.job_id,
-                study=job.study_key,
-                state="refused",
-                reason=reason,
-                action="raise node.max_study_mb and restart, then resend the study",
-            )
+        if self._refused_as_cut_short(job):
             return None
         earlier = self.index.earlier_unfinished(job)
         if earlier is not None:
@@ -161,6 +144,30 @@ class JobTracker:
         task_id = self.queue.submit(self.ticket(job))
         self.index.set_task(job.job_id, task_id)
         return task_id
+
+    def _refused_as_cut_short(self, job: JobRecord) -> bool:
+        """Refuse ``job`` (True) when instances of its study were refused for
+        node.max_study_mb: part of the study was never stored, and a result on the rest
+        would be sent as the study's (acceptance pass: a final ORU on 55 of 64 slices)."""
+        refused = self.index.instances_refused_too_large(job.study_uid)
+        if not refused:
+            return False
+        reason = (
+            f"{refused} instance(s) of the study were refused for node.max_study_mb,"
+            " so its series may be incomplete; raise the limit if the study is genuine"
+            " and have the PACS send it again"
+        )
+        self.index.start_job(job.job_id, worker="edge")
+        self.index.finish_job(job.job_id, JobState.REFUSED, error=reason)
+        log.warning(
+            "job.finished",
+            job=job.job_id,
+            study=job.study_key,
+            state="refused",
+            reason=reason,
+            action="raise node.max_study_mb and restart, then resend the study",
+        )
+        return True
 
     def recover(self, local_workers_only: bool) -> None:
         """At start. With only local workers, which died with the node, any run that was
