@@ -3,7 +3,7 @@
 Routes (the OpenAPI 3.1 document at ``GET /openapi.json`` describes each)::
 
     GET  /healthz                  the process answers (liveness)
-    GET  /readyz                   200 only when every readiness check passes
+    GET  /readyz                   200 when the node can receive; 503 names what stops it
     GET  /metrics                  Prometheus text format
     GET  /api/studies              recent studies: key, state, counts, times
     GET  /api/jobs                 recent jobs: id, pipeline, state, timings, error
@@ -147,6 +147,14 @@ class StatusSource(Protocol):
         node.min_free_disk_mb (1024 MB); free disk space"``.
         """
         ...
+
+
+#: Checks that are reported but do not make the node unready. Readiness answers "may
+#: the PACS send now?": with the job queue down the node still receives and keeps
+#: every instance, and the tracker queues the jobs once the queue answers. Gating on
+#: it would make a Kubernetes readiness probe or a load balancer stop the PACS sending
+#: during a Redis outage, which loses time and gains nothing (found by review).
+ADVISORY_CHECKS = frozenset({"queue"})
 
 
 def disk_space_check(path: Path, min_free_bytes: int) -> bool | str:
@@ -343,10 +351,12 @@ def _readyz(api: ApiServer, request: _Request) -> _Response:
         # log line has the exception for whoever investigates.
         log.exception("api.readiness_failed", action="see the exception; the node is not ready")
         checks = {"readiness": f"the readiness checks raised {type(exc).__name__}; see the log"}
-    failed = sorted(name for name, value in checks.items() if value is not True)
+    failing = sorted(name for name, value in checks.items() if value is not True)
+    failed = [name for name in failing if name not in ADVISORY_CHECKS]
     body = {
         "ready": not failed,
         "failed": failed,
+        "degraded": [name for name in failing if name in ADVISORY_CHECKS],
         "checks": {
             name: {"ok": value is True, **({"detail": value} if isinstance(value, str) else {})}
             for name, value in sorted(checks.items())
@@ -855,10 +865,11 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Readiness": {
         "type": "object",
-        "required": ["ready", "failed", "checks"],
+        "required": ["ready", "failed", "degraded", "checks"],
         "properties": {
             "ready": {"type": "boolean"},
             "failed": {"type": "array", "items": {"type": "string"}},
+            "degraded": {"type": "array", "items": {"type": "string"}},
             "checks": {
                 "type": "object",
                 "additionalProperties": {
@@ -906,7 +917,8 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
-                    "summary": "Readiness: Storage SCP listening, queue reachable, disk free.",
+                    "summary": "Readiness to receive: Storage SCP listening, disk free "
+                    "(a job queue that does not answer is listed in `degraded`).",
                     "responses": {
                         "200": {"description": "Ready.", "content": _content(_ref("Readiness"))},
                         "503": {

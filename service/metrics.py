@@ -214,6 +214,7 @@ class Metrics:
         job_counts: JobCounts | None = None,
         queue_depth: Callable[[], int] | None = None,
         workers_alive: Callable[[], int] | None = None,
+        queue_reachable: Callable[[], bool] | None = None,
     ) -> None:
         # The extra ``*_created`` series (one per counter and histogram child) double
         # what Prometheus stores and are used by nothing radnode documents. This is
@@ -305,6 +306,14 @@ class Metrics:
         )
         if queue_depth is not None:
             self.queue_depth.set_function(lambda: _or_nan(queue_depth, "radnode_queue_depth"))
+        if queue_reachable is not None:
+            up = Gauge(
+                "radnode_queue_up",
+                "1 when the job queue (queue.url) answers, 0 when it does not: the node "
+                "still receives, but no job starts until it answers again.",
+                registry=r,
+            )
+            up.set_function(lambda: _or_nan(lambda: int(queue_reachable()), "radnode_queue_up"))
         if workers_alive is not None:
             alive = Gauge(
                 "radnode_workers_alive",

@@ -77,6 +77,7 @@ class Node:
             job_counts=self.index.jobs_by_pipeline_state,
             queue_depth=self.queue.depth,
             workers_alive=self.worker_watch.alive_count,
+            queue_reachable=self.queue.reachable,
         )
         try:
             self.scp = build_receive_path(settings, self.spool, self.index, self.metrics)

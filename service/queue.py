@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.exceptions import TaskException
+from redis import ConnectionPool
 
 from service.config import Settings, url_without_password
 from service.errors import StartupError
@@ -115,10 +116,23 @@ class WorkerPresence:
     at: float
 
 
+#: Seconds to open a connection to Redis, and to wait for any one answer. Why bounded:
+#: redis-py waits forever by default, so a Redis host that drops packets (a firewall,
+#: a dead VM) hung ``/readyz``, ``/metrics`` and the tracker for the kernel's TCP
+#: timeout. The longest wait huey asks for is its 1 s blocking read.
+REDIS_CONNECT_TIMEOUT_S = 5.0
+REDIS_ANSWER_TIMEOUT_S = 15.0
+
+
 def make_huey(settings: Settings) -> Huey:
     """SQLite under ``node.data_dir`` unless ``queue.url`` names a Redis server."""
     if settings.queue.url:
-        return RedisHuey("radnode", url=settings.queue.url, results=True)
+        pool = ConnectionPool.from_url(
+            settings.queue.url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_ANSWER_TIMEOUT_S,
+        )
+        return RedisHuey("radnode", connection_pool=pool, results=True)
     path = Path(settings.node.data_dir) / "queue.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHuey("radnode", filename=str(path), results=True, fsync=True)

@@ -225,6 +225,20 @@ def test_readyz_is_200_only_when_every_check_passes(stack: Stack) -> None:
     assert body["checks"]["queue"] == {"ok": True}
 
 
+def test_readyz_stays_200_with_the_queue_down_and_lists_it_as_degraded(stack: Stack) -> None:
+    """Review: with Redis down /readyz answered 503, so a Kubernetes readiness probe took
+    the node out of service and the PACS stopped sending, although the node still
+    receives and keeps everything while the queue is away."""
+    stack.node.checks["queue"] = "the job queue cannot be read; check queue.url"
+    status, body = get_json(stack.api, "/readyz")
+    assert (status, body["ready"], body["failed"]) == (200, True, [])
+    assert body["degraded"] == ["queue"]
+    assert body["checks"]["queue"]["ok"] is False
+    stack.node.checks["disk"] = "12 MB free"
+    status, body = get_json(stack.api, "/readyz")
+    assert (status, body["failed"], body["degraded"]) == (503, ["disk"], ["queue"])
+
+
 def test_readyz_is_503_when_the_checks_themselves_raise(stack: Stack) -> None:
     def broken() -> dict[str, bool | str]:
         raise RuntimeError("queue database vanished")

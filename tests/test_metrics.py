@@ -232,6 +232,16 @@ def test_job_counts_are_read_at_scrape_and_a_failing_source_spares_the_rest(
     assert "radnode_instances_received_total" in text
 
 
+def test_queue_up_is_read_at_scrape() -> None:
+    """/readyz no longer fails while the queue is down (the node still receives), so
+    this gauge is what an alert watches."""
+    answers = [True]
+    metrics = Metrics(queue_reachable=lambda: answers[0])
+    assert value(metrics, "radnode_queue_up") == 1
+    answers[0] = False
+    assert value(metrics, "radnode_queue_up") == 0
+
+
 def test_disk_free_is_read_at_scrape_and_nan_when_the_data_dir_is_gone(tmp_path: Path) -> None:
     assert value(Metrics(data_dir=tmp_path), "radnode_disk_free_bytes") > 0
     gone = Metrics(data_dir=tmp_path / "missing")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -193,6 +194,29 @@ def test_a_worker_that_cannot_use_its_queue_says_so_and_exits(tmp_path: Path) ->
     assert "cannot use the queue at redis://:***@127.0.0.1:1/0" in run.stderr
     assert "s3cret" not in run.stdout + run.stderr
     assert "worker.started" not in run.stdout
+
+
+def test_a_redis_that_accepts_and_never_answers_is_unreachable_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py waits for ever by default: a Redis host behind a dropping firewall hung
+    /readyz, /metrics and the tracker. A listening socket that never answers stands in
+    for it (a real Redis cannot be made to stall like this)."""
+    monkeypatch.setattr("service.queue.REDIS_ANSWER_TIMEOUT_S", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        settings = Settings.model_validate(
+            {"node": {"data_dir": str(tmp_path)}, "queue": {"url": f"redis://127.0.0.1:{port}/0"}}
+        )
+        answer: list[bool] = []
+        probe = threading.Thread(target=lambda: answer.append(JobQueue(settings).reachable()))
+        probe.start()
+        probe.join(timeout=30)
+        assert not probe.is_alive(), "reachable() still waits for a Redis that never answers"
+        assert answer == [False]
+    finally:
+        silent.close()
 
 
 def test_a_worker_that_cannot_run_an_enabled_pipeline_refuses_to_start(
