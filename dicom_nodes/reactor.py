@@ -136,6 +136,27 @@ class _Checkpoint:
             return True
 
 
+#: What to tell the operator when a peer's first bytes are not a DICOM PDU.
+_NOT_DICOM_ACTIONS = {
+    "tls": "the peer speaks TLS to a plain DICOM port: give it the TLS port "
+    "(node.tls_port) or turn TLS off at the peer",
+    "text": "the peer sent text (an HTTP client, a port scanner): it is not a DICOM "
+    "application, or it was given node.port instead of http.port",
+    "other": "the peer does not speak DICOM upper layer (PS3.8); check the sending "
+    "system's DICOM node settings",
+}
+
+
+def _looks_like(first_byte: int) -> str:
+    """A TLS record starts 0x16 (handshake); HTTP and other text protocols with a
+    printable letter."""
+    if first_byte == 0x16:
+        return "tls"
+    if 0x41 <= first_byte <= 0x5A or 0x61 <= first_byte <= 0x7A:
+        return "text"
+    return "other"
+
+
 class EventDrivenDUL(DULServiceProvider):
     """pynetdicom's DUL that waits in ``select`` instead of sleeping."""
 
@@ -155,6 +176,7 @@ class EventDrivenDUL(DULServiceProvider):
         #: association is accepted; called on this thread only.
         self.p_data_reader: Callable[[bytearray], list[bytes]] | None = None
         self._response_awaited = threading.Event()
+        self._said_not_dicom = False
 
     def _poke(self) -> None:
         """Wake the DUL if it is (about to be) in ``select``; otherwise it looks at its
@@ -225,13 +247,10 @@ class EventDrivenDUL(DULServiceProvider):
         unknown PDU type), with P-DATA-TF in data transfer shown to
         :attr:`p_data_reader` first."""
         reader = self.p_data_reader
-        if reader is None:
-            super()._read_pdu_data()
-            return
         pdu = self._read_pdu()
         if pdu is None:
             return
-        if pdu[0] != _P_DATA_TF or self.state_machine.current_state != "Sta6":
+        if reader is None or pdu[0] != _P_DATA_TF or self.state_machine.current_state != "Sta6":
             self._decode_and_queue(pdu)
             return
         try:
@@ -263,6 +282,7 @@ class EventDrivenDUL(DULServiceProvider):
                 return None
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type not in _PDU_TYPES:
+                self._say_not_dicom(pdu_type)
                 self.event_queue.put("Evt19")
                 return None
             body = self.socket.recv(length)
@@ -273,6 +293,23 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return None
         return header + body
+
+    def _say_not_dicom(self, first_byte: int) -> None:
+        """One line, with what to do, for a peer that does not speak DICOM here.
+
+        pynetdicom logged "Unknown PDU type received" for every 6 bytes of the stray
+        data, without the peer or an action: 25 error lines for one TLS handshake sent
+        to the plain port (load pass). The bytes themselves are not logged."""
+        if self._said_not_dicom:
+            return
+        self._said_not_dicom = True
+        log.warning(
+            "association.not_dicom",
+            peer_address=str(self.assoc.requestor.address),
+            first_byte=f"0x{first_byte:02X}",
+            looks_like=_looks_like(first_byte),
+            action=_NOT_DICOM_ACTIONS[_looks_like(first_byte)],
+        )
 
     def _decode_and_queue(self, pdu: bytes | bytearray) -> None:
         """The end of pynetdicom's read: decode, queue the event and the PDU

@@ -226,6 +226,34 @@ def test_a_half_sent_request_lets_go_of_its_slot_after_the_network_timeout(start
         silent.close()
 
 
+@pytest.mark.parametrize(
+    ("first_bytes", "looks_like"),
+    [
+        # the start of a TLS 1.2 ClientHello record, as openssl s_client sends it
+        (bytes.fromhex("160301012c010001280303") + bytes(300), "tls"),
+        (b"GET / HTTP/1.1\r\nHost: radnode\r\n\r\n" + bytes(100), "text"),
+    ],
+)
+def test_a_peer_that_does_not_speak_dicom_gets_one_line_with_an_action(
+    start_scp, caplog: pytest.LogCaptureFixture, first_bytes: bytes, looks_like: str
+) -> None:
+    """Load pass: a TLS handshake sent to the plain port logged pynetdicom's "Unknown
+    PDU type received" 25 times, with neither the peer nor what to do."""
+    scp, _ = start_scp(AssociationPolicy())
+    with structlog.testing.capture_logs() as events:
+        with socket.create_connection(("127.0.0.1", scp.port)) as stray:
+            stray.sendall(first_bytes)
+            _wait_until(lambda: any(e["event"] == "association.not_dicom" for e in events))
+        ok, output = echo(scp.port)
+    assert ok, output
+    said = [e for e in events if e["event"] == "association.not_dicom"]
+    assert len(said) == 1, said
+    assert said[0]["looks_like"] == looks_like
+    assert said[0]["peer_address"] == "127.0.0.1"
+    assert "port" in said[0]["action"]
+    assert not [r for r in caplog.records if "Unknown PDU type" in r.getMessage()]
+
+
 def test_stopping_aborts_open_associations(start_scp) -> None:
     """pynetdicom's shutdown only stops accepting: associations went on after the node
     stopped and each C-STORE got C0FF on the closed index (found by review)."""
