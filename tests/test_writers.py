@@ -513,6 +513,34 @@ def test_secondary_captures_carry_the_sources_whole_patient_and_study_modules(tm
         assert sc.get(keyword) == source.get(keyword), keyword
 
 
+@pytest.mark.parametrize(
+    ("laterality", "image_laterality", "expected"),
+    [("L", None, "L"), (None, "R", "R"), (None, "U", ""), (None, None, "")],
+)
+def test_a_secondary_capture_keeps_the_side_of_a_one_sided_image(
+    tmp_path, laterality, image_laterality, expected
+):
+    """A hand or knee radiograph carries its side as Image Laterality, which the SC has
+    no module for: its overlay was filed with an empty Laterality, without a side
+    (acceptance pass)."""
+    source = pydicom.dcmread(write_radiograph(tmp_path / "xr.dcm", rows=256, columns=256))
+    for keyword, value in (("Laterality", laterality), ("ImageLaterality", image_laterality)):
+        if value is None:
+            source.pop(keyword, None)
+        else:
+            setattr(source, keyword, value)
+    path = tmp_path / "xr-side.dcm"
+    source.save_as(path, enforce_file_format=True)
+    volume, headers = load_series([path]), read_headers([path])
+    written = [
+        pydicom.dcmread(p)
+        for p in write_dicom_results(_classification(0.9, size=256), volume, headers, tmp_path)
+    ]
+    (sc,) = [ds for ds in written if ds.Modality == "OT"]
+    assert "Laterality" in sc
+    assert (sc.Laterality or "") == expected
+
+
 def test_a_derived_series_is_dated_now_and_made_by_radnode(written, ct):
     """A denoised series copied the source's creation, series and content dates and
     its scanner as the General Equipment (review); the scanner belongs in Contributing

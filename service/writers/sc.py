@@ -342,14 +342,24 @@ def _sc_image(
     sc.copy_patient_and_study_information(source)
     sc.PatientOrientation = list(orientation)
     sc.BurnedInAnnotation = "YES"
-    # General Series Laterality (2C): the source's when it has one (a paired organ);
-    # else present and empty, as dciodvfy wants it (absent is an error there, empty a
-    # warning).
-    sc.Laterality = source.get("Laterality") or None
+    sc.Laterality = _series_laterality(source)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = provenance.banner
     sc.SourceImageSequence = source_image_items([slice_source])
     return sc
+
+
+def _series_laterality(source: Dataset) -> str | None:
+    """General Series Laterality (Type 2C, R or L): the source's; else the side of a
+    one-sided image (a mammogram, a hand radiograph carries Image Laterality, which
+    the SC has no module for), so the overlay is not filed without its side (acceptance
+    pass); else empty, as dciodvfy wants it (absent is an error there, empty a
+    warning)."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        side = str(source.get(keyword) or "").strip().upper()
+        if side in ("R", "L"):
+            return side
+    return None
 
 
 def _row_column(volume: Volume) -> tuple[float, ...] | None:
