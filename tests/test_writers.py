@@ -797,3 +797,24 @@ def test_a_malformed_birth_date_is_left_out_of_the_results_not_a_failed_job(ct, 
     written = _names(write_dicom_results(_segmentation(volume), volume, odd, tmp_path))
     assert written and all(h.PatientBirthDate == "" for h in written.values())
     assert all(h.PatientSex == "" for h in written.values())
+
+
+@pytest.mark.parametrize(
+    ("attribute", "sop_class", "exclude"),
+    [
+        ("PerFrameFunctionalGroupsSequence", "1.2.840.10008.5.1.4.1.1.2", None),  # CT
+        ("PerFrameFunctionalGroupsSequence", "1.2.840.10008.5.1.4.1.1.2.1", None),  # Enh CT
+        ("PixelData", "1.2.840.10008.5.1.4.1.1.88.34", ["IconImageSequence"]),  # Comp 3D SR
+        ("PixelData", "1.2.840.10008.5.1.4.1.1.1.1", ["IconImageSequence"]),  # DX
+        ("ContentDate", "1.2.840.10008.5.1.4.1.1.66.4", None),  # SEG
+    ],
+)
+def test_the_iod_lookup_cache_answers_as_highdicom_does(attribute, sop_class, exclude) -> None:
+    from highdicom import _standard_utils
+
+    from service.writers import iod_lookup
+
+    assert _standard_utils.is_attribute_in_iod is iod_lookup.is_attribute_in_iod
+    expected = iod_lookup._uncached(attribute, sop_class, exclude)
+    assert iod_lookup.is_attribute_in_iod(attribute, sop_class, exclude) is expected
+    assert iod_lookup.is_attribute_in_iod(attribute, sop_class, exclude) is expected  # cached
