@@ -70,6 +70,11 @@ class DicomDestinationSettings(BaseModel):
     max_attempts: int = Field(20, ge=1)
     backoff_s: float = Field(5.0, ge=0)
     max_backoff_s: float = Field(900.0, ge=0)
+    #: Also send an SR saying "AI analysis not performed: <reason>" for a series that a
+    #: route sent to a pipeline and the pipeline refused (slices missing, not what the
+    #: model takes), so a radiologist tells "nothing found" from "not run". Off by
+    #: default: the PACS then gets results only.
+    send_not_analyzed: bool = False
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

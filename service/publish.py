@@ -12,6 +12,7 @@ a job that runs again does not send twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,14 @@ from service.dicom_delivery import DicomDestinationSettings
 from service.errors import ResultsNotWritten
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.observability import redact_quoted
-from service.pipeline.result import PipelineResult
+from service.pipeline.result import BundleIdentity, PipelineResult
 from service.pipeline.volume import Volume, read_headers
 from service.records import Deliverable, JobReport, JobTicket
-from service.writers.dicom import result_sr_uid, write_dicom_results
+from service.writers.dicom import (
+    result_sr_uid,
+    write_dicom_results,
+    write_not_analyzed_report,
+)
 from service.writers.oru import build_oru, control_id_for
 
 log = structlog.get_logger("service.publish")
@@ -146,6 +151,58 @@ class ResultPublisher:
                 sr_uid = str(dcmread(written[0], stop_before_pixels=True).SOPInstanceUID)
                 deliverables.append(Deliverable(name, "dicom", sr_uid, str(out_dir / DICOM_FOLDER)))
         return Publication(tuple(deliverables), tuple(not_sent))
+
+    def prepare_not_analyzed(
+        self, ticket: JobTicket, bundle: BundleIdentity, reason: str
+    ) -> Publication:
+        """For a refused job: the "not analyzed" SR for each DICOM destination with
+        ``send_not_analyzed`` (none by default; never HL7, where a result status could
+        cancel the order in a RIS). Never raises: a refusal stays a refusal, and what
+        could not be made is said in ``not_sent``."""
+        names = [
+            name
+            for name in ticket.destinations
+            if isinstance(self.destinations.get(name), DicomDestinationSettings)
+            and self.destinations[name].send_not_analyzed
+        ]
+        if not names:
+            return Publication(())
+        out_dir = Path(ticket.result_dir) / DICOM_FOLDER
+        headers = _readable_headers(ticket.series_paths)
+        try:
+            if not headers:
+                raise ValueError("no source instance could be read")
+            for stale in out_dir.glob("*.dcm"):  # this job's folder: the report alone
+                stale.unlink()
+            sr = write_not_analyzed_report(bundle, headers, reason, out_dir)
+        except Exception as exc:
+            why = redact_quoted(f"{type(exc).__name__}: {exc}")
+            log.exception("results.not_analyzed_not_written", job=ticket.job_id, reason=why,
+                          action="report this with the job id; the refusal stands")  # fmt: skip
+            return Publication(
+                (), tuple(f"{n}: not-analyzed report not made: {why}" for n in names)
+            )
+        log.info("results.not_analyzed_report", job=ticket.job_id, destinations=names)
+        return Publication(
+            tuple(Deliverable(n, "dicom", sr.sop_instance_uid, str(out_dir)) for n in names)
+        )
+
+
+def _readable_headers(paths: Sequence[str]) -> list[Dataset]:
+    """The headers of the files that can be read and name their instance (a refused
+    series may hold damaged ones), of the first series among them."""
+    headers = []
+    for path in paths:
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            if header.SOPInstanceUID and header.SeriesInstanceUID and header.StudyInstanceUID:
+                headers.append(header)
+        except Exception:  # damaged: it is why the series was refused; left out here
+            continue
+    if headers:
+        series = str(headers[0].SeriesInstanceUID)
+        headers = [h for h in headers if str(h.SeriesInstanceUID) == series]
+    return headers
 
 
 #: The attributes that name an SR: what its successor's Predecessor Documents item holds.

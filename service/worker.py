@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from service.pipeline.bundle import (
     load_bundle,
 )
 from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
+from service.pipeline.result import BundleIdentity, TaskKind
 from service.pipeline.volume import SeriesRefused, load_series
 from service.publish import ResultPublisher
 from service.queue import JobQueue
@@ -134,6 +136,17 @@ class PipelineCache:
                 )
             return self._loaded[name]
 
+    def identity(self, name: str) -> BundleIdentity:
+        """Who ``name`` is (name, version, task) without loading it; for a bundle that
+        cannot be found, its name and version "unknown"."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name].spec.identity
+        specs, _ = discover_bundles(self.models_dir)
+        if name in specs:
+            return specs[name].identity
+        return BundleIdentity(name, "unknown", TaskKind.CLASSIFICATION)
+
     def loaded(self) -> dict[str, str]:
         """The bundles loaded so far: pipeline name -> bundle version."""
         with self._lock:
@@ -213,7 +226,7 @@ class JobRunner:
             write_s = time.perf_counter() - written
         except (SeriesRefused, InputMismatch) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            return self._end(ticket, JobState.REFUSED, reason, bound)
+            return self._refused(ticket, reason, bound)
         except (BundleError, PipelineFailed) as exc:
             return self._end(ticket, JobState.FAILED, str(exc), bound)
         except RadnodeError as exc:
@@ -252,6 +265,21 @@ class JobRunner:
             timings=timings,
             deliverables=publication.deliverables,
             error="; ".join(publication.not_sent) or None,
+        )
+
+    def _refused(self, ticket: JobTicket, reason: str, bound: Any) -> JobReport:
+        """A refusal, with the "not analyzed" SR for the destinations that want one."""
+        report = self._end(ticket, JobState.REFUSED, reason, bound)
+        publication = self.publisher.prepare_not_analyzed(
+            ticket, self.cache.identity(ticket.pipeline), report.error or reason
+        )
+        if not (publication.deliverables or publication.not_sent):
+            return report
+        return replace(
+            report,
+            error="; ".join((report.error or reason, *publication.not_sent)),
+            result_dir=ticket.result_dir,
+            deliverables=publication.deliverables,
         )
 
     def _end(self, ticket: JobTicket, state: JobState, reason: str, bound: Any) -> JobReport:

@@ -11,6 +11,7 @@ are ready, then starts it: everything arrives, once.
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import time
@@ -238,3 +239,69 @@ def test_a_series_that_grows_after_its_results_gets_a_new_result_not_a_mixed_one
     assert item["ReferencedSOPInstanceUID"] == first["SOPInstanceUID"]
     statuses = [python_hl7.parse(m)["OBR.F25"] for m in ris.received]
     assert [str(s) for s in statuses] == ["F", "C"]
+
+
+def test_a_refused_series_gets_a_not_analyzed_report_where_the_destination_asks_for_one(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    """A series with slices missing is refused. Without a word in the PACS a radiologist
+    cannot tell "the AI found nothing" from "the AI did not run" (acceptance passes):
+    with ``send_not_analyzed`` the PACS gets one SR that says so and why; the RIS gets
+    nothing (a result status there could cancel the order)."""
+    node = radnode_factory(RADNODE_MODELS__DIR=str(models))
+    ris = MllpListener(free_port(), "AA").start()
+    (tmp_path / "orthanc").mkdir()
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        node.extra_env.update(
+            RADNODE_ROUTES=json.dumps(
+                [
+                    {
+                        "name": "bone",
+                        "pipeline": "bone_threshold",
+                        "match": {"Modality": "CT"},
+                        "destinations": ["pacs", "ris"],
+                    }
+                ]
+            ),
+            RADNODE_DESTINATIONS=json.dumps(
+                [
+                    {
+                        "name": "pacs",
+                        "type": "dicom",
+                        "host": "127.0.0.1",
+                        "port": pacs["port"],
+                        "ae_title": "ORTHANC",
+                        "backoff_s": 0.2,
+                        "send_not_analyzed": True,
+                    },
+                    {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
+                ]
+            ),
+        )
+        node.start()
+        ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96, study_uid=STUDY_UID,
+                             pixel_spacing=(3.0, 3.0), slice_thickness=3.0)  # fmt: skip
+        gappy = [p for i, p in enumerate(ct) if i not in (11, 12, 20)]
+        assert storescu(node.port, gappy).returncode == 0
+        wait_all_sent(node, expected_jobs=1)
+        (finished,) = node.events("job.finished")
+        assert finished["state"] == "refused"
+        found = series_in_orthanc(pacs["http"])
+        assert set(found) == {"SR"}, found.keys()  # the CT went to radnode only
+        (report,) = found["SR"]
+        assert report["description"].endswith("not analyzed")
+        (sr_id,) = report["instances"]
+        with urllib.request.urlopen(f"{pacs['http']}/instances/{sr_id}/file") as answer:
+            sr = dcmread(io.BytesIO(answer.read()))
+        texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+        (note,) = [t for t in texts if t.startswith("AI analysis not performed: ")]
+        assert "missing" in note  # the reason, as the job gives it
+        assert sr.StudyInstanceUID == STUDY_UID
+        assert sr.VerificationFlag == "UNVERIFIED"
+        jobs = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{node.http_port}/api/jobs").read())["jobs"]  # fmt: skip
+        (job,) = jobs
+        assert job["state"] == "refused"
+        assert [d["destination"] for d in job["deliveries"]] == ["pacs"]
+    ris.stop()
+    assert ris.received == []

@@ -37,14 +37,14 @@ from pathlib import Path
 import structlog
 from pydicom.dataset import Dataset
 
-from service.pipeline.result import PipelineResult, TaskKind
+from service.pipeline.result import BundleIdentity, PipelineResult, TaskKind
 from service.pipeline.volume import Volume
 from service.writers.derived import derived_series_info, iter_derived_series
 from service.writers.provenance import Provenance
 from service.writers.sc import build_sc_images
 from service.writers.seg import build_seg
 from service.writers.sources import seg_problem
-from service.writers.sr import build_sr, segment_stats
+from service.writers.sr import build_not_analyzed_sr, build_sr, segment_stats
 
 log = structlog.get_logger("service.writers")
 
@@ -153,6 +153,23 @@ def write_dicom_objects(
         sr = build_sr(result, volume, source_headers, provenance, derived=info, previous=previous)
         return [_save(_stamped(sr, stamp), out_dir), *derived]
     return [_save(_stamped(ds, stamp), out_dir) for ds in datasets]
+
+
+def write_not_analyzed_report(
+    bundle: BundleIdentity, source_headers: Sequence[Dataset], reason: str, out_dir: Path
+) -> WrittenObject:
+    """Write the SR saying ``bundle`` did not analyse this series, and why
+    (:func:`~service.writers.sr.build_not_analyzed_sr`); ``source_headers`` are the
+    series' readable headers, in any order."""
+    headers = list(source_headers)
+    _fill_empty_type2(headers)
+    provenance = Provenance.of(
+        bundle, str(headers[0].SeriesInstanceUID), [str(h.SOPInstanceUID) for h in headers]
+    )
+    sr = build_not_analyzed_sr(headers, provenance, reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
+    return _save(_stamped(sr, stamp), out_dir)
 
 
 def result_sr_uid(result: PipelineResult, volume: Volume) -> str:

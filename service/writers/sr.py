@@ -174,6 +174,53 @@ def build_sr(
     )
 
 
+def build_not_analyzed_sr(
+    source_headers: Sequence[Dataset], provenance: Provenance, reason: str
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report that the algorithm did not analyse this series, and why.
+
+    Why: a refused series (slices missing, cut short, not what the model takes) left
+    nothing in the PACS, so a radiologist could not tell "the AI found nothing" from
+    "the AI did not run" (acceptance passes). One TID 1501 group carries a TEXT Comment
+    with the reason, no measurement; Series Description ends in "not analyzed". Its
+    UIDs are its own, so a later result of the series sits next to it.
+    """
+    first = source_headers[0]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=provenance.uid("not-analyzed:tracking"), identifier="not analyzed"
+        ),
+        algorithm_id=provenance.sr_algorithm(),
+    )
+    note = f"AI analysis not performed: {reason.rstrip('.')}. {provenance.banner}."
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=provenance.device_observer()
+        ),
+        procedure_reported=procedure_code(
+            str(first.get("Modality", "")), str(first.get("BodyPartExamined", "") or "")
+        ),
+        imaging_measurements=[_with_comment(group, note)],
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=library_images(source_headers) or None,
+    )
+    kwargs = provenance.common_kwargs("SR")
+    kwargs["series_description"] = provenance.series_description("SR", "not analyzed")
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(source_headers),
+        content=report,
+        series_instance_uid=provenance.uid("series:not-analyzed"),
+        series_number=provenance.series_number("SR"),
+        sop_instance_uid=provenance.uid("not-analyzed"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        **kwargs,
+    )
+
+
 def library_images(source_headers: Sequence[Dataset]) -> list[Dataset]:
     """Source images listed in the TID 1600 Image Library.
 
