@@ -51,6 +51,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_nodes import reactor
 from dicom_nodes.c_store import StoreRequest
+from dicom_nodes.implementation import identify
 from dicom_nodes.inline_store import InlineStoreReader
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
@@ -344,7 +345,7 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         policy = self._policy
-        ae = AE(ae_title=policy.ae_title)
+        ae = identify(AE(ae_title=policy.ae_title))
         ae.maximum_associations = policy.max_associations
         ae.maximum_pdu_size = policy.max_pdu_bytes
         ae.acse_timeout = policy.acse_timeout_s

@@ -42,18 +42,16 @@ from pathlib import Path
 
 import pydicom
 import structlog
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import build_context
 
 from dicom_nodes import c_store, reactor
+from dicom_nodes.implementation import identify
 
 log = structlog.get_logger("dicom_nodes.scu")
 
-#: The same implementation identity as the node's Storage SCP and spool files.
-IMPLEMENTATION_CLASS_UID = "2.25.186415519836318406418423104426519003785"
-IMPLEMENTATION_VERSION_NAME = "RADNODE_010"
 #: Largest PDU we announce we can receive (and the size we fragment to, at most).
 MAX_PDU_BYTES = 4 * 1024 * 1024
 #: PS3.8: at most 128 presentation contexts per association.
@@ -197,9 +195,7 @@ def _as_is_contexts(assoc: object) -> dict[tuple[str, str], int]:
 def _ae(destination: StorageDestination, items: Sequence[_Item]) -> AE:
     _config.LOG_HANDLER_LEVEL = "none"
     reactor.install()  # event-driven waits instead of pynetdicom's 1 ms sleeps
-    ae = AE(ae_title=destination.calling_ae_title)
-    ae.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae = identify(AE(ae_title=destination.calling_ae_title))
     ae.maximum_pdu_size = destination.max_pdu_bytes
     ae.connection_timeout = destination.connect_timeout_s
     ae.acse_timeout = destination.acse_timeout_s

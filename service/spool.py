@@ -20,12 +20,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from service import __version__
+from dicom_nodes.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from service.errors import StorageFull
 
-#: radnode's Implementation Class UID (PS3.7 D.3.3.2), derived from a fixed UUID.
-IMPLEMENTATION_CLASS_UID = "2.25.186415519836318406418423104426519003785"
-IMPLEMENTATION_VERSION_NAME = f"RADNODE_{__version__.replace('.', '')}"[:16]
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 

@@ -306,3 +306,20 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_the_scp_announces_radnodes_implementation_not_pynetdicoms(start_scp) -> None:
+    """The A-ASSOCIATE-AC carried pynetdicom's PYNETDICOM_304 while the SCU and the
+    spool files said radnode (conformance audit; PS3.7 D.3.3.2)."""
+    from dicom_nodes.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from service import __version__
+
+    assert f"RADNODE_{__version__.replace('.', '')}"[:16] == IMPLEMENTATION_VERSION_NAME
+    scp, _ = start_scp(AssociationPolicy())
+    assoc = associate(scp.port)
+    try:
+        assert assoc.is_established
+        assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+    finally:
+        assoc.release()
