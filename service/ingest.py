@@ -205,7 +205,11 @@ class Ingest:
                 "SOP Instance UID in the data set differs from the C-STORE request",
                 sop_class=False,
             )
-        if header.sop_class_uid and header.sop_class_uid != instance.sop_class_uid:
+        if not header.sop_class_uid:
+            # Type 1 in SOP Common (PS3.3 C.12.1); stored, it failed every result later,
+            # whose references name their sources' classes (conformance audit).
+            raise DatasetMismatch("the data set has no SOP Class UID (0008,0016)", sop_class=True)
+        if header.sop_class_uid != instance.sop_class_uid:
             raise DatasetMismatch(
                 "SOP Class UID in the data set differs from the C-STORE request", sop_class=True
             )

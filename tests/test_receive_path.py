@@ -211,6 +211,10 @@ def test_request_and_data_set_must_agree(parts) -> None:
     assert ingest.store(received(ds, sop_instance_uid=other)) == StoreStatus.SOP_INSTANCE_MISMATCH
     mr_class = "1.2.840.10008.5.1.4.1.1.4"
     assert ingest.store(received(ds, sop_class_uid=mr_class)) == StoreStatus.SOP_CLASS_MISMATCH
+    classless = ct_small()
+    del classless.SOPClassUID  # Type 1 (conformance audit: it was stored without one)
+    instance = received(ds, data=encoded(classless))
+    assert ingest.store(instance) == StoreStatus.SOP_CLASS_MISMATCH
     assert index.instance_count() == 0
 
 
