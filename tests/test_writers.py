@@ -818,3 +818,47 @@ def test_the_iod_lookup_cache_answers_as_highdicom_does(attribute, sop_class, ex
     expected = iod_lookup._uncached(attribute, sop_class, exclude)
     assert iod_lookup.is_attribute_in_iod(attribute, sop_class, exclude) is expected
     assert iod_lookup.is_attribute_in_iod(attribute, sop_class, exclude) is expected  # cached
+
+
+def test_an_overlay_of_a_jpeg_compressed_radiograph_says_it_is_lossy(tmp_path) -> None:
+    """PS3.3 C.7.6.1.1.5: an image made from a lossy one is lossy, and says so. The
+    radiograph arrives as JPEG Baseline (DCMTK's dcmcjpeg) without saying it itself."""
+    plain = write_radiograph(tmp_path / "xr.dcm", rows=256, columns=256)
+    jpeg = tmp_path / "xr-jpeg.dcm"
+    subprocess.run([require_tool("dcmcjpeg"), "+eb", str(plain), str(jpeg)], check=True, timeout=60)
+    assert pydicom.dcmread(jpeg).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    volume, headers = load_series([jpeg]), read_headers([jpeg])
+    written = [
+        pydicom.dcmread(p)
+        for p in write_dicom_results(_classification(0.9, size=256), volume, headers, tmp_path)
+    ]
+    (overlay,) = [ds for ds in written if ds.Modality == "OT"]
+    assert overlay.LossyImageCompression == "01"
+    assert overlay.LossyImageCompressionMethod == "ISO_10918_1"
+
+
+def test_a_derived_series_keeps_its_sources_lossy_history(tmp_path) -> None:
+    paths = write_ct_series(tmp_path / "ct", slices=6, rows=32, columns=32)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = [12.5]
+        ds.LossyImageCompressionMethod = ["ISO_10918_1"]
+        ds.save_as(path, enforce_file_format=True)
+    volume = load_series(paths)
+    by_uid = {h.SOPInstanceUID: h for h in read_headers(paths)}
+    headers = [by_uid[s.sop_instance_uid] for s in volume.sources]
+    written = write_dicom_results(_reconstruction(volume), volume, headers, tmp_path / "out")
+    derived = [ds for ds in map(pydicom.dcmread, written) if ds.Modality == "CT"]
+    assert len(derived) == 6
+    for ds in derived:
+        assert ds.LossyImageCompression == "01"
+        assert float(ds.LossyImageCompressionRatio) == 12.5
+        assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+    # and a source that was never compressed lossily gives no such history
+    clean = write_ct_series(tmp_path / "clean", slices=6, rows=32, columns=32)
+    volume = load_series(clean)
+    by_uid = {h.SOPInstanceUID: h for h in read_headers(clean)}
+    headers = [by_uid[s.sop_instance_uid] for s in volume.sources]
+    for path in write_dicom_results(_reconstruction(volume), volume, headers, tmp_path / "o2"):
+        assert "LossyImageCompression" not in pydicom.dcmread(path, stop_before_pixels=True)

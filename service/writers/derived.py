@@ -50,6 +50,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, frame_rescale, stored_range
+from service.writers.lossy import lossy_history, mark_lossy
 from service.writers.provenance import (
     CHARACTER_SET,
     MANUFACTURER,
@@ -180,6 +181,7 @@ def _derived_header(
     ds.ManufacturerModelName = provenance.model_name
     ds.SoftwareVersions = provenance.software_versions
     ds.BurnedInAnnotation = "NO"
+    mark_lossy(ds, lossy_history([source]))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop_uid

@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from service.pipeline.result import PipelineResult, TaskKind
 from service.pipeline.volume import Volume
+from service.writers.lossy import lossy_history, mark_lossy
 from service.writers.provenance import (
     MANUFACTURER,
     Provenance,
@@ -346,6 +347,7 @@ def _sc_image(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = provenance.banner
     sc.SourceImageSequence = source_image_items([slice_source])
+    mark_lossy(sc, lossy_history([source]))
     return sc
 
 
