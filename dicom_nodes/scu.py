@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import structlog
@@ -49,6 +51,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_nodes import c_store, reactor
 from dicom_nodes.implementation import identify
+from dicom_nodes.tls import describe_client_handshake_error
 
 log = structlog.get_logger("dicom_nodes.scu")
 
@@ -127,6 +130,10 @@ class StorageDestination:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     max_pdu_bytes: int = MAX_PDU_BYTES
+    #: DICOM TLS (:func:`dicom_nodes.tls.client_context`); None: plain TCP.
+    tls: ssl.SSLContext | None = None
+    #: The name the peer's certificate must carry, when the context checks host names.
+    tls_server_name: str | None = None
 
 
 @dataclass
@@ -269,6 +276,7 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
         ae_title=destination.ae_title,
         max_pdu=destination.max_pdu_bytes,
         evt_handlers=[(evt.EVT_CONN_OPEN, _tune_socket)],
+        tls_args=(destination.tls, destination.tls_server_name) if destination.tls else None,
     )
     if not assoc.is_established:
         waited = time.monotonic() - asked_at
@@ -290,11 +298,15 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
     lost = False
     try:
         as_is = _as_is_contexts(assoc)
-        with reactor.reactor_paused(assoc):
+        # TLS: pynetdicom's own sends, from its DUL thread (OpenSSL must not be written
+        # from one thread while another reads); plain TCP: the direct, faster path.
+        over_tls = destination.tls is not None
+        paused = contextlib.nullcontext() if over_tls else reactor.reactor_paused(assoc)
+        with paused:
             for message_id, item in enumerate(sendable, start=1):
                 if not (assoc.is_established and _in_data_transfer(assoc)):
                     break
-                if _store(assoc, as_is, item, message_id):
+                if _store(assoc, as_is, item, message_id, over_tls=over_tls):
                     bytes_sent += item.size
                 if item.outcome is not None and item.outcome.state is FileState.NOT_ACKNOWLEDGED:
                     # No valid answer: the association was aborted, by the peer or by
@@ -336,11 +348,21 @@ def _in_data_transfer(assoc: object) -> bool:
     return assoc.dul.state_machine.current_state == "Sta6"  # type: ignore[attr-defined]
 
 
-def _store(assoc: object, as_is: dict[tuple[str, str], int], item: _Item, message_id: int) -> bool:
+def _store(
+    assoc: object,
+    as_is: dict[tuple[str, str], int],
+    item: _Item,
+    message_id: int,
+    *,
+    over_tls: bool = False,
+) -> bool:
     """Send one file and record the peer's answer as its outcome; whether the peer
     answered (its bytes count as sent, whatever the status)."""
     try:
-        status = _send_one(assoc, as_is, item, message_id)
+        if over_tls:
+            status = _send_through_pynetdicom(assoc, item, message_id)
+        else:
+            status = _send_one(assoc, as_is, item, message_id)
     except ValueError as exc:  # no accepted context for its class / syntax
         item.outcome = _outcome(item, FileState.NO_CONTEXT, reason=_clip(str(exc)))
         return False
@@ -383,6 +405,16 @@ def _send_one(
     )
 
 
+def _send_through_pynetdicom(assoc: Any, item: _Item, message_id: int) -> c_store.StoreStatus:
+    """pynetdicom's ``send_c_store`` of the file (it picks or converts the context;
+    ValueError when none fits). Used over TLS; reads the whole data set."""
+    data_set = pydicom.dcmread(item.path)
+    answer = assoc.send_c_store(data_set, msg_id=message_id % 65536)
+    if "Status" not in answer:  # no valid response: pynetdicom aborted the association
+        return c_store.StoreStatus(None)
+    return c_store.StoreStatus(int(answer.Status), str(answer.get("ErrorComment", "") or ""))
+
+
 def _converted(assoc: object, item: _Item) -> tuple[int, bytes]:
     """The accepted context ``item`` can be converted to, as pynetdicom's
     ``send_c_store`` picks it (Explicit <-> Implicit VR, deflated <-> inflated, same
@@ -423,6 +455,10 @@ def _why_not_established(
         return AssociationState.TIMEOUT, "connection timed out", None
     if why:
         return AssociationState.CONNECT_FAILED, f"cannot connect: {why}", None
+    if destination.tls is not None:
+        problem = _tls_problem(destination)
+        if problem:
+            return AssociationState.CONNECT_FAILED, problem, None
     if waited_s >= 0.9 * destination.acse_timeout_s:
         # pynetdicom marks an ACSE timeout as an abort: the peer took the connection
         # and never answered the association request.
@@ -430,6 +466,28 @@ def _why_not_established(
     if getattr(assoc, "is_aborted", False):
         return AssociationState.ABORTED, "association aborted during negotiation", None
     return AssociationState.TIMEOUT, "no answer to the association request", None
+
+
+def _tls_problem(destination: StorageDestination) -> str:
+    """Why the TLS handshake with the destination fails, with what to do ('' if it
+    succeeds): pynetdicom reports a failed handshake as an abort, without the cause."""
+    assert destination.tls is not None
+    try:
+        with (
+            socket.create_connection(
+                (destination.host, destination.port), timeout=destination.connect_timeout_s
+            ) as raw,
+            destination.tls.wrap_socket(raw, server_hostname=destination.tls_server_name) as tls,
+        ):
+            # TLS 1.3 sends a refusal of our certificate after the handshake, with the
+            # first read; a DICOM acceptor sends nothing before our request.
+            tls.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                tls.recv(1)
+            return ""
+    except (OSError, ssl.SSLError) as exc:
+        reason, action = describe_client_handshake_error(exc)
+        return f"TLS handshake failed: {reason}; {action}"
 
 
 def _outcome(

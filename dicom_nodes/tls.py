@@ -156,6 +156,34 @@ def describe_handshake_error(exc: BaseException) -> tuple[str, str]:
     )
 
 
+def describe_client_handshake_error(exc: BaseException) -> tuple[str, str]:
+    """``(reason, action)`` for a failed handshake with a destination (we are the
+    client): the server side's wording, with the peer's roles turned round."""
+    reason = getattr(exc, "reason", None)
+    verify = getattr(exc, "verify_message", None)
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        return (
+            f"the destination's certificate was not accepted ({verify or 'not trusted'})",
+            "set the destination's tls_ca to the CA that issued its certificate",
+        )
+    if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"):
+        return (
+            "the destination refused this node's client certificate",
+            "set the destination's tls_cert/tls_key to a certificate it trusts",
+        )
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return (
+            "the destination requires a client certificate",
+            "set the destination's tls_cert and tls_key",
+        )
+    if reason == "WRONG_VERSION_NUMBER" or isinstance(exc, ssl.SSLEOFError | ConnectionError):
+        return (
+            "the destination did not speak TLS on this port",
+            "point the destination at the PACS's DICOM TLS port, or set tls = false",
+        )
+    return describe_handshake_error(exc)
+
+
 # --------------------------------------------------------------------------- internals
 
 

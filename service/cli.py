@@ -49,8 +49,12 @@ def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP, spool, study index and completion."""
     from service.node import Node
     from service.observability import configure_logging
+    from service.startup_checks import startup_problems
 
     settings = _settings_or_exit(config)
+    problems = startup_problems(settings)
+    if problems:
+        _exit_invalid(problems)
     configure_logging(settings.log.level)
     try:
         Node(settings, config_path=config).run_until_signalled()
@@ -78,13 +82,16 @@ def config_check(
     that does not parse or instantiate, or weights that do not fit the network, passed
     the check and failed at the worker (acceptance pass).
     """
+    from service.startup_checks import startup_problems
+
     settings = _settings_or_exit(file)
     inventory = PipelineInventory.scan(settings.models.dir)
+    fatal = startup_problems(settings)
     problems = inventory.route_problems(settings.routes)
     if load:
         problems += inventory.load_problems(settings.routes)
-    if problems and not settings.queue.remote_workers_only:
-        _exit_invalid(problems)
+    if fatal or (problems and not settings.queue.remote_workers_only):
+        _exit_invalid(fatal + problems)
     for problem in problems:
         typer.echo(f"note: {problem} (fine if the remote workers have it)", err=True)
     nothing = inventory.nothing_found()

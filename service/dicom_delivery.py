@@ -29,11 +29,12 @@ patient data.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from dicom_nodes.scu import (
     AssociationState,
@@ -42,6 +43,7 @@ from dicom_nodes.scu import (
     StorageDestination,
     send_files,
 )
+from dicom_nodes.tls import client_context
 from service.delivery import Delivery, DeliveryOutcome, RetryPolicy
 
 log = structlog.get_logger("service.dicom_delivery")
@@ -75,6 +77,45 @@ class DicomDestinationSettings(BaseModel):
     #: model takes), so a radiologist tells "nothing found" from "not run". Off by
     #: default: the PACS then gets results only.
     send_not_analyzed: bool = False
+    #: DICOM TLS (BCP 195) to this destination. The destination's certificate is always
+    #: verified: against ``tls_ca``, else the system's trust store. ``tls_cert`` and
+    #: ``tls_key`` are this node's client certificate, for a PACS that requires one.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_key_password: SecretStr | None = None
+    #: Also check that the certificate names ``host`` (off: PACS are usually addressed
+    #: by IP address and their certificates often do not list it).
+    tls_check_hostname: bool = False
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DicomDestinationSettings:
+        given = [
+            name
+            for name in ("tls_ca", "tls_cert", "tls_key", "tls_key_password")
+            if getattr(self, name) is not None
+        ]
+        if self.tls_check_hostname:
+            given.append("tls_check_hostname")
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)} need tls = true on this destination")
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context, or None without TLS. Raises
+        :class:`~dicom_nodes.tls.TlsError` (what is wrong with which file) when it
+        cannot be built: the node and ``radnode config check`` call this at start."""
+        if not self.tls:
+            return None
+        password = self.tls_key_password.get_secret_value() if self.tls_key_password else None
+        return client_context(
+            self.tls_ca,
+            self.tls_cert,
+            self.tls_key,
+            key_password=password,
+            check_hostname=self.tls_check_hostname,
+        )
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -92,6 +133,8 @@ class DicomDestinationSettings(BaseModel):
 
     def storage_destination(self) -> StorageDestination:
         return StorageDestination(
+            tls=self.tls_context(),
+            tls_server_name=self.host if self.tls_check_hostname else None,
             host=self.host,
             port=self.port,
             ae_title=self.ae_title,

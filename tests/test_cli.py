@@ -156,3 +156,30 @@ def test_route_on_a_file_that_is_not_dicom_says_what_to_give(
     assert failed.exit_code == 1
     assert "1 file(s) were not DICOM" in failed.stderr
     assert "a folder of DICOM files" in failed.stderr
+
+
+def test_config_check_and_serve_refuse_tls_files_and_hosts_that_do_not_work(
+    radnode: CliRunner, models: Path, tmp_path: Path
+) -> None:
+    """Acceptance pass: the check said OK for a missing certificate and for
+    ``node.host = "not-an-ip"``; serve then exited 1 pointing at the port."""
+    extra = (
+        f'[node]\nhost = "not-an-ip"\ntls_cert = "{tmp_path / "missing.pem"}"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+        '[http]\nhost = "999.1.1.1"\n'
+        '[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "127.0.0.1"\nport = 104\n'
+        f'ae_title = "PACS"\ntls = true\ntls_ca = "{tmp_path / "no-ca.pem"}"\n'
+    )
+    path = config_file(tmp_path, models, "bone_threshold", extra)
+    for command in (("config", "check", "--no-load", str(path)), ("serve", "-c", str(path))):
+        answer = invoke(radnode, *command)
+        assert answer.exit_code == 2, answer.output
+        lines = [line for line in answer.stderr.splitlines() if line.startswith("  - ")]
+        assert [line.split(":")[0] for line in lines] == [
+            "  - node.tls_cert",
+            "  - node.host",
+            "  - http.host",
+            "  - destinations[0] (pacs)",
+        ], answer.stderr
+        assert "missing.pem" in lines[0] and "no-ca.pem" in lines[3]
+    assert not (tmp_path / "data").exists()  # serve opened nothing

@@ -25,10 +25,19 @@ from pynetdicom.sop_class import Verification
 
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import ReceivedInstance, StorageSCP
+from dicom_nodes.scu import send_files
 from dicom_nodes.status import StoreStatus
 from dicom_nodes.tls import BCP195_CIPHERS, TlsError, client_context, server_context
+from service.dicom_delivery import DicomDestinationSettings
 from service.testing import write_ct_series
-from tests.conftest import RADNODE, acknowledged_files, dcmtk_env, free_port, require_tool
+from tests.conftest import (
+    RADNODE,
+    acknowledged_files,
+    dcmtk_env,
+    free_port,
+    require_tool,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -440,5 +449,73 @@ def test_radnode_serve_refuses_to_start_with_a_broken_tls_setup(
     proc = subprocess.run(
         [str(RADNODE), "serve"], env=node.env(), capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 1
-    assert "missing.key" in proc.stderr
+    assert proc.returncode == 2  # a configuration that cannot work, as config check says
+    assert "node.tls_cert:" in proc.stderr and "missing.key" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the SCU
+
+
+@pytest.fixture
+def tls_storescp(pki: Pki, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK storescp speaking DICOM TLS, requiring a client certificate from pki.ca."""
+    port, received = free_port(), tmp_path / "received"
+    received.mkdir()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "+tls", str(pki.server_key), str(pki.server_cert),
+         "+cf", str(pki.ca), "-rc", "-aet", "PACS", "-od", str(received), str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, received
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _destination(port: int, **tls: object) -> DicomDestinationSettings:
+    return DicomDestinationSettings(
+        name="pacs", host="127.0.0.1", port=port, ae_title="PACS", connect_timeout_s=5, **tls
+    )
+
+
+def test_results_go_to_a_tls_pacs_over_tls(pki: Pki, tls_storescp, tmp_path: Path) -> None:
+    """Acceptance pass: a destination took no TLS settings, so results went back to the
+    PACS in plain text even from a TLS-only node."""
+    port, received = tls_storescp
+    files = write_ct_series(tmp_path / "ct", slices=3, rows=16, columns=16)
+    settings = _destination(
+        port, tls=True, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key
+    )
+    report = send_files(settings.storage_destination(), files)
+    assert report.all_acknowledged, report
+    assert len(list(received.iterdir())) == 3
+
+    plain = send_files(_destination(port).storage_destination(), files)
+    assert not plain.all_acknowledged  # the PACS speaks TLS only
+
+
+@pytest.mark.parametrize(
+    ("tls", "says"),
+    [
+        ({"tls_ca": "other_ca", "tls_cert": "client_cert", "tls_key": "client_key"},
+         "certificate was not accepted"),
+        ({"tls_ca": "ca"}, "client certificate"),
+    ],
+)  # fmt: skip
+def test_a_tls_destination_that_cannot_be_reached_says_why(
+    pki: Pki, tls_storescp, tmp_path: Path, tls: dict, says: str
+) -> None:
+    port, received = tls_storescp
+    files = write_ct_series(tmp_path / "ct", slices=1, rows=16, columns=16)
+    settings = _destination(port, tls=True, **{k: getattr(pki, v) for k, v in tls.items()})
+    report = send_files(settings.storage_destination(), files)
+    assert not report.all_acknowledged
+    assert "TLS handshake failed" in report.reason and says in report.reason, report.reason
+    assert list(received.iterdir()) == []
+
+
+def test_tls_keys_on_a_destination_without_tls_are_refused(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="need tls = true"):
+        _destination(104, tls_ca=pki.ca)
