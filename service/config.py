@@ -265,6 +265,17 @@ class Settings(BaseSettings):
                     )
         if problems:
             raise ConfigError(problems)
+        # A destination without its own calling AE title calls as this node is called:
+        # the literal default "RADNODE" went on after node.ae_title was changed, and a
+        # PACS that checks calling AE titles refused the results (acceptance pass).
+        # (Settings are frozen; this completes them while they are being made.)
+        destinations = [
+            d.model_copy(update={"calling_ae_title": self.node.ae_title})
+            if isinstance(d, DicomDestinationSettings) and d.calling_ae_title is None
+            else d
+            for d in self.destinations
+        ]
+        object.__setattr__(self, "destinations", destinations)
 
 
 #: ``user:password@`` in anything URL-like, and ``password=`` / ``token=`` parameters.

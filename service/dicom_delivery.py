@@ -63,8 +63,8 @@ class DicomDestinationSettings(BaseModel):
     port: int = Field(ge=1, le=65535)
     #: Called AE title: the PACS's.
     ae_title: str = Field(min_length=1, max_length=16)
-    #: Calling AE title: how the PACS knows radnode.
-    calling_ae_title: str = Field("RADNODE", min_length=1, max_length=16)
+    #: Calling AE title: how the PACS knows radnode; ``node.ae_title`` when not set.
+    calling_ae_title: str | None = Field(None, min_length=1, max_length=16)
     connect_timeout_s: float = Field(10.0, gt=0)
     #: Longest wait for one C-STORE response (and for association negotiation).
     dimse_timeout_s: float = Field(60.0, gt=0)
@@ -119,7 +119,9 @@ class DicomDestinationSettings(BaseModel):
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
-    def _check_ae_title(cls, value: str) -> str:
+    def _check_ae_title(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if value != value.strip() or "\\" in value or not value.isprintable():
             raise ValueError("an AE title is printable, without backslash or edge spaces")
         return value
@@ -138,7 +140,7 @@ class DicomDestinationSettings(BaseModel):
             host=self.host,
             port=self.port,
             ae_title=self.ae_title,
-            calling_ae_title=self.calling_ae_title,
+            calling_ae_title=self.calling_ae_title or "RADNODE",
             connect_timeout_s=self.connect_timeout_s,
             acse_timeout_s=self.dimse_timeout_s,
             dimse_timeout_s=self.dimse_timeout_s,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import load_settings, url_without_password
+from service.config import Settings, load_settings, url_without_password
 from service.errors import ConfigError
 from tests.conftest import RADNODE
 
@@ -226,3 +226,21 @@ def test_a_folder_or_a_non_utf8_file_as_config_is_a_clear_problem(tmp_path: Path
             load_settings(path)
         (problem,) = caught.value.problems
         assert problem.startswith(str(path)) and words in problem
+
+
+def test_a_destination_calls_with_the_nodes_ae_title_unless_it_names_its_own() -> None:
+    """The literal default "RADNODE" went on after node.ae_title was changed, and a PACS
+    that checks calling AE titles refused the results (acceptance pass)."""
+    settings = Settings.model_validate(
+        {
+            "node": {"ae_title": "AI_NODE_1"},
+            "destinations": [
+                {"name": "pacs", "type": "dicom", "host": "h", "port": 104, "ae_title": "PACS"},
+                {"name": "vna", "type": "dicom", "host": "h", "port": 104, "ae_title": "VNA",
+                 "calling_ae_title": "RADNODE_VNA"},
+            ],
+        }
+    )  # fmt: skip
+    pacs, vna = settings.destinations
+    assert pacs.storage_destination().calling_ae_title == "AI_NODE_1"
+    assert vna.storage_destination().calling_ae_title == "RADNODE_VNA"
