@@ -94,6 +94,8 @@ def config_check(
         _exit_invalid(fatal + problems)
     for problem in problems:
         typer.echo(f"note: {problem} (fine if the remote workers have it)", err=True)
+    for key in settings.environment_overrides:
+        typer.echo(f"note: {key} is set by the environment (RADNODE_*), not the file", err=True)
     nothing = inventory.nothing_found()
     if nothing and not settings.routes:
         typer.echo(f"note: {nothing}; no pipeline will run", err=True)
@@ -166,6 +168,8 @@ def route(
     typer.echo(format_plan(plan(scan.series_infos(), settings.routes), scan.series_infos()))
     # Why nothing (or something) would not run: the routes' pipelines must be there.
     inventory = PipelineInventory.scan(settings.models.dir)
+    for key in settings.environment_overrides:
+        typer.echo(f"note: {key} is set by the environment (RADNODE_*), not the file", err=True)
     nothing = inventory.nothing_found()
     for line in [nothing] if nothing else inventory.route_problems(settings.routes):
         typer.echo(f"! {line}")

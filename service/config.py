@@ -246,6 +246,15 @@ class Settings(BaseSettings):
 
     #: True when no routes were configured and :func:`load_settings` used the reference ones.
     _reference_routes: bool = PrivateAttr(default=False)
+    #: Keys the file sets that a ``RADNODE_*`` variable overrides (see
+    #: :func:`environment_overrides`).
+    _environment_overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def environment_overrides(self) -> tuple[str, ...]:
+        """Keys of the configuration file that the environment overrode, e.g.
+        ``("http.port",)``: the start-up log names them."""
+        return self._environment_overrides
 
     @property
     def routes_source(self) -> str:
@@ -368,6 +377,29 @@ def _unknown_environment_names() -> list[str]:
     return problems
 
 
+def environment_overrides(data: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of the file ``data`` that a ``RADNODE_*`` variable also sets.
+
+    Why: the environment wins, silently. The container image set four such variables,
+    so an operator's mounted file lost ``node.data_dir`` and ``http.port`` without a
+    word (acceptance pass). Names only; values may be secrets."""
+    prefix = str(Settings.model_config["env_prefix"])
+    delimiter = str(Settings.model_config["env_nested_delimiter"])
+    found = []
+    for name in sorted(os.environ):
+        if not name.startswith(prefix):
+            continue
+        path = name[len(prefix) :].lower().split(delimiter)
+        node: Any = data
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            found.append(".".join(path))
+    return tuple(found)
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read defaults, the TOML file at ``path`` (if any) and the environment.
 
@@ -406,6 +438,7 @@ def load_settings(path: Path | None = None) -> Settings:
         # No routes configured (file or environment): the reference bundles' routes.
         settings = settings.model_copy(update={"routes": reference_routes(settings.models.dir)})
         settings._reference_routes = True
+    settings._environment_overrides = environment_overrides(data)
     return settings
 
 

@@ -248,6 +248,13 @@ class Node:
             routes=[route.name for route in self.settings.routes if route.enabled],
             source=self.settings.routes_source,
         )
+        if self.settings.environment_overrides:
+            log.warning(
+                "config.environment_overrides",
+                keys=list(self.settings.environment_overrides),
+                action="the RADNODE_* environment variables win over the file for these"
+                " keys; unset them to use the file's values",
+            )
 
     def _worker_died(self, pid: int) -> None:
         self.tracker.worker_died(worker_name(pid))

@@ -244,3 +244,17 @@ def test_a_destination_calls_with_the_nodes_ae_title_unless_it_names_its_own() -
     pacs, vna = settings.destinations
     assert pacs.storage_destination().calling_ae_title == "AI_NODE_1"
     assert vna.storage_destination().calling_ae_title == "RADNODE_VNA"
+
+
+def test_the_keys_the_environment_overrides_in_the_file_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container image's RADNODE_* variables silently beat an operator's mounted
+    file (acceptance pass); the node now names such keys at start."""
+    path = tmp_path / "radnode.toml"
+    path.write_text('[node]\ndata_dir = "/srv/data"\nport = 104\n[http]\nport = 8081\n')
+    monkeypatch.setenv("RADNODE_NODE__DATA_DIR", str(tmp_path / "env-data"))
+    monkeypatch.setenv("RADNODE_HTTP__HOST", "0.0.0.0")  # not in the file: no override
+    settings = load_settings(path)
+    assert settings.environment_overrides == ("node.data_dir",)
+    assert str(settings.node.data_dir) == str(tmp_path / "env-data")
