@@ -70,6 +70,14 @@ class StudyPurging(StorageFull):
     deleted."""
 
 
+class SourceUnavailable(RadnodeError):
+    """A worker cannot open a spool file of its job (missing here, no permission, I/O
+    error): this machine's view of ``node.data_dir`` is at fault, not the study. The
+    job fails (alerted, retried by the operator) instead of being refused as if the
+    series were bad (acceptance pass: a worker with the spool unmounted refused every
+    study it took, with "fix the series")."""
+
+
 class ResultsNotWritten(RadnodeError):
     """A job's DICOM result objects could not be made: the job fails and nothing of it
     is sent (an HL7 result whose SR, SEG and images never reach the PACS would report

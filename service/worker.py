@@ -33,7 +33,7 @@ import numpy as np
 import structlog
 
 from service.config import Settings
-from service.errors import RadnodeError, StartupError
+from service.errors import RadnodeError, SourceUnavailable, StartupError
 from service.observability import redact_quoted
 from service.pipeline.bundle import (
     BundleError,
@@ -224,6 +224,8 @@ class JobRunner:
             write_result_files(result, volume, out_dir)
             publication = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written
+        except SourceUnavailable as exc:
+            return self._end(ticket, JobState.FAILED, str(exc), bound, action=_STORAGE_ACTION)
         except (SeriesRefused, InputMismatch) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             return self._refused(ticket, reason, bound)
@@ -282,18 +284,31 @@ class JobRunner:
             deliverables=publication.deliverables,
         )
 
-    def _end(self, ticket: JobTicket, state: JobState, reason: str, bound: Any) -> JobReport:
+    def _end(
+        self,
+        ticket: JobTicket,
+        state: JobState,
+        reason: str,
+        bound: Any,
+        *,
+        action: str | None = None,
+    ) -> JobReport:
         reason = redact_quoted(reason)  # from exceptions, which may quote header values
-        bound.warning(
-            "job.finished",
-            state=state.value,
-            reason=reason,
-            action="see the reason; fix the series or the route, then retry the job"
-            if state is JobState.REFUSED
-            else "check the pipeline's bundle and the log above, then retry the job",
-        )
+        if action is None:
+            action = (
+                "see the reason; fix the series or the route, then retry the job"
+                if state is JobState.REFUSED
+                else "check the pipeline's bundle and the log above, then retry the job"
+            )
+        bound.warning("job.finished", state=state.value, reason=reason, action=action)
         return JobReport(job_id=ticket.job_id, worker=worker_name(), state=state, error=reason)
 
+
+#: What to do when a worker cannot read its job's spool files.
+_STORAGE_ACTION = (
+    "this worker's machine does not see node.data_dir as the edge does: mount it at the"
+    " same path (docs/scale-out.md) or stop this worker, then retry the job"
+)
 
 #: Exit status of a worker that ended itself because a job ran past its time limit.
 TIMED_OUT_EXIT = 75

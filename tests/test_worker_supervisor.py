@@ -158,3 +158,25 @@ def test_a_process_killed_while_loading_a_bundle_leaves_the_mark_that_counts(
     ]
     assert [c.returncode for c in codes[:2]] == [9, 9]
     assert codes[2].returncode == 1 and "quarantined" in codes[2].stderr
+
+
+def test_a_worker_that_cannot_read_the_spool_fails_the_job_instead_of_refusing_it(
+    tmp_path: Path,
+) -> None:
+    """Acceptance pass: a remote worker with the spool unmounted refused every study it
+    took ("fix the series"): final, no alert, nothing sent. It is this machine's fault."""
+    from service.publish import ResultPublisher
+    from service.records import JobState, JobTicket
+    from service.testing import write_ct_series
+    from service.worker import JobRunner, PipelineCache
+
+    settings = Settings.model_validate({"node": {"data_dir": str(tmp_path / "data")}})
+    series = write_ct_series(tmp_path / "spool", slices=3, rows=16, columns=16)
+    series[1].unlink()  # as seen from a machine that does not mount the spool
+    runner = JobRunner(settings, PipelineCache(tmp_path / "models"), ResultPublisher(settings))
+    ticket = JobTicket("j1", "key", "bone_threshold", tuple(map(str, series)),
+                       str(tmp_path / "r"), (), 1)  # fmt: skip
+    report = runner.run(ticket)
+    assert report.state is JobState.FAILED
+    assert "cannot read input item 1" in (report.error or "")
+    assert "mounted" in (report.error or "")

@@ -70,7 +70,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from service.errors import RadnodeError
+from service.errors import RadnodeError, SourceUnavailable
 from service.pipeline.paging import empty_volume
 
 log = structlog.get_logger("service.pipeline.volume")
@@ -495,7 +495,14 @@ def _dcmread(
         return pydicom.dcmread(
             fspath(path), stop_before_pixels=stop_before_pixels, defer_size=defer_size
         )
-    except Exception as exc:  # pydicom and the OS raise many types on bad files
+    except OSError as exc:  # the file cannot be opened or read here: not the study's fault
+        raise SourceUnavailable(
+            f"this worker cannot read input item {index} ({type(exc).__name__}:"
+            f" {exc.strerror or exc}); check that node.data_dir is mounted and readable"
+            " on this worker's machine at the edge's path (docs/scale-out.md), then retry"
+            " the job"
+        ) from exc
+    except Exception as exc:  # pydicom raises many types on bad files
         raise SeriesRefused(
             f"input item {index} could not be read as DICOM ({type(exc).__name__}: {exc}). "
             f"Check the spool file, or {_RESEND}.",
