@@ -252,6 +252,8 @@ def write_dicom(
         return write_dicom_results(
             result, volume, sources, out_dir, predecessor=predecessor, revised=revised
         )
+    except OSError as exc:  # the disk, not the writer: the worker says to free space
+        raise ResultsNotWritten(f"the DICOM results could not be written ({exc.strerror})") from exc
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
         reason = redact_quoted(f"{type(exc).__name__}: {exc}")
         log.exception(

@@ -19,6 +19,7 @@ A run ends in one of three states, each with one ``job.finished`` log line:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -232,7 +233,15 @@ class JobRunner:
         except (BundleError, PipelineFailed) as exc:
             return self._end(ticket, JobState.FAILED, str(exc), bound)
         except RadnodeError as exc:
+            if _out_of_space(exc):
+                return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
             return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
+        except OSError as exc:
+            if _out_of_space(exc):
+                return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
+            bound.exception("job.crashed", stage=stage)
+            return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
+                             bound)  # fmt: skip
         except Exception as exc:
             bound.exception("job.crashed", stage=stage)
             return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
@@ -302,6 +311,22 @@ class JobRunner:
             )
         bound.warning("job.finished", state=state.value, reason=reason, action=action)
         return JobReport(job_id=ticket.job_id, worker=worker_name(), state=state, error=reason)
+
+
+#: A job whose results could not be written for lack of space: the disk's fault, and
+#: fixed by freeing it (acceptance pass: "check the pipeline's bundle" and "report this
+#: with the job id" were the advice).
+_NO_SPACE = "no space left on the disk of the results folder (node.data_dir) to write the results"
+_SPACE_ACTION = "free disk space under node.data_dir (or raise the quota), then retry the job"
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is "no space" / "quota"."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 #: What to do when a worker cannot read its job's spool files.

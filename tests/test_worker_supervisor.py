@@ -180,3 +180,38 @@ def test_a_worker_that_cannot_read_the_spool_fails_the_job_instead_of_refusing_i
     assert report.state is JobState.FAILED
     assert "cannot read input item 1" in (report.error or "")
     assert "mounted" in (report.error or "")
+
+
+def test_a_disk_that_fills_while_results_are_written_says_free_disk_space(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Acceptance pass: a full disk gave "check the pipeline's bundle" and "report this
+    with the job id"; ENOSPC is the disk's, fixed by freeing space and a retry."""
+    import errno
+
+    import structlog
+
+    from service import worker as worker_module
+    from service.publish import ResultPublisher
+    from service.records import JobState, JobTicket
+    from service.testing import write_ct_series
+    from service.worker import JobRunner, PipelineCache
+    from tests.support.bundles import write_threshold_bundle
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker_module, "write_result_files", full)
+    settings = Settings.model_validate({"node": {"data_dir": str(tmp_path / "data")}})
+    write_threshold_bundle(tmp_path / "models")
+    series = write_ct_series(tmp_path / "spool", slices=8, rows=16, columns=16)
+    runner = JobRunner(settings, PipelineCache(tmp_path / "models"), ResultPublisher(settings))
+    ticket = JobTicket("j1", "key", "bone_threshold", tuple(map(str, series)),
+                       str(tmp_path / "r"), (), 1)  # fmt: skip
+    with structlog.testing.capture_logs() as events:
+        report = runner.run(ticket)
+    assert report.state is JobState.FAILED
+    assert "no space left" in (report.error or "")
+    (finished,) = [e for e in events if e["event"] == "job.finished"]
+    assert "free disk space" in finished["action"]
+    assert not [e for e in events if e["event"] == "job.crashed"]
