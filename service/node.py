@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -343,7 +344,10 @@ class NodeStatus:
         return self._node.index.recent_jobs(limit, state)
 
     def workers(self) -> list[WorkerView]:
-        return list(self._node.worker_watch.latest)
+        watch = self._node.worker_watch
+        if watch.stale:  # the queue does not answer: none can be vouched for as alive
+            return [replace(view, alive=False) for view in watch.latest]
+        return list(watch.latest)
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         letters = []

@@ -57,6 +57,8 @@ class WorkerWatch:
         self._failing = False
         #: when each worker's announcement was last heard to change, by name
         self._heard = HeardClock()
+        #: pipeline -> the bundle versions its live workers differ on, as last warned
+        self._mixed: dict[str, tuple[str, ...]] = {}
         self.latest: list[WorkerView] = []
 
     def forget_all(self) -> None:
@@ -66,7 +68,17 @@ class WorkerWatch:
             self._queue.withdraw(presence.name)
 
     def alive_count(self) -> int:
+        """Workers alive at the last poll. Raises while the queue cannot be read: the
+        last list would go on showing workers "alive" through a Redis outage
+        (acceptance pass), so the gauge reads NaN instead."""
+        if self._failing:
+            raise ConnectionError("the queue cannot be read: whether workers live is unknown")
         return sum(view.alive for view in self.latest)
+
+    @property
+    def stale(self) -> bool:
+        """Whether :attr:`latest` is from before the queue stopped answering."""
+        return self._failing
 
     def poll_or_log(self) -> None:
         """:meth:`poll`; a queue that does not answer is logged once until it does (the
@@ -102,8 +114,31 @@ class WorkerWatch:
             views.append(self._view(presence, alive=now - since <= self._silent_after))
         self._heard.forget_others()
         self._report(views, now)
+        self._check_versions(views)
         self.latest = views
         return views
+
+    def _check_versions(self, views: list[WorkerView]) -> None:
+        """One warning per pipeline whose live workers load different bundle versions:
+        its results then alternate between versions, study by study (acceptance pass:
+        four ORUs in a row said 0.2.0, 0.2.1, 0.2.0, 0.2.1)."""
+        versions: dict[str, dict[str, list[str]]] = {}
+        for view in views:
+            if view.alive:
+                for pipeline, version in view.pipelines.items():
+                    versions.setdefault(pipeline, {}).setdefault(version, []).append(view.name)
+        mixed = {p: v for p, v in versions.items() if len(v) > 1}
+        for pipeline, by_version in sorted(mixed.items()):
+            seen = tuple(sorted(by_version))
+            if self._mixed.get(pipeline) != seen:
+                log.warning(
+                    "workers.versions_differ",
+                    pipeline=pipeline,
+                    versions={v: sorted(names) for v, names in sorted(by_version.items())},
+                    action="install the same bundle version on every worker; until then"
+                    " the results of this pipeline depend on which worker took the job",
+                )
+        self._mixed = {p: tuple(sorted(v)) for p, v in mixed.items()}
 
     @staticmethod
     def _view(presence: WorkerPresence, *, alive: bool) -> WorkerView:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import structlog
 
 from service.config import Settings
@@ -122,6 +123,26 @@ def test_an_unreachable_queue_is_logged_once_and_the_last_list_kept(tmp_path: Pa
         watch.poll_or_log()
     assert [e["event"] for e in logs] == ["workers.poll_failed"]
     assert [v.name for v in watch.latest] == ["a:1"]
+    # but not vouched for: a Redis outage showed the worker alive throughout (acceptance)
+    assert watch.stale
+    with pytest.raises(ConnectionError):
+        watch.alive_count()  # radnode_workers_alive reads NaN
+
+
+def test_live_workers_on_different_bundle_versions_are_warned_about_once(
+    tmp_path: Path,
+) -> None:
+    """Acceptance pass: two workers on 0.2.0 and 0.2.1 took turns; the ORUs alternated."""
+    queue, now = _queue(tmp_path), time.time()
+    watch = WorkerWatch(queue, expect_workers=True)
+    queue.huey.put("worker:a:1", WorkerPresence("a:1", "cpu", {"cxr": "0.2.0"}, now - 10, now))
+    queue.huey.put("worker:b:2", WorkerPresence("b:2", "cpu", {"cxr": "0.2.1"}, now - 10, now))
+    with structlog.testing.capture_logs() as logs:
+        watch.poll()
+        watch.poll()
+    (warned,) = [e for e in logs if e["event"] == "workers.versions_differ"]
+    assert warned["pipeline"] == "cxr"
+    assert warned["versions"] == {"0.2.0": ["a:1"], "0.2.1": ["b:2"]}
 
 
 def test_forget_all_drops_the_announcements_of_a_previous_run(tmp_path: Path) -> None:
