@@ -170,8 +170,10 @@ class _WaitingDeliveriesCollector(Collector):
         source: Callable[[], Mapping[str, tuple[int, float]]],
         destinations: Sequence[str],
         clock: Callable[[], float],
+        dead: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._source, self._destinations, self._clock = source, destinations, clock
+        self._dead = dead
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         count = GaugeMetricFamily(
@@ -196,6 +198,20 @@ class _WaitingDeliveriesCollector(Collector):
             age.add_metric([destination], max(now - oldest, 0.0) if pending else 0.0)
         yield count
         yield age
+        if self._dead is None:
+            return
+        dead = _read_at_scrape(self._dead, "metrics.deliveries_failed")
+        if dead is None:
+            return
+        open_letters = GaugeMetricFamily(
+            "radnode_dead_letters_open",
+            "Dead letters not resent yet, by destination: results a destination never got"
+            " (operator action needed; survives restarts, unlike radnode_dead_letters_total).",
+            labels=["destination"],
+        )
+        for destination in sorted({*self._destinations, *dead}):
+            open_letters.add_metric([destination], dead.get(destination, 0))
+        yield open_letters
 
 
 class Metrics:
@@ -379,10 +395,13 @@ class Metrics:
         waiting: Callable[[], Mapping[str, tuple[int, float]]],
         destinations: Sequence[str],
         clock: Callable[[], float] = time.time,
+        dead: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """Serve ``radnode_deliveries_waiting`` and its age from ``waiting`` (the
-        outbox's :meth:`~service.delivery.Outbox.waiting`) at each scrape."""
-        self.registry.register(_WaitingDeliveriesCollector(waiting, destinations, clock))
+        outbox's :meth:`~service.delivery.Outbox.waiting`), and
+        ``radnode_dead_letters_open`` from ``dead`` (dead letters by destination), at
+        each scrape."""
+        self.registry.register(_WaitingDeliveriesCollector(waiting, destinations, clock, dead=dead))
 
     # -- receive path -----------------------------------------------------------
 

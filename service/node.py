@@ -101,7 +101,14 @@ class Node:
             metrics=self.metrics,
         )
         self.outbox = Outbox(outbox_path(settings))
-        self.metrics.watch_deliveries(self.outbox.waiting, [d.name for d in settings.destinations])
+        self.metrics.watch_deliveries(
+            self.outbox.waiting,
+            [d.name for d in settings.destinations],
+            dead=lambda: {
+                name: by_state.get(DeliveryState.DEAD, 0)
+                for name, by_state in self.outbox.counts().items()
+            },
+        )
         self.metrics.start_at_zero(
             destinations=[d.name for d in settings.destinations],
             pipelines=sorted({route.pipeline for route in settings.routes}),

@@ -273,7 +273,11 @@ def test_alerted_series_exist_at_zero_and_waiting_results_are_a_gauge(tmp_path: 
     outbox = Outbox(tmp_path / "outbox.sqlite3", clock=lambda: now[0])
     metrics = Metrics(data_dir=tmp_path)
     metrics.start_at_zero(destinations=["pacs", "ris"], pipelines=["seg"])
-    metrics.watch_deliveries(outbox.waiting, ["pacs", "ris"], clock=lambda: now[0])
+
+    def dead() -> dict[str, int]:
+        return {name: states.get("dead", 0) for name, states in outbox.counts().items()}
+
+    metrics.watch_deliveries(outbox.waiting, ["pacs", "ris"], clock=lambda: now[0], dead=dead)
 
     def sample(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(name, labels)
@@ -290,6 +294,14 @@ def test_alerted_series_exist_at_zero_and_waiting_results_are_a_gauge(tmp_path: 
     assert sample("radnode_deliveries_waiting", destination="pacs") == 2
     assert sample("radnode_deliveries_oldest_waiting_seconds", destination="pacs") == 120
     assert sample("radnode_deliveries_oldest_waiting_seconds", destination="ris") == 0
+    # a dead letter stays counted until it is resent, restart or not (acceptance pass:
+    # the counter read 0 after a restart while /api/dead-letters listed 2)
+    assert sample("radnode_dead_letters_open", destination="pacs") == 0
+    first = outbox.claim_next(lease_s=60)
+    assert first is not None
+    outbox.mark_dead(first.id, error="refused")
+    assert sample("radnode_dead_letters_open", destination="pacs") == 1
+    assert sample("radnode_dead_letters_open", destination="ris") == 0
     outbox.close()
 
 
