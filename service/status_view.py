@@ -174,10 +174,22 @@ def _studies_table(studies: Sequence[Item], now: float) -> Table:
     return table
 
 
+#: Columns whose values are copied into commands (a job id into the retry URL): never
+#: wrapped, or "efd0f23e6" / "160" could not be copied whole (acceptance pass).
+_WHOLE = {"job": 12, "study": 16}
+
+
+def _add_column(table: Table, name: str) -> None:
+    if name in _WHOLE:
+        table.add_column(name, no_wrap=True, min_width=_WHOLE[name])
+    else:
+        table.add_column(name, overflow="fold")
+
+
 def _failed_table(jobs: Sequence[Item], now: float) -> Table:
     table = Table(title="Failed and refused jobs", title_justify="left")
     for name in ("job", "study", "pipeline", "state", "tries", "finished", "error"):
-        table.add_column(name, overflow="fold")
+        _add_column(table, name)
     for j in jobs:
         table.add_row(
             str(j.get("job_id", "?")),
@@ -214,7 +226,7 @@ def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item]]:
 def _undelivered_table(jobs: Sequence[Item]) -> Table:
     table = Table(title="Results not delivered yet (done jobs)", title_justify="left")
     for name in ("job", "study", "pipeline", "destination", "state", "tries", "error"):
-        table.add_column(name, overflow="fold")
+        _add_column(table, name)
     for job, destination, what, d in _undelivered(jobs):
         table.add_row(
             str(job.get("job_id", "?")),
@@ -231,7 +243,7 @@ def _undelivered_table(jobs: Sequence[Item]) -> Table:
 def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
     table = Table(title="Dead letters (retry with POST /api/jobs/{id}/retry)", title_justify="left")
     for name in ("job", "study", "pipeline", "destination", "tries", "given up", "error"):
-        table.add_column(name, overflow="fold")
+        _add_column(table, name)
     for d in letters:
         table.add_row(
             str(d.get("job_id", "?")),
@@ -249,7 +261,7 @@ def _workers_table(workers: Sequence[Item], now: float) -> Table:
     alive = sum(bool(w.get("alive")) for w in workers)
     table = Table(title=f"Workers ({alive} alive)", title_justify="left")
     for name in ("worker", "state", "device", "pipelines", "last seen"):
-        table.add_column(name, overflow="fold")
+        _add_column(table, name)
     for w in workers:
         pipelines = w.get("pipelines")
         table.add_row(

@@ -39,7 +39,7 @@ from service.ingest import Ingest
 from service.metrics import Metrics
 from service.records import JobRecord, JobState, StudySummary, WorkerView
 from service.spool import Spool
-from service.status_view import StatusUnavailable, fetch_status, render_snapshot
+from service.status_view import StatusUnavailable, fetch_status, render_snapshot, render_status
 from service.uids import study_key
 from tests.conftest import free_port
 from tests.test_receive_path import ct_small, received
@@ -495,3 +495,16 @@ def test_the_api_token_never_reaches_the_log(radnode_factory) -> None:
         assert answer.value.code in (403, 404)
     node.stop()
     assert node.lines and not [line for line in node.lines if secret in line]
+
+
+def test_status_view_keeps_job_ids_whole_on_a_narrow_terminal(stack: Stack) -> None:
+    """Piped or at 80 columns a job id wrapped ("efd0f23e6" / "160") and could not be
+    copied into the retry URL (acceptance pass)."""
+    long_id = "efd0f23e6160"
+    failed = {"job_id": long_id, "study_key": "0123456789abcdef", "pipeline": "p" * 30,
+              "state": "failed", "attempts": 3, "error": "x " * 200}  # fmt: skip
+    console = Console(record=True, width=80, color_system=None)
+    console.print(render_status([], [failed], now=1_700_000_200.0))
+    screen = console.export_text()
+    assert long_id in screen
+    assert "0123456789abcdef" in screen
