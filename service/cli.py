@@ -99,9 +99,15 @@ def config_check(
     nothing = inventory.nothing_found()
     if nothing and not settings.routes:
         typer.echo(f"note: {nothing}; no pipeline will run", err=True)
+    if settings.routes_source == "reference bundles":
+        routes = f"no [[routes]]: the {len(settings.routes)} reference route(s) of models.dir"
+    elif not settings.routes:
+        routes = "routes = []: no pipeline runs"
+    else:
+        routes = f"{len(settings.routes)} route(s)"
     typer.echo(
         f"{file}: OK — AE {settings.node.ae_title} on port {settings.node.port}, "
-        f"{len(settings.destinations)} destination(s), {len(settings.routes)} route(s)"
+        f"{len(settings.destinations)} destination(s), {routes}"
     )
 
 

@@ -183,3 +183,16 @@ def test_config_check_and_serve_refuse_tls_files_and_hosts_that_do_not_work(
         ], answer.stderr
         assert "missing.pem" in lines[0] and "no-ca.pem" in lines[3]
     assert not (tmp_path / "data").exists()  # serve opened nothing
+
+
+def test_config_check_tells_reference_routes_from_routing_off(
+    radnode: CliRunner, models: Path, tmp_path: Path
+) -> None:
+    """Both printed "0 route(s)": with no [[routes]] the reference routes run, with
+    ``routes = []`` nothing does (acceptance pass)."""
+    none = tmp_path / "none.toml"
+    none.write_text(f'[models]\ndir = "{models}"\n')
+    off = tmp_path / "off.toml"
+    off.write_text(f'routes = []\n[models]\ndir = "{models}"\n')
+    assert "reference route(s)" in invoke(radnode, "config", "check", "--no-load", str(none)).stdout
+    assert "no pipeline runs" in invoke(radnode, "config", "check", "--no-load", str(off)).stdout
