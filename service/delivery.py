@@ -660,6 +660,7 @@ class DeliveryWorker:
         log.error(
             f"{item.kind}.dead_letter",
             reason=_clip(reason),
-            action="fix the destination (see reason), then resend: POST /api/jobs/<job>/retry",
+            action="fix the destination (see reason), then resend: POST"
+            " /api/jobs/<job>/retry with the bearer token (set http.token if it is not set)",
             **ids,
         )
