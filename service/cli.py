@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -36,6 +37,18 @@ def _settings_or_exit(path: Path | None) -> Settings:
         _exit_invalid(exc.problems)
 
 
+#: What the node creates (spool, results, HL7 messages: patient data) is readable by
+#: its user and group only, not by everyone: 0640 files, 0750 folders. Give workers on
+#: other machines the same user or group (docs/security.md; acceptance pass: 0644).
+PRIVATE_UMASK = 0o027
+
+
+def _private_files() -> None:
+    """Tighten the process umask (children inherit it); a stricter one is kept."""
+    current = os.umask(PRIVATE_UMASK)
+    os.umask(current | PRIVATE_UMASK)
+
+
 def _exit_invalid(problems: list[str]) -> NoReturn:
     """List every problem, one line each with its key, and exit 2 (as ``serve`` does)."""
     typer.echo(f"radnode: configuration is invalid ({len(problems)} problem(s)):", err=True)
@@ -55,6 +68,7 @@ def serve(config: ConfigOption = None) -> None:
     problems = startup_problems(settings)
     if problems:
         _exit_invalid(problems)
+    _private_files()
     configure_logging(settings.log.level)
     try:
         Node(settings, config_path=config).run_until_signalled()
@@ -129,6 +143,7 @@ def worker(
     from service.worker import run_worker
 
     settings = _settings_or_exit(config)
+    _private_files()
     configure_logging(settings.log.level)
     try:
         run_worker(settings, local=local)
@@ -150,6 +165,7 @@ def receiver(
     from service.receivers import run_receiver
 
     settings = _settings_or_exit(config)
+    _private_files()
     configure_logging(settings.log.level)
     run_receiver(settings, [int(fd) for fd in listen_fds.split(",")], counts_fd)
 

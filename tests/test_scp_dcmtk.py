@@ -195,3 +195,15 @@ def test_an_association_offering_nothing_radnode_takes_is_named_in_a_warning(
     (warning,) = radnode.wait_for_event("association.no_acceptable_context")
     assert any("1.2.840.10008.5.1.4.31" in uid for uid in warning["sop_classes"])
     assert warning["peer_ae"] == "FINDSCU" and "uncompressed" in warning["action"]
+
+
+def test_what_the_node_keeps_is_not_readable_by_everyone(
+    radnode: RadnodeProcess, tmp_path: Path
+) -> None:
+    """Acceptance pass: the spool, results and HL7 messages (patient data) were 0644 in
+    0755 folders; the node keeps them to its user and group."""
+    (source,) = write_ct_series(tmp_path / "one", slices=1, rows=16, columns=16)
+    assert storescu(radnode.port, [source]).returncode == 0
+    kept = spool_file(radnode, source)
+    for path in (kept, kept.parent, kept.parent.parent, radnode.data_dir / "index.sqlite3"):
+        assert path.stat().st_mode & 0o007 == 0, (path, oct(path.stat().st_mode))
