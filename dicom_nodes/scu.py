@@ -281,7 +281,7 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
     if not assoc.is_established:
         waited = time.monotonic() - asked_at
         state, reason, rejection = _why_not_established(assoc, destination, waited)
-        log.warning(
+        log.info(  # dicom.retry / dicom.dead_letter say what to do
             "scu.association_failed",
             peer=f"{destination.ae_title}@{destination.host}:{destination.port}",
             state=state.value,

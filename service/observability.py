@@ -146,8 +146,31 @@ def quiet_libraries() -> None:
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     warnings.filterwarnings("ignore", module=r"pynetdicom(\..*)?")
-    for name in _LIBRARIES:
+    for name in (*_LIBRARIES, "huey"):  # huey: "Executing task", "Sleeping" at INFO/DEBUG
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+#: What to do about a library's warning or error, by its top-level package.
+_LIBRARY_ACTIONS = {
+    "huey": "check the job queue (queue.url, Redis); radnode retries on its own",
+    "pynetdicom": "see the association.* events of the same peer around this line",
+}
+
+
+def name_library_records(
+    logger: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """structlog processor for stdlib records of other packages (huey, pynetdicom):
+    ``event`` becomes ``library.<package>`` and their text goes to ``message``, so every
+    line's ``event`` is a name from docs/logging.md (acceptance pass: huey wrote free
+    text such as "Huey consumer started with 1 thread" as the event)."""
+    package = str(event_dict.get("logger", "")).split(".", 1)[0]
+    if package and package not in ("service", "dicom_nodes", "py"):
+        event_dict["message"] = event_dict.get("event")
+        event_dict["event"] = f"library.{package}"
+        if package in _LIBRARY_ACTIONS and method in ("warning", "error", "critical"):
+            event_dict.setdefault("action", _LIBRARY_ACTIONS[package])
+    return event_dict
 
 
 def configure_logging(level: str = "info") -> None:
@@ -171,7 +194,7 @@ def configure_logging(level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, name_library_records],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,

@@ -138,3 +138,55 @@ def test_a_logged_tracebacks_messages_lose_their_quoted_values() -> None:
     assert "1961029" not in redacted
     assert "    raise ValueError(f'bad {value!r}')" in redacted
     assert redact_quoted('x "DOE^JANE" y') == "x '<redacted>' y"
+
+
+def test_every_log_event_the_code_emits_is_in_logging_md() -> None:
+    """An operator's alert rules and dashboards go by docs/logging.md; the acceptance
+    pass found events there was no row for (scu.sent, dicom.attempt, ...)."""
+    import ast
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "logging.md").read_text(encoding="utf-8")
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    name = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)+")
+    missing = []
+    for package in ("service", "dicom_nodes"):
+        for path in sorted((repo / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                    and name.fullmatch(node.args[0].value)
+                ):
+                    continue
+                if f"`{node.args[0].value}`" not in doc:
+                    missing.append(f"{node.args[0].value} ({path.name}:{node.lineno})")
+    assert missing == []
+
+
+def test_library_lines_carry_a_documented_event_name_and_their_text_as_message() -> None:
+    """huey wrote free text as the event ("Huey consumer started with 1 thread"), and
+    "Error reading from queue" came without an action (acceptance pass)."""
+    script = textwrap.dedent(
+        """
+        import logging
+        from service.observability import configure_logging
+        configure_logging("debug")
+        logging.getLogger("huey.consumer").info("Huey consumer started with 1 thread")
+        logging.getLogger("huey.consumer").error("Error reading from queue")
+        logging.getLogger("service.node").info("not a library")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["event"] for line in lines] == ["library.huey", "not a library"]
+    assert lines[0]["message"] == "Error reading from queue"
+    assert "queue.url" in lines[0]["action"]
