@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -47,6 +48,15 @@ def _private_files() -> None:
     """Tighten the process umask (children inherit it); a stricter one is kept."""
     current = os.umask(PRIVATE_UMASK)
     os.umask(current | PRIVATE_UMASK)
+
+
+def _quiet_deprecations() -> None:
+    """For the commands an operator reads (config check, route, run): a library's
+    FutureWarning or DeprecationWarning (MONAI's, as a bundle loads) is nothing the
+    operator can act on and hid the answer on standard error (acceptance pass). The
+    node and workers log them as python.warning instead."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def _exit_invalid(problems: list[str]) -> NoReturn:
@@ -98,6 +108,7 @@ def config_check(
     """
     from service.startup_checks import startup_problems
 
+    _quiet_deprecations()
     settings = _settings_or_exit(file)
     inventory = PipelineInventory.scan(settings.models.dir)
     fatal = startup_problems(settings)
@@ -182,6 +193,7 @@ def route(
     from service.offline import no_series_message, scan_folder
     from service.routing import format_plan, plan
 
+    _quiet_deprecations()
     settings = _settings_or_exit(config)
     scan = scan_folder(folder)
     if not scan.series:
@@ -217,6 +229,7 @@ def run(
     """Run pipelines on a folder offline, the same way the node does, with progress."""
     from service.offline import run_folder
 
+    _quiet_deprecations()
     settings = _settings_or_exit(config)
     try:
         failures = run_folder(folder, out, settings, pipeline=pipeline)

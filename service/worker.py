@@ -117,7 +117,7 @@ class PipelineCache:
                 if name not in specs:
                     why = problems.get(name) or (
                         f"no bundle folder {name!r} in {self.models_dir}; install the bundle"
-                        " there or fix the route's pipeline name"
+                        " there or fix the pipeline name (a route's, or radnode run --pipeline)"
                     )
                     raise BundleError(why)
                 started = time.perf_counter()
