@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from service import run_claim
 from service.config import Settings
 from service.errors import RadnodeError, SourceUnavailable, StartupError
 from service.observability import redact_quoted
@@ -214,6 +215,7 @@ class JobRunner:
         try:
             started = time.perf_counter()
             out_dir = Path(ticket.result_dir)
+            run_claim.claim(out_dir, ticket.attempt)
             volume = load_series(list(ticket.series_paths), scratch_dir=out_dir)
             load_s = time.perf_counter() - started
             stage = "model"
@@ -221,10 +223,15 @@ class JobRunner:
             stage = "inference"
             result = run_bundle(bundle, volume, load_s=load_s)
             stage = "write"
+            run_claim.check(out_dir, ticket.attempt)  # taken for lost and run again meanwhile?
             written = time.perf_counter()
             write_result_files(result, volume, out_dir)
             publication = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written
+        except run_claim.RunSuperseded as exc:
+            bound.warning("job.run_superseded", attempt=ticket.attempt, reason=str(exc),
+                          action="none: the later run's results stand")  # fmt: skip
+            return JobReport(ticket.job_id, worker_name(), JobState.FAILED, error=str(exc))
         except SourceUnavailable as exc:
             return self._end(ticket, JobState.FAILED, str(exc), bound, action=_STORAGE_ACTION)
         except (SeriesRefused, InputMismatch) as exc:

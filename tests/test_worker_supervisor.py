@@ -215,3 +215,41 @@ def test_a_disk_that_fills_while_results_are_written_says_free_disk_space(
     (finished,) = [e for e in events if e["event"] == "job.finished"]
     assert "free disk space" in finished["action"]
     assert not [e for e in events if e["event"] == "job.crashed"]
+
+
+def test_a_run_taken_for_lost_writes_nothing_once_a_later_run_has_started(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Acceptance pass: a worker paused for 30 s came back after its job had been run
+    again and delivered, and rewrote the job's results folder under the delivery."""
+    from service import worker as worker_module
+    from service.publish import ResultPublisher
+    from service.records import JobState, JobTicket
+    from service.run_claim import CLAIM_FILE
+    from service.testing import write_ct_series
+    from service.worker import JobRunner, PipelineCache
+    from tests.support.bundles import write_threshold_bundle
+
+    settings = Settings.model_validate({"node": {"data_dir": str(tmp_path / "data")}})
+    write_threshold_bundle(tmp_path / "models")
+    series = tuple(map(str, write_ct_series(tmp_path / "spool", slices=8, rows=16, columns=16)))
+    runner = JobRunner(settings, PipelineCache(tmp_path / "models"), ResultPublisher(settings))
+    out = tmp_path / "results" / "j1"
+    real_run_bundle = worker_module.run_bundle
+
+    def paused_meanwhile(*args, **kwargs):  # run 2 starts while run 1 is in the model
+        result = real_run_bundle(*args, **kwargs)
+        (out / CLAIM_FILE).write_text("2")
+        return result
+
+    monkeypatch.setattr(worker_module, "run_bundle", paused_meanwhile)
+    report = runner.run(JobTicket("j1", "key", "bone_threshold", series, str(out), (), 1))
+    assert report.state is JobState.FAILED and "run 2 has started" in (report.error or "")
+    assert not (out / "result.json").exists() and not (out / "dicom").exists()
+
+    monkeypatch.setattr(worker_module, "run_bundle", real_run_bundle)
+    stale = runner.run(JobTicket("j1", "key", "bone_threshold", series, str(out), (), 1))
+    assert stale.state is JobState.FAILED  # a ticket older than the folder's run
+    current = runner.run(JobTicket("j1", "key", "bone_threshold", series, str(out), (), 3))
+    assert current.state is JobState.DONE
+    assert (out / "result.json").exists()
