@@ -8,11 +8,13 @@ Routes (the OpenAPI 3.1 document at ``GET /openapi.json`` describes each)::
     GET  /api/studies              recent studies: key, state, counts, times
     GET  /api/jobs                 recent jobs: id, pipeline, state, timings, error
     GET  /api/dead-letters         deliveries given up after their last retry
-    POST /api/jobs/{job_id}/retry  run a failed job again (bearer token)
+    GET  /api/workers              the workers heard from, alive or silent
+    POST /api/jobs/{job_id}/retry  run a failed job again, or resend its dead letters
+    POST /api/jobs/{job_id}/discard  give its dead letters up for good (bearer token)
     GET  /openapi.json             this API's OpenAPI document
 
 Why the standard library's :class:`~http.server.ThreadingHTTPServer` and not a web
-framework: the API has eight small routes, no request bodies and no templates; the
+framework: the API has ten small routes, no request bodies and no templates; the
 node is threaded, not async; and every dependency of a device in a hospital network
 is one more thing to keep patched and to list in its SBOM. A thread per request is
 plenty for a scrape every 15 s and an operator's status command. The port is meant
@@ -138,6 +140,11 @@ class StatusSource(Protocol):
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         """Queue job ``job_id`` again (a failed job, or a job with dead letters)."""
+        ...
+
+    def discard_dead_letters(self, job_id: str) -> list[str] | None:
+        """Give up job ``job_id``'s dead letters for good; the destinations they were
+        for (empty: it has none), or None when no job has that id."""
         ...
 
     def readiness(self) -> dict[str, bool | str]:
@@ -445,6 +452,32 @@ def _retry(api: ApiServer, request: _Request) -> _Response:
     return _json(HTTPStatus.ACCEPTED, {"job_id": job_id, "outcome": str(outcome)})
 
 
+def _discard(api: ApiServer, request: _Request) -> _Response:
+    refusal = api.authorize(request)
+    if refusal is not None:
+        return refusal
+    job_id = request.params["job_id"]
+    destinations = api.source.discard_dead_letters(job_id)
+    if destinations is None:
+        return _problem(
+            HTTPStatus.NOT_FOUND, "no job has this id", "take the job_id from GET /api/jobs"
+        )
+    if not destinations:
+        return _problem(
+            HTTPStatus.CONFLICT,
+            "the job has no dead letters",
+            "see GET /api/dead-letters for the jobs that have",
+        )
+    log.warning(
+        "api.dead_letters_discarded",
+        job=job_id,
+        destinations=destinations,
+        peer_address=request.peer,
+        action="none: these destinations will not get this job's result",
+    )
+    return _json(HTTPStatus.OK, {"job_id": job_id, "discarded": destinations})
+
+
 def _openapi(api: ApiServer, request: _Request) -> _Response:
     return _json(HTTPStatus.OK, openapi_document())
 
@@ -458,6 +491,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/api/dead-letters", _dead_letters),
     _route("GET", "/api/workers", _workers),
     _route("POST", "/api/jobs/{job_id}/retry", _retry),
+    _route("POST", "/api/jobs/{job_id}/discard", _discard),
     _route("GET", "/openapi.json", _openapi),
 )
 
@@ -1035,6 +1069,44 @@ def openapi_document() -> dict[str, Any]:
                         "403": _error_response("Wrong token, or no http.token configured."),
                         "404": _error_response("No job has this id."),
                         "409": _error_response("The job is not in a retryable state."),
+                    },
+                }
+            },
+            "/api/jobs/{job_id}/discard": {
+                "post": {
+                    "operationId": "discardDeadLetters",
+                    "summary": "Give up a job's dead letters for good (its study can then be"
+                    " purged after study.keep_days).",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {
+                            "name": "job_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Discarded; the destinations they were for.",
+                            "content": _content(
+                                {
+                                    "type": "object",
+                                    "required": ["job_id", "discarded"],
+                                    "properties": {
+                                        "job_id": {"type": "string"},
+                                        "discarded": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            ),
+                        },
+                        "401": _error_response("No bearer token was sent."),
+                        "403": _error_response("Wrong token, or no http.token configured."),
+                        "404": _error_response("No job has this id."),
+                        "409": _error_response("The job has no dead letters."),
                     },
                 }
             },

@@ -444,6 +444,22 @@ class Outbox:
             ).rowcount
         return int(count)
 
+    def discard_dead(self, job_id: str) -> list[Delivery]:
+        """Delete the dead letters of ``job_id`` (an operator gave them up); returns them.
+
+        Why delete: a dead letter keeps its study, and so the patient data, past
+        ``study.keep_days`` until it is resent, and one for a destination that no
+        longer exists can never be (acceptance pass). The log says what was dropped."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE job_id = ? AND state = 'dead'",
+                (job_id,),
+            ).fetchall()
+            self._db.execute(
+                "DELETE FROM deliveries WHERE job_id = ? AND state = 'dead'", (job_id,)
+            )
+        return [_row_to_delivery(row) for row in rows]
+
     def due_now_after_restart(self) -> int:
         """Make every pending delivery due now; returns how many were waiting.
 

@@ -419,6 +419,21 @@ class NodeStatus:
         log.info("job.retry_requested", job=job_id, study=job.study_key)
         return RetryOutcome.RETRIED
 
+    def discard_dead_letters(self, job_id: str) -> list[str] | None:
+        if self._node.index.job(job_id) is None:
+            return None
+        dropped = self._node.outbox.discard_dead(job_id)
+        for item in dropped:
+            log.warning(
+                "delivery.discarded",
+                job=job_id,
+                delivery=item.id,
+                destination=item.destination,
+                kind=item.kind,
+                action="none: an operator gave this result up; the destination will not get it",
+            )
+        return sorted({item.destination for item in dropped})
+
     def readiness(self) -> dict[str, bool | str]:
         node = self._node
         checks: dict[str, bool | str] = {

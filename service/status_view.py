@@ -241,7 +241,10 @@ def _undelivered_table(jobs: Sequence[Item]) -> Table:
 
 
 def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
-    table = Table(title="Dead letters (retry with POST /api/jobs/{id}/retry)", title_justify="left")
+    table = Table(
+        title="Dead letters (resend: POST /api/jobs/{id}/retry; give up: .../discard)",
+        title_justify="left",
+    )
     for name in ("job", "study", "pipeline", "destination", "tries", "given up", "error"):
         _add_column(table, name)
     for d in letters:

@@ -100,6 +100,13 @@ class FakeNode:
         self.jobs[job_id] = replace(job, state=JobState.QUEUED, error=None)
         return RetryOutcome.RETRIED
 
+    def discard_dead_letters(self, job_id: str) -> list[str] | None:
+        if job_id not in self.jobs:
+            return None
+        dropped = sorted({letter.destination for letter in self.letters if letter.job_id == job_id})
+        self.letters = [letter for letter in self.letters if letter.job_id != job_id]
+        return dropped
+
     def readiness(self) -> dict[str, bool | str]:
         return dict(self.checks)
 
@@ -339,6 +346,7 @@ def test_no_patient_data_or_uid_in_any_response(stack: Stack) -> None:
         if route.method == "GET":
             bodies.append(call(stack.api, route.template)[2].decode())
     bodies.append(call(stack.api, "/api/jobs/j-failed/retry", "POST", TOKEN)[2].decode())
+    bodies.append(call(stack.api, "/api/jobs/j-failed/discard", "POST", TOKEN)[2].decode())
     assert len(bodies) == len(ROUTES)
     for body in bodies:
         for secret in secrets:
@@ -508,3 +516,53 @@ def test_status_view_keeps_job_ids_whole_on_a_narrow_terminal(stack: Stack) -> N
     screen = console.export_text()
     assert long_id in screen
     assert "0123456789abcdef" in screen
+
+
+def test_an_operator_can_give_up_a_jobs_dead_letters_for_good(
+    radnode_factory, tmp_path: Path
+) -> None:
+    """A dead letter for a destination that no longer exists can never be resent, and it
+    kept its study (patient data) past study.keep_days (acceptance pass). Discarding it
+    needs the token, says which destinations lose the result, and drops it everywhere."""
+    from service.testing import write_ct_series
+    from tests.conftest import storescu
+    from tests.support.bundles import write_threshold_bundle
+
+    write_threshold_bundle(tmp_path / "models")
+    secret = "discard-token"
+    node = radnode_factory(
+        RADNODE_HTTP__TOKEN=secret,
+        RADNODE_MODELS__DIR=str(tmp_path / "models"),
+        RADNODE_STUDY__COMPLETION_TIMEOUT_S="1",
+        RADNODE_ROUTES=json.dumps([{"name": "bone", "pipeline": "bone_threshold",
+                                    "match": {"Modality": "CT"}, "destinations": ["pacs"]}]),
+        RADNODE_DESTINATIONS=json.dumps([{"name": "pacs", "type": "dicom",
+                                          "host": "127.0.0.1", "port": free_port(),
+                                          "ae_title": "GONE", "max_attempts": 1}]),
+    ).start()  # fmt: skip
+    files = write_ct_series(tmp_path / "ct", slices=8, rows=16, columns=16)
+    assert storescu(node.port, files).returncode == 0
+    (dead,) = node.wait_for_event("dicom.dead_letter", timeout=120)
+    base = f"http://127.0.0.1:{node.http_port}"
+
+    def post(job: str, token: str | None = secret) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(
+            f"{base}/api/jobs/{job}/discard", method="POST", headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
+
+    assert post(dead["job"], token=None)[0] == 401
+    assert post("no-such-job")[0] == 404
+    assert post(dead["job"]) == (200, {"job_id": dead["job"], "discarded": ["pacs"]})
+    assert post(dead["job"])[0] == 409  # nothing left to discard
+    with urllib.request.urlopen(f"{base}/api/dead-letters", timeout=10) as answer:
+        assert json.loads(answer.read())["dead_letters"] == []
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+        assert 'radnode_dead_letters_open{destination="pacs"} 0.0' in answer.read().decode()
+    (said,) = node.wait_for_event("delivery.discarded")
+    assert (said["job"], said["destination"]) == (dead["job"], "pacs")
