@@ -34,7 +34,7 @@ from service.records import (
 from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     -- instances refused because the study would pass node.max_study_mb
-    refused_too_large INTEGER NOT NULL DEFAULT 0
+    refused_too_large INTEGER NOT NULL DEFAULT 0,
+    -- instances refused while the disk was full, since the study last (re)opened
+    refused_no_space INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, last_received_at);
 CREATE INDEX IF NOT EXISTS studies_by_key ON studies (study_key);
@@ -165,7 +167,7 @@ class StudyIndex:
         Version 3 added ``series.image_count``; the series already indexed count one
         image per instance (what routing saw before). Version 4 added
         ``series.view_position``; series indexed before have none (""). Version 5 added
-        ``studies.refused_too_large``.
+        ``studies.refused_too_large``, version 6 ``studies.refused_no_space``.
         """
         self._add_column(
             "series",
@@ -174,6 +176,7 @@ class StudyIndex:
         )
         self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
         self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
+        self._add_column("studies", "refused_no_space INTEGER NOT NULL DEFAULT 0")
 
     def _add_column(self, table: str, definition: str, then: str = "") -> None:
         """Add the column ``definition`` names to ``table`` unless it is there, and run
@@ -213,19 +216,33 @@ class StudyIndex:
                 (study_uid,),
             )
 
+    def refused_no_space(self, study_uid: str) -> None:
+        """Count an instance of the study refused while the disk was full. Forgotten
+        when the study reopens: the sender is sending again (acceptance pass: a study cut
+        short by a full disk got a job on half its slices)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE studies SET refused_no_space = refused_no_space + 1 WHERE study_uid = ?",
+                (study_uid,),
+            )
+
     def forget_refused_too_large(self, study_uid: str | None = None) -> None:
         """Forget the refusals (of one study, or all: at start, when node.max_study_mb
-        may have been raised), so the study's jobs run on what it then holds."""
+        may have been raised), so the study's jobs run on what it then holds. An
+        operator's retry of one study forgets its full-disk refusals too."""
         where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
+        also = ", refused_no_space = 0" if study_uid else ""
         with self._transaction() as db:
-            db.execute(f"UPDATE studies SET refused_too_large = 0 {where}", params)
+            db.execute(f"UPDATE studies SET refused_too_large = 0{also} {where}", params)
 
-    def instances_refused_too_large(self, study_uid: str) -> int:
+    def instances_refused(self, study_uid: str) -> tuple[int, int]:
+        """Instances of the study refused for node.max_study_mb, and for a full disk."""
         with self._lock:
             row = self._db.execute(
-                "SELECT refused_too_large FROM studies WHERE study_uid = ?", (study_uid,)
+                "SELECT refused_too_large, refused_no_space FROM studies WHERE study_uid = ?",
+                (study_uid,),
             ).fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def study_bytes(self, study_uid: str) -> int:
         """Bytes of the study's stored instances (spool files, file meta included)."""
@@ -320,7 +337,9 @@ class StudyIndex:
             )
             db.execute(
                 "UPDATE studies SET instance_count = instance_count + ?, last_received_at = ?,"
-                " state = ?, completed_at = NULL WHERE study_uid = ?",
+                " state = ?, completed_at = NULL"
+                + (", refused_no_space = 0" if reopened else "")
+                + " WHERE study_uid = ?",
                 (added, now, StudyState.RECEIVING, h.study_uid),
             )
         return IndexOutcome(
@@ -347,12 +366,14 @@ class StudyIndex:
                 return None
             if row[1] == StudyState.PURGING:
                 raise StudyPurging("the study is being removed by retention; retry shortly")
+            reopened = row[1] != StudyState.RECEIVING
             db.execute(
                 "UPDATE studies SET last_received_at = ?, state = ?, completed_at = NULL"
-                " WHERE study_uid = ?",
+                + (", refused_no_space = 0" if reopened else "")
+                + " WHERE study_uid = ?",
                 (now, StudyState.RECEIVING, row[0]),
             )
-        return row[0], row[1] != StudyState.RECEIVING
+        return row[0], reopened
 
     # -- retention ------------------------------------------------------------
 

@@ -142,10 +142,11 @@ class Ingest:
                 self._metrics.instance_duplicate(len(instance.dataset))
                 return StoreStatus.SUCCESS
             known = None  # retention removed it in between: stored anew below
-        if self._spool.free_bytes() < self._min_free_bytes:
-            raise StorageFull("free disk space is below node.min_free_disk_mb")
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)
         self._check_header(header, instance)
+        if self._spool.free_bytes() < self._min_free_bytes:
+            self._index.refused_no_space(header.study_uid)
+            raise StorageFull("free disk space is below node.min_free_disk_mb")
         self._check_study_size(header.study_uid, len(instance.dataset))
         target = self._spool.path_for(header.study_uid, header.series_uid, sop_instance_uid)
         meta = file_meta_bytes(
@@ -155,7 +156,11 @@ class Ingest:
             source_ae=self._ae_title,
             sending_ae=instance.calling_ae,
         )
-        size = self._spool.write(target, meta, instance.dataset)
+        try:
+            size = self._spool.write(target, meta, instance.dataset)
+        except StorageFull:  # the disk filled past the guard (something else wrote to it)
+            self._index.refused_no_space(header.study_uid)
+            raise
         stored = StoredInstance(
             header=header,
             path=str(target),

@@ -146,17 +146,27 @@ class JobTracker:
         return task_id
 
     def _refused_as_cut_short(self, job: JobRecord) -> bool:
-        """Refuse ``job`` (True) when instances of its study were refused for
-        node.max_study_mb: part of the study was never stored, and a result on the rest
-        would be sent as the study's (acceptance pass: a final ORU on 55 of 64 slices)."""
-        refused = self.index.instances_refused_too_large(job.study_uid)
-        if not refused:
+        """Refuse ``job`` (True) when instances of its study were refused: for
+        node.max_study_mb, or while the disk was full (since it last reopened). Part of
+        the study was never stored, and a result on the rest would be sent as the
+        study's (acceptance passes: a final ORU on 55 of 64 slices; a job on the 151 of
+        300 slices stored before the disk filled)."""
+        too_large, no_space = self.index.instances_refused(job.study_uid)
+        if too_large:
+            reason = (
+                f"{too_large} instance(s) of the study were refused for node.max_study_mb,"
+                " so its series may be incomplete; raise the limit if the study is genuine"
+                " and have the PACS send it again"
+            )
+        elif no_space:
+            reason = (
+                f"{no_space} instance(s) of the study were refused while the disk was full,"
+                " so its series may be incomplete; free disk space under node.data_dir: the"
+                " study is processed again when the PACS sends them again (or retry this"
+                " job once the study is whole)"
+            )
+        else:
             return False
-        reason = (
-            f"{refused} instance(s) of the study were refused for node.max_study_mb,"
-            " so its series may be incomplete; raise the limit if the study is genuine"
-            " and have the PACS send it again"
-        )
         self.index.start_job(job.job_id, worker="edge")
         self.index.finish_job(job.job_id, JobState.REFUSED, error=reason)
         log.warning(
@@ -165,7 +175,9 @@ class JobTracker:
             study=job.study_key,
             state="refused",
             reason=reason,
-            action="raise node.max_study_mb and restart, then resend the study",
+            action="raise node.max_study_mb and restart, then resend the study"
+            if too_large
+            else "free disk space; the PACS's retries bring the rest, and the study runs again",
         )
         return True
 

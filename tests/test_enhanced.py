@@ -154,7 +154,8 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) ->
     db.executescript(
         "ALTER TABLE series DROP COLUMN image_count;"
         " ALTER TABLE series DROP COLUMN view_position;"
-        " ALTER TABLE studies DROP COLUMN refused_too_large; PRAGMA user_version=2;"
+        " ALTER TABLE studies DROP COLUMN refused_too_large;"
+        " ALTER TABLE studies DROP COLUMN refused_no_space; PRAGMA user_version=2;"
         "INSERT INTO studies VALUES ('1.2', 'k', 'complete', 40, 0, 0, NULL);"
         "INSERT INTO series (series_uid, study_uid, modality, body_part, series_description,"
         " sop_class_uid, instance_count, image_type, manufacturer, manufacturer_model_name,"
@@ -165,8 +166,8 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) ->
     index = StudyIndex(path)
     (series,) = index.series_of("1.2")
     assert series.images == 40 and series.view_position == ""
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 5
-    assert index.instances_refused_too_large("1.2") == 0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 6
+    assert index.instances_refused("1.2") == (0, 0)
 
 
 # --------------------------------------------------------------------------- results

@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
 from dicom_nodes.scp import ReceivedInstance
+from dicom_nodes.status import StoreStatus
 from service.config import Settings
 from service.delivery import Outbox
 from service.index import StudyIndex
@@ -353,6 +354,43 @@ def test_a_study_cut_short_by_max_study_mb_gets_its_jobs_refused_not_run(tmp_pat
     ]
     index.forget_refused_too_large()
     _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.777")
+    again = index.add_job(study, series, "p", ["r"], [])
+    assert again is not None and tracker.submit(again) is not None
+    index.close()
+
+
+def test_a_study_cut_short_by_a_full_disk_is_refused_until_the_pacs_sends_again(
+    tmp_path: Path,
+) -> None:
+    """Acceptance pass: 151 of 300 slices stored, then A700 for a full disk; the study
+    completed and a job ran on half of it. Now refused with "free disk space", and the
+    refusals are forgotten when the study reopens (the PACS retrying), so the study runs
+    again, whole."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    tracker = JobTracker(settings, index, JobQueue(settings), Outbox(tmp_path / "o.sqlite3"))
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    full = ds.copy()
+    full.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.778"
+    data = encode(full, False, True)
+    assert data is not None
+    uids = (str(full.SOPClassUID), str(full.SOPInstanceUID))
+    instance = ReceivedInstance(*uids, ExplicitVRLittleEndian, data, "PACS", "RADNODE", "127.0.0.1")
+    spool = Spool(tmp_path / "spool")
+    no_room = Ingest(spool, index, ae_title="RADNODE", min_free_bytes=spool.free_bytes() * 2)
+    assert no_room.store(instance) == StoreStatus.OUT_OF_RESOURCES
+    assert index.instances_refused(study) == (0, 1)
+    assert [s.study_uid for s in index.complete_quiet_studies(0.0, now=time.time() + 1)] == [study]
+    job = index.add_job(study, series, "p", ["r"], [])
+    assert job is not None
+    with structlog.testing.capture_logs() as events:
+        assert tracker.submit(job) is None
+    refused = index.job(job.job_id)
+    assert refused.state is JobState.REFUSED and "disk was full" in refused.error
+    (said,) = [e for e in events if e["event"] == "job.finished"]
+    assert "free disk space" in said["action"]
+    # the PACS sends the rest again: the study reopens and its refusals are forgotten
+    _store_another_instance(tmp_path, index, ds, str(full.SOPInstanceUID))
+    assert index.instances_refused(study) == (0, 0)
     again = index.add_job(study, series, "p", ["r"], [])
     assert again is not None and tracker.submit(again) is not None
     index.close()
