@@ -147,7 +147,17 @@ def build_sr(
             # the images the report is about: in its evidence, not only named in a
             # comment (acceptance pass), so a viewer can go from the report to them
             evidence += [_evidence_item(first, derived.series_uid, *i) for i in derived.instances]
-    report = hd.sr.MeasurementReport(
+    report = _measurement_report(groups, source_headers, provenance)
+    return _document(report, evidence, provenance, previous=previous)
+
+
+def _measurement_report(
+    groups: list, source_headers: Sequence[Dataset], provenance: Provenance
+) -> hd.sr.MeasurementReport:
+    """TID 1500 around ``groups``: the algorithm as observer, the procedure from the
+    source's modality and body part, the image library."""
+    first = source_headers[0]
+    return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=provenance.device_observer()
         ),
@@ -158,19 +168,35 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
         referenced_images=library_images(source_headers) or None,
     )
+
+
+def _document(
+    report: hd.sr.MeasurementReport,
+    evidence: Sequence[Dataset],
+    provenance: Provenance,
+    *,
+    name: str = "sr",
+    detail: str = "",
+    previous: Sequence[Dataset] | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR of ``report``: UIDs of kind ``name`` (and
+    ``series:<name>``), COMPLETE, UNVERIFIED; ``detail`` ends its Series Description."""
+    kwargs = provenance.common_kwargs("SR")
+    if detail:
+        kwargs["series_description"] = provenance.series_description("SR", detail)
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=list(evidence),
         content=report,
-        series_instance_uid=provenance.uid("series:sr"),
+        series_instance_uid=provenance.uid(f"series:{name}"),
         series_number=provenance.series_number("SR"),
-        sop_instance_uid=provenance.uid("sr"),
+        sop_instance_uid=provenance.uid(name),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=True,
         is_verified=False,
         previous_versions=previous or None,
-        **provenance.common_kwargs("SR"),
+        **kwargs,
     )
 
 
@@ -185,7 +211,6 @@ def build_not_analyzed_sr(
     with the reason, no measurement; Series Description ends in "not analyzed". Its
     UIDs are its own, so a later result of the series sits next to it.
     """
-    first = source_headers[0]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=provenance.uid("not-analyzed:tracking"), identifier="not analyzed"
@@ -193,32 +218,9 @@ def build_not_analyzed_sr(
         algorithm_id=provenance.sr_algorithm(),
     )
     note = f"AI analysis not performed: {reason.rstrip('.')}. {provenance.banner}."
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=provenance.device_observer()
-        ),
-        procedure_reported=procedure_code(
-            str(first.get("Modality", "")), str(first.get("BodyPartExamined", "") or "")
-        ),
-        imaging_measurements=[_with_comment(group, note)],
-        title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=library_images(source_headers) or None,
-    )
-    kwargs = provenance.common_kwargs("SR")
-    kwargs["series_description"] = provenance.series_description("SR", "not analyzed")
-    return hd.sr.Comprehensive3DSR(
-        evidence=list(source_headers),
-        content=report,
-        series_instance_uid=provenance.uid("series:not-analyzed"),
-        series_number=provenance.series_number("SR"),
-        sop_instance_uid=provenance.uid("not-analyzed"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=True,
-        is_verified=False,
-        **kwargs,
-    )
+    report = _measurement_report([_with_comment(group, note)], source_headers, provenance)
+    return _document(report, source_headers, provenance, name="not-analyzed",
+                     detail="not analyzed")  # fmt: skip
 
 
 def library_images(source_headers: Sequence[Dataset]) -> list[Dataset]:
