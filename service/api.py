@@ -917,6 +917,19 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+#: The ``{job_id}`` path parameter of the operator actions.
+_JOB_ID_PARAMETER = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _operator_errors() -> dict[str, Any]:
+    """The answers every token-protected action on a job can give besides its own."""
+    return {
+        "401": _error_response("No bearer token was sent."),
+        "403": _error_response("Wrong token, or no http.token configured."),
+        "404": _error_response("No job has this id."),
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of :data:`ROUTES` (a test keeps the two in step)."""
     return {
@@ -1043,14 +1056,7 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "retryJob",
                     "summary": "Queue a failed job (or one with dead letters) again.",
                     "security": [{"bearer": []}],
-                    "parameters": [
-                        {
-                            "name": "job_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [_JOB_ID_PARAMETER],
                     "responses": {
                         "202": {
                             "description": "Queued again.",
@@ -1065,9 +1071,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             ),
                         },
-                        "401": _error_response("No bearer token was sent."),
-                        "403": _error_response("Wrong token, or no http.token configured."),
-                        "404": _error_response("No job has this id."),
+                        **_operator_errors(),
                         "409": _error_response("The job is not in a retryable state."),
                     },
                 }
@@ -1078,14 +1082,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Give up a job's dead letters for good (its study can then be"
                     " purged after study.keep_days).",
                     "security": [{"bearer": []}],
-                    "parameters": [
-                        {
-                            "name": "job_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [_JOB_ID_PARAMETER],
                     "responses": {
                         "200": {
                             "description": "Discarded; the destinations they were for.",
@@ -1103,9 +1100,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             ),
                         },
-                        "401": _error_response("No bearer token was sent."),
-                        "403": _error_response("Wrong token, or no http.token configured."),
-                        "404": _error_response("No job has this id."),
+                        **_operator_errors(),
                         "409": _error_response("The job has no dead letters."),
                     },
                 }
