@@ -459,3 +459,17 @@ def test_a_reconstructions_summary_names_the_derived_series_to_open() -> None:
     summary = " ".join(r["value"] for r in obx_rows(er7) if r["type"] == "TX")
     assert "Derived image series 9" in summary
     assert '"AI derived, not for diagnosis: ct_denoise 0.1.0" (2 images)' in summary
+
+
+def test_a_name_with_only_its_ideographic_group_is_sent_not_unnamed() -> None:
+    """ "=山田^太郎=やまだ^たろう" (ISO 2022 IR 87, no alphabetic group) went to the RIS as
+    an unnamed patient (conformance audit)."""
+    ds = ct_header()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "=山田^太郎=やまだ^たろう"
+    message = build_oru(classification(), ds, SPACING, destination(character_set="UNICODE UTF-8"))
+    strict(message.er7)
+    parsed = python_hl7.parse(message.er7)
+    assert value_at(parsed, "PID.F5.R1.C1") == "山田"
+    assert value_at(parsed, "PID.F5.R1.C2") == "太郎"
+    assert value_at(parsed, "PID.F5.R1.C7") != "U"

@@ -310,10 +310,16 @@ def _pid(pid: Segment, ds: Dataset) -> None:
 
 
 def _person_name(pid: Segment, value: object) -> None:
-    """DICOM PN family^given^middle^prefix^suffix -> XPN 1.1, 2, 3, 5, 4 (alphabetic group)."""
+    """DICOM PN family^given^middle^prefix^suffix -> XPN 1.1, 2, 3, 5, 4: the
+    alphabetic group, or the first group that has a name. A Japanese, Chinese or Korean
+    name may come with its ideographic (or phonetic) group only ("=山田^太郎"): it was
+    sent as an unnamed patient (conformance audit)."""
     if isinstance(value, MultiValue):
         value = value[0] if value else None
     name = value if isinstance(value, PersonName) else PersonName(str(value or ""))
+    if not name.alphabetic.strip("^ "):
+        written = next((g for g in (name.ideographic, name.phonetic) if g.strip("^ ")), "")
+        name = PersonName(written)
     parts = (name.family_name, name.given_name, name.middle_name, name.name_suffix)
     if not any(p.strip() for p in (*parts, name.name_prefix)):
         # PID-5 is required, and "" would tell the receiver to delete the name it has:
