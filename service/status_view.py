@@ -55,6 +55,8 @@ class StatusSnapshot:
     failed_jobs: tuple[Item, ...]
     dead_letters: tuple[Item, ...]
     workers: tuple[Item, ...] = ()
+    #: ``GET /readyz``'s body: whether the node can receive, and what is degraded.
+    readiness: Item | None = None
 
 
 def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]:
@@ -79,6 +81,24 @@ def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]
     if not isinstance(items, list):
         raise StatusUnavailable(f"{url} answered without a {key!r} list; versions differ?")
     return tuple(item for item in items if isinstance(item, dict))
+
+
+def _readiness(base_url: str, timeout: float) -> Item | None:
+    """``/readyz``'s body, 200 or 503 alike; None when it cannot be read (the other
+    calls say why)."""
+    url = base_url.rstrip("/") + "/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return None
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> StatusSnapshot:
@@ -108,6 +128,7 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
         failed_jobs=tuple(failed[:limit]),
         dead_letters=_get(base_url, f"/api/dead-letters{query}", "dead_letters", timeout),
         workers=_get(base_url, "/api/workers", "workers", timeout),
+        readiness=_readiness(base_url, timeout),
     )
 
 
@@ -281,6 +302,26 @@ def _workers_table(workers: Sequence[Item], now: float) -> Table:
     return table
 
 
+def _readiness_table(readiness: Item) -> Table:
+    """One row a check: ready, degraded (the queue: receiving goes on) or failing."""
+    ready = bool(readiness.get("ready"))
+    degraded = set(readiness.get("degraded") or ())
+    title = "Node: ready" if ready else "Node: NOT READY"
+    if degraded:
+        title += f" (degraded: {', '.join(sorted(degraded))})"
+    table = Table(title=title, title_justify="left")
+    for name in ("check", "state", "detail"):
+        _add_column(table, name)
+    checks = readiness.get("checks") or {}
+    for name, check in sorted(checks.items()):
+        ok = isinstance(check, dict) and bool(check.get("ok"))
+        state = "ok" if ok else ("degraded" if name in degraded else "failing")
+        style = {"ok": "green", "degraded": "yellow", "failing": "bold red"}[state]
+        detail = str(check.get("detail", "")) if isinstance(check, dict) else ""
+        table.add_row(name, Text(state, style=style), detail)
+    return table
+
+
 def render_status(
     studies: Sequence[Item],
     jobs: Sequence[Item],
@@ -288,10 +329,12 @@ def render_status(
     *,
     failed_jobs: Sequence[Item] | None = None,
     workers: Sequence[Item] | None = None,
+    readiness: Item | None = None,
     now: float | None = None,
 ) -> RenderableType:
-    """The status screen: workers, queue, recent studies, failed jobs, results not
-    delivered yet (retrying, or not made for a destination) and dead letters.
+    """The status screen: readiness, workers, queue, recent studies, failed jobs,
+    results not delivered yet (retrying, or not made for a destination) and dead
+    letters.
 
     Items are the API's JSON objects. ``failed_jobs`` defaults to the failed and
     refused jobs among ``jobs``; ``now`` (epoch seconds) is for stable test output.
@@ -300,6 +343,7 @@ def render_status(
     if failed_jobs is None:
         failed_jobs = [j for j in jobs if j.get("state") in ("failed", "refused")]
     parts: list[RenderableType] = [
+        *([_readiness_table(readiness)] if readiness is not None else []),
         *([_workers_table(workers, now)] if workers is not None else []),
         _queue_table(jobs),
         _studies_table(studies, now),
@@ -320,5 +364,6 @@ def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> Rende
         snapshot.dead_letters,
         failed_jobs=snapshot.failed_jobs,
         workers=snapshot.workers,
+        readiness=snapshot.readiness,
         now=now,
     )

@@ -463,6 +463,7 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
     console.print(render_snapshot(snapshot, now=1_700_000_200.0))
     screen = console.export_text()
     assert "Jobs by state" in screen and "Recent studies" in screen
+    assert "Node: ready" in screen  # /readyz, read with the rest
     assert "Workers (1 alive)" in screen and "gpu-1:4242" in screen and "silent" in screen
     assert study_key(stack.studies[1].StudyInstanceUID) in screen
     assert "bundle raised RuntimeError" in screen
@@ -503,6 +504,20 @@ def test_the_api_token_never_reaches_the_log(radnode_factory) -> None:
         assert answer.value.code in (403, 404)
     node.stop()
     assert node.lines and not [line for line in node.lines if secret in line]
+
+
+def test_status_view_shows_a_degraded_queue_and_a_failing_check(stack: Stack) -> None:
+    """Acceptance pass: `radnode status` showed nothing wrong through a Redis outage."""
+    stack.node.checks["queue"] = "the job queue cannot be read; check queue.url"
+    stack.node.checks["disk"] = "12 MB free, below node.min_free_disk_mb (1024 MB)"
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render_snapshot(fetch_status(stack.api.url, timeout=5)))
+    screen = console.export_text()
+    assert "Node: NOT READY (degraded: queue)" in screen
+    (queue,) = [line for line in screen.splitlines() if "│ queue" in line]
+    assert "degraded" in queue and "check queue.url" in queue
+    (disk,) = [line for line in screen.splitlines() if "│ disk" in line]
+    assert "failing" in disk
 
 
 def test_status_view_keeps_job_ids_whole_on_a_narrow_terminal(stack: Stack) -> None:
