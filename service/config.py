@@ -40,7 +40,7 @@ from service.errors import ConfigError
 from service.hl7 import Hl7DestinationSettings
 from service.pipeline.bundle import discover_bundles
 from service.reference_routes import reference_routes
-from service.routing import RouteRule, route_problems
+from service.routing import RouteRule
 
 
 class _Section(BaseModel):
@@ -262,16 +262,10 @@ class Settings(BaseSettings):
         return "reference bundles" if self._reference_routes else "configuration"
 
     def model_post_init(self, __context: Any) -> None:
-        problems: list[str] = list(route_problems(self.routes))
-        names = [d.name for d in self.destinations]
-        for name in sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"destinations: the name {name!r} is used more than once")
-        for i, route in enumerate(self.routes):
-            for dest_name in route.destinations:
-                if dest_name not in names:
-                    problems.append(
-                        f"routes[{i}].destinations: {dest_name!r} is not a configured destination"
-                    )
+        problems = _name_problems(
+            [(r.name, list(r.destinations)) for r in self.routes],
+            [d.name for d in self.destinations],
+        )
         if problems:
             raise ConfigError(problems)
         # A destination without its own calling AE title calls as this node is called:
@@ -348,6 +342,43 @@ def _format_validation_error(error: ValidationError) -> list[str]:
         elif "input" in item and not any(_is_secret(part) for part in item["loc"]):
             message = f"{message} (got {_shown(item['input'])!r})"
         problems.append(f"{key}: {message}")
+    return problems
+
+
+def _raw_cross_references(data: dict[str, Any]) -> list[str]:
+    """:func:`_name_problems` of the file as written.
+
+    Why: :meth:`Settings.model_post_init` checks names only once every field is valid,
+    so a file with a bad field and an unknown destination took two rounds of ``config
+    check`` (acceptance pass: three). Only when the file, not the environment, gives
+    both lists."""
+    routes, destinations = data.get("routes"), data.get("destinations")
+    if not (isinstance(routes, list) and isinstance(destinations, list)):
+        return []
+    if {"RADNODE_ROUTES", "RADNODE_DESTINATIONS"} & set(os.environ):
+        return []
+    routes = [r for r in routes if isinstance(r, dict)]
+    return _name_problems(
+        [(str(r.get("name", "")), [str(d) for d in r.get("destinations") or []]) for r in routes],
+        [str(d.get("name", "")) for d in destinations if isinstance(d, dict)],
+    )
+
+
+def _name_problems(routes: list[tuple[str, list[str]]], destinations: list[str]) -> list[str]:
+    """Names used twice, and routes that name a destination there is none of.
+    ``routes``: (name, destination names) of each route."""
+    problems = []
+    route_names = [name for name, _ in routes]
+    for name in sorted({n for n in route_names if n and route_names.count(n) > 1}):
+        problems.append(f"routes: name {name!r} used twice")
+    for name in sorted({n for n in destinations if n and destinations.count(n) > 1}):
+        problems.append(f"destinations: the name {name!r} is used more than once")
+    for i, (_, wanted) in enumerate(routes):
+        for name in wanted:
+            if name not in destinations:
+                problems.append(
+                    f"routes[{i}].destinations: {name!r} is not a configured destination"
+                )
     return problems
 
 
@@ -429,7 +460,7 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from exc
+        raise ConfigError(_format_validation_error(exc) + _raw_cross_references(data)) from exc
     except SettingsError as exc:
         # a RADNODE_* variable that must hold JSON (lists, routes, destinations) does not
         # (found by review: a traceback instead of one line)

@@ -465,17 +465,6 @@ class RouteRule(BaseModel):
         return out
 
 
-def route_problems(routes: Sequence[RouteRule]) -> list[str]:
-    """Problems that span routes (for the config check): duplicate route names."""
-    seen: set[str] = set()
-    problems = []
-    for route in routes:
-        if route.name in seen:
-            problems.append(f"routes: name {route.name!r} used twice")
-        seen.add(route.name)
-    return problems
-
-
 # --------------------------------------------------------------------------- planning
 
 

@@ -73,6 +73,24 @@ def test_cross_references_are_checked(tmp_path: Path) -> None:
     ]
 
 
+def test_names_are_checked_in_the_same_round_as_the_fields(tmp_path: Path) -> None:
+    """A bad field, a route name used twice and an unknown destination took three
+    rounds of config check (acceptance pass); they are listed together."""
+    config = tmp_path / "all.toml"
+    config.write_text(
+        "[node]\nport = 70000\n"
+        '[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "h"\nport = 104\n'
+        'ae_title = "PACS"\n'
+        '[[routes]]\nname = "r"\npipeline = "p"\ndestinations = ["ris"]\n'
+        '[[routes]]\nname = "r"\npipeline = "p"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    keys = [problem.split(":")[0] for problem in caught.value.problems]
+    assert keys == ["node.port", "routes", "routes[0].destinations"], caught.value.problems
+    assert "used twice" in caught.value.problems[1]
+
+
 def test_a_dicom_destination_needs_the_pacs_ae_title(tmp_path: Path) -> None:
     config = tmp_path / "dest.toml"
     config.write_text('[[destinations]]\nname = "pacs"\ntype = "dicom"\nhost = "h"\nport = 104\n')

@@ -21,7 +21,6 @@ from service.routing import (
     format_plan,
     orientation_label,
     plan,
-    route_problems,
 )
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -353,11 +352,6 @@ def test_route_defaults() -> None:
     assert route.max_wait_s is None
     assert route.enabled is True
     assert route.include_derived is False
-
-
-def test_duplicate_route_names_are_reported() -> None:
-    routes = [make_route(name="a"), make_route(name="b"), make_route(name="a")]
-    assert route_problems(routes) == ["routes: name 'a' used twice"]
 
 
 # --------------------------------------------------------------------------- orientation
