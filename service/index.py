@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
+
 from service.errors import StudyPurging
 from service.records import (
     IndexOutcome,
@@ -33,6 +35,8 @@ from service.records import (
 )
 from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
+
+log = structlog.get_logger("service.index")
 
 SCHEMA_VERSION = 6
 
@@ -56,10 +60,15 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     -- instances refused because the study would pass node.max_study_mb
-    refused_too_large INTEGER NOT NULL DEFAULT 0,
-    -- instances refused while the disk was full, since the study last (re)opened
-    refused_no_space INTEGER NOT NULL DEFAULT 0
+    refused_too_large INTEGER NOT NULL DEFAULT 0
 );
+-- instances refused while the disk was full and not stored since (a row goes when its
+-- instance is stored: the sender's retry brought it)
+CREATE TABLE IF NOT EXISTS refused_no_space (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refused_no_space_by_study ON refused_no_space (study_uid);
 CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, last_received_at);
 CREATE INDEX IF NOT EXISTS studies_by_key ON studies (study_key);
 CREATE TABLE IF NOT EXISTS series (
@@ -167,7 +176,8 @@ class StudyIndex:
         Version 3 added ``series.image_count``; the series already indexed count one
         image per instance (what routing saw before). Version 4 added
         ``series.view_position``; series indexed before have none (""). Version 5 added
-        ``studies.refused_too_large``, version 6 ``studies.refused_no_space``.
+        ``studies.refused_too_large``, version 6 the ``refused_no_space`` table (made
+        by the schema script, which creates what is missing).
         """
         self._add_column(
             "series",
@@ -176,7 +186,6 @@ class StudyIndex:
         )
         self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
         self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
-        self._add_column("studies", "refused_no_space INTEGER NOT NULL DEFAULT 0")
 
     def _add_column(self, table: str, definition: str, then: str = "") -> None:
         """Add the column ``definition`` names to ``table`` unless it is there, and run
@@ -216,14 +225,22 @@ class StudyIndex:
                 (study_uid,),
             )
 
-    def refused_no_space(self, study_uid: str) -> None:
-        """Count an instance of the study refused while the disk was full. Forgotten
-        when the study reopens: the sender is sending again (acceptance pass: a study cut
-        short by a full disk got a job on half its slices)."""
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE studies SET refused_no_space = refused_no_space + 1 WHERE study_uid = ?",
-                (study_uid,),
+    def refused_no_space(self, study_uid: str, sop_instance_uid: str) -> None:
+        """Note an instance refused while the disk was full, until it is stored
+        (acceptance pass: a study cut short by a full disk got a job on half its
+        slices). Best effort: on a disk that full the index may not take the note."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO refused_no_space (sop_instance_uid, study_uid)"
+                    " VALUES (?, ?)",
+                    (sop_instance_uid, study_uid),
+                )
+        except sqlite3.Error:
+            log.warning(
+                "index.refusal_not_noted",
+                study=study_key(study_uid),
+                action="free disk space; the study may be processed without this instance",
             )
 
     def forget_refused_too_large(self, study_uid: str | None = None) -> None:
@@ -231,18 +248,21 @@ class StudyIndex:
         may have been raised), so the study's jobs run on what it then holds. An
         operator's retry of one study forgets its full-disk refusals too."""
         where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
-        also = ", refused_no_space = 0" if study_uid else ""
         with self._transaction() as db:
-            db.execute(f"UPDATE studies SET refused_too_large = 0{also} {where}", params)
+            db.execute(f"UPDATE studies SET refused_too_large = 0 {where}", params)
+            if study_uid:
+                db.execute("DELETE FROM refused_no_space WHERE study_uid = ?", (study_uid,))
 
     def instances_refused(self, study_uid: str) -> tuple[int, int]:
         """Instances of the study refused for node.max_study_mb, and for a full disk."""
         with self._lock:
             row = self._db.execute(
-                "SELECT refused_too_large, refused_no_space FROM studies WHERE study_uid = ?",
-                (study_uid,),
+                "SELECT refused_too_large FROM studies WHERE study_uid = ?", (study_uid,)
             ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
+            (no_space,) = self._db.execute(
+                "SELECT COUNT(*) FROM refused_no_space WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return (int(row[0]) if row else 0, int(no_space))
 
     def study_bytes(self, study_uid: str) -> int:
         """Bytes of the study's stored instances (spool files, file meta included)."""
@@ -337,10 +357,11 @@ class StudyIndex:
             )
             db.execute(
                 "UPDATE studies SET instance_count = instance_count + ?, last_received_at = ?,"
-                " state = ?, completed_at = NULL"
-                + (", refused_no_space = 0" if reopened else "")
-                + " WHERE study_uid = ?",
+                " state = ?, completed_at = NULL WHERE study_uid = ?",
                 (added, now, StudyState.RECEIVING, h.study_uid),
+            )
+            db.execute(
+                "DELETE FROM refused_no_space WHERE sop_instance_uid = ?", (h.sop_instance_uid,)
             )
         return IndexOutcome(
             new_instance=bool(inserted), new_study=new_study, reopened_study=reopened
@@ -366,14 +387,12 @@ class StudyIndex:
                 return None
             if row[1] == StudyState.PURGING:
                 raise StudyPurging("the study is being removed by retention; retry shortly")
-            reopened = row[1] != StudyState.RECEIVING
             db.execute(
                 "UPDATE studies SET last_received_at = ?, state = ?, completed_at = NULL"
-                + (", refused_no_space = 0" if reopened else "")
-                + " WHERE study_uid = ?",
+                " WHERE study_uid = ?",
                 (now, StudyState.RECEIVING, row[0]),
             )
-        return row[0], reopened
+        return row[0], row[1] != StudyState.RECEIVING
 
     # -- retention ------------------------------------------------------------
 
@@ -484,7 +503,7 @@ class StudyIndex:
                 " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)",
                 (study_uid,),
             )
-            for table in ("series", "jobs", "studies"):
+            for table in ("series", "jobs", "studies", "refused_no_space"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
         return int(row[0])
 

@@ -145,7 +145,7 @@ class Ingest:
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)
         self._check_header(header, instance)
         if self._spool.free_bytes() < self._min_free_bytes:
-            self._index.refused_no_space(header.study_uid)
+            self._index.refused_no_space(header.study_uid, sop_instance_uid)
             raise StorageFull("free disk space is below node.min_free_disk_mb")
         self._check_study_size(header.study_uid, len(instance.dataset))
         target = self._spool.path_for(header.study_uid, header.series_uid, sop_instance_uid)
@@ -159,7 +159,7 @@ class Ingest:
         try:
             size = self._spool.write(target, meta, instance.dataset)
         except StorageFull:  # the disk filled past the guard (something else wrote to it)
-            self._index.refused_no_space(header.study_uid)
+            self._index.refused_no_space(header.study_uid, sop_instance_uid)
             raise
         stored = StoredInstance(
             header=header,

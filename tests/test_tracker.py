@@ -359,6 +359,21 @@ def test_a_study_cut_short_by_max_study_mb_gets_its_jobs_refused_not_run(tmp_pat
     index.close()
 
 
+def test_an_instance_refused_for_a_full_disk_and_stored_on_the_retry_is_not_missing(
+    tmp_path: Path,
+) -> None:
+    """Review: the refusals were forgotten only when the study reopened, so a retry that
+    came within the quiet period left the whole study refused for ever."""
+    _, index, ds = _node_with_one_instance(tmp_path)
+    study, uid = str(ds.StudyInstanceUID), "1.2.826.0.1.3680043.8.498.779"
+    index.refused_no_space(study, uid)
+    index.refused_no_space(study, uid)  # the same instance refused twice counts once
+    assert index.instances_refused(study) == (0, 1)
+    _store_another_instance(tmp_path, index, ds, uid)  # the retry, study still receiving
+    assert index.instances_refused(study) == (0, 0)
+    index.close()
+
+
 def test_a_study_cut_short_by_a_full_disk_is_refused_until_the_pacs_sends_again(
     tmp_path: Path,
 ) -> None:
@@ -388,7 +403,7 @@ def test_a_study_cut_short_by_a_full_disk_is_refused_until_the_pacs_sends_again(
     assert refused.state is JobState.REFUSED and "disk was full" in refused.error
     (said,) = [e for e in events if e["event"] == "job.finished"]
     assert "free disk space" in said["action"]
-    # the PACS sends the rest again: the study reopens and its refusals are forgotten
+    # the PACS sends the refused instance again: stored, it is no longer missing
     _store_another_instance(tmp_path, index, ds, str(full.SOPInstanceUID))
     assert index.instances_refused(study) == (0, 0)
     again = index.add_job(study, series, "p", ["r"], [])
