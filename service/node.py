@@ -35,7 +35,7 @@ from service.index import StudyIndex
 from service.metrics import FinishedJobRecorder, Metrics
 from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
-from service.queue import JobQueue
+from service.queue import JobQueue, QueueProbe
 from service.receivers import ReceiverPool, build_receive_path
 from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
 from service.retention import Retention
@@ -73,12 +73,14 @@ class Node:
             # workers on other machines check that they see this data_dir
             edge_mark=edge_mark(data_dir) if settings.queue.url else None,
         )
+        self.queue_probe = QueueProbe(self.queue)
+        self.queue_probe.poll()
         self.metrics = Metrics(
             data_dir=data_dir,
             job_counts=self.index.jobs_by_pipeline_state,
-            queue_depth=self.queue.depth,
+            queue_depth=self.queue_probe.depth,
             workers_alive=self.worker_watch.alive_count,
-            queue_reachable=self.queue.reachable,
+            queue_reachable=self.queue_probe.reachable,
         )
         try:
             self.scp = build_receive_path(settings, self.spool, self.index, self.metrics)
@@ -302,6 +304,7 @@ class Node:
                 self.job_metrics.poll()
             except Exception:
                 log.exception("metrics.job_poll_failed", action="check the data_dir disk")
+            self.queue_probe.poll()
             self.worker_watch.poll_or_log()
             self.retention.poll()
 
@@ -438,7 +441,8 @@ class NodeStatus:
         node = self._node
         checks: dict[str, bool | str] = {
             "scp_listening": node.scp.listening,
-            "queue": node.queue.reachable() or "the job queue cannot be read; check queue.url",
+            "queue": node.queue_probe.reachable()
+            or "the job queue cannot be read; check queue.url",
             "disk": disk_space_check(
                 node.spool.root, node.settings.node.min_free_disk_mb * 1024 * 1024
             ),

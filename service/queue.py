@@ -119,9 +119,10 @@ class WorkerPresence:
 #: Seconds to open a connection to Redis, and to wait for any one answer. Why bounded:
 #: redis-py waits forever by default, so a Redis host that drops packets (a firewall,
 #: a dead VM) hung ``/readyz``, ``/metrics`` and the tracker for the kernel's TCP
-#: timeout. The longest wait huey asks for is its 1 s blocking read.
+#: timeout. The longest wait huey asks for is its 1 s blocking read. /readyz and
+#: /metrics never wait on it: they read :class:`QueueProbe`.
 REDIS_CONNECT_TIMEOUT_S = 5.0
-REDIS_ANSWER_TIMEOUT_S = 15.0
+REDIS_ANSWER_TIMEOUT_S = 5.0
 
 
 def make_huey(settings: Settings) -> Huey:
@@ -383,3 +384,35 @@ _EDGE_KEY = "edge:data_dir"
 
 def _heartbeat_key(job_id: str, attempt: int) -> str:
     return f"hb:{job_id}:{attempt}"
+
+
+class QueueProbe:
+    """The queue's reachability and depth as a background loop last read them.
+
+    Why: ``/readyz`` and ``/metrics`` asked Redis on every call, so a Redis behind a
+    dropping firewall held each for the answer timeout: a readiness probe (1 s) failed
+    and took the node out of service, and a scrape ran past Prometheus's timeout, so
+    ``radnode_queue_up`` was missing instead of 0 (review). The node polls every 2 s.
+    """
+
+    def __init__(self, queue: JobQueue) -> None:
+        self._queue = queue
+        self._depth: int | None = None
+        self._polled = False
+
+    def poll(self) -> None:
+        try:
+            self._depth = self._queue.depth()
+        except Exception:
+            self._depth = None
+        self._polled = True
+
+    def reachable(self) -> bool:
+        """Whether the last poll got an answer (True before the first poll)."""
+        return self._depth is not None or not self._polled
+
+    def depth(self) -> int:
+        """Runs waiting at the last poll; raises when the queue did not answer it."""
+        if self._depth is None:
+            raise ConnectionError("the job queue did not answer the last poll")
+        return self._depth

@@ -286,3 +286,34 @@ def test_the_edge_publishes_its_data_dir_and_a_worker_that_sees_it_starts(
         assert worker.events("worker.started")
     finally:
         worker.stop()
+
+
+def test_readiness_and_metrics_read_the_queue_from_the_last_poll_not_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: /readyz and /metrics asked Redis on every call, so a Redis that never
+    answered held each for the answer timeout: a readiness probe failed, a scrape ran
+    past Prometheus's timeout. They now read what the node's 2 s poll found."""
+    from service.queue import QueueProbe
+
+    monkeypatch.setattr("service.queue.REDIS_ANSWER_TIMEOUT_S", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        settings = Settings.model_validate(
+            {"node": {"data_dir": str(tmp_path)},
+             "queue": {"url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"}}
+        )  # fmt: skip
+        queue = JobQueue(settings)
+        asked: list[str] = []
+        real_depth = queue.depth
+        queue.depth = lambda: asked.append("depth") or real_depth()  # type: ignore[method-assign]
+        probe = QueueProbe(queue)
+        assert probe.reachable()  # not polled yet: nothing known against it
+        probe.poll()  # the background loop's call, which waits out the timeout
+        assert asked == ["depth"]
+        assert probe.reachable() is False
+        with pytest.raises(ConnectionError):
+            probe.depth()
+        assert asked == ["depth"], "the readiness check or the scrape asked the queue itself"
+    finally:
+        silent.close()
