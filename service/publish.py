@@ -12,7 +12,8 @@ a job that runs again does not send twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import errno
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ log = structlog.get_logger("service.publish")
 OUTBOX_FILE = "outbox.sqlite3"
 #: Sub-folder of a job's results that holds its DICOM objects (what a PACS is sent).
 DICOM_FOLDER = "dicom"
+#: Sub-folder that holds a refused job's "not analyzed" SR, apart from any results.
+NOT_ANALYZED_FOLDER = "not-analyzed"
 
 
 def outbox_path(settings: Settings) -> Path:
@@ -153,12 +156,14 @@ class ResultPublisher:
         return Publication(tuple(deliverables), tuple(not_sent))
 
     def prepare_not_analyzed(
-        self, ticket: JobTicket, bundle: BundleIdentity, reason: str
+        self, ticket: JobTicket, identify: Callable[[], BundleIdentity], reason: str
     ) -> Publication:
         """For a refused job: the "not analyzed" SR for each DICOM destination with
         ``send_not_analyzed`` (none by default; never HL7, where a result status could
-        cancel the order in a RIS). Never raises: a refusal stays a refusal, and what
-        could not be made is said in ``not_sent``."""
+        cancel the order in a RIS), in a folder of its own: a later run of the job that
+        makes results must not send it with them (review). ``identify`` names the
+        bundle, asked only when an SR is made. Never raises: a refusal stays a refusal,
+        and what could not be made is said in ``not_sent``."""
         names = [
             name
             for name in ticket.destinations
@@ -167,14 +172,12 @@ class ResultPublisher:
         ]
         if not names:
             return Publication(())
-        out_dir = Path(ticket.result_dir) / DICOM_FOLDER
-        headers = _readable_headers(ticket.series_paths)
+        out_dir = Path(ticket.result_dir) / NOT_ANALYZED_FOLDER
         try:
+            headers = _readable_headers(ticket.series_paths)
             if not headers:
                 raise ValueError("no source instance could be read")
-            for stale in out_dir.glob("*.dcm"):  # this job's folder: the report alone
-                stale.unlink()
-            sr = write_not_analyzed_report(bundle, headers, reason, out_dir)
+            sr = write_not_analyzed_report(identify(), headers, reason, out_dir)
         except Exception as exc:
             why = redact_quoted(f"{type(exc).__name__}: {exc}")
             log.exception("results.not_analyzed_not_written", job=ticket.job_id, reason=why,
@@ -252,9 +255,10 @@ def write_dicom(
         return write_dicom_results(
             result, volume, sources, out_dir, predecessor=predecessor, revised=revised
         )
-    except OSError as exc:  # the disk, not the writer: the worker says to free space
-        raise ResultsNotWritten(f"the DICOM results could not be written ({exc.strerror})") from exc
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the disk, not the writer: the worker says to free space, no bug report
+            raise ResultsNotWritten("the DICOM results could not be written: no space") from exc
         reason = redact_quoted(f"{type(exc).__name__}: {exc}")
         log.exception(
             "dicom.not_written",

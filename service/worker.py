@@ -226,6 +226,7 @@ class JobRunner:
             run_claim.check(out_dir, ticket.attempt)  # taken for lost and run again meanwhile?
             written = time.perf_counter()
             write_result_files(result, volume, out_dir)
+            run_claim.check(out_dir, ticket.attempt)  # again: writing takes seconds
             publication = self.publisher.prepare(ticket, result, volume)
             write_s = time.perf_counter() - written
         except run_claim.RunSuperseded as exc:
@@ -239,17 +240,11 @@ class JobRunner:
             return self._refused(ticket, reason, bound)
         except (BundleError, PipelineFailed) as exc:
             return self._end(ticket, JobState.FAILED, str(exc), bound)
-        except RadnodeError as exc:
-            if _out_of_space(exc):
-                return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
-            return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
-        except OSError as exc:
-            if _out_of_space(exc):
-                return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
-            bound.exception("job.crashed", stage=stage)
-            return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
-                             bound)  # fmt: skip
         except Exception as exc:
+            if _out_of_space(exc):
+                return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
+            if isinstance(exc, RadnodeError):
+                return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
             bound.exception("job.crashed", stage=stage)
             return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
                              bound)  # fmt: skip
@@ -288,8 +283,12 @@ class JobRunner:
     def _refused(self, ticket: JobTicket, reason: str, bound: Any) -> JobReport:
         """A refusal, with the "not analyzed" SR for the destinations that want one."""
         report = self._end(ticket, JobState.REFUSED, reason, bound)
+        try:
+            run_claim.check(Path(ticket.result_dir), ticket.attempt)
+        except run_claim.RunSuperseded:
+            return report  # a later run owns the folder: it makes its own report
         publication = self.publisher.prepare_not_analyzed(
-            ticket, self.cache.identity(ticket.pipeline), report.error or reason
+            ticket, lambda: self.cache.identity(ticket.pipeline), report.error or reason
         )
         if not (publication.deliverables or publication.not_sent):
             return report

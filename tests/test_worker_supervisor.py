@@ -253,3 +253,30 @@ def test_a_run_taken_for_lost_writes_nothing_once_a_later_run_has_started(
     current = runner.run(JobTicket("j1", "key", "bone_threshold", series, str(out), (), 3))
     assert current.state is JobState.DONE
     assert (out / "result.json").exists()
+
+
+def test_a_not_analyzed_report_is_kept_apart_from_the_results_folder(tmp_path: Path) -> None:
+    """Review: written into dicom/, the "not analyzed" SR of a refused run would have
+    gone to the PACS with the results of a later, successful run of the same job."""
+    from service.publish import DICOM_FOLDER, NOT_ANALYZED_FOLDER, ResultPublisher
+    from service.records import JobState, JobTicket
+    from service.testing import write_ct_series
+    from service.worker import JobRunner, PipelineCache
+    from tests.support.bundles import write_threshold_bundle
+
+    settings = Settings.model_validate({
+        "node": {"data_dir": str(tmp_path / "data")},
+        "destinations": [{"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": 104,
+                          "ae_title": "PACS", "send_not_analyzed": True}],
+    })  # fmt: skip
+    write_threshold_bundle(tmp_path / "models")
+    series = write_ct_series(tmp_path / "spool", slices=12, rows=16, columns=16)
+    gappy = tuple(str(p) for i, p in enumerate(series) if i not in (4, 5))
+    runner = JobRunner(settings, PipelineCache(tmp_path / "models"), ResultPublisher(settings))
+    out = tmp_path / "results" / "j1"
+    report = runner.run(JobTicket("j1", "key", "bone_threshold", gappy, str(out), ("pacs",), 1))
+    assert report.state is JobState.REFUSED
+    (deliverable,) = report.deliverables
+    assert deliverable.path == str(out / NOT_ANALYZED_FOLDER)
+    assert [p.name[:3] for p in (out / NOT_ANALYZED_FOLDER).iterdir()] == ["SR_"]
+    assert not (out / DICOM_FOLDER).exists()
