@@ -38,10 +38,11 @@ def _settings_or_exit(path: Path | None) -> Settings:
         _exit_invalid(exc.problems)
 
 
-#: What the node creates (spool, results, HL7 messages: patient data) is readable by
-#: its user and group only, not by everyone: 0640 files, 0750 folders. Give workers on
-#: other machines the same user or group (docs/security.md; acceptance pass: 0644).
-PRIVATE_UMASK = 0o027
+#: What the node creates (spool, results, HL7 messages: patient data) is for its user
+#: and group only, not for everyone: 0660 files, 0770 folders (acceptance pass: 0644).
+#: The group may write: a worker on another machine running as another user of the
+#: group must create result folders the edge can later purge (review).
+PRIVATE_UMASK = 0o007
 
 
 def _private_files() -> None:
