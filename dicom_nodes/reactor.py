@@ -147,6 +147,15 @@ _NOT_DICOM_ACTIONS = {
 }
 
 
+#: The same, when radnode called the peer (a destination) and got this back.
+_NOT_DICOM_DESTINATION = {
+    "tls": "the destination speaks TLS on this port: set tls = true on the destination,"
+    " or give it the PACS's plain DICOM port",
+    "text": "the destination answered with text (an HTTP server?): check its host and port",
+    "other": "the destination does not answer as a DICOM application: check its host and port",
+}
+
+
 def _looks_like(first_byte: int) -> str:
     """A TLS record starts 0x16 (handshake); HTTP and other text protocols with a
     printable letter."""
@@ -303,12 +312,17 @@ class EventDrivenDUL(DULServiceProvider):
         if self._said_not_dicom:
             return
         self._said_not_dicom = True
+        looks_like = _looks_like(first_byte)
+        if self.assoc.is_requestor:  # we called a destination, and it is not DICOM
+            peer, action = self.assoc.acceptor.address, _NOT_DICOM_DESTINATION[looks_like]
+        else:
+            peer, action = self.assoc.requestor.address, _NOT_DICOM_ACTIONS[looks_like]
         log.warning(
             "association.not_dicom",
-            peer_address=str(self.assoc.requestor.address),
+            peer_address=str(peer),
             first_byte=f"0x{first_byte:02X}",
-            looks_like=_looks_like(first_byte),
-            action=_NOT_DICOM_ACTIONS[_looks_like(first_byte)],
+            looks_like=looks_like,
+            action=action,
         )
 
     def _decode_and_queue(self, pdu: bytes | bytearray) -> None:

@@ -60,6 +60,11 @@ def _quiet_deprecations() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+def _note_environment_overrides(settings: Settings) -> None:
+    for key in settings.environment_overrides:
+        typer.echo(f"note: {key} is set by the environment (RADNODE_*), not the file", err=True)
+
+
 def _exit_invalid(problems: list[str]) -> NoReturn:
     """List every problem, one line each with its key, and exit 2 (as ``serve`` does)."""
     typer.echo(f"radnode: configuration is invalid ({len(problems)} problem(s)):", err=True)
@@ -120,8 +125,7 @@ def config_check(
         _exit_invalid(fatal + problems)
     for problem in problems:
         typer.echo(f"note: {problem} (fine if the remote workers have it)", err=True)
-    for key in settings.environment_overrides:
-        typer.echo(f"note: {key} is set by the environment (RADNODE_*), not the file", err=True)
+    _note_environment_overrides(settings)
     nothing = inventory.nothing_found()
     if nothing and not settings.routes:
         typer.echo(f"note: {nothing}; no pipeline will run", err=True)
@@ -203,8 +207,7 @@ def route(
     typer.echo(format_plan(plan(scan.series_infos(), settings.routes), scan.series_infos()))
     # Why nothing (or something) would not run: the routes' pipelines must be there.
     inventory = PipelineInventory.scan(settings.models.dir)
-    for key in settings.environment_overrides:
-        typer.echo(f"note: {key} is set by the environment (RADNODE_*), not the file", err=True)
+    _note_environment_overrides(settings)
     nothing = inventory.nothing_found()
     for line in [nothing] if nothing else inventory.route_problems(settings.routes):
         typer.echo(f"! {line}")

@@ -460,3 +460,33 @@ def test_a_peer_that_never_answers_the_association_request_is_a_timeout(job):
             connection.close()
     assert report.association is AssociationState.TIMEOUT
     assert report.reason == "no answer to the association request"
+
+
+def test_a_destination_that_answers_in_http_is_named_with_what_to_check(job) -> None:
+    """Review: the not-DICOM line named radnode's own address and pointed at
+    node.tls_port when it was radnode that had called a wrong port."""
+    import structlog
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer_like_a_web_server() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=answer_like_a_web_server, daemon=True)
+    thread.start()
+    destination = StorageDestination(
+        "127.0.0.1", server.getsockname()[1], "PACS", connect_timeout_s=5, acse_timeout_s=5
+    )
+    try:
+        with structlog.testing.capture_logs() as events:
+            report = send_files(destination, job["written"][:1])
+    finally:
+        server.close()
+    assert not report.all_acknowledged
+    (said,) = [e for e in events if e["event"] == "association.not_dicom"]
+    assert said["looks_like"] == "text" and said["peer_address"] == "127.0.0.1"
+    assert "destination" in said["action"]
