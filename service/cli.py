@@ -39,9 +39,9 @@ def _settings_or_exit(path: Path | None) -> Settings:
 
 
 #: What the node creates (spool, results, HL7 messages: patient data) is for its user
-#: and group only, not for everyone: 0660 files, 0770 folders (acceptance pass: 0644).
-#: The group may write: a worker on another machine running as another user of the
-#: group must create result folders the edge can later purge (review).
+#: and group only, never for others (acceptance pass: 0644). Added to the umask the
+#: process starts with: under 022, 0640 files; started with 007 (systemd UMask=0007),
+#: 0660, so that workers of the same group on other machines can write (review).
 PRIVATE_UMASK = 0o007
 
 
