@@ -29,9 +29,10 @@ from service.config import Settings
 from service.delivery import Outbox
 from service.index import StudyIndex
 from service.observability import RepeatedFailureLog
-from service.publish import enqueue_deliverables
+from service.pipeline.bundle import bundle_identity
+from service.publish import ResultPublisher, enqueue_deliverables
 from service.queue import HeardClock, JobQueue
-from service.records import JobRecord, JobState, JobTicket
+from service.records import JobRecord, JobReport, JobState, JobTicket
 
 log = structlog.get_logger("service.tracker")
 
@@ -168,7 +169,24 @@ class JobTracker:
         else:
             return False
         self.index.start_job(job.job_id, worker="edge")
-        self.index.finish_job(job.job_id, JobState.REFUSED, error=reason)
+        ticket = self.ticket(job)
+        publication = ResultPublisher(self.settings).prepare_not_analyzed(
+            ticket, lambda: bundle_identity(self.settings.models.dir, job.pipeline), reason
+        )
+        if publication.deliverables:
+            enqueue_deliverables(
+                self.outbox,
+                JobReport(job.job_id, "edge", JobState.REFUSED,
+                          deliverables=publication.deliverables),
+            )  # fmt: skip
+            if self.on_delivery is not None:
+                self.on_delivery()
+        self.index.finish_job(
+            job.job_id,
+            JobState.REFUSED,
+            error="; ".join((reason, *publication.not_sent)),
+            result_dir=ticket.result_dir if publication.deliverables else None,
+        )
         log.warning(
             "job.finished",
             job=job.job_id,

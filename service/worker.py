@@ -40,12 +40,13 @@ from service.observability import redact_quoted
 from service.pipeline.bundle import (
     BundleError,
     LoadedBundle,
+    bundle_identity,
     choose_device,
     discover_bundles,
     load_bundle,
 )
 from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
-from service.pipeline.result import BundleIdentity, TaskKind
+from service.pipeline.result import BundleIdentity
 from service.pipeline.volume import SeriesRefused, load_series
 from service.publish import ResultPublisher
 from service.queue import JobQueue
@@ -139,15 +140,11 @@ class PipelineCache:
             return self._loaded[name]
 
     def identity(self, name: str) -> BundleIdentity:
-        """Who ``name`` is (name, version, task) without loading it; for a bundle that
-        cannot be found, its name and version "unknown"."""
+        """Who ``name`` is, loaded or not (:func:`bundle_identity`)."""
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name].spec.identity
-        specs, _ = discover_bundles(self.models_dir)
-        if name in specs:
-            return specs[name].identity
-        return BundleIdentity(name, "unknown", TaskKind.CLASSIFICATION)
+        return bundle_identity(self.models_dir, name)
 
     def loaded(self) -> dict[str, str]:
         """The bundles loaded so far: pipeline name -> bundle version."""

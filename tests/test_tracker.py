@@ -409,3 +409,29 @@ def test_a_study_cut_short_by_a_full_disk_is_refused_until_the_pacs_sends_again(
     again = index.add_job(study, series, "p", ["r"], [])
     assert again is not None and tracker.submit(again) is not None
     index.close()
+
+
+def test_a_study_cut_short_sends_its_not_analyzed_report_where_one_is_wanted(
+    tmp_path: Path,
+) -> None:
+    """The edge refuses a cut-short study's jobs itself, before any worker: with
+    send_not_analyzed the PACS still hears that the AI did not run, and why."""
+    _, index, ds = _node_with_one_instance(tmp_path)
+    settings = Settings.model_validate({
+        "node": {"data_dir": str(tmp_path)},
+        "destinations": [{"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": 104,
+                          "ae_title": "PACS", "send_not_analyzed": True}],
+    })  # fmt: skip
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    tracker = JobTracker(settings, index, JobQueue(settings), outbox)
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    index.refused_too_large(study)
+    job = index.add_job(study, series, "bone_threshold", ["r"], ["pacs"])
+    assert job is not None and tracker.submit(job) is None
+    assert index.job(job.job_id).state is JobState.REFUSED
+    (delivery,) = outbox.list(job_id=job.job_id)
+    assert delivery.destination == "pacs" and delivery.kind == "dicom"
+    (report,) = Path(delivery.payload_ref).glob("SR_*.dcm")
+    texts = [str(e.value) for e in dcmread(report).iterall() if e.keyword == "TextValue"]
+    assert any("max_study_mb" in t and "not performed" in t for t in texts)
+    index.close()

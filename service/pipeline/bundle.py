@@ -221,6 +221,19 @@ def discover_bundles(models_dir: Path) -> tuple[dict[str, BundleSpec], dict[str,
     return specs, problems
 
 
+def bundle_identity(models_dir: Path, name: str) -> BundleIdentity:
+    """Who bundle ``name`` is (name, version, task) without loading it; for a bundle
+    that cannot be found here (the edge of workers on other machines), its name and
+    version "unknown": enough to sign a "not analyzed" report."""
+    try:
+        specs, _ = discover_bundles(Path(models_dir))
+    except OSError:
+        specs = {}
+    if name in specs:
+        return specs[name].identity
+    return BundleIdentity(name, "unknown", TaskKind.CLASSIFICATION)
+
+
 def _only_key(meta: dict[str, Any], direction: str, default: str) -> str:
     """The data key of the bundle's one input (or output), as its metadata names it
     (``network_data_format``); ``default`` (MONAI's own convention) otherwise. A bundle
