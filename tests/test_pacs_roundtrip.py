@@ -15,6 +15,7 @@ import io
 import json
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def post(base: str, path: str, body: bytes) -> bytes:
     request = urllib.request.Request(base + path, data=body, method="POST")
     with urllib.request.urlopen(request, timeout=120) as answer:
         return answer.read()
+
+
+def route_to_radnode(pacs: dict, study_id: str, node, orthanc_dir: Path) -> None:
+    """Orthanc's REST call that sends the study to radnode (what an auto-routing rule
+    does). On failure, say what both sides logged: a CI run once got HTTP 500 here."""
+    try:
+        post(pacs["http"], "/modalities/radnode/store", study_id.encode())
+    except urllib.error.HTTPError as exc:
+        orthanc_log = (orthanc_dir / "orthanc.log").read_text(errors="replace")[-3000:]
+        pytest.fail(
+            f"Orthanc could not send the study to radnode (HTTP {exc.code}):\n"
+            f"{exc.read().decode(errors='replace')[:1000]}\n--- Orthanc log ---\n"
+            f"{orthanc_log}\n--- radnode log ---\n" + "\n".join(node.lines[-30:])
+        )
 
 
 def series_in_orthanc(http: str) -> dict[str, list[dict]]:
@@ -118,7 +133,7 @@ def test_orthanc_auto_routes_a_study_and_gets_every_result_back(
         for path in ct:
             post(pacs["http"], "/instances", path.read_bytes())
         (study_id,) = orthanc_get(pacs["http"], "/studies")
-        post(pacs["http"], "/modalities/radnode/store", study_id.encode())  # auto-routing
+        route_to_radnode(pacs, study_id, node, tmp_path / "orthanc")  # auto-routing
 
         wait_all_sent(node, expected_jobs=2)
         found = series_in_orthanc(pacs["http"])
