@@ -27,6 +27,8 @@ exit code and one message at the CLI.
 
 from __future__ import annotations
 
+import errno
+
 
 class RadnodeError(Exception):
     """Base of every error radnode raises on purpose."""
@@ -90,3 +92,13 @@ class StartupError(RadnodeError):
 
 class StatusUnavailable(RadnodeError):
     """The node's status API could not be read; the message says what to check."""
+
+
+def out_of_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is "no space left" or "quota
+    exceeded": the disk's fault, for the operator to fix by freeing space, not a bug."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -12,7 +12,6 @@ a job that runs again does not send twice.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from service.config import Settings
 from service.delivery import Outbox
 from service.dicom_delivery import DicomDestinationSettings
-from service.errors import ResultsNotWritten
+from service.errors import ResultsNotWritten, out_of_space
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.observability import redact_quoted
 from service.pipeline.result import BundleIdentity, PipelineResult
@@ -256,7 +255,7 @@ def write_dicom(
             result, volume, sources, out_dir, predecessor=predecessor, revised=revised
         )
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if out_of_space(exc):
             # the disk, not the writer: the worker says to free space, no bug report
             raise ResultsNotWritten("the DICOM results could not be written: no space") from exc
         reason = redact_quoted(f"{type(exc).__name__}: {exc}")

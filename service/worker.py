@@ -19,7 +19,6 @@ A run ends in one of three states, each with one ``job.finished`` log line:
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -35,7 +34,7 @@ import structlog
 
 from service import run_claim
 from service.config import Settings
-from service.errors import RadnodeError, SourceUnavailable, StartupError
+from service.errors import RadnodeError, SourceUnavailable, StartupError, out_of_space
 from service.observability import redact_quoted
 from service.pipeline.bundle import (
     BundleError,
@@ -238,7 +237,7 @@ class JobRunner:
         except (BundleError, PipelineFailed) as exc:
             return self._end(ticket, JobState.FAILED, str(exc), bound)
         except Exception as exc:
-            if _out_of_space(exc):
+            if out_of_space(exc):
                 return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
             if isinstance(exc, RadnodeError):
                 return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
@@ -321,15 +320,6 @@ class JobRunner:
 #: with the job id" were the advice).
 _NO_SPACE = "no space left on the disk of the results folder (node.data_dir) to write the results"
 _SPACE_ACTION = "free disk space under node.data_dir (or raise the quota), then retry the job"
-
-
-def _out_of_space(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an exception it was raised from, is "no space" / "quota"."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 #: What to do when a worker cannot read its job's spool files.
