@@ -7,6 +7,7 @@ that the conformance statement, the config and the code read from the same place
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts
+
+from dicom_nodes.tls import server_context
 
 #: Transfer syntaxes accepted for every storage SOP class, in order of preference
 #: when a requestor proposes several in one presentation context.
@@ -147,6 +150,21 @@ class AssociationPolicy:
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context, None with TLS off. Raises
+        :class:`dicom_nodes.tls.TlsError` (what to fix in which file) when the
+        certificate, key or CA cannot be used: the SCP at start, and ``radnode config
+        check`` before it, build it here."""
+        if self.tls_cert is None:
+            return None
+        return server_context(
+            self.tls_cert,
+            self.tls_key,
+            ca_file=self.tls_ca,
+            require_client_cert=self.tls_require_client_cert,
+            key_password=self.tls_key_password,
+        )
 
     @cached_property
     def peer_networks(self) -> tuple[IPNetwork, ...]:

@@ -55,7 +55,7 @@ from dicom_nodes.implementation import identify
 from dicom_nodes.inline_store import InlineStoreReader
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.status import EchoStatus, StoreStatus
-from dicom_nodes.tls import describe_handshake_error, server_context
+from dicom_nodes.tls import describe_handshake_error
 
 log = structlog.get_logger("dicom_nodes.scp")
 
@@ -279,17 +279,7 @@ class StorageSCP:
         self._port = port
         self._tls_port = tls_port
         self._shared = shared
-        self._tls_context = (
-            server_context(
-                policy.tls_cert,
-                policy.tls_key,
-                ca_file=policy.tls_ca,
-                require_client_cert=policy.tls_require_client_cert,
-                key_password=policy.tls_key_password,
-            )
-            if policy.tls_cert is not None
-            else None
-        )
+        self._tls_context = policy.tls_context()
         self._server: _AssociationServer | None = None
         self._tls_server: _AssociationServer | None = None
         # By association (weakly: one that ends without a close event is not kept).

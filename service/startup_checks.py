@@ -12,28 +12,20 @@ from __future__ import annotations
 
 import socket
 
-from dicom_nodes.tls import TlsError, server_context
+from dicom_nodes.tls import TlsError
 from service.config import Settings
 from service.dicom_delivery import DicomDestinationSettings
+from service.receivers import association_policy
 
 
 def startup_problems(settings: Settings) -> list[str]:
     """Every problem found, as ``key: what is wrong; what to do``; empty when none."""
     problems = []
     node = settings.node
-    if node.tls_cert is not None:
-        try:
-            server_context(
-                node.tls_cert,
-                node.tls_key,
-                ca_file=node.tls_ca,
-                require_client_cert=node.tls_require_client_cert,
-                key_password=(
-                    node.tls_key_password.get_secret_value() if node.tls_key_password else None
-                ),
-            )
-        except TlsError as exc:
-            problems.append(f"node.tls_cert: {exc}")
+    try:
+        association_policy(settings).tls_context()  # as the Storage SCP builds it
+    except TlsError as exc:
+        problems.append(f"node.tls_cert: {exc}")
     for key, host in (("node.host", node.host), ("http.host", settings.http.host)):
         problem = _address_problem(host)
         if problem:
