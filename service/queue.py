@@ -258,13 +258,6 @@ class JobQueue:
                 " password, redis:// or rediss://) and that the server is up"
             ) from exc
 
-    def reachable(self) -> bool:
-        try:
-            self.check()
-        except StartupError:
-            return False
-        return True
-
     # -- who is there: workers announce themselves, the edge reads ----------------
 
     def workers(self) -> list[WorkerPresence]:
