@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -389,23 +389,27 @@ def _environment_name(loc: tuple[Any, ...]) -> str:
     return prefix + delimiter.join(str(part).upper() for part in loc)
 
 
+def _radnode_variables() -> Iterator[tuple[str, list[str]]]:
+    """Each ``RADNODE_*`` variable set, by name, with the key path it names, lower case
+    (``RADNODE_NODE__PORT`` -> ``["node", "port"]``)."""
+    prefix = str(Settings.model_config["env_prefix"])
+    delimiter = str(Settings.model_config["env_nested_delimiter"])
+    for name in sorted(os.environ):
+        if name.startswith(prefix):
+            yield name, name[len(prefix) :].lower().split(delimiter)
+
+
 def _unknown_environment_names() -> list[str]:
     """``RADNODE_*`` variables that name no setting. pydantic-settings ignores them, so
     a misspelling (``RADNODE_NODE_PORT``, one underscore) went unnoticed and the
     default was used (found by review)."""
-    prefix = str(Settings.model_config["env_prefix"])
     delimiter = str(Settings.model_config["env_nested_delimiter"])
-    problems = []
-    for name in sorted(os.environ):
-        if not name.startswith(prefix):
-            continue
-        section = name[len(prefix) :].split(delimiter, 1)[0].lower()
-        if section not in Settings.model_fields:
-            problems.append(
-                f"environment: {name} names no setting (sections: "
-                f"{', '.join(sorted(Settings.model_fields))}; nested keys after '{delimiter}')"
-            )
-    return problems
+    return [
+        f"environment: {name} names no setting (sections: "
+        f"{', '.join(sorted(Settings.model_fields))}; nested keys after '{delimiter}')"
+        for name, path in _radnode_variables()
+        if path[0] not in Settings.model_fields
+    ]
 
 
 def environment_overrides(data: dict[str, Any]) -> tuple[str, ...]:
@@ -414,13 +418,8 @@ def environment_overrides(data: dict[str, Any]) -> tuple[str, ...]:
     Why: the environment wins, silently. The container image set four such variables,
     so an operator's mounted file lost ``node.data_dir`` and ``http.port`` without a
     word (acceptance pass). Names only; values may be secrets."""
-    prefix = str(Settings.model_config["env_prefix"])
-    delimiter = str(Settings.model_config["env_nested_delimiter"])
     found = []
-    for name in sorted(os.environ):
-        if not name.startswith(prefix):
-            continue
-        path = name[len(prefix) :].lower().split(delimiter)
+    for _, path in _radnode_variables():
         node: Any = data
         for part in path:
             if not isinstance(node, dict) or part not in node:
