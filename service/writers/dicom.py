@@ -140,7 +140,7 @@ def write_dicom_objects(
     out_dir.mkdir(parents=True, exist_ok=True)
     # One Series Date/Time for every object of this result (highdicom stamps each SC
     # image with its own now(); review found two times in one series).
-    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
+    stamp = _series_stamp()
     if result.kind is TaskKind.RECONSTRUCTION:
         # Saved one by one as they are made: a long series is never in memory twice.
         derived = [
@@ -168,8 +168,7 @@ def write_not_analyzed_report(
     )
     sr = build_not_analyzed_sr(headers, provenance, reason)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
-    return _save(_stamped(sr, stamp), out_dir)
+    return _save(_stamped(sr, _series_stamp()), out_dir)
 
 
 def result_sr_uid(result: PipelineResult, volume: Volume) -> str:
@@ -182,6 +181,11 @@ def result_sr_uid(result: PipelineResult, volume: Volume) -> str:
 def _provenance(result: PipelineResult, volume: Volume, revised_from: int = 0) -> Provenance:
     sources = list(dict.fromkeys(s.sop_instance_uid for s in volume.sources))
     return Provenance.of(result.bundle, volume.series_uid, sources, revised_from=revised_from)
+
+
+def _series_stamp() -> list[str]:
+    """Now, as Series Date and Series Time (DA, TM)."""
+    return datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
 
 
 def _stamped(ds: Dataset, stamp: list[str]) -> Dataset:
