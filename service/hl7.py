@@ -85,6 +85,11 @@ class Hl7DestinationSettings(BaseModel):
     #: Which order number carries the DICOM Accession Number: ORC-2/OBR-2 (placer),
     #: ORC-3/OBR-3 (filler, what a RIS usually assigns and IHE SWF expects) or both.
     order_number_field: Literal["placer", "filler", "both"] = "filler"
+    #: OBR-4: "algorithm" names the pipeline that made the result, so two pipelines'
+    #: results for one order are two services a RIS keeps apart (the requested
+    #: procedure moves to OBR-44); "procedure" puts the requested procedure in OBR-4,
+    #: for a RIS that files results only under the ordered service.
+    universal_service_id: Literal["algorithm", "procedure"] = "algorithm"
     #: MSH-18 and the byte encoding of the message.
     character_set: Literal["UNICODE UTF-8", "8859/1"] = "UNICODE UTF-8"
     connect_timeout_s: float = Field(10.0, gt=0)

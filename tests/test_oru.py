@@ -199,7 +199,7 @@ def test_study_and_series_descriptions_with_delimiters_round_trip() -> None:
     ds = ct_header(series_description=f"Axial {DELIMITERS} 1.25")
     ds.StudyDescription = f"CT {DELIMITERS} abdomen"
     ds.SeriesDescription = f"Axial {DELIMITERS} 1.25"
-    message = build_oru(segmentation(), ds, SPACING, destination())
+    message = build_oru(segmentation(), ds, SPACING, destination(universal_service_id="procedure"))
     strict(message.er7)
     parsed = python_hl7.parse(message.er7)
     assert parsed["OBR.F4.R1.C2"] == f"CT {DELIMITERS} abdomen"
@@ -210,7 +210,9 @@ def test_study_and_series_descriptions_with_delimiters_round_trip() -> None:
 def test_text_that_looks_like_an_escape_sequence_is_escaped_too() -> None:
     ds = ct_header()
     ds.StudyDescription = "a\\F\\b \\E\\ c\\"
-    message = build_oru(classification(), ds, SPACING, destination())
+    message = build_oru(
+        classification(), ds, SPACING, destination(universal_service_id="procedure")
+    )
     strict(message.er7)
     assert python_hl7.parse(message.er7)["OBR.F4.R1.C2"] == "a\\F\\b \\E\\ c\\"
 
@@ -226,7 +228,9 @@ def test_any_name_and_description_round_trip(family: str, description: str) -> N
     ds = ct_header()
     ds.PatientName = f"{family}^Given"
     ds.StudyDescription = description
-    message = build_oru(classification(), ds, SPACING, destination())
+    message = build_oru(
+        classification(), ds, SPACING, destination(universal_service_id="procedure")
+    )
     strict(message.er7)
     parsed = python_hl7.parse(message.er7)
     assert value_at(parsed, "PID.F5.R1.C1") == family.strip()
@@ -339,20 +343,50 @@ def test_accession_issuer_goes_into_the_entity_identifier() -> None:
     assert (parsed["OBR.F3.R1.C1"], parsed["OBR.F3.R1.C2"]) == ("ACC-8", "RIS_A")
 
 
-def test_universal_service_id_prefers_the_requested_procedure_code() -> None:
-    ds = ct_header()
+def _with_requested_procedure(ds: Dataset) -> Dataset:
     ds.StudyDescription = "CT ABDOMEN"
     item = Dataset()
     item.CodeValue = "RPID17"
     item.CodingSchemeDesignator = "RADLEX"
     item.CodeMeaning = "CT abdomen with contrast"
     ds.RequestedProcedureCodeSequence = Sequence([item])
-    parsed = python_hl7.parse(build_oru(classification(), ds, SPACING, destination()).er7)
+    return ds
+
+
+def test_universal_service_id_names_the_pipeline_and_keeps_the_procedure_in_obr_44() -> None:
+    """Two pipelines on one order are two services, not one final result twice."""
+    ds = _with_requested_procedure(ct_header(accession_number="ACC-9"))
+    messages = [
+        build_oru(result, ds, SPACING, destination())
+        for result in (classification(), segmentation())
+    ]
+    for message in messages:
+        strict(message.er7)
+    parsed = [python_hl7.parse(m.er7) for m in messages]
+    assert [p["OBR.F4.R1.C1"] for p in parsed] == ["chest_pneumothorax", "ct_abdomen_segmentation"]
+    assert parsed[0]["OBR.F4.R1.C2"] == "AI classification: chest_pneumothorax 1.2.0"
+    assert {p["OBR.F4.R1.C3"] for p in parsed} == {"99RADNODE"}
+    assert {p["OBR.F3.R1.C1"] for p in parsed} == {"ACC-9"}  # still the one order
+    assert [parsed[0][f"OBR.F44.R1.C{i}"] for i in (1, 2, 3)] == [
+        "RPID17",
+        "CT abdomen with contrast",
+        "RADLEX",
+    ]
+
+
+def test_universal_service_id_prefers_the_requested_procedure_code() -> None:
+    ds = _with_requested_procedure(ct_header())
+    message = build_oru(
+        classification(), ds, SPACING, destination(universal_service_id="procedure")
+    )
+    strict(message.er7)
+    parsed = python_hl7.parse(message.er7)
     assert [parsed[f"OBR.F4.R1.C{i}"] for i in (1, 2, 3)] == [
         "RPID17",
         "CT abdomen with contrast",
         "RADLEX",
     ]
+    assert len(parsed.segment("OBR")) <= 44  # no OBR-44: the procedure is in OBR-4
 
 
 def test_observation_date_time_comes_from_the_study_date_and_time() -> None:
@@ -405,7 +439,8 @@ def test_letters_a_latin1_destination_cannot_hold_go_as_their_base_letters_and_a
     ds = ct_header()
     ds.PatientName = "Wąsowski^Łukasz"
     ds.StudyDescription = "Jama brzuszna – kontrast"
-    message = build_oru(classification(), ds, SPACING, destination(character_set="8859/1"))
+    latin1 = destination(character_set="8859/1", universal_service_id="procedure")
+    message = build_oru(classification(), ds, SPACING, latin1)
     payload, replaced = message.encoded()
     assert b"Wasowski^Lukasz" in payload and b"Jama brzuszna - kontrast" in payload
     assert replaced == 3

@@ -7,7 +7,8 @@ work list. docs/hl7.md is the message profile; in short::
     MSH  radnode -> receiver (per destination), ORU^R01^ORU_R01, 2.5.1, MSH-10 control id
     PID  PatientID/Issuer (PID-3), PatientName (PID-5), BirthDate (PID-7), Sex (PID-8)
     ORC  RE, Accession Number as placer and/or filler order number
-    OBR  same order numbers, OBR-4 the procedure, OBR-7 study date/time, OBR-25 F
+    OBR  same order numbers, OBR-4 the pipeline (or the procedure: a destination
+         setting), OBR-7 study date/time, OBR-25 F, OBR-44 the requested procedure
          (C, with OBX-11 C, for a result that replaces one sent for the same series)
     OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
     OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
@@ -247,7 +248,7 @@ def build_oru(
         patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
         _pid(patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"), source)
         order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-        _order(order, source, destination, now, status)
+        _order(order, source, destination, now, status, result)
         observed_at = _hl7_now(now)
         method = _fit(f"{result.bundle.name} {result.bundle.version}")
         for set_id, (value_type, ident, sub_id, value, units, flag) in enumerate(
@@ -334,7 +335,12 @@ def _person_name(pid: Segment, value: object) -> None:
 
 
 def _order(
-    order: Group, ds: Dataset, dest: Hl7DestinationSettings, now: datetime, status: str
+    order: Group,
+    ds: Dataset,
+    dest: Hl7DestinationSettings,
+    now: datetime,
+    status: str,
+    result: PipelineResult,
 ) -> None:
     number = _order_number(ds)
     placer = number if dest.order_number_field in ("placer", "both") else ""
@@ -348,11 +354,17 @@ def _order(
     obr.obr_1 = "1"
     _set(obr, "obr_2", placer)
     _set(obr, "obr_3", filler)
-    obr.obr_4 = _universal_service_id(ds)
+    procedure = _requested_procedure(ds)
+    if dest.universal_service_id == "algorithm":
+        obr.obr_4 = _algorithm_service_id(result)
+    else:
+        obr.obr_4 = procedure or _study_service_id(ds)
     _set(obr, "obr_7", _dicom_datetime(ds, "StudyDate", "StudyTime"))
     obr.obr_22 = _hl7_now(now)
     obr.obr_24 = "RAD"
     obr.obr_25 = status
+    if procedure and dest.universal_service_id == "algorithm":
+        obr.obr_44 = procedure
 
 
 def _order_number(ds: Dataset) -> str:
@@ -372,8 +384,25 @@ def _order_number(ds: Dataset) -> str:
     return "^".join(parts).rstrip("^")
 
 
-def _universal_service_id(ds: Dataset) -> str:
-    """OBR-4: the requested (or performed) procedure code, else the study description."""
+#: Coding system of the pipeline codes in OBR-4: local (HL7 table 0396, "99zzz").
+ALGORITHM_CODING_SYSTEM = "99RADNODE"
+
+
+def _algorithm_service_id(result: PipelineResult) -> str:
+    """OBR-4 naming the pipeline: ``<bundle name>^AI <kind>: <name> <version>^99RADNODE``.
+
+    Why: with the ordered procedure in OBR-4, the results of two pipelines on one study
+    (segmentation and denoising) were two final results of one service under one
+    order, and a RIS that files by order and service kept only the last (acceptance
+    pass). The bundle name is stable across versions, so a RIS can map it to a service.
+    """
+    bundle = result.bundle
+    text = f"AI {bundle.kind.value}: {bundle.name} {bundle.version}"
+    return _coded(CodedConcept(bundle.name, ALGORITHM_CODING_SYSTEM, text))
+
+
+def _requested_procedure(ds: Dataset) -> str:
+    """CE of the requested (or performed) procedure code; "" when the header has none."""
     for keyword in ("RequestedProcedureCodeSequence", "ProcedureCodeSequence"):
         items = ds.get(keyword)
         if items:
@@ -386,6 +415,11 @@ def _universal_service_id(ds: Dataset) -> str:
             if value:
                 scheme = _text(item, "CodingSchemeDesignator")
                 return _coded(CodedConcept(value, scheme, _text(item, "CodeMeaning")))
+    return ""
+
+
+def _study_service_id(ds: Dataset) -> str:
+    """OBR-4 text without a procedure code: the study description, else the modality."""
     description = _text(ds, "StudyDescription")
     modality = _text(ds, "Modality")
     return _coded(None, description or (f"{modality} study" if modality else "Imaging study"))
