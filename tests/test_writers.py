@@ -799,6 +799,19 @@ def test_a_malformed_birth_date_is_left_out_of_the_results_not_a_failed_job(ct, 
     assert all(h.PatientSex == "" for h in written.values())
 
 
+def test_a_name_split_by_a_backslash_keeps_its_first_value_not_a_failed_job(ct, tmp_path):
+    """A backslash in PatientName makes it two values where one is allowed; highdicom
+    failed every result of the job on it (acceptance pass)."""
+    volume, headers = ct
+    odd = [copy.deepcopy(h) for h in headers]
+    for header in odd:
+        header.PatientName = ["Doe|x&y~z", "Jane^Q"]
+        header.ReferringPhysicianName = ["Ref^One", "Ref^Two"]
+    written = _names(write_dicom_results(_segmentation(volume), volume, odd, tmp_path))
+    assert written and {str(h.PatientName) for h in written.values()} == {"Doe|x&y~z"}
+    assert {str(h.ReferringPhysicianName) for h in written.values()} == {"Ref^One"}
+
+
 @pytest.mark.parametrize(
     ("attribute", "sop_class", "exclude"),
     [

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from service.pipeline.result import BundleIdentity, PipelineResult, TaskKind
 from service.pipeline.volume import Volume
@@ -224,7 +225,12 @@ def _fill_empty_type2(source_headers: Sequence[Dataset]) -> None:
         for keyword in _TYPE2_COPIED:
             if keyword not in header:
                 setattr(header, keyword, "")
-            elif not _valid_value(keyword, header.get(keyword)):
+            elif isinstance(value := header.get(keyword), MultiValue):
+                # A backslash in a name ("A\B") makes it two values where one is allowed,
+                # and highdicom failed the job ("Invalid type for a person name",
+                # acceptance pass). The first value, as the HL7 result's PID-5 takes.
+                setattr(header, keyword, value[0] if len(value) else "")
+            elif not _valid_value(keyword, value):
                 # A malformed birth date (7 digits) failed the job in highdicom, whose
                 # error quoted it into the log and /api/jobs (acceptance pass). The
                 # results carry it empty, as for a missing one; the source file stays.
