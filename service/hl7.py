@@ -262,7 +262,57 @@ def without_identifiers(text: str, message: bytes | None, encoding: str = "utf-8
     if tokens:
         words = "|".join(re.escape(t) for t in tokens)
         text = re.sub(rf"(?<![\w.-])(?:{words})(?![\w-])", REDACTED, text, flags=re.IGNORECASE)
-    return text
+    return _WORD.sub(_keep_or_redact, text)
+
+
+#: Words a receiver's error text is made of that name no one: HL7 terms (segments,
+#: acknowledgment codes, table 0357's error names) and the words around them. A word
+#: with a capital or a digit that is not here is redacted, so what the receiver quotes
+#: that radnode did not send (another patient's name, an institution, a description)
+#: stays out too (PHI audit); lower-case words and short numbers (codes, field numbers)
+#: stay, so the sentence still says what to fix.
+_VOCABULARY_WORDS = """
+    msh evn pid pd1 pv1 pv2 orc obr obx nte msa err sft spm tq1 ctd fhs bhs bts fts
+    ack nak aa ae ar ca ce cr hl7 ris his ehr emr pacs lis mllp oru r01 adt orm omi oml
+    mrn id ids dob uid uids sex gender accession placer filler visit account encounter
+    patient patients order orders study studies series result results report reports
+    observation observations procedure procedures exam examination service request
+    message messages segment segments field fields component components repetition
+    value values type types code codes table data sequence key identifier identifiers
+    number name names date dates time birth facility application sending receiving
+    control version processing event status provider physician doctor location
+    unknown not found no none invalid missing required duplicate unsupported error
+    errors warning rejected reject accepted accept failed failure internal record
+    locked closed cancelled canceled discontinued complete completed final
+    preliminary corrected correction does do did exist exists match matches mismatch
+    belongs belong another other already on of for in is are was were be been the a
+    an and or to from with by at as this that it its file database busy unavailable
+    try again later retry please check contact administrator system server timeout
+    length long short too format malformed bad wrong empty blank expected allowed
+    permitted denied unauthorized authorized"""
+_VOCABULARY = frozenset(_VOCABULARY_WORDS.split())
+#: A word: anything between spaces, brackets and sentence punctuation (``<redacted>``
+#: splits into its own word and stays).
+_WORD = re.compile(r"[^\s,;:()\[\]{}<>\"!?/]+")
+_LOWER_CASE_WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
+#: A field reference (PID-3, OBR-4.1): its segment name must be in the vocabulary.
+_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})-\d+(?:\.\d+)*")
+
+
+def _keep_or_redact(match: re.Match[str]) -> str:
+    """``match``'s word if :data:`_VOCABULARY` (or its shape) says it names no one."""
+    word = match.group(0)
+    core = word.strip(".'-")
+    if not any(c.isalnum() for c in core) or core == REDACTED.strip("<>"):
+        return word
+    if _LOWER_CASE_WORD.fullmatch(core) or core.lower() in _VOCABULARY:
+        return word
+    if core.isdigit() and len(core) <= 3:  # an error code, a field number
+        return word
+    reference = _FIELD_REFERENCE.fullmatch(core)
+    if reference and reference.group(1).lower() in _VOCABULARY:
+        return word
+    return REDACTED
 
 
 def _identifiers(message: bytes | None, encoding: str) -> set[str]:

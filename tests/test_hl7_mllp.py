@@ -273,6 +273,22 @@ def test_error_text_loses_birth_date_order_number_uids_and_quoted_values() -> No
     assert without_identifiers("database busy", None) == "database busy"
 
 
+def test_error_text_loses_what_radnode_did_not_send_but_keeps_what_to_fix() -> None:
+    """The receiver may quote another patient, an institution or a description radnode
+    never sent (PHI audit): a capitalised word or a long number outside the HL7 error
+    vocabulary is redacted; the sentence, field references and codes stay."""
+    text = (
+        "Unknown patient: order ACC-77 belongs to Smith, John (MRN 4711) at "
+        "PHIINSTITUTE, desc Abdomen Lowdose; check PID-3 and OBR-4.1, code 204. "
+        "Table value not found"
+    )
+    assert without_identifiers(text, None) == (
+        "Unknown patient: order <redacted> belongs to <redacted>, <redacted> (MRN <redacted>)"
+        " at <redacted>, desc <redacted> <redacted>; check PID-3 and OBR-4.1, code 204. "
+        "Table value not found"
+    )
+
+
 def test_parse_ack_reads_code_control_id_and_error_text() -> None:
     raw = (
         b"MSH|^~\\&|RIS||RADNODE||20250101||ACK^R01^ACK|9|P|2.5.1\r"
