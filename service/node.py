@@ -33,6 +33,7 @@ from service.headers import header_from_dataset
 from service.hl7 import Hl7Deliverer, Hl7DestinationSettings
 from service.index import StudyIndex
 from service.metrics import FinishedJobRecorder, Metrics
+from service.observability import redact_quoted
 from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
 from service.queue import JobQueue, QueueProbe
@@ -43,6 +44,7 @@ from service.shared_storage import edge_mark
 from service.spool import Spool
 from service.supervisor import ProcessSupervisor
 from service.tracker import JobTracker
+from service.uids import study_key
 from service.worker import worker_command, worker_name
 from service.worker_watch import WorkerWatch
 
@@ -274,11 +276,19 @@ class Node:
             dataset = dcmread(path, stop_before_pixels=True)
             header = header_from_dataset(dataset)
         except (OSError, InvalidDicomError, ValueError) as exc:
+            reason = redact_quoted(f"{type(exc).__name__}: {exc}")  # may quote values
+            try:
+                moved_to: str | None = str(self.spool.quarantine(path))
+            except OSError:
+                moved_to = None
             log.error(
                 "spool.unreadable_file",
-                file=path.name,
-                reason=str(exc),
-                action="move the file out of the spool and inspect it",
+                study=study_key(path.parent.parent.name),
+                quarantined=moved_to,
+                reason=reason,
+                action="inspect the quarantined file; resend the instance from the PACS"
+                if moved_to
+                else "the file could not be moved either: check the disk under node.data_dir",
             )
             return
         meta = dataset.file_meta

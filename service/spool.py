@@ -13,6 +13,7 @@ cut. Only UIDs that passed :mod:`service.uids` checks are used as path parts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -129,6 +130,23 @@ class Spool:
             partial.unlink(missing_ok=True)
             raise StorageFull(f"could not write to the spool: {exc.strerror}") from exc
         return len(meta) + len(dataset)
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a spool file that cannot be read out of the spool, to
+        ``<data_dir>/quarantine/<hash>.dcm``, and return where it went.
+
+        Why: left in place it was reported at every start, by a name that is its SOP
+        Instance UID (PHI audit); moved, the spool holds only what the index can use, the
+        bytes stay for the operator to inspect, and the new name says nothing.
+        """
+        folder = self.root.parent / "quarantine"
+        folder.mkdir(exist_ok=True)
+        name = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        target = folder / f"{name}.dcm"
+        os.replace(path, target)
+        _fsync_dir(folder)
+        _fsync_dir(path.parent)
+        return target
 
     def discard_partials(self) -> int:
         """Remove files left in ``incoming`` by a crash; none was ever acknowledged."""

@@ -164,3 +164,26 @@ def test_sigkill_during_inference_or_delivery_still_delivers_once(
     assert in_pacs == written
     control_ids = {message.split("\r")[0].split("|")[9] for message in ris.received}
     assert len(ris.received) >= 1 and len(control_ids) == 1, ris.received
+
+
+def test_an_unreadable_spool_file_is_quarantined_at_start_and_named_by_no_uid(
+    radnode_factory,
+) -> None:
+    """A file in the spool that is not DICOM was reported at every start by its name,
+    which is its SOP Instance UID (PHI audit). It is moved to ``quarantine/`` under a
+    hash, and the line names the study by its key."""
+    node = radnode_factory()
+    study, series, sop = "1.2.826.0.1.3680043.8.498.77", "1.2.826.0.1.3680043.8.498.78", "1.2.9"
+    junk = node.data_dir / "spool" / study / series / f"{sop}.dcm"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not a DICOM file at all")
+    node.start()
+    (event,) = node.wait_for_event("spool.unreadable_file")
+    node.wait_for_event("spool.reconciled")
+    assert not junk.exists()
+    moved = Path(event["quarantined"])
+    assert moved.parent == node.data_dir / "quarantine"
+    assert moved.read_bytes() == b"not a DICOM file at all"
+    line = json.dumps(event)
+    assert study not in line and series not in line and f"{sop}.dcm" not in line
+    assert event["study"] and "resend" in event["action"]
