@@ -27,6 +27,7 @@ from service.pipeline.result import (
 )
 from service.testing import make_ct_series
 from service.writers.oru import build_oru, control_id_for, enqueue_oru, escape
+from service.writers.provenance import Provenance
 
 DELIMITERS = "^ & \\ ~ |"
 SPACING = (0.5, 0.5, 2.0)  # 0.5 mm³ per voxel
@@ -494,6 +495,12 @@ def test_a_reconstructions_summary_names_the_derived_series_to_open() -> None:
     summary = " ".join(r["value"] for r in obx_rows(er7) if r["type"] == "TX")
     assert "Derived image series 9" in summary
     assert '"AI derived, not for diagnosis: ct_denoise 0.1.0" (2 images)' in summary
+    # a correction names the revision's series, as the DICOM writer numbers it
+    corrected = build_oru(reconstruction(), ct_header(), SPACING, destination(), correction=True)
+    text = " ".join(r["value"] for r in obx_rows(corrected.er7) if r["type"] == "TX")
+    provenance = Provenance.of(reconstruction().bundle, "", revised_from=2)
+    assert f"Derived image series {provenance.series_number('DERIVED')} " in text
+    assert "ct_denoise 0.1.0 revised 2 img" in text
 
 
 def test_a_name_with_only_its_ideographic_group_is_sent_not_unnamed() -> None:

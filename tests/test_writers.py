@@ -393,6 +393,11 @@ def test_a_series_that_grew_gets_new_objects_that_name_the_report_they_replace(c
     assert all(h.SeriesDescription.endswith(" revised 30 img") for h in after.values())
     assert not any("revised" in h.SeriesDescription for h in before.values())
     assert all(h.SeriesDate and h.SeriesTime for h in after.values())
+    # ... and under numbers of their own: the same numbers twice read as one series
+    old_numbers = {h.Modality: h.SeriesNumber for h in before.values()}
+    new_numbers = {h.Modality: h.SeriesNumber for h in after.values()}
+    assert len(new_numbers) >= 3  # SR, SEG, SC
+    assert all(new_numbers[m] == old_numbers[m] + 4 for m in new_numbers)
 
 
 def _tracking_uids(sr: pydicom.Dataset) -> set[str]:

@@ -252,7 +252,7 @@ def build_oru(
         observed_at = _hl7_now(now)
         method = _fit(f"{result.bundle.name} {result.bundle.version}")
         for set_id, (value_type, ident, sub_id, value, units, flag) in enumerate(
-            _observations(result, source, spacing_mm), start=1
+            _observations(result, source, spacing_mm, revised=correction), start=1
         ):
             obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
             obx.obx_1 = str(set_id)
@@ -430,9 +430,13 @@ Observation = tuple[str, str, str, str, str, str]
 
 
 def _observations(
-    result: PipelineResult, ds: Dataset, spacing_mm: tuple[float, float, float]
+    result: PipelineResult,
+    ds: Dataset,
+    spacing_mm: tuple[float, float, float],
+    *,
+    revised: bool = False,
 ) -> Iterable[Observation]:
-    findings = list(_finding_lines(result, spacing_mm))
+    findings = list(_finding_lines(result, spacing_mm, revised=revised))
     for line in _summary_lines(result, ds, [text for text, _ in findings]):
         yield "TX", _coded(SUMMARY), "", line, "", ""
     for sub_id, (_, observations) in enumerate(findings, start=1):
@@ -443,7 +447,7 @@ def _observations(
 
 
 def _finding_lines(
-    result: PipelineResult, spacing_mm: tuple[float, float, float]
+    result: PipelineResult, spacing_mm: tuple[float, float, float], *, revised: bool = False
 ) -> Iterable[tuple[str, list[tuple[str, str, str, str, str]]]]:
     """Per label: a summary sentence and its OBX pair (coded concept, measurement).
 
@@ -467,7 +471,9 @@ def _finding_lines(
             )
     elif result.kind is TaskKind.RECONSTRUCTION and result.image is not None:
         # what the RIS reader should open; the summary named no series (acceptance pass)
-        provenance = Provenance.of(result.bundle, "")
+        # named as the DICOM writer names it: a revision's number and description
+        images = result.image.shape[0]
+        provenance = Provenance.of(result.bundle, "", revised_from=images if revised else 0)
         yield (
             f"Derived image series {provenance.series_number('DERIVED')} "
             f'"{provenance.series_description("DERIVED")}" ({result.image.shape[0]} images)'

@@ -59,8 +59,10 @@ RADNODE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://radnode.invalid/dico
 
 #: Series Numbers of result series: high, so they sort after the modality's series.
 SERIES_NUMBERS: dict[str, int] = {"SR": 9901, "SEG": 9902, "SC": 9903, "DERIVED": 9904}
-#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9894).
+#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9898).
 _SERIES_BLOCKS = 90
+#: Where a revised result's series numbers sit in its pipeline's block (x1-x4 -> x5-x8).
+_REVISION_OFFSET = 4
 
 #: What each result kind is called in its Series Description.
 _SERIES_LABELS: dict[str, str] = {
@@ -196,9 +198,12 @@ class Provenance:
         block of ten of its own, chosen by a stable hash of the pipeline name, so the
         results of two pipelines in one study do not share numbers (the acceptance run
         saw two "9901" report series). Results still sort after the source's series;
-        two pipelines share a block one time in ninety."""
+        two pipelines share a block one time in ninety. A revised result takes the
+        upper half of the block (x5-x8): next to the one it replaces, it showed the
+        same numbers and only a clipped description told them apart (acceptance pass)."""
         block = zlib.crc32(self.name.encode()) % _SERIES_BLOCKS
-        return SERIES_NUMBERS[kind] - 900 + 10 * block
+        revision = _REVISION_OFFSET if self.revised_from else 0
+        return SERIES_NUMBERS[kind] - 900 + 10 * block + revision
 
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""
