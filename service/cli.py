@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import structlog
 import typer
 
 from service import __version__
@@ -89,6 +90,11 @@ def serve(config: ConfigOption = None) -> None:
     try:
         Node(settings, config_path=config).run_until_signalled()
     except RadnodeError as exc:
+        # In the JSON stream too, where a log shipper looks: it held node.starting and
+        # then nothing, the reason in plain text on stderr only (IT-ops pass).
+        structlog.get_logger("service.node").critical(
+            "node.failed", reason=str(exc), action="fix what the reason says and start again"
+        )
         typer.echo(f"radnode: {exc}", err=True)
         raise typer.Exit(code=1) from exc
 

@@ -7,12 +7,15 @@ handler, warnings.showwarning) that the rest of the test session must not inheri
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import structlog
+
+from tests.conftest import RADNODE, RadnodeProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,3 +193,25 @@ def test_library_lines_carry_a_documented_event_name_and_their_text_as_message()
     assert [line["event"] for line in lines] == ["library.huey", "not a library"]
     assert lines[0]["message"] == "Error reading from queue"
     assert "queue.url" in lines[0]["action"]
+
+
+def test_a_node_that_cannot_start_says_why_in_the_json_log_too(tmp_path: Path) -> None:
+    """A port in use left node.starting as the last JSON line and the reason in plain
+    text on stderr only (IT-ops pass): a log shipper now gets node.failed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = RadnodeProcess(
+            data_dir=tmp_path / "data",
+            port=taken.getsockname()[1],
+            http_port=free_port(),
+            extra_env={"RADNODE_NODE__HOST": "127.0.0.1"},
+        )
+        done = subprocess.run(
+            [str(RADNODE), "serve"], env=node.env(), capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    (failed,) = [e for e in events if e["event"] == "node.failed"]
+    assert failed["level"] == "critical" and "cannot listen on" in failed["reason"]
+    assert "radnode: cannot listen on" in done.stderr
