@@ -117,7 +117,7 @@ class PipelineCache:
                 specs, problems = discover_bundles(self.models_dir)
                 if name not in specs:
                     why = problems.get(name) or (
-                        f"no bundle folder {name!r} in {self.models_dir}; install the bundle"
+                        f"no bundle folder {name} in {self.models_dir}; install the bundle"
                         " there or fix the pipeline name (a route's, or radnode run --pipeline)"
                     )
                     raise BundleError(why)
@@ -324,8 +324,9 @@ _SPACE_ACTION = "free disk space under node.data_dir (or raise the quota), then 
 
 #: What to do when a worker cannot read its job's spool files.
 _STORAGE_ACTION = (
-    "this worker's machine does not see node.data_dir as the edge does: mount it at the"
-    " same path (docs/scale-out.md) or stop this worker, then retry the job"
+    "if the study's files were removed, resend it from the PACS; if this worker runs on"
+    " another machine, mount node.data_dir there at the edge's path (docs/scale-out.md)"
+    " or stop this worker; then retry the job"
 )
 
 #: Exit status of a worker that ended itself because a job ran past its time limit.

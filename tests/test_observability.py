@@ -42,6 +42,7 @@ def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
     assert line["level"] == "warning"
     assert line["category"] == "FutureWarning"
     assert line["message"] == "value '<redacted>' is deprecated"
+    assert line["action"].startswith("none")  # every warning line has one
     assert "DOE" not in done.stdout
 
 
@@ -63,6 +64,7 @@ def test_highdicom_info_lines_naming_instances_are_not_logged() -> None:
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["level"] for line in lines] == ["warning"]
+    assert lines[0]["event"] == "library.highdicom" and lines[0]["action"]
     assert "1.2.3.4" not in done.stdout
 
 
@@ -141,6 +143,11 @@ def test_a_logged_tracebacks_messages_lose_their_quoted_values() -> None:
     assert "1961029" not in redacted
     assert "    raise ValueError(f'bad {value!r}')" in redacted
     assert redact_quoted('x "DOE^JANE" y') == "x '<redacted>' y"
+    # an apostrophe opens no quote (radnode's own text was cut), and sits inside one
+    assert redact_quoted("the worker's disk, the edge's path") == (
+        "the worker's disk, the edge's path"
+    )
+    assert redact_quoted("name 'O'Brien^Pat' refused") == "name '<redacted>' refused"
 
 
 def test_every_log_event_the_code_emits_is_in_logging_md() -> None:

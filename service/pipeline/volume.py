@@ -498,9 +498,9 @@ def _dcmread(
     except OSError as exc:  # the file cannot be opened or read here: not the study's fault
         raise SourceUnavailable(
             f"this worker cannot read input item {index} ({type(exc).__name__}:"
-            f" {exc.strerror or exc}); check that node.data_dir is mounted and readable"
-            " on this worker's machine at the edge's path (docs/scale-out.md), then retry"
-            " the job"
+            f" {exc.strerror or exc}): it was removed from the spool (by retention or by"
+            " hand), or node.data_dir is not mounted at the edge's path on this worker's"
+            " machine (docs/scale-out.md)"
         ) from exc
     except Exception as exc:  # pydicom raises many types on bad files
         raise SeriesRefused(
