@@ -236,6 +236,8 @@ class Node:
             log.error("pipeline.unusable", pipeline=name, reason=problem)
         remote_only = self.settings.queue.remote_workers_only
         for route in self.settings.routes:
+            if not route.enabled:  # runs nothing: its pipeline may well be absent
+                continue
             if route.pipeline not in specs and route.pipeline not in problems:
                 (log.info if remote_only else log.error)(
                     "route.pipeline_missing",
