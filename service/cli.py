@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -266,8 +267,11 @@ def status(
         http = _settings_or_exit(config).http
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
         url = f"http://{host}:{http.port}"
+    # Piped (a cron mail, a ticket), rich assumed 80 columns and wrapped each error over
+    # 40 lines (IT-ops pass); COLUMNS still wins where it is set.
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     try:
-        Console().print(render_snapshot(fetch_status(url)))
+        Console(width=200 if piped else None).print(render_snapshot(fetch_status(url)))
     except RadnodeError as exc:
         typer.echo(f"radnode: {exc}", err=True)
         raise typer.Exit(code=1) from exc
