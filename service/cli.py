@@ -60,6 +60,9 @@ def _quiet_deprecations() -> None:
     node and workers log them as python.warning instead."""
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    # pydicom's "Invalid value for VR UI: '<the value>'" quoted header values on the
+    # console (PHI audit); what radnode refuses it says in its own words.
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
 def _note_environment_overrides(settings: Settings) -> None:
