@@ -172,6 +172,22 @@ def test_every_object_passes_dciodvfy(written):
     assert errors == {}
 
 
+def test_the_report_lists_its_overlay_images_in_its_evidence(written):
+    """The heatmap is the only explanation of a classification's probability, and a
+    reader of the SR could not get to it (acceptance pass)."""
+    for kind in ("classification", "segmentation"):
+        objects = _read(written[kind])
+        (report,) = objects["SR"]
+        listed = {
+            sop.ReferencedSOPInstanceUID
+            for study in report.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence
+        }
+        overlays = {ds.SOPInstanceUID for ds in objects["OT"]}
+        assert overlays and overlays <= listed, kind
+
+
 def test_segmentation_writes_sr_seg_and_sc(written):
     objects = _read(written["segmentation"])
     assert sorted(objects) == ["OT", "SEG", "SR"]

@@ -129,15 +129,18 @@ def write_dicom_objects(
                 provenance,
                 {value: stat.voxels for value, stat in stats.items()},
             )
+        overlays = build_sc_images(result, volume, source_headers, provenance, stats=stats)
         sr = build_sr(result, volume, source_headers, provenance, seg=seg, stats=stats,
-                      previous=previous)  # fmt: skip
+                      previous=previous, overlays=overlays)  # fmt: skip
         datasets.append(sr)
         if seg is not None:
             datasets.append(seg.dataset)
-        datasets.extend(build_sc_images(result, volume, source_headers, provenance, stats=stats))
+        datasets.extend(overlays)
     elif result.kind is TaskKind.CLASSIFICATION:
-        datasets.append(build_sr(result, volume, source_headers, provenance, previous=previous))
-        datasets.extend(build_sc_images(result, volume, source_headers, provenance))
+        overlays = build_sc_images(result, volume, source_headers, provenance)
+        datasets.append(build_sr(result, volume, source_headers, provenance, previous=previous,
+                                 overlays=overlays))  # fmt: skip
+        datasets.extend(overlays)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One Series Date/Time for every object of this result (highdicom stamps each SC
     # image with its own now(); review found two times in one series).

@@ -127,13 +127,17 @@ def build_sr(
     stats: dict[int, SegmentStats] | None = None,
     derived: DerivedSeries | None = None,
     previous: Sequence[Dataset] | None = None,
+    overlays: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of ``result`` (see the module docstring); ``previous`` are
-    the SRs it replaces (Predecessor Documents Sequence)."""
+    the SRs it replaces (Predecessor Documents Sequence); ``overlays`` the Secondary
+    Captures made with it, listed in its evidence: for a classification the heatmap
+    is the only explanation of the probability, and a reader of the report could not
+    get to it (acceptance pass)."""
     first = source_headers[0]
     algorithm = provenance.sr_algorithm()
     groups: list = []
-    evidence = list(source_headers)
+    evidence = [*source_headers, *overlays]
     if result.kind is TaskKind.CLASSIFICATION:
         groups = _classification_groups(result, source_headers, provenance, algorithm)
     elif result.kind is TaskKind.SEGMENTATION:
