@@ -143,4 +143,14 @@ class Dispatcher:
                 series=len(series),
                 reasons=sorted({r.reason for r in decided.rejections})[:10],
             )
+        elif decided.matched and not created and trigger == "study_complete":
+            # The study came again (the PACS re-sent it, or sent back radnode's own
+            # results): its line ended at study.complete, and an operator could not tell
+            # "nothing to do" from "stuck" (acceptance pass).
+            log.info(
+                "study.nothing_new",
+                study=key,
+                series=len(series),
+                reason="every routed series already has its job at this size",
+            )
         return created

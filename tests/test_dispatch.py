@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from service.dispatch import Dispatcher
 from service.index import StudyIndex
@@ -43,8 +44,10 @@ def test_study_completion_queues_one_job_per_series_and_pipeline(index: StudyInd
     jobs = dispatcher.on_study_complete(study)
     assert [(j.series_uid, j.pipeline, j.routes) for j in jobs] == [("1.1.1", "p", ("r", "r2"))]
     assert queued == [jobs[0].job_id]
-    # the same trigger again (e.g. a restart) does not duplicate the job
-    assert dispatcher.on_study_complete(study) == []
+    # the same trigger again (e.g. a restart) does not duplicate the job, and says so
+    with structlog.testing.capture_logs() as events:
+        assert dispatcher.on_study_complete(study) == []
+    assert [e["event"] for e in events] == ["study.nothing_new"]
     # a late instance makes the series bigger: it gets a new job
     add(index, "1.1", "1.1.1", 1, now=time.time())
     (study,) = index.complete_quiet_studies(0)
