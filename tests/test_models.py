@@ -46,7 +46,7 @@ SNOMED = {
     "427359005": "Solitary nodule of lung",
     "786838002": "Pulmonary nodule",
     "404684003": "Finding",
-    "12738006": "Brain",
+    "128319008": "Intracranial structure",
 }
 
 
