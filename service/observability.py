@@ -41,6 +41,10 @@ _LEVELS = {
 _QUOTED = re.compile(r"(?<!\w)'(?:[^']|(?<=\w)'(?=\w))*'|\"[^\"]*\"")
 
 
+#: Python's AttributeError message: a class and an attribute name, both identifiers.
+_ATTRIBUTE_ERROR = re.compile(r"'[A-Za-z_]\w*' object has no attribute '[A-Za-z_]\w*'")
+
+
 #: DICOM libraries whose log records may quote values: kept at WARNING, quotes redacted.
 #: highdicom logs every attribute it copies at INFO, naming the source instance's UID
 #: (found by review: 67 such lines per job).
@@ -104,8 +108,18 @@ def redact_quoted(text: str) -> str:
 
     Why: an exception from pydicom or highdicom quotes the value it refused, and that
     value can be patient data (a malformed birth date reached a job's error, its log
-    lines and /api/jobs: acceptance pass). Used on job errors from exceptions."""
-    return _QUOTED.sub("'<redacted>'", text)
+    lines and /api/jobs: acceptance pass). Used on job errors from exceptions. Python's
+    own "'Dataset' object has no attribute 'ImagerPixelSpacing'" names code, not data,
+    and stays: redacted it told the operator nothing (acceptance pass)."""
+    kept: list[str] = []
+
+    def keep(match: re.Match[str]) -> str:
+        kept.append(match.group(0))
+        return f"\0{len(kept) - 1}\0"
+
+    text = _ATTRIBUTE_ERROR.sub(keep, text)
+    text = _QUOTED.sub("'<redacted>'", text)
+    return re.sub(r"\0(\d+)\0", lambda m: kept[int(m.group(1))], text) if kept else text
 
 
 def redact_exception_messages(

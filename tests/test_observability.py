@@ -148,6 +148,9 @@ def test_a_logged_tracebacks_messages_lose_their_quoted_values() -> None:
         "the worker's disk, the edge's path"
     )
     assert redact_quoted("name 'O'Brien^Pat' refused") == "name '<redacted>' refused"
+    # Python's own AttributeError names code, not data
+    error = "AttributeError: 'FileDataset' object has no attribute 'ImagerPixelSpacing'"
+    assert redact_quoted(error + " for 'DOE'") == error + " for '<redacted>'"
 
 
 def test_every_log_event_the_code_emits_is_in_logging_md() -> None:

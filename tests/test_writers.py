@@ -172,6 +172,30 @@ def test_every_object_passes_dciodvfy(written):
     assert errors == {}
 
 
+@pytest.mark.parametrize("missing", ["ImagerPixelSpacing", "PatientOrientation"])
+def test_a_cr_without_what_the_image_library_reads_still_gets_its_results(
+    radiograph, tmp_path, missing
+):
+    """A valid CR with Pixel Spacing only (Imager Pixel Spacing is Type 3 there) failed
+    the whole job in highdicom's Image Library entry, and nothing reached the PACS
+    (acceptance pass). The image is left out of the library; the report is whole."""
+    volume, headers = radiograph
+    odd = [copy.deepcopy(h) for h in headers]
+    for header in odd:
+        header.Modality = "CR"
+        header.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        header.PixelSpacing = header.ImagerPixelSpacing
+        if missing == "PatientOrientation":
+            header.PatientOrientation = ""
+        else:
+            del header.ImagerPixelSpacing
+    objects = _read(write_dicom_results(_classification(0.87), volume, odd, tmp_path))
+    (report,) = objects["SR"]
+    assert objects["OT"] and "Present" in str(report.ContentSequence)
+    assert "Image Library" not in str(report.ContentSequence)
+    assert _dciodvfy_errors(next(tmp_path.glob("SR*.dcm"))) == []
+
+
 def test_the_report_lists_its_overlay_images_in_its_evidence(written):
     """The heatmap is the only explanation of a classification's probability, and a
     reader of the SR could not get to it (acceptance pass)."""

@@ -32,6 +32,7 @@ import numpy as np
 from highdicom.sr.templates import Template
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from service.pipeline.result import Label, PipelineResult, TaskKind
@@ -235,14 +236,43 @@ def library_images(source_headers: Sequence[Dataset]) -> list[Dataset]:
     spends ~15 ms per library entry and a 300-entry library adds nothing a viewer uses.
     None for Enhanced (multi-frame) sources: an entry would describe one plane, and
     highdicom reads that from the top level, where an Enhanced image has none (even
-    one of a single frame). The
-    evidence sequence still lists every source instance.
+    one of a single frame). Nor for an image that lacks what highdicom's entry reads
+    (:func:`_describable`). The evidence sequence still lists every source instance.
     """
     if any("PerFrameFunctionalGroupsSequence" in h for h in source_headers):
         return []
-    if len(source_headers) <= LIBRARY_MAX:
-        return list(source_headers)
-    return [source_headers[0]]
+    listed = source_headers if len(source_headers) <= LIBRARY_MAX else source_headers[:1]
+    return [h for h in listed if _describable(h)]
+
+
+#: Modalities whose library entry highdicom describes (TID 1604 / TID 1603), and the
+#: attributes it reads for them, with how many values each must have.
+_CROSS_SECTIONAL = ("CT", "MR", "PT")
+_PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+_DESCRIPTORS = {
+    _CROSS_SECTIONAL: (("PixelSpacing", 2), ("ImageOrientationPatient", 6),
+                       ("ImagePositionPatient", 3), ("SliceThickness", 1)),
+    _PROJECTION: (("ImagerPixelSpacing", 2), ("PatientOrientation", 2)),
+}  # fmt: skip
+
+
+def _describable(header: Dataset) -> bool:
+    """Whether highdicom can make ``header``'s Image Library entry.
+
+    Why: it reads Imager Pixel Spacing and Patient Orientation of every radiograph
+    (Type 3 and Type 2 in CR), and Slice Thickness of a CT (Type 2): a valid CR with
+    Pixel Spacing only failed the whole job, and nothing reached the PACS (acceptance
+    pass). Such an image is left out of the library; the report is whole without it.
+    """
+    modality = str(header.get("Modality", ""))
+    for modalities, needed in _DESCRIPTORS.items():
+        if modality in modalities:
+            for keyword, count in needed:
+                value = header.get(keyword)
+                values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+                if value in (None, "") or len(values) != count:
+                    return False
+    return True
 
 
 def _referenced_segment(seg: SegResult, number: int, volume: Volume) -> hd.sr.ReferencedSegment:
