@@ -73,6 +73,8 @@ class ResultPublisher:
         header = None
         out_dir = Path(ticket.result_dir)
         revised = ticket.replaces is not None
+        # the job whose HL7 message this result's is: its own, or the one it repeats
+        hl7_job_id = ticket.job_id
         predecessor = replaced_report(ticket)
         if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(result, volume):
             # Made from the very images of the result it would replace (only a localizer
@@ -82,6 +84,10 @@ class ResultPublisher:
             log.info("results.same_as_replaced", job=ticket.job_id,
                      action="none: the result is sent again as it was")  # fmt: skip
             predecessor, revised = None, False
+            # The RIS got this result already: the same MSH-10 as then (a result folder
+            # is named by its job), which the outbox keeps once and a RIS drops as a
+            # duplicate; a new one made a second final result (acceptance pass).
+            hl7_job_id = Path(str(ticket.replaces)).name
         written = write_dicom(
             result,
             volume,
@@ -111,7 +117,7 @@ class ResultPublisher:
                         header,
                         volume.spacing,
                         destination,
-                        control_id=control_id_for(ticket.job_id, name),
+                        control_id=control_id_for(hl7_job_id, name),
                         correction=revised,
                     )
                 except Hl7Error as exc:

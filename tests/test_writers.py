@@ -718,19 +718,27 @@ def test_a_revision_made_from_the_same_images_is_the_same_result(ct, tmp_path, m
     the same images, so its result is the earlier one again: not marked revised, not
     naming itself as its own predecessor (review), the same SR UID."""
     monkeypatch.setenv("RADNODE_ROUTES", "[]")
+    monkeypatch.setenv(
+        "RADNODE_DESTINATIONS", '[{"name": "ris", "type": "hl7", "host": "ris", "port": 2575}]'
+    )
     volume, headers = ct
     publisher = ResultPublisher(load_settings())
     paths = tuple(str(h.filename) for h in headers)
 
     def ticket(job: str, replaces: str | None) -> JobTicket:
-        return JobTicket(job, "key", "p", paths, str(tmp_path / job), (), 1, replaces)
+        return JobTicket(job, "key", "p", paths, str(tmp_path / job), ("ris",), 1, replaces)
 
-    publisher.prepare(ticket("first", None), _segmentation(volume), volume)
-    publisher.prepare(ticket("second", str(tmp_path / "first")), _segmentation(volume), volume)
+    once = publisher.prepare(ticket("first", None), _segmentation(volume), volume)
+    again = publisher.prepare(
+        ticket("second", str(tmp_path / "first")), _segmentation(volume), volume
+    )
     first, second = (_names((tmp_path / j / "dicom").glob("*.dcm")) for j in ("first", "second"))
     assert set(first) == set(second)
     assert not any("revised" in h.SeriesDescription for h in second.values())
     assert not any("PredecessorDocumentsSequence" in h for h in second.values())
+    # the RIS got this result already: the same MSH-10, which the outbox keeps once
+    ((kind, message_id),) = {(d.kind, d.message_id) for d in once.deliverables}
+    assert kind == "hl7" and [d.message_id for d in again.deliverables] == [message_id]
 
 
 def test_images_without_a_frame_of_reference_get_their_report_without_a_seg(ct, tmp_path):
