@@ -77,13 +77,19 @@ class DropReportedConnectionErrors(logging.Filter):
         return not str(record.msg).startswith(_PYNETDICOM_DUPLICATES)
 
 
-class ThrottleQueueLibraryErrors(logging.Filter):
-    """Let each of huey's error messages through once a minute.
+class ThrottleLibraryRepeats(logging.Filter):
+    """Let each warning or error message of a library through once a minute.
 
     Why: while Redis is down huey's consumer logs "Error reading from queue" with a
     traceback about ten times a second (249 lines in 26 s, acceptance pass); radnode's
-    own ``jobs.check_failed`` / ``worker.*`` lines already say the queue is down.
+    own ``jobs.check_failed`` / ``worker.*`` lines already say the queue is down. And
+    pydicom warns of a misspelt character set once per image it reads: 600 lines for
+    one 100-image study (acceptance pass). The message is compared after its quoted
+    values are redacted, so one per kind of problem gets through.
     """
+
+    #: Top-level packages whose repeated lines are held back.
+    PACKAGES = ("huey", *_LIBRARIES)
 
     def __init__(self, every_s: float = 60.0) -> None:
         super().__init__()
@@ -91,9 +97,10 @@ class ThrottleQueueLibraryErrors(logging.Filter):
         self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("huey") or record.levelno < logging.WARNING:
+        package = record.name.split(".", 1)[0]
+        if package not in self.PACKAGES or record.levelno < logging.WARNING:
             return True
-        message = record.getMessage()
+        message = f"{package}:{record.getMessage()}"
         now = time.monotonic()
         if now - self._last.get(message, -self.every_s) < self.every_s:
             return False
@@ -228,7 +235,7 @@ def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(RedactQuotedValues())
-    handler.addFilter(ThrottleQueueLibraryErrors())
+    handler.addFilter(ThrottleLibraryRepeats())  # after the redaction: it compares texts
     handler.addFilter(DropReportedConnectionErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -96,9 +96,9 @@ def test_a_check_that_keeps_failing_is_logged_once_a_minute_whatever_passes_betw
 def test_huey_repeating_an_error_while_redis_is_down_is_let_through_once_a_minute() -> None:
     import logging
 
-    from service.observability import ThrottleQueueLibraryErrors
+    from service.observability import ThrottleLibraryRepeats
 
-    throttle = ThrottleQueueLibraryErrors(every_s=60.0)
+    throttle = ThrottleLibraryRepeats(every_s=60.0)
 
     def record(name: str, level: int, message: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, message, None, None)
@@ -108,6 +108,9 @@ def test_huey_repeating_an_error_while_redis_is_down_is_let_through_once_a_minut
     assert throttle.filter(record("huey.consumer", logging.ERROR, "Error reading schedule."))
     assert all(throttle.filter(record("huey", logging.INFO, "Executing task")) for _ in range(3))
     assert all(throttle.filter(record("service.worker", logging.ERROR, "x")) for _ in range(3))
+    # pydicom warned of a misspelt character set once per image: 600 lines a study
+    charset = record("pydicom.charset", logging.WARNING, "Unknown encoding '<redacted>'")
+    assert sum(throttle.filter(charset) for _ in range(600)) == 1
 
 
 def test_pynetdicoms_connection_error_lines_give_way_to_radnodes_own() -> None:
