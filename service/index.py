@@ -331,6 +331,15 @@ class StudyIndex:
                     now,
                 ),
             )
+            if h.view_position.strip().upper() in ("PA", "AP"):
+                # PA and lateral sent in one series, lateral first: routed as a lateral,
+                # the series was never read (acceptance pass). A frontal image in it
+                # makes it a frontal series, whose 2D pipeline reads that image.
+                db.execute(
+                    "UPDATE series SET view_position = ? WHERE series_uid = ?"
+                    " AND UPPER(TRIM(view_position)) NOT IN ('PA', 'AP')",
+                    (h.view_position, h.series_uid),
+                )
             inserted = db.execute(
                 "INSERT INTO instances (sop_instance_uid, series_uid, study_uid,"
                 " sop_class_uid, transfer_syntax_uid, instance_number, path, size_bytes,"

@@ -45,6 +45,7 @@ from service.pipeline.bundle import (
     load_bundle,
 )
 from service.pipeline.inference import InputMismatch, PipelineFailed, run_bundle
+from service.pipeline.projection import frontal_projection
 from service.pipeline.result import BundleIdentity
 from service.pipeline.volume import SeriesRefused, load_series
 from service.publish import ResultPublisher
@@ -138,6 +139,15 @@ class PipelineCache:
                 )
             return self._loaded[name]
 
+    def dimensions(self, name: str) -> int | None:
+        """The input dimensions (2 or 3) of bundle ``name``, loaded or not; None when
+        there is no such usable bundle (its job fails when it is loaded)."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name].spec.dimensions
+        spec = discover_bundles(self.models_dir)[0].get(name)
+        return None if spec is None else spec.dimensions
+
     def identity(self, name: str) -> BundleIdentity:
         """Who ``name`` is, loaded or not (:func:`bundle_identity`)."""
         with self._lock:
@@ -212,6 +222,8 @@ class JobRunner:
             started = time.perf_counter()
             out_dir = Path(ticket.result_dir)
             run_claim.claim(out_dir, ticket.attempt)
+            if self.cache.dimensions(ticket.pipeline) == 2:
+                ticket = self._frontal_only(ticket, bound)
             volume = load_series(list(ticket.series_paths), scratch_dir=out_dir)
             load_s = time.perf_counter() - started
             stage = "model"
@@ -275,6 +287,17 @@ class JobRunner:
             deliverables=publication.deliverables,
             error="; ".join(publication.not_sent) or None,
         )
+
+    @staticmethod
+    def _frontal_only(ticket: JobTicket, bound: Any) -> JobTicket:
+        """``ticket`` narrowed to the frontal image of a series of radiographs (PA and
+        lateral in one series), which a 2D pipeline reads; its results reference that
+        image only (:func:`~service.pipeline.projection.frontal_projection`)."""
+        chosen = frontal_projection(ticket.series_paths)
+        if len(chosen) == len(ticket.series_paths):
+            return ticket
+        bound.info("job.image_chosen", images=len(ticket.series_paths), reason="frontal view")
+        return replace(ticket, series_paths=tuple(chosen))
 
     def _refused(self, ticket: JobTicket, reason: str, bound: Any) -> JobReport:
         """A refusal, with the "not analyzed" SR for the destinations that want one."""

@@ -89,7 +89,7 @@ MAX_DIMENSION = 16384
 DEFAULT_MAX_VOXELS = 2**31
 
 #: Modalities whose single images are projections: 2D, no patient-space geometry.
-_PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "IO", "PX"})
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "IO", "PX"})
 _GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 #: Two slices closer than this along the normal are at the same position.
 _DUPLICATE_MM = 1e-3
@@ -846,7 +846,7 @@ def _geometry(frames: list[_FrameHeader], modality: str, tol: Tolerances) -> _Ge
 def _is_flat_image(frame: _FrameHeader, modality: str) -> bool:
     """A single projection radiograph, or one image that is not placed in the patient."""
     return (
-        modality.upper() in _PROJECTION_MODALITIES
+        modality.upper() in PROJECTION_MODALITIES
         or frame.position is None
         or frame.orientation is None
     )
@@ -872,7 +872,7 @@ def _require_positions(frames: list[_FrameHeader], modality: str) -> None:
         return
     hint = (
         f"{modality} images are projections, not slices: route each instance on its own"
-        if modality.upper() in _PROJECTION_MODALITIES
+        if modality.upper() in PROJECTION_MODALITIES
         else "if these are separate 2D images, route each instance on its own; otherwise "
         "ask the modality to send the image plane attributes"
     )
