@@ -748,6 +748,11 @@ class StudyIndex:
         """
         return self._sibling(job, (JobState.DONE,), later=False, newest=True)
 
+    def refused_before(self, job: JobRecord) -> JobRecord | None:
+        """The latest refused job of ``job``'s series and pipeline made before it: its
+        "not analyzed" SR, if one went out, is what ``job``'s result supersedes."""
+        return self._sibling(job, (JobState.REFUSED,), later=False, newest=True)
+
     def earlier_unfinished(self, job: JobRecord) -> JobRecord | None:
         """An earlier job of the same series and pipeline that is still queued or running.
 

@@ -95,6 +95,7 @@ class ResultPublisher:
             out_dir / DICOM_FOLDER,
             predecessor=predecessor,
             revised=revised,
+            not_analyzed=not_analyzed_reports(ticket),
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
@@ -222,7 +223,22 @@ def replaced_report(ticket: JobTicket) -> Dataset | None:
     job's result folder; None for a first result, or when that folder is gone."""
     if ticket.replaces is None:
         return None
-    for path in sorted((Path(ticket.replaces) / DICOM_FOLDER).glob("SR_*.dcm")):
+    return _report_in(Path(ticket.replaces) / DICOM_FOLDER, ticket)
+
+
+def not_analyzed_reports(ticket: JobTicket) -> list[Dataset]:
+    """The "not analyzed" SR of the refused job before this one (the UIDs that name
+    it), which this job's result makes obsolete; none when no such SR was made."""
+    folder = getattr(ticket, "not_analyzed", None)  # a ticket queued by an older version
+    if folder is None:
+        return []
+    report = _report_in(Path(folder) / NOT_ANALYZED_FOLDER, ticket)
+    return [] if report is None else [report]
+
+
+def _report_in(folder: Path, ticket: JobTicket) -> Dataset | None:
+    """The UIDs that name the SR in ``folder``; None when there is none to read."""
+    for path in sorted(folder.glob("SR_*.dcm")):
         try:
             sr = dcmread(path, stop_before_pixels=True, specific_tags=list(_SR_NAME))
             named = Dataset()
@@ -247,9 +263,11 @@ def write_dicom(
     *,
     predecessor: Dataset | None = None,
     revised: bool = False,
+    not_analyzed: Sequence[Dataset] = (),
 ) -> list[Path]:
     """Write the job's DICOM result objects (SR first); ``revised``: they replace an
-    earlier result, whose SR ``predecessor`` is (when it could be read). Raises
+    earlier result, whose SR ``predecessor`` is (when it could be read);
+    ``not_analyzed``: "not analyzed" SRs they make obsolete. Raises
     :class:`ResultsNotWritten` if they cannot be made (the reason logged with its
     traceback): the job then fails and nothing is sent."""
     try:
@@ -258,8 +276,9 @@ def write_dicom(
         order = dict.fromkeys(source.sop_instance_uid for source in volume.sources)
         sources = [by_uid[uid] for uid in order]
         return write_dicom_results(
-            result, volume, sources, out_dir, predecessor=predecessor, revised=revised
-        )
+            result, volume, sources, out_dir, predecessor=predecessor, revised=revised,
+            not_analyzed=not_analyzed,
+        )  # fmt: skip
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
         if out_of_space(exc):
             # the disk, not the writer: the worker says to free space, no bug report

@@ -291,6 +291,7 @@ def test_a_job_on_a_grown_series_replaces_the_last_result_of_that_pipeline(
     second = index.add_job(study, series, "p", ["r"], [], now=3.0)
     assert second is not None
     assert tracker.ticket(second).replaces == "/results/first"
+    assert tracker.ticket(second).not_analyzed is None  # nothing of the series refused
     index.finish_job(second.job_id, JobState.FAILED, error="model failed", now=4.0)
 
     _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.778")
@@ -331,6 +332,8 @@ def test_a_revision_of_a_refused_result_is_no_revision(tmp_path: Path) -> None:
     index.finish_job(first.job_id, JobState.REFUSED, error="too short", now=3.0)
     assert tracker.submit(second) is not None
     assert tracker.ticket(second).replaces is None
+    # ... and its SR supersedes the refused job's "not analyzed" one, if that was made
+    assert tracker.ticket(second).not_analyzed == str(tracker.results_dir / first.job_id)
     index.close()
 
 

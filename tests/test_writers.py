@@ -28,11 +28,11 @@ from service.pipeline.result import (
     TaskKind,
 )
 from service.pipeline.volume import Volume, load_series, read_headers
-from service.publish import ResultPublisher, write_dicom
+from service.publish import NOT_ANALYZED_FOLDER, ResultPublisher, write_dicom
 from service.records import JobTicket
 from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
-from service.writers.dicom import write_dicom_results
+from service.writers.dicom import write_dicom_results, write_not_analyzed_report
 from service.writers.files import write_result_files
 from service.writers.provenance import (
     Provenance,
@@ -739,6 +739,31 @@ def test_a_revision_made_from_the_same_images_is_the_same_result(ct, tmp_path, m
     # the RIS got this result already: the same MSH-10, which the outbox keeps once
     ((kind, message_id),) = {(d.kind, d.message_id) for d in once.deliverables}
     assert kind == "hl7" and [d.message_id for d in again.deliverables] == [message_id]
+
+
+def test_a_first_result_supersedes_the_not_analyzed_report_of_the_refused_job(
+    ct, tmp_path, monkeypatch
+):
+    """A slice was missing: the series was refused and a "not analyzed" SR went to the
+    PACS; the re-sent slice made a result, and both reports stood side by side, neither
+    naming the other (acceptance pass). The result's SR now names it as predecessor,
+    and the result is no revision (nothing was reported to the RIS before)."""
+    monkeypatch.setenv("RADNODE_ROUTES", "[]")
+    volume, headers = ct
+    refused = write_not_analyzed_report(
+        _segmentation(volume).bundle, headers, "a slice is missing",
+        tmp_path / "refused" / NOT_ANALYZED_FOLDER,
+    )  # fmt: skip
+    paths = tuple(str(h.filename) for h in headers)
+    ticket = JobTicket("later", "key", "p", paths, str(tmp_path / "later"), (), 1, None,
+                       str(tmp_path / "refused"))  # fmt: skip
+    ResultPublisher(load_settings()).prepare(ticket, _segmentation(volume), volume)
+    (sr,) = [h for h in _names((tmp_path / "later" / "dicom").glob("*.dcm")).values()
+             if h.Modality == "SR"]  # fmt: skip
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == refused.sop_instance_uid
+    assert "revised" not in sr.SeriesDescription
 
 
 def test_images_without_a_frame_of_reference_get_their_report_without_a_seg(ct, tmp_path):

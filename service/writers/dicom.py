@@ -72,6 +72,7 @@ def write_dicom_results(
     *,
     predecessor: Dataset | None = None,
     revised: bool = False,
+    not_analyzed: Sequence[Dataset] = (),
 ) -> list[Path]:
     """Write the DICOM objects of ``result`` into ``out_dir``; return their paths.
 
@@ -79,12 +80,16 @@ def write_dicom_results(
     ``volume.sources`` order. ``predecessor`` is the SR this result replaces (its
     study, series, class and instance UIDs are enough), named in the new SR's
     Predecessor Documents Sequence; ``revised`` marks a result that replaces one even
-    when that SR could not be read. The SR is always the first path returned: its SOP
-    Instance UID is a good outbox ``message_id`` for the job.
+    when that SR could not be read. ``not_analyzed`` are "not analyzed" SRs of the
+    series that this first real result makes obsolete: named as predecessors too, so a
+    viewer shows which report stands (acceptance pass), without making the result a
+    revision. The SR is always the first path returned: its SOP Instance UID is a good
+    outbox ``message_id`` for the job.
     """
     written = write_dicom_objects(
-        result, volume, source_headers, out_dir, predecessor=predecessor, revised=revised
-    )
+        result, volume, source_headers, out_dir, predecessor=predecessor, revised=revised,
+        not_analyzed=not_analyzed,
+    )  # fmt: skip
     return [obj.path for obj in written]
 
 
@@ -96,6 +101,7 @@ def write_dicom_objects(
     *,
     predecessor: Dataset | None = None,
     revised: bool = False,
+    not_analyzed: Sequence[Dataset] = (),
 ) -> list[WrittenObject]:
     """:func:`write_dicom_results` with what each file is (SR first)."""
     _check_sources(volume, source_headers)
@@ -106,7 +112,7 @@ def write_dicom_objects(
         # images, not instances: one Enhanced instance holds them all
         revised_from=volume.array.shape[0] if revised or predecessor is not None else 0,
     )
-    previous = [predecessor] if predecessor is not None else None
+    previous = [*([predecessor] if predecessor is not None else []), *not_analyzed] or None
     datasets: list[Dataset] = []
     if result.kind is TaskKind.SEGMENTATION:
         stats = segment_stats(result, volume)
