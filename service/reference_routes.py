@@ -26,6 +26,8 @@ _T1 = r"(?i)(^|[^a-z0-9])t1|mp-?rage|spgr|bravo|(^|[^a-z0-9])tfe([^a-z0-9]|$)"
 _NOT_HEAD = "(?i)spine|neck|chest|breast|abdomen|pelvis|knee|hip|shoulder|extremity|cardiac"
 #: View Positions (PS3.3 C.8.11.5.1.1 defined terms) of non-frontal radiographs.
 _LATERAL_OR_OBLIQUE = r"(?i)^\s*(LL|RL|LLO|RLO|LAT|LATERAL)\s*$"
+#: Digital X-Ray Image Storage - For Processing (PS3.4 B.5).
+_DX_FOR_PROCESSING = r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.1\.1\.1$"
 
 _REFERENCE: list[dict[str, Any]] = [
     {
@@ -71,6 +73,9 @@ _REFERENCE: list[dict[str, Any]] = [
             # study was picked by its lower series number: acceptance pass); a
             # radiograph without View Position still runs
             "ViewPosition": {"not_regex": _LATERAL_OR_OBLIQUE},
+            # a DX "for processing" is the detector's raw data, before the processing
+            # a reader (and the model's training images) sees (acceptance pass)
+            "SOPClassUID": {"not_regex": _DX_FOR_PROCESSING},
         },
     },
 ]

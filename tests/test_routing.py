@@ -721,3 +721,7 @@ def test_the_reference_radiograph_route_reads_the_frontal_view_of_a_two_view_stu
     assert picked.series_uid == frontal.series_uid
     unknown = make_series(series_uid="1.2.3.3", series_number=1, view_position="", **chest)
     assert len(plan([unknown], routes).selections) == 1
+    # the detector's raw data ("for processing") is not what the model reads
+    raw = make_series(series_uid="1.2.3.4", view_position="PA",
+                      sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1.1", **chest)  # fmt: skip
+    assert not plan([raw], routes).selections
