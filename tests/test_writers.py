@@ -314,6 +314,23 @@ def test_low_probability_is_absent(radiograph, tmp_path):
     assert "272519000" in codes and "52101004" not in codes
 
 
+def test_every_derived_image_carries_an_ai_overlay_its_pixels_untouched(written, ct):
+    """A denoised CT looked like an acquired one in a viewer without a description
+    overlay (acceptance pass): an overlay plane says it on every image, which a viewer
+    draws over the image; the pixels and Burned In Annotation NO stay."""
+    volume, _ = ct
+    derived = _read(written["reconstruction"])["CT"]
+    for ds in derived:
+        size = (ds[0x6000, 0x0010].value, ds[0x6000, 0x0011].value)
+        assert size == (ds.Rows, ds.Columns)
+        assert ds[0x6000, 0x0040].value == "G" and ds.BurnedInAnnotation == "NO"
+        assert "NOT FOR DIAGNOSIS" in ds[0x6000, 0x0022].value
+    mask = derived[0].overlay_array(0x6000)
+    assert mask.shape == (derived[0].Rows, derived[0].Columns)
+    assert 0 < mask.sum() < mask.size // 20  # text in a corner, not a filled plane
+    assert mask[: mask.shape[0] // 3].sum() == mask.sum()  # along the top edge
+
+
 def test_derived_series_keeps_class_geometry_and_rescale(written, ct):
     volume, headers = ct
     objects = _read(written["reconstruction"])

@@ -23,7 +23,9 @@ Per slice ``k`` (``volume.sources`` order): the header of ``source_headers[k]`` 
 * pixel values ``round((image - intercept) / slope)`` in the source's Bits Allocated /
   Bits Stored / Pixel Representation, clipped to the stored range, with the source's
   Rescale Slope and Intercept, written in Explicit VR Little Endian;
-* private elements removed (they describe the source acquisition, not this image).
+* private elements removed (they describe the source acquisition, not this image);
+* an overlay plane (group 6000) reading "AI PROCESSED - NOT FOR DIAGNOSIS" in the top
+  left corner, unless the source has one there (:mod:`service.writers.marking`).
 
 An Enhanced (multi-frame) source instance, whose frames are slices, gives one derived
 multi-frame instance of the same SOP class: the source header with its functional
@@ -51,6 +53,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, frame_rescale, stored_range
 from service.writers.lossy import lossy_history, mark_lossy
+from service.writers.marking import mark_as_ai_result
 from service.writers.provenance import (
     CHARACTER_SET,
     MANUFACTURER,
@@ -120,6 +123,10 @@ def derived_series_info(
     )
 
 
+#: What the overlay of every derived image says (:mod:`service.writers.marking`).
+AI_MARK = "AI PROCESSED - NOT FOR DIAGNOSIS"
+
+
 def iter_derived_series(
     result: PipelineResult,
     volume: Volume,
@@ -152,6 +159,7 @@ def iter_derived_series(
         else:
             ds.SourceImageSequence = source_image_items([source])
             _set_pixels(ds, image[slice_of[str(source.SOPInstanceUID)]])
+            mark_as_ai_result(ds, AI_MARK)
         yield ds
 
 
