@@ -71,6 +71,8 @@ class ResultPublisher:
         deliverables: list[Deliverable] = []
         not_sent: list[str] = []
         header = None
+        if volume.source_headers:
+            _say_if_undecodable(volume.source_headers[0], ticket.job_id)
         out_dir = Path(ticket.result_dir)
         revised = ticket.replaces is not None
         # the job whose HL7 message this result's is: its own, or the one it repeats
@@ -212,6 +214,35 @@ def _readable_headers(paths: Sequence[str]) -> list[Dataset]:
         series = str(headers[0].SeriesInstanceUID)
         headers = [h for h in headers if str(h.SeriesInstanceUID) == series]
     return headers
+
+
+#: Value representations of text that a Specific Character Set decodes (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+
+
+def _say_if_undecodable(header: Dataset, job_id: str) -> None:
+    """Log once a job when the source's text is not in its declared character set.
+
+    Why: a study declaring ISO_IR 192 (UTF-8) but holding Latin-1 bytes went to the
+    PACS and the RIS as "M\ufffdller^J\ufffdrgen", and nothing said why (acceptance pass):
+    pydicom replaces what it cannot decode and its warning is not logged (it may quote
+    the value). The line names the attributes and the declared term, never a value.
+    """
+    garbled = sorted(
+        element.keyword or str(element.tag)
+        for element in header
+        if element.VR in _TEXT_VRS and "\ufffd" in str(element.value)
+    )
+    if garbled:
+        log.warning(
+            "dicom.text_undecodable",
+            job=job_id,
+            attributes=garbled,
+            character_set=str(header.get("SpecificCharacterSet", "") or "(none: ASCII)"),
+            action="the sending system writes text in another character set than its"
+            " Specific Character Set (0008,0005) says; fix its setting. The results carry"
+            " the text with replacement characters",
+        )
 
 
 #: The attributes that name an SR: what its successor's Predecessor Documents item holds.

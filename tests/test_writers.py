@@ -314,11 +314,10 @@ def test_low_probability_is_absent(radiograph, tmp_path):
     assert "272519000" in codes and "52101004" not in codes
 
 
-def test_every_derived_image_carries_an_ai_overlay_its_pixels_untouched(written, ct):
+def test_every_derived_image_carries_an_ai_overlay_its_pixels_untouched(written):
     """A denoised CT looked like an acquired one in a viewer without a description
     overlay (acceptance pass): an overlay plane says it on every image, which a viewer
     draws over the image; the pixels and Burned In Annotation NO stay."""
-    volume, _ = ct
     derived = _read(written["reconstruction"])["CT"]
     for ds in derived:
         size = (ds[0x6000, 0x0010].value, ds[0x6000, 0x0011].value)
@@ -781,6 +780,23 @@ def test_a_first_result_supersedes_the_not_analyzed_report_of_the_refused_job(
     (series,) = study.ReferencedSeriesSequence
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == refused.sop_instance_uid
     assert "revised" not in sr.SeriesDescription
+
+
+def test_text_not_in_its_declared_character_set_is_named_in_a_warning(ct, tmp_path, monkeypatch):
+    """Latin-1 bytes under ISO_IR 192 reached the PACS and the RIS as "M\ufffdller", and
+    nothing said why (acceptance pass). One line names the attribute, not the value."""
+    monkeypatch.setenv("RADNODE_ROUTES", "[]")
+    volume, headers = ct
+    odd = [copy.deepcopy(h) for h in headers]
+    for header in odd:
+        header.PatientName = "M\ufffdller^J\ufffdrgen"
+    garbled = dataclasses.replace(volume, source_headers=tuple(odd))
+    ticket = JobTicket("j", "key", "p", tuple(str(h.filename) for h in headers),
+                       str(tmp_path / "j"), (), 1)  # fmt: skip
+    with structlog.testing.capture_logs() as events:
+        ResultPublisher(load_settings()).prepare(ticket, _segmentation(volume), garbled)
+    (line,) = [e for e in events if e["event"] == "dicom.text_undecodable"]
+    assert line["attributes"] == ["PatientName"] and "ller" not in str(line)
 
 
 def test_images_without_a_frame_of_reference_get_their_report_without_a_seg(ct, tmp_path):
