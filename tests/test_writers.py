@@ -918,9 +918,13 @@ def test_a_name_split_by_a_backslash_keeps_its_first_value_not_a_failed_job(ct, 
     for header in odd:
         header.PatientName = ["Doe|x&y~z", "Jane^Q"]
         header.ReferringPhysicianName = ["Ref^One", "Ref^Two"]
+        header.PatientID = ["123", "456"]  # an ID stays as it came: the PACS's patient
+        header.PatientBirthDate = ["1961029", "19610101"]  # kept only if it is a date
     written = _names(write_dicom_results(_segmentation(volume), volume, odd, tmp_path))
     assert written and {str(h.PatientName) for h in written.values()} == {"Doe|x&y~z"}
     assert {str(h.ReferringPhysicianName) for h in written.values()} == {"Ref^One"}
+    assert all(list(h.PatientID) == ["123", "456"] for h in written.values())
+    assert all(h.PatientBirthDate == "" for h in written.values())
 
 
 @pytest.mark.parametrize(

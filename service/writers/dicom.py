@@ -235,10 +235,16 @@ def _fill_empty_type2(source_headers: Sequence[Dataset]) -> None:
             if keyword not in header:
                 setattr(header, keyword, "")
             elif isinstance(value := header.get(keyword), MultiValue):
-                # A backslash in a name ("A\B") makes it two values where one is allowed,
-                # and highdicom failed the job ("Invalid type for a person name",
-                # acceptance pass). The first value, as the HL7 result's PID-5 takes.
-                setattr(header, keyword, value[0] if len(value) else "")
+                # A backslash makes a value two where one is allowed, and highdicom
+                # failed the job ("Invalid type for a person name", acceptance pass). A
+                # name keeps its first value, as the HL7 result's PID-5 does; any other
+                # value (an ID) is written back as it came, the backslash included, so
+                # the PACS files the results under the very same patient (review).
+                if keyword in _NAMES:
+                    kept = str(value[0]) if len(value) else ""
+                else:
+                    kept = "\\".join(str(v) for v in value)
+                setattr(header, keyword, kept if _valid_value(keyword, kept) else "")
             elif not _valid_value(keyword, value):
                 # A malformed birth date (7 digits) failed the job in highdicom, whose
                 # error quoted it into the log and /api/jobs (acceptance pass). The
@@ -247,6 +253,8 @@ def _fill_empty_type2(source_headers: Sequence[Dataset]) -> None:
 
 
 _DATES = ("PatientBirthDate", "StudyDate")
+#: The copied Type 2 attributes that are person names (PN).
+_NAMES = ("PatientName", "ReferringPhysicianName")
 
 
 def _valid_value(keyword: str, value: object) -> bool:
