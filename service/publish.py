@@ -75,8 +75,8 @@ class ResultPublisher:
             _say_if_undecodable(volume.source_headers[0], ticket.job_id)
         out_dir = Path(ticket.result_dir)
         revised = ticket.replaces is not None
-        # the job whose HL7 message this result's is: its own, or the one it repeats
-        hl7_job_id = ticket.job_id
+        repeats: Path | None = None  # the result folder of the result this one repeats
+        not_analyzed = not_analyzed_reports(ticket)
         predecessor = replaced_report(ticket)
         if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(result, volume):
             # Made from the very images of the result it would replace (only a localizer
@@ -85,11 +85,8 @@ class ResultPublisher:
             # nothing new (review).
             log.info("results.same_as_replaced", job=ticket.job_id,
                      action="none: the result is sent again as it was")  # fmt: skip
-            predecessor, revised = None, False
-            # The RIS got this result already: the same MSH-10 as then (a result folder
-            # is named by its job), which the outbox keeps once and a RIS drops as a
-            # duplicate; a new one made a second final result (acceptance pass).
-            hl7_job_id = Path(str(ticket.replaces)).name
+            predecessor, revised, not_analyzed = None, False, []
+            repeats = Path(str(ticket.replaces))
         written = write_dicom(
             result,
             volume,
@@ -97,7 +94,7 @@ class ResultPublisher:
             out_dir / DICOM_FOLDER,
             predecessor=predecessor,
             revised=revised,
-            not_analyzed=not_analyzed_reports(ticket),
+            not_analyzed=not_analyzed,
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
@@ -120,7 +117,8 @@ class ResultPublisher:
                         header,
                         volume.spacing,
                         destination,
-                        control_id=control_id_for(hl7_job_id, name),
+                        control_id=_sent_control_id(repeats, name)
+                        or control_id_for(ticket.job_id, name),
                         correction=revised,
                     )
                 except Hl7Error as exc:
@@ -247,6 +245,25 @@ def _say_if_undecodable(header: Dataset, job_id: str) -> None:
 
 #: The attributes that name an SR: what its successor's Predecessor Documents item holds.
 _SR_NAME = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _sent_control_id(result_dir: Path | None, destination: str) -> str | None:
+    """MSH-10 of the HL7 message the result in ``result_dir`` made for ``destination``.
+
+    Why: a result that repeats the one it would replace (only a localizer joined the
+    series) went to the RIS a second time as a final result under a new MSH-10
+    (acceptance pass); with the earlier message's, the outbox keeps it once and a RIS
+    drops it as a duplicate. Read from the file, so a chain of repeats keeps the first
+    message's id (review). None when there is no such message.
+    """
+    if result_dir is None:
+        return None
+    try:
+        first_segment = (result_dir / "hl7" / f"{destination}.hl7").read_bytes().split(b"\r")[0]
+    except OSError:
+        return None
+    fields = first_segment.split(b"|")
+    return fields[9].decode("ascii", "replace") if len(fields) > 9 and fields[9] else None
 
 
 def replaced_report(ticket: JobTicket) -> Dataset | None:

@@ -755,6 +755,11 @@ def test_a_revision_made_from_the_same_images_is_the_same_result(ct, tmp_path, m
     # the RIS got this result already: the same MSH-10, which the outbox keeps once
     ((kind, message_id),) = {(d.kind, d.message_id) for d in once.deliverables}
     assert kind == "hl7" and [d.message_id for d in again.deliverables] == [message_id]
+    # ... however many times it repeats (a second localizer: review)
+    third = publisher.prepare(
+        ticket("third", str(tmp_path / "second")), _segmentation(volume), volume
+    )
+    assert [d.message_id for d in third.deliverables] == [message_id]
 
 
 def test_a_first_result_supersedes_the_not_analyzed_report_of_the_refused_job(
