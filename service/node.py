@@ -277,7 +277,18 @@ class Node:
         try:
             dataset = dcmread(path, stop_before_pixels=True)
             header = header_from_dataset(dataset)
-        except (OSError, InvalidDicomError, ValueError) as exc:
+        except OSError as exc:
+            # the environment's fault (permissions, a stale mount), not the file's: it
+            # stays where it is, to be indexed at a start that can read it (review)
+            log.error(
+                "spool.unreadable_file",
+                study=study_key(path.parent.parent.name),
+                quarantined=None,
+                reason=f"{type(exc).__name__}: {exc.strerror or 'read failed'}",
+                action="check the permissions and the mount of node.data_dir, then restart",
+            )
+            return
+        except (InvalidDicomError, ValueError) as exc:
             reason = redact_quoted(f"{type(exc).__name__}: {exc}")  # may quote values
             try:
                 moved_to: str | None = str(self.spool.quarantine(path))

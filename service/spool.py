@@ -142,10 +142,13 @@ class Spool:
         folder = self.root.parent / "quarantine"
         folder.mkdir(exist_ok=True)
         name = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        target = folder / f"{name}.dcm"
+        target = folder / f"{name}-{uuid.uuid4().hex[:8]}.dcm"  # never over an earlier one
         os.replace(path, target)
-        _fsync_dir(folder)
-        _fsync_dir(path.parent)
+        try:
+            _fsync_dir(folder)
+            _fsync_dir(path.parent)
+        except OSError:
+            pass  # moved all the same; at worst a crash now puts it back where it was
         return target
 
     def discard_partials(self) -> int:

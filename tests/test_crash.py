@@ -187,3 +187,16 @@ def test_an_unreadable_spool_file_is_quarantined_at_start_and_named_by_no_uid(
     line = json.dumps(event)
     assert study not in line and series not in line and f"{sop}.dcm" not in line
     assert event["study"] and "resend" in event["action"]
+
+
+def test_a_spool_file_that_cannot_be_read_at_all_stays_where_it_is(radnode_factory) -> None:
+    """Permissions or a stale mount are the environment's fault, not the file's: moving
+    such files out would strip a whole spool of its layout (review). A folder where a
+    file should be stands in for one that cannot be opened (tests run as root)."""
+    node = radnode_factory()
+    odd = node.data_dir / "spool" / "1.2.826.0.1.77" / "1.2.826.0.1.78" / "1.2.9.dcm"
+    odd.mkdir(parents=True)
+    node.start()
+    (event,) = node.wait_for_event("spool.unreadable_file")
+    assert event["quarantined"] is None and "permissions" in event["action"]
+    assert odd.is_dir() and not (node.data_dir / "quarantine").exists()
