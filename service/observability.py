@@ -37,12 +37,13 @@ _LEVELS = {
 #: A quoted value: in single quotes that are not apostrophes (a quote with a letter
 #: before it, as in "worker's", opens nothing: the text up to the next quote was
 #: redacted, IT-ops pass; inside, one between letters belongs to the value, as in
-#: 'O'Brien'), or in double quotes.
-_QUOTED = re.compile(r"(?<!\w)'(?:[^']|(?<=\w)'(?=\w))*'|\"[^\"]*\"")
-
-
+#: 'O'Brien'), or in double quotes; a Python literal prefix (b'DOE', pydicom's repr of
+#: a bytes value) is part of the quote (review).
+_QUOTED = r"(?<!\w)[bBuUrRfF]{0,2}'(?:[^']|(?<=\w)'(?=\w))*'|[bBuUrRfF]{0,2}\"[^\"]*\""
 #: Python's AttributeError message: a class and an attribute name, both identifiers.
-_ATTRIBUTE_ERROR = re.compile(r"'[A-Za-z_]\w*' object has no attribute '[A-Za-z_]\w*'")
+_ATTRIBUTE_ERROR = r"'[A-Za-z_]\w*' object has no attribute '[A-Za-z_]\w*'"
+#: One pass: an AttributeError message is kept whole, any other quoted value redacted.
+_REDACTABLE = re.compile(f"(?P<keep>{_ATTRIBUTE_ERROR})|{_QUOTED}")
 
 
 #: DICOM libraries whose log records may quote values: kept at WARNING, quotes redacted.
@@ -118,15 +119,7 @@ def redact_quoted(text: str) -> str:
     lines and /api/jobs: acceptance pass). Used on job errors from exceptions. Python's
     own "'Dataset' object has no attribute 'ImagerPixelSpacing'" names code, not data,
     and stays: redacted it told the operator nothing (acceptance pass)."""
-    kept: list[str] = []
-
-    def keep(match: re.Match[str]) -> str:
-        kept.append(match.group(0))
-        return f"\0{len(kept) - 1}\0"
-
-    text = _ATTRIBUTE_ERROR.sub(keep, text)
-    text = _QUOTED.sub("'<redacted>'", text)
-    return re.sub(r"\0(\d+)\0", lambda m: kept[int(m.group(1))], text) if kept else text
+    return _REDACTABLE.sub(lambda m: m.group("keep") or "'<redacted>'", text)
 
 
 def redact_exception_messages(

@@ -154,6 +154,9 @@ def test_a_logged_tracebacks_messages_lose_their_quoted_values() -> None:
     # Python's own AttributeError names code, not data
     error = "AttributeError: 'FileDataset' object has no attribute 'ImagerPixelSpacing'"
     assert redact_quoted(error + " for 'DOE'") == error + " for '<redacted>'"
+    # pydicom's repr of a bytes value; text that looks like a placeholder (review)
+    assert redact_quoted("bad value b'DOE^JOHN'") == "bad value '<redacted>'"
+    assert redact_quoted(error + " \x001\x00") == error + " \x001\x00"
 
 
 def test_every_log_event_the_code_emits_is_in_logging_md() -> None:
