@@ -242,7 +242,9 @@ _IDENTIFYING_FIELDS = (
     ("OBR", ((2, 1), (3, 1))),
 )
 #: A quoted value, and anything shaped like a DICOM UID (four or more numeric parts).
-_QUOTED_OR_UID = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+(?:\.\d+){3,}\b")
+_QUOTED_OR_UID = re.compile(
+    r"(?<!\w)'(?:[^']|(?<=\w)'(?=\w))*'|\"[^\"]*\"|\b\d+(?:\.\d+){3,}\b"
+)  # an apostrophe (patient's) opens no quote
 REDACTED = "<redacted>"
 
 
@@ -293,10 +295,17 @@ _VOCABULARY_WORDS = """
 _VOCABULARY = frozenset(_VOCABULARY_WORDS.split())
 #: A word: anything between spaces, brackets and sentence punctuation (``<redacted>``
 #: splits into its own word and stays).
-_WORD = re.compile(r"[^\s,;:()\[\]{}<>\"!?/]+")
-_LOWER_CASE_WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
-#: A field reference (PID-3, OBR-4.1): its segment name must be in the vocabulary.
-_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})-\d+(?:\.\d+)*")
+_WORD = re.compile(r"[^\s,;:()\[\]{}<>\"!?]+")
+#: Lower-case words (a pipeline's name has underscores); a date like 01/02/1980 is one
+#: word with digits, and goes.
+_LOWER_CASE_WORD = re.compile(r"[a-z_]+(?:['-][a-z_]+)*")
+#: A field reference (PID-3, OBR-4.1, PID.5.1, ORC-2/3): its segment must be a known one.
+_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})[-.]\d+(?:[./-]\d+)*")
+#: HL7 terms with digits a receiver quotes back: a message type (ORU^R01, ORU^R01^ORU_R01),
+#: a version (2.5.1), a table id (0396, HL70357), radnode's coding system (99RADNODE).
+_HL7_TERM = re.compile(
+    r"[A-Z]{3}\^[A-Z]\d{2}(?:\^[A-Z]{3}_[A-Z]\d{2})?|\d\.\d(?:\.\d)?|(?:HL7)?0\d{3}|99RADNODE"
+)
 
 
 def _keep_or_redact(match: re.Match[str]) -> str:
@@ -308,6 +317,8 @@ def _keep_or_redact(match: re.Match[str]) -> str:
     if _LOWER_CASE_WORD.fullmatch(core) or core.lower() in _VOCABULARY:
         return word
     if core.isdigit() and len(core) <= 3:  # an error code, a field number
+        return word
+    if _HL7_TERM.fullmatch(core):
         return word
     reference = _FIELD_REFERENCE.fullmatch(core)
     if reference and reference.group(1).lower() in _VOCABULARY:

@@ -287,6 +287,12 @@ def test_error_text_loses_what_radnode_did_not_send_but_keeps_what_to_fix() -> N
         " at <redacted>, desc <redacted> <redacted>; check PID-3 and OBR-4.1, code 204. "
         "Table value not found"
     )
+    # HL7 terms a RIS quotes back stay; an apostrophe opens no quote; a date goes (review)
+    kept = "Message type ORU^R01, version 2.5.1: table 0396 value 99RADNODE not found"
+    assert without_identifiers(kept, None) == kept
+    assert without_identifiers("patient's record doesn't exist; dob 01/02/1980", None) == (
+        "patient's record doesn't exist; dob <redacted>"
+    )
 
 
 def test_parse_ack_reads_code_control_id_and_error_text() -> None:
