@@ -26,7 +26,7 @@ from service.pipeline.result import (
     TaskKind,
 )
 from service.testing import make_ct_series
-from service.writers.oru import build_oru, control_id_for, enqueue_oru, escape
+from service.writers.oru import algorithm_code, build_oru, control_id_for, enqueue_oru, escape
 from service.writers.provenance import Provenance
 
 DELIMITERS = "^ & \\ ~ |"
@@ -364,7 +364,14 @@ def test_universal_service_id_names_the_pipeline_and_keeps_the_procedure_in_obr_
     for message in messages:
         strict(message.er7)
     parsed = [python_hl7.parse(m.er7) for m in messages]
-    assert [p["OBR.F4.R1.C1"] for p in parsed] == ["chest_pneumothorax", "ct_abdomen_segmentation"]
+    assert [p["OBR.F4.R1.C1"] for p in parsed] == [
+        "chest_pneumothorax",
+        algorithm_code("ct_abdomen_segmentation"),
+    ]
+    assert algorithm_code("ct_abdomen_segmentation").startswith("ct_abdomen_segm-")
+    assert len(algorithm_code("ct_abdomen_segmentation")) == 20  # CWE.1's limit
+    assert algorithm_code("ct_abdomen_segmentation_v2") != algorithm_code("ct_abdomen_segmentation")
+    assert parsed[1]["OBR.F4.R1.C2"] == "AI segmentation: ct_abdomen_segmentation 0.3.0"
     assert parsed[0]["OBR.F4.R1.C2"] == "AI classification: chest_pneumothorax 1.2.0"
     assert {p["OBR.F4.R1.C3"] for p in parsed} == {"99RADNODE"}
     assert {p["OBR.F3.R1.C1"] for p in parsed} == {"ACC-9"}  # still the one order

@@ -389,7 +389,8 @@ ALGORITHM_CODING_SYSTEM = "99RADNODE"
 
 
 def _algorithm_service_id(result: PipelineResult) -> str:
-    """OBR-4 naming the pipeline: ``<bundle name>^AI <kind>: <name> <version>^99RADNODE``.
+    """OBR-4 naming the pipeline: ``<code>^AI <kind>: <name> <version>^99RADNODE``, the
+    code :func:`algorithm_code` of the bundle name.
 
     Why: with the ordered procedure in OBR-4, the results of two pipelines on one study
     (segmentation and denoising) were two final results of one service under one
@@ -398,7 +399,22 @@ def _algorithm_service_id(result: PipelineResult) -> str:
     """
     bundle = result.bundle
     text = f"AI {bundle.kind.value}: {bundle.name} {bundle.version}"
-    return _coded(CodedConcept(bundle.name, ALGORITHM_CODING_SYSTEM, text))
+    return _coded(CodedConcept(algorithm_code(bundle.name), ALGORITHM_CODING_SYSTEM, text))
+
+
+#: CE/CWE.1 (the identifier) holds at most 20 characters in HL7 v2.5.1.
+_CODE_MAX = 20
+
+
+def algorithm_code(name: str) -> str:
+    """The OBR-4 identifier of pipeline ``name``: the name itself when it fits the 20
+    characters of CWE.1, else its first 15 and 4 hex digits of its hash
+    (``ct_abdomen_segmentation`` -> ``ct_abdomen_segm-8c6b``): stable, distinct, and
+    within what a receiver takes (review); the text component names it whole."""
+    if len(name) <= _CODE_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:4]
+    return f"{name[: _CODE_MAX - 5]}-{digest}"
 
 
 def _requested_procedure(ds: Dataset) -> str:
