@@ -748,10 +748,20 @@ class StudyIndex:
         """
         return self._sibling(job, (JobState.DONE,), later=False, newest=True)
 
-    def refused_before(self, job: JobRecord) -> JobRecord | None:
-        """The latest refused job of ``job``'s series and pipeline made before it: its
-        "not analyzed" SR, if one went out, is what ``job``'s result supersedes."""
-        return self._sibling(job, (JobState.REFUSED,), later=False, newest=True)
+    def refused_before(self, job: JobRecord, since: JobRecord | None = None) -> list[JobRecord]:
+        """The refused jobs of ``job``'s series and pipeline made before it (and after
+        ``since``), oldest first: their "not analyzed" SRs, where they went out, are
+        what ``job``'s result supersedes."""
+        after = f" AND {_AFTER}" if since is not None else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs j JOIN studies st"
+                " ON st.study_uid = j.study_uid WHERE j.series_uid = ? AND j.pipeline = ?"
+                f" AND j.state = ? AND {_BEFORE}{after} ORDER BY j.created_at, j.job_id",
+                (job.series_uid, job.pipeline, JobState.REFUSED, *_order_of(job),
+                 *(_order_of(since) if since is not None else ())),
+            ).fetchall()  # fmt: skip
+        return [self._job_from_row(r) for r in rows]
 
     def earlier_unfinished(self, job: JobRecord) -> JobRecord | None:
         """An earlier job of the same series and pipeline that is still queued or running.

@@ -275,13 +275,10 @@ def replaced_report(ticket: JobTicket) -> Dataset | None:
 
 
 def not_analyzed_reports(ticket: JobTicket) -> list[Dataset]:
-    """The "not analyzed" SR of the refused job before this one (the UIDs that name
-    it), which this job's result makes obsolete; none when no such SR was made."""
-    folder = getattr(ticket, "not_analyzed", None)  # a ticket queued by an older version
-    if folder is None:
-        return []
-    report = _report_in(Path(folder) / NOT_ANALYZED_FOLDER, ticket)
-    return [] if report is None else [report]
+    """The "not analyzed" SRs of the refused jobs before this one (the UIDs that name
+    them), which this job's result makes obsolete; none where no such SR was made."""
+    reports = (_report_in(Path(f) / NOT_ANALYZED_FOLDER, ticket) for f in ticket.not_analyzed)
+    return [report for report in reports if report is not None]
 
 
 def _report_in(folder: Path, ticket: JobTicket) -> Dataset | None:

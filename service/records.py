@@ -179,9 +179,9 @@ class JobTicket:
     #: :meth:`service.index.StudyIndex.replaced_by`), None for a series' first result.
     #: Its SR becomes the new SR's predecessor, and the HL7 result goes as a correction.
     replaces: str | None = None
-    #: The result folder of a later refused job of the series and pipeline, whose "not
-    #: analyzed" SR (if one was made) this job's first real result makes obsolete.
-    not_analyzed: str | None = None
+    #: The result folders of the refused jobs of the series and pipeline since its last
+    #: result, whose "not analyzed" SRs (where made) this job's result makes obsolete.
+    not_analyzed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

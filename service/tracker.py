@@ -82,9 +82,8 @@ class JobTracker:
 
     def ticket(self, job: JobRecord) -> JobTicket:
         earlier = self.index.replaced_by(job)
-        refused = self.index.refused_before(job)
-        if refused is not None and earlier is not None and _order(refused) < _order(earlier):
-            refused = None  # the earlier result already stood after it
+        # refused since the last result: those before it, that result superseded already
+        refused = self.index.refused_before(job, since=earlier)
         return JobTicket(
             job_id=job.job_id,
             study_key=job.study_key,
@@ -94,7 +93,7 @@ class JobTracker:
             destinations=job.destinations,
             attempt=job.attempts + 1,
             replaces=None if earlier is None else self._result_dir(earlier),
-            not_analyzed=None if refused is None else self._result_dir(refused),
+            not_analyzed=tuple(self._result_dir(r) for r in refused),
         )
 
     def _result_dir(self, job: JobRecord) -> str:
@@ -391,8 +390,3 @@ class JobTracker:
             except Exception as exc:
                 self._blind = True
                 self._check_failures.failed(exc, log)
-
-
-def _order(job: JobRecord) -> tuple[float, str]:
-    """The order jobs of one series were made in (as the index sorts them)."""
-    return (job.created_at, job.job_id)

@@ -291,7 +291,7 @@ def test_a_job_on_a_grown_series_replaces_the_last_result_of_that_pipeline(
     second = index.add_job(study, series, "p", ["r"], [], now=3.0)
     assert second is not None
     assert tracker.ticket(second).replaces == "/results/first"
-    assert tracker.ticket(second).not_analyzed is None  # nothing of the series refused
+    assert tracker.ticket(second).not_analyzed == ()  # nothing of the series refused
     index.finish_job(second.job_id, JobState.FAILED, error="model failed", now=4.0)
 
     _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.778")
@@ -333,7 +333,19 @@ def test_a_revision_of_a_refused_result_is_no_revision(tmp_path: Path) -> None:
     assert tracker.submit(second) is not None
     assert tracker.ticket(second).replaces is None
     # ... and its SR supersedes the refused job's "not analyzed" one, if that was made
-    assert tracker.ticket(second).not_analyzed == str(tracker.results_dir / first.job_id)
+    assert tracker.ticket(second).not_analyzed == (str(tracker.results_dir / first.job_id),)
+    # refused twice (too short, then a gap): the result supersedes both reports (review)
+    index.finish_job(second.job_id, JobState.REFUSED, error="a gap", now=4.0)
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.778")
+    third = index.add_job(study, series, "p", ["r"], [], now=5.0)
+    assert third is not None
+    folders = tuple(str(tracker.results_dir / j.job_id) for j in (first, second))
+    assert tracker.ticket(third).not_analyzed == folders
+    # a result in between superseded the ones before it
+    index.finish_job(third.job_id, JobState.DONE, result_dir="/results/third", now=6.0)
+    _store_another_instance(tmp_path, index, ds, "1.2.826.0.1.3680043.8.498.779")
+    fourth = index.add_job(study, series, "p", ["r"], [], now=7.0)
+    assert fourth is not None and tracker.ticket(fourth).not_analyzed == ()
     index.close()
 
 

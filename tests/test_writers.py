@@ -777,7 +777,7 @@ def test_a_first_result_supersedes_the_not_analyzed_report_of_the_refused_job(
     )  # fmt: skip
     paths = tuple(str(h.filename) for h in headers)
     ticket = JobTicket("later", "key", "p", paths, str(tmp_path / "later"), (), 1, None,
-                       str(tmp_path / "refused"))  # fmt: skip
+                       (str(tmp_path / "refused"),))  # fmt: skip
     ResultPublisher(load_settings()).prepare(ticket, _segmentation(volume), volume)
     (sr,) = [h for h in _names((tmp_path / "later" / "dicom").glob("*.dcm")).values()
              if h.Modality == "SR"]  # fmt: skip
