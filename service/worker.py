@@ -145,7 +145,10 @@ class PipelineCache:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name].spec.dimensions
-        spec = discover_bundles(self.models_dir)[0].get(name)
+        try:
+            spec = discover_bundles(self.models_dir)[0].get(name)
+        except OSError:  # the models folder cannot be read: the load says so, with its action
+            return None
         return None if spec is None else spec.dimensions
 
     def identity(self, name: str) -> BundleIdentity:

@@ -172,6 +172,16 @@ def test_every_object_passes_dciodvfy(written):
     assert errors == {}
 
 
+def test_a_ct_with_an_empty_spacing_between_slices_still_gets_its_report(ct, tmp_path):
+    """highdicom reads Spacing Between Slices when present; empty, it failed the job."""
+    volume, headers = ct
+    odd = [copy.deepcopy(h) for h in headers]
+    for header in odd:
+        header.SpacingBetweenSlices = None
+    objects = _read(write_dicom_results(_segmentation(volume), volume, odd, tmp_path))
+    assert len(objects["SR"]) == 1 and objects["SEG"]
+
+
 @pytest.mark.parametrize("missing", ["ImagerPixelSpacing", "PatientOrientation"])
 def test_a_cr_without_what_the_image_library_reads_still_gets_its_results(
     radiograph, tmp_path, missing

@@ -270,8 +270,11 @@ def _describable(header: Dataset) -> bool:
             for keyword, count in needed:
                 value = header.get(keyword)
                 values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-                if value in (None, "") or len(values) != count:
+                if len(values) != count or any(v in (None, "") for v in values):
                     return False
+    # read when present (TID 1604): present but empty, it failed the job too (review)
+    if modality in _CROSS_SECTIONAL and "SpacingBetweenSlices" in header:
+        return header.SpacingBetweenSlices not in (None, "")
     return True
 
 
