@@ -523,19 +523,23 @@ def test_dcmtk_dsrdump_renders_every_sr(written):
 def test_heatmap_overlay_matches_the_per_pixel_ramp() -> None:
     """The looked-up blend is the ramp computed per pixel, to within 2 grey levels;
     zero heat leaves the picture as it was."""
-    from service.writers.sc import HEATMAP_ALPHA, _overlay_heatmap
+    from service.writers.sc import HEATMAP_ALPHA, HEATMAP_FLOOR, _overlay_heatmap
 
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
     heat = rng.random((64, 80)).astype(np.float32)
     heat[:8] = 0.0
     ramp = np.stack([np.clip(1.5 - np.abs(4 * heat - c), 0, 1) for c in (3, 2, 1)], axis=2)
-    alpha = (HEATMAP_ALPHA * heat)[:, :, np.newaxis]
+    weight = np.clip((heat - HEATMAP_FLOOR) / (1 - HEATMAP_FLOOR), 0, 1)
+    alpha = (HEATMAP_ALPHA * weight)[:, :, np.newaxis]
     exact = np.clip((1 - alpha) * rgb + alpha * ramp * 255.0, 0, 255)
     blended = _overlay_heatmap(rgb, heat)
     assert blended.dtype == np.uint8
     assert np.abs(blended.astype(float) - exact).max() <= 2.0
     assert np.array_equal(blended[:8], rgb[:8])
+    # heat below the floor leaves the picture grey too: no veil over the anatomy
+    cool = np.full((4, 4), HEATMAP_FLOOR * 0.9, dtype=np.float32)
+    assert np.array_equal(_overlay_heatmap(rgb[:4, :4], cool), rgb[:4, :4])
 
 
 def test_key_slices_are_each_labels_largest_slice() -> None:
