@@ -331,10 +331,12 @@ class StudyIndex:
                     now,
                 ),
             )
-            if h.view_position.strip().upper() in ("PA", "AP"):
+            frontal = h.view_position.strip().upper() in ("PA", "AP")
+            if frontal and not any(t.strip().upper() == "LOCALIZER" for t in h.image_type):
                 # PA and lateral sent in one series, lateral first: routed as a lateral,
                 # the series was never read (acceptance pass). A frontal image in it
-                # makes it a frontal series, whose 2D pipeline reads that image.
+                # makes it a frontal series, whose 2D pipeline reads that image; a
+                # localizer describes no series (review).
                 db.execute(
                     "UPDATE series SET view_position = ? WHERE series_uid = ?"
                     " AND UPPER(TRIM(view_position)) NOT IN ('PA', 'AP')",

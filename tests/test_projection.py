@@ -72,6 +72,18 @@ def test_a_series_with_a_frontal_image_routes_as_frontal_whatever_came_first(
         )
     (series,) = index.series_of("1.2")
     assert series.view_position == "PA"
+    # a localizer with a frontal View Position describes no series (review)
+    for number, (view, kind) in enumerate([("LL", "AXIAL"), ("PA", "LOCALIZER")]):
+        header = InstanceHeader(
+            study_uid="1.3", series_uid="1.3.1", sop_instance_uid=f"1.3.1.{number}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX", view_position=view,
+            image_type=("ORIGINAL", "PRIMARY", kind),
+        )  # fmt: skip
+        index.add_instance(
+            StoredInstance(header, f"/spool/3{number}", 10, "1.2.840.10008.1.2.1", "X")
+        )
+    (series,) = index.series_of("1.3")
+    assert series.view_position == "LL"
 
 
 def test_a_2d_pipeline_reads_the_frontal_image_of_a_pa_and_lateral_series(
