@@ -280,13 +280,9 @@ class Node:
         except OSError as exc:
             # the environment's fault (permissions, a stale mount), not the file's: it
             # stays where it is, to be indexed at a start that can read it (review)
-            log.error(
-                "spool.unreadable_file",
-                study=study_key(path.parent.parent.name),
-                quarantined=None,
-                reason=f"{type(exc).__name__}: {exc.strerror or 'read failed'}",
-                action="check the permissions and the mount of node.data_dir, then restart",
-            )
+            reason = f"{type(exc).__name__}: {exc.strerror or 'read failed'}"
+            action = "check the permissions and the mount of node.data_dir, then restart"
+            self._say_unreadable(path, None, reason, action)
             return
         except (InvalidDicomError, ValueError) as exc:
             reason = redact_quoted(f"{type(exc).__name__}: {exc}")  # may quote values
@@ -294,15 +290,12 @@ class Node:
                 moved_to: str | None = str(self.spool.quarantine(path))
             except OSError:
                 moved_to = None
-            log.error(
-                "spool.unreadable_file",
-                study=study_key(path.parent.parent.name),
-                quarantined=moved_to,
-                reason=reason,
-                action="inspect the quarantined file; resend the instance from the PACS"
+            action = (
+                "inspect the quarantined file; resend the instance from the PACS"
                 if moved_to
-                else "the file could not be moved either: check the disk under node.data_dir",
+                else "the file could not be moved either: check the disk under node.data_dir"
             )
+            self._say_unreadable(path, moved_to, reason, action)
             return
         meta = dataset.file_meta
         self.index.add_instance(
@@ -313,6 +306,18 @@ class Node:
                 transfer_syntax_uid=str(meta.TransferSyntaxUID),
                 calling_ae=str(meta.get("SendingApplicationEntityTitle", "")),
             )
+        )
+
+    @staticmethod
+    def _say_unreadable(path: Path, moved_to: str | None, reason: str, action: str) -> None:
+        """One ``spool.unreadable_file`` line: the study by its key, never the file's name
+        (its SOP Instance UID)."""
+        log.error(
+            "spool.unreadable_file",
+            study=study_key(path.parent.parent.name),
+            quarantined=moved_to,
+            reason=reason,
+            action=action,
         )
 
     def _last_received_at(self, study_uid: str) -> float | None:
