@@ -76,7 +76,6 @@ class ResultPublisher:
         out_dir = Path(ticket.result_dir)
         revised = ticket.replaces is not None
         repeats: Path | None = None  # the result folder of the result this one repeats
-        not_analyzed = not_analyzed_reports(ticket)
         predecessor = replaced_report(ticket)
         if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(result, volume):
             # Made from the very images of the result it would replace (only a localizer
@@ -85,7 +84,7 @@ class ResultPublisher:
             # nothing new (review).
             log.info("results.same_as_replaced", job=ticket.job_id,
                      action="none: the result is sent again as it was")  # fmt: skip
-            predecessor, revised, not_analyzed = None, False, []
+            predecessor, revised = None, False
             repeats = Path(str(ticket.replaces))
         written = write_dicom(
             result,
@@ -94,7 +93,8 @@ class ResultPublisher:
             out_dir / DICOM_FOLDER,
             predecessor=predecessor,
             revised=revised,
-            not_analyzed=not_analyzed,
+            # a repeat supersedes nothing the result it repeats did not
+            not_analyzed=not_analyzed_reports(ticket) if repeats is None else [],
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
