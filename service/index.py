@@ -25,6 +25,7 @@ import structlog
 
 from service.errors import StudyPurging
 from service.records import (
+    FRONTAL_VIEWS,
     IndexOutcome,
     JobRecord,
     JobState,
@@ -44,6 +45,10 @@ SCHEMA_VERSION = 6
 #: jobs made in the same instant never each wait for the other.
 _BEFORE = "(j.created_at < ? OR (j.created_at = ? AND j.job_id < ?))"
 _AFTER = "(j.created_at > ? OR (j.created_at = ? AND j.job_id > ?))"
+
+
+#: SQL placeholders for :data:`FRONTAL_VIEWS`.
+_FRONTAL_MARKS = ", ".join("?" * len(FRONTAL_VIEWS))
 
 
 def _order_of(job: JobRecord) -> tuple[float, float, str]:
@@ -331,7 +336,7 @@ class StudyIndex:
                     now,
                 ),
             )
-            frontal = h.view_position.strip().upper() in ("PA", "AP")
+            frontal = h.view_position.strip().upper() in FRONTAL_VIEWS
             if frontal and not any(t.strip().upper() == "LOCALIZER" for t in h.image_type):
                 # PA and lateral sent in one series, lateral first: routed as a lateral,
                 # the series was never read (acceptance pass). A frontal image in it
@@ -339,8 +344,8 @@ class StudyIndex:
                 # localizer describes no series (review).
                 db.execute(
                     "UPDATE series SET view_position = ? WHERE series_uid = ?"
-                    " AND UPPER(TRIM(view_position)) NOT IN ('PA', 'AP')",
-                    (h.view_position, h.series_uid),
+                    f" AND UPPER(TRIM(view_position)) NOT IN ({_FRONTAL_MARKS})",
+                    (h.view_position, h.series_uid, *FRONTAL_VIEWS),
                 )
             inserted = db.execute(
                 "INSERT INTO instances (sop_instance_uid, series_uid, study_uid,"

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+#: View Position (0018,5101) of a frontal radiograph, the most wanted first: what the
+#: index routes a series by and what a 2D pipeline reads of a series of radiographs.
+FRONTAL_VIEWS = ("PA", "AP")
+
 
 @dataclass(frozen=True)
 class InstanceHeader:
@@ -80,7 +84,8 @@ class SeriesInfo:
     #: sends a whole series as one instance of many frames; rules that mean "enough
     #: slices" count these. None: as many as instances (all single-frame).
     image_count: int | None = None
-    #: View Position (0018,5101) of a radiograph series: PA, AP, LL, RL... ("" if none).
+    #: View Position (0018,5101) of a radiograph series: PA, AP, LL, RL... ("" if none);
+    #: one of :data:`FRONTAL_VIEWS` when any image of the series is frontal.
     view_position: str = ""
 
     @property

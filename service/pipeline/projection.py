@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import pydicom
 
 from service.pipeline.volume import PROJECTION_MODALITIES, SeriesRefused
-
-#: View Position (0018,5101) of a frontal view, the most wanted first.
-FRONTAL_VIEWS = ("PA", "AP")
+from service.records import FRONTAL_VIEWS
 
 
 @dataclass(frozen=True)
