@@ -20,6 +20,16 @@ from tests.conftest import RADNODE, RadnodeProcess, free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _logged_by(script: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """Run ``script`` in a fresh interpreter (logging configured as a service does it);
+    return the process and its standard output's JSON lines."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done, [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
     script = textwrap.dedent(
         """
@@ -30,12 +40,8 @@ def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
             warnings.warn("value 'DOE^JANE' is deprecated", FutureWarning, stacklevel=1)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
+    done, lines = _logged_by(script)
     assert done.stderr == ""
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(lines) == 1
     (line,) = lines
     assert line["event"] == "python.warning"
@@ -58,11 +64,7 @@ def test_highdicom_info_lines_naming_instances_are_not_logged() -> None:
         logging.getLogger("highdicom.seg").warning('odd value "1.2.3.4" in dataset')
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    done, lines = _logged_by(script)
     assert [line["level"] for line in lines] == ["warning"]
     assert lines[0]["event"] == "library.highdicom" and lines[0]["action"]
     assert "1.2.3.4" not in done.stdout
@@ -201,11 +203,7 @@ def test_library_lines_carry_a_documented_event_name_and_their_text_as_message()
         logging.getLogger("service.node").info("not a library")
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    _, lines = _logged_by(script)
     assert [line["event"] for line in lines] == ["library.huey", "not a library"]
     assert lines[0]["message"] == "Error reading from queue"
     assert "queue.url" in lines[0]["action"]
