@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.delivery import Delivery, DeliveryOutcome, RetryPolicy
 from service.errors import RadnodeError
+from service.observability import QUOTED_VALUE
 
 #: MLLP frame: start block, end block, carriage return (HL7 v2 Appendix C).
 START_BLOCK = b"\x0b"
@@ -242,9 +243,7 @@ _IDENTIFYING_FIELDS = (
     ("OBR", ((2, 1), (3, 1))),
 )
 #: A quoted value, and anything shaped like a DICOM UID (four or more numeric parts).
-_QUOTED_OR_UID = re.compile(
-    r"(?<!\w)'(?:[^']|(?<=\w)'(?=\w))*'|\"[^\"]*\"|\b\d+(?:\.\d+){3,}\b"
-)  # an apostrophe (patient's) opens no quote
+_QUOTED_OR_UID = re.compile(rf"{QUOTED_VALUE}|\b\d+(?:\.\d+){{3,}}\b")
 REDACTED = "<redacted>"
 
 

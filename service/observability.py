@@ -39,11 +39,11 @@ _LEVELS = {
 #: redacted, IT-ops pass; inside, one between letters belongs to the value, as in
 #: 'O'Brien'), or in double quotes; a Python literal prefix (b'DOE', pydicom's repr of
 #: a bytes value) is part of the quote (review).
-_QUOTED = r"(?<!\w)[bBuUrRfF]{0,2}'(?:[^']|(?<=\w)'(?=\w))*'|[bBuUrRfF]{0,2}\"[^\"]*\""
+QUOTED_VALUE = r"(?<!\w)[bBuUrRfF]{0,2}'(?:[^']|(?<=\w)'(?=\w))*'|[bBuUrRfF]{0,2}\"[^\"]*\""
 #: Python's AttributeError message: a class and an attribute name, both identifiers.
 _ATTRIBUTE_ERROR = r"'[A-Za-z_]\w*' object has no attribute '[A-Za-z_]\w*'"
 #: One pass: an AttributeError message is kept whole, any other quoted value redacted.
-_REDACTABLE = re.compile(f"(?P<keep>{_ATTRIBUTE_ERROR})|{_QUOTED}")
+_REDACTABLE = re.compile(f"(?P<keep>{_ATTRIBUTE_ERROR})|{QUOTED_VALUE}")
 
 
 #: DICOM libraries whose log records may quote values: kept at WARNING, quotes redacted.
