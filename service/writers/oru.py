@@ -49,7 +49,7 @@ from pydicom.valuerep import PersonName
 from service.delivery import Delivery, Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
-from service.writers.provenance import Provenance
+from service.writers.provenance import RADNODE_CODING_SCHEME, Provenance
 from service.writers.sr import PRESENT_THRESHOLD
 
 HL7_VERSION = "2.5.1"
@@ -384,10 +384,6 @@ def _order_number(ds: Dataset) -> str:
     return "^".join(parts).rstrip("^")
 
 
-#: Coding system of the pipeline codes in OBR-4: local (HL7 table 0396, "99zzz").
-ALGORITHM_CODING_SYSTEM = "99RADNODE"
-
-
 def _algorithm_service_id(result: PipelineResult) -> str:
     """OBR-4 naming the pipeline: ``<code>^AI <kind>: <name> <version>^99RADNODE``, the
     code :func:`algorithm_code` of the bundle name.
@@ -399,7 +395,7 @@ def _algorithm_service_id(result: PipelineResult) -> str:
     """
     bundle = result.bundle
     text = f"AI {bundle.kind.value}: {bundle.name} {bundle.version}"
-    return _coded(CodedConcept(algorithm_code(bundle.name), ALGORITHM_CODING_SYSTEM, text))
+    return _coded(CodedConcept(algorithm_code(bundle.name), RADNODE_CODING_SCHEME, text))
 
 
 #: CE/CWE.1 (the identifier) holds at most 20 characters in HL7 v2.5.1.

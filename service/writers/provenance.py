@@ -44,6 +44,9 @@ from service.pipeline.result import BundleIdentity, CodedConcept
 
 #: Manufacturer of every object radnode creates.
 MANUFACTURER = "radnode"
+#: Coding scheme of radnode's own codes (a private one: "99" + name, PS3.16 8.2; HL7
+#: table 0396 local "99zzz"): an uncoded label's finding, a pipeline in HL7 OBR-4.
+RADNODE_CODING_SCHEME = "99RADNODE"
 #: Every object radnode writes is encoded in UTF-8 (the banner's em dash needs it).
 CHARACTER_SET = "ISO_IR 192"
 

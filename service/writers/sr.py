@@ -40,6 +40,7 @@ from service.pipeline.volume import Volume
 from service.writers.derived import DerivedSeries
 from service.writers.provenance import (
     MANUFACTURER,
+    RADNODE_CODING_SCHEME,
     Provenance,
     clip_lo,
     code,
@@ -115,7 +116,7 @@ def finding_code(label: Label) -> hd.sr.CodedConcept:
     """The label's coded finding, or a private code naming it."""
     if label.finding is not None:
         return code(label.finding)
-    return hd.sr.CodedConcept(f"label-{label.value}", "99RADNODE", clip_lo(label.name))
+    return hd.sr.CodedConcept(f"label-{label.value}", RADNODE_CODING_SCHEME, clip_lo(label.name))
 
 
 def build_sr(
