@@ -33,6 +33,7 @@ from service.records import (
     StoredInstance,
     StudyState,
     StudySummary,
+    is_localizer_type,
 )
 from service.sqlite_tx import immediate_transaction
 from service.uids import study_key
@@ -337,7 +338,7 @@ class StudyIndex:
                 ),
             )
             frontal = h.view_position.strip().upper() in FRONTAL_VIEWS
-            if frontal and not any(t.strip().upper() == "LOCALIZER" for t in h.image_type):
+            if frontal and not is_localizer_type(h.image_type):
                 # PA and lateral sent in one series, lateral first: routed as a lateral,
                 # the series was never read (acceptance pass). A frontal image in it
                 # makes it a frontal series, whose 2D pipeline reads that image; a

@@ -7,8 +7,15 @@ in the DICOM files, never in the index, the logs or the API.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+
+def is_localizer_type(image_type: Iterable[object]) -> bool:
+    """Image Type has the value LOCALIZER (a scout or topogram; PS3.3 C.8.2.1.1.1)."""
+    return any(str(v).strip().upper() == "LOCALIZER" for v in image_type)
+
 
 #: View Position (0018,5101) of a frontal radiograph, the most wanted first: what the
 #: index routes a series by and what a 2D pipeline reads of a series of radiographs.

@@ -72,6 +72,7 @@ from pydicom.uid import (
 
 from service.errors import RadnodeError, SourceUnavailable
 from service.pipeline.paging import empty_volume
+from service.records import is_localizer_type
 
 log = structlog.get_logger("service.pipeline.volume")
 
@@ -440,8 +441,7 @@ def load_series(
 def is_localizer(header: Dataset) -> bool:
     """Image Type says LOCALIZER (a scout or topogram; PS3.3 C.8.2.1.1.1 for CT)."""
     value = header.get("ImageType")
-    values = [value] if isinstance(value, str) else list(value or ())
-    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+    return is_localizer_type([value] if isinstance(value, str) else list(value or ()))
 
 
 def without_localizers(
