@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
+import os
 import socket
 import ssl
 import threading
@@ -62,6 +64,14 @@ log = structlog.get_logger("dicom_nodes.scp")
 #: How long an association's close line waits for a store in flight to be counted.
 _STORE_WAIT_S = 30.0
 
+#: Names each association of this process; with the pid, unique in the node (its
+#: receiver processes share one index).
+_association_serial = itertools.count(1)
+
+
+def _association_name() -> str:
+    return f"{os.getpid()}-{next(_association_serial)}"
+
 
 @dataclass(frozen=True)
 class ReceivedInstance:
@@ -75,6 +85,10 @@ class ReceivedInstance:
     calling_ae: str
     called_ae: str
     peer_address: str
+    #: Names the association the instance came on, unique in this node while it is
+    #: open ("" when not known): what the receiver may hold a study open by until
+    #: ``on_association_end`` is called with it.
+    association: str = ""
 
 
 class Receiver(Protocol):
@@ -235,6 +249,7 @@ class _AssociationStats:
     #: network timeout) logs the counts only once the store in flight is counted.
     storing: threading.RLock = field(default_factory=threading.RLock, repr=False)
     started: float = field(default_factory=time.monotonic)
+    name: str = field(default_factory=_association_name)
     instances: int = 0
     failures: int = 0
     bytes: int = 0
@@ -254,6 +269,7 @@ class StorageSCP:
         port: int = 11112,
         on_association: Callable[[str], None] | None = None,
         *,
+        on_association_end: Callable[[str], None] | None = None,
         tls_port: int | None = None,
         shared: SharedListeners | None = None,
     ) -> None:
@@ -261,6 +277,10 @@ class StorageSCP:
         ``aborted`` for each association event (the node counts them as metrics; this
         package knows nothing of metrics). It runs on the association's thread and
         must be quick and not raise.
+
+        ``on_association_end`` is called with :attr:`ReceivedInstance.association` once
+        an accepted association is released or aborted, after its last store: the
+        receiver lets go of what it held open for it.
 
         ``tls_port`` (needs ``policy.tls_cert``): a second listener that speaks TLS
         while ``port`` stays plain. Without it and with ``policy.tls_cert``, ``port``
@@ -275,6 +295,7 @@ class StorageSCP:
         self._policy = policy
         self._receiver = receiver
         self._on_association = on_association
+        self._on_association_end = on_association_end
         self._host = host
         self._port = port
         self._tls_port = tls_port
@@ -526,6 +547,7 @@ class StorageSCP:
             calling_ae=requestor.ae_title.strip(),
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_address=str(requestor.address),
+            association=stats.name if stats is not None else "",
         )
         with stats.storing if stats is not None else contextlib.nullcontext():
             if stats is not None and stats.closed:
@@ -664,6 +686,11 @@ class StorageSCP:
             bytes=stats.bytes,
             duration_s=round(time.monotonic() - stats.started, 3),
         )
+        if self._on_association_end is not None:
+            try:
+                self._on_association_end(stats.name)
+            except Exception:  # the peer is gone already; never fail the close
+                log.exception("association.end_failed", action="report this as a bug")
         self._notify(outcome)
 
     def _notify(self, outcome: str) -> None:

@@ -6,6 +6,11 @@ every study that has been quiet for ``completion_timeout_s``; an instance that
 arrives later reopens the study (see :meth:`StudyIndex.add_instance`). State lives in
 the index, so a restart loses no timer: a study that was receiving when the node
 stopped completes after the quiet period counted from its last instance.
+
+Silence is not the whole signal: while the association that sent a study's last
+instance is still open, the PACS may only be pausing (a slow archive behind it), so the
+study is held until that association closes, at most ``hold_s`` (the node passes
+``node.network_timeout_s``: an association idle that long is closed by the node).
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ class CompletionMonitor:
         poll_s: float | None = None,
         metrics: Metrics | None = None,
         retry_after_s: float = 5.0,
+        hold_s: float = 0.0,
     ) -> None:
         self._index = index
+        self._hold_s = hold_s
         self._metrics = metrics if metrics is not None else Metrics()
         self._quiet_s = quiet_s
         self._on_complete = on_complete
@@ -67,7 +74,7 @@ class CompletionMonitor:
 
     def check_now(self) -> list[StudySummary]:
         """Complete every study that is due; return them (also used by tests)."""
-        completed = self._index.complete_quiet_studies(self._quiet_s)
+        completed = self._index.complete_quiet_studies(self._quiet_s, hold_s=self._hold_s)
         for study in completed:
             log.info(
                 "study.complete",
@@ -135,7 +142,7 @@ class CompletionMonitor:
         Why not a fixed poll: every second of slack after the quiet period is latency
         added to every study's results.
         """
-        due = self._index.next_quiet_at(self._quiet_s)
+        due = self._index.next_quiet_at(self._quiet_s, hold_s=self._hold_s)
         if due is None:
             return self._poll_s
         return min(self._poll_s, max(0.01, due - time.time() + 0.005))

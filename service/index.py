@@ -40,7 +40,7 @@ from service.uids import study_key
 
 log = structlog.get_logger("service.index")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -137,6 +137,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
+-- an open association and the study its last instance belonged to: that study is held
+-- open (not completed) while the association is, within a bound (complete_quiet_studies)
+CREATE TABLE IF NOT EXISTS delivering (
+    association TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL
+);
 """
 
 
@@ -182,8 +188,9 @@ class StudyIndex:
         Version 3 added ``series.image_count``; the series already indexed count one
         image per instance (what routing saw before). Version 4 added
         ``series.view_position``; series indexed before have none (""). Version 5 added
-        ``studies.refused_too_large``, version 6 the ``refused_no_space`` table (made
-        by the schema script, which creates what is missing).
+        ``studies.refused_too_large``, version 6 the ``refused_no_space`` table and
+        version 7 the ``delivering`` table (both made by the schema script, which
+        creates what is missing).
         """
         self._add_column(
             "series",
@@ -526,27 +533,63 @@ class StudyIndex:
 
     # -- completion -----------------------------------------------------------
 
+    def hold_while_delivering(self, association: str, study_uid: str) -> None:
+        """``association``'s last instance belonged to ``study_uid``: hold the study
+        open while the association is (see :meth:`complete_quiet_studies`)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO delivering (association, study_uid) VALUES (?, ?)",
+                (association, study_uid),
+            )
+
+    def end_delivery(self, association: str) -> None:
+        """``association`` closed: the study it was delivering is held no longer."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM delivering WHERE association = ?", (association,))
+
+    def forget_deliveries(self) -> None:
+        """At the node's start: no association is open, whatever a killed run left."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM delivering")
+
     def complete_quiet_studies(
-        self, quiet_s: float, now: float | None = None
+        self, quiet_s: float, now: float | None = None, *, hold_s: float = 0.0
     ) -> list[StudySummary]:
-        """Mark complete every receiving study quiet for ``quiet_s``; return them."""
+        """Mark complete every receiving study quiet for ``quiet_s``; return them.
+
+        A study an open association is still delivering (its last instance was of the
+        study) waits for the association to close, at most ``hold_s`` from its last
+        instance: a longer silence is an association the node closes as idle anyway,
+        or the row of a receiver process that was killed.
+        """
         now = time.time() if now is None else now
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE studies SET state = ?, completed_at = ?"
-                " WHERE state = ? AND last_received_at <= ? RETURNING study_uid",
-                (StudyState.COMPLETE, now, StudyState.RECEIVING, now - quiet_s),
+                " WHERE state = ? AND last_received_at <= ?"
+                " AND (last_received_at <= ? OR study_uid NOT IN"
+                " (SELECT study_uid FROM delivering)) RETURNING study_uid",
+                (
+                    StudyState.COMPLETE,
+                    now,
+                    StudyState.RECEIVING,
+                    now - quiet_s,
+                    now - max(quiet_s, hold_s),
+                ),
             ).fetchall()
         return [s for s in (self.study(uid) for (uid,) in rows) if s is not None]
 
-    def next_quiet_at(self, quiet_s: float) -> float | None:
-        """When the receiving study heard from longest ago becomes quiet, or None."""
+    def next_quiet_at(self, quiet_s: float, *, hold_s: float = 0.0) -> float | None:
+        """When the next receiving study becomes quiet (a held one: when its hold
+        runs out), or None."""
         with self._lock:
-            (oldest,) = self._db.execute(
-                "SELECT MIN(last_received_at) FROM studies WHERE state = ?",
-                (StudyState.RECEIVING,),
+            (due,) = self._db.execute(
+                "SELECT MIN(last_received_at + CASE WHEN study_uid IN"
+                " (SELECT study_uid FROM delivering) THEN ? ELSE ? END)"
+                " FROM studies WHERE state = ?",
+                (max(quiet_s, hold_s), quiet_s, StudyState.RECEIVING),
             ).fetchone()
-        return None if oldest is None else float(oldest) + quiet_s
+        return None if due is None else float(due)
 
     # -- queries --------------------------------------------------------------
 

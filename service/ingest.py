@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 
 import structlog
 
@@ -55,6 +56,9 @@ class Ingest:
         self._max_study_bytes = max_study_bytes
         # Without the node's Metrics (tests, tools) count into a private registry.
         self._metrics: ReceiveCounter = metrics if metrics is not None else Metrics()
+        #: association -> the study its last instance belonged to (see _delivering)
+        self._delivering: dict[str, str] = {}
+        self._delivering_lock = threading.Lock()
 
     def store(self, instance: ReceivedInstance) -> StoreStatus:
         """Store one instance; the returned status is what the sender sees."""
@@ -140,6 +144,7 @@ class Ingest:
                         "study.reopened", study=study_key(study_uid), cause="duplicate instance"
                     )
                 self._metrics.instance_duplicate(len(instance.dataset))
+                self._note_delivering(instance.association, study_uid)
                 return StoreStatus.SUCCESS
             known = None  # retention removed it in between: stored anew below
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)
@@ -188,7 +193,42 @@ class Ingest:
             self._metrics.instance_stored(len(instance.dataset))
         else:  # another association stored it first (same study sent twice at once)
             self._metrics.instance_duplicate(len(instance.dataset))
+        self._note_delivering(instance.association, header.study_uid)
         return StoreStatus.SUCCESS
+
+    def _note_delivering(self, association: str, study_uid: str) -> None:
+        """Hold ``study_uid`` open while ``association`` is still delivering it.
+
+        Why: a PACS that pauses inside an association (a slow archive, a busy
+        forwarding queue) for longer than the quiet period got a result on part of the
+        study, sent to the RIS as final, then a correction. While the association whose
+        last instance belonged to the study is open, the study does not complete (the
+        index bounds the hold by ``node.network_timeout_s``, after which an idle
+        association is closed anyway). Written only when the association moves to
+        another study: one index write per study and association, not per instance.
+        """
+        if not association or self._delivering.get(association) == study_uid:
+            return  # one association's stores come one at a time, on its own thread
+        try:
+            self._index.hold_while_delivering(association, study_uid)
+        except sqlite3.Error as exc:  # stored and indexed: only the hold is missing
+            log.warning(
+                "study.hold_failed",
+                study=study_key(study_uid),
+                error=str(exc),
+                action="check the disk under node.data_dir; the study may complete"
+                " while its association is still open",
+            )
+            return
+        with self._delivering_lock:
+            self._delivering[association] = study_uid
+
+    def association_ended(self, association: str) -> None:
+        """The association was released or aborted: it holds no study open any more."""
+        with self._delivering_lock:
+            held = self._delivering.pop(association, None)
+        if held is not None:
+            self._index.end_delivery(association)
 
     def _check_study_size(self, study_uid: str, incoming: int) -> None:
         if not self._max_study_bytes:

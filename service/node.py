@@ -63,6 +63,8 @@ class Node:
             # node.max_study_mb may have been raised for the studies it refused: their
             # jobs run again on what they hold once the PACS has sent them again
             self.index.forget_refused_too_large()
+            # no association is open yet: a killed run's holds would delay completion
+            self.index.forget_deliveries()
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(
                 f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
@@ -103,6 +105,7 @@ class Node:
             settings.study.completion_timeout_s,
             on_complete=self.dispatcher.on_study_complete,
             metrics=self.metrics,
+            hold_s=settings.node.network_timeout_s,
         )
         self.outbox = Outbox(outbox_path(settings))
         self.metrics.watch_deliveries(

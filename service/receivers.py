@@ -90,6 +90,7 @@ def build_receive_path(
         host=node.host,
         port=node.port,
         on_association=counter.association,
+        on_association_end=ingest.association_ended,
         tls_port=node.tls_port,
         shared=shared,
     )

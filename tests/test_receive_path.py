@@ -307,6 +307,45 @@ def test_completion_wakes_when_the_next_study_falls_quiet_not_a_poll_later(parts
     assert abs(short._next_wait() - due_in) < 0.1
 
 
+def test_a_study_is_held_open_while_its_association_is(parts) -> None:
+    """A PACS pausing inside an association longer than the quiet period got a result
+    on part of the study, sent to the RIS as final (noted in session 17). The study
+    completes once the association closes; a quiet study whose association went on to
+    another study completes as before."""
+    _, index, ingest = parts
+    monitor = CompletionMonitor(index, quiet_s=0.01, hold_s=60, poll_s=0.5)
+    first, second = ct_small(), ct_small()
+    second.StudyInstanceUID, second.SOPInstanceUID = generate_uid(), generate_uid()
+    assert ingest.store(received(first, association="a1")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert monitor.check_now() == []  # quiet, but a1 is still open on it
+    assert monitor._next_wait() >= 0.5  # waits for the poll, does not spin on it
+    # a1 moves on to the second study: the first is not held any more
+    assert ingest.store(received(second, association="a1")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert [s.study_uid for s in monitor.check_now()] == [first.StudyInstanceUID]
+    ingest.association_ended("a1")
+    assert [s.study_uid for s in monitor.check_now()] == [second.StudyInstanceUID]
+
+
+def test_a_hold_ends_after_hold_s_and_at_the_nodes_start(parts) -> None:
+    """An association the node did not see close (a receiver process killed) holds
+    its study for at most ``hold_s`` after its last instance, and not past a restart."""
+    _, index, ingest = parts
+    ds = ct_small()
+    assert ingest.store(received(ds, association="lost")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now() == []
+    assert len(CompletionMonitor(index, quiet_s=0.01, hold_s=0.02).check_now()) == 1
+    late = ct_small()
+    late.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(late, association="lost2")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now() == []
+    index.forget_deliveries()
+    assert len(CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now()) == 1
+
+
 def test_index_lists_series_with_routing_attributes(parts) -> None:
     _, index, ingest = parts
     ds = ct_small()

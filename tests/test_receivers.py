@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
 from service.metrics import Metrics
 from service.receivers import CountsOverPipe, apply_count
@@ -78,6 +82,47 @@ def test_a_receiver_process_stores_and_acknowledges_while_the_node_is_stopped(
     (complete,) = node.wait_for_event("study.complete", timeout=20)
     assert complete["instances"] == len(files)
     assert _receiver_pids(node) == [receiver]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_study_waits_for_the_association_that_pauses_inside_it(
+    radnode_factory, tmp_path: Path, processes: int
+) -> None:
+    """A PACS that pauses inside an association for longer than the quiet period (a
+    slow archive behind it) gets one result on the whole study, not one on its first
+    part and a correction. With two processes the association is taken by the
+    receiver process (the node is stopped while it connects) and the node, which
+    completes studies, must still see the hold. pynetdicom is the sender: DCMTK's
+    storescu cannot pause between instances."""
+    node = radnode_factory(
+        RADNODE_NODE__RECEIVER_PROCESSES=str(processes),
+        RADNODE_STUDY__COMPLETION_TIMEOUT_S="1",
+    ).start()
+    assert node.proc is not None
+    wait_until_ready(node.http_port, proc=node.proc)
+    files = write_ct_series(tmp_path / "ct", slices=3, rows=32, columns=32, seed=5)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    if processes == 2:
+        os.kill(node.proc.pid, signal.SIGSTOP)  # only the receiver process can accept
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RADNODE")
+    finally:
+        if processes == 2:
+            os.kill(node.proc.pid, signal.SIGCONT)
+    assert assoc.is_established
+    try:
+        for path in files[:2]:
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+        time.sleep(2.5)  # quiet for more than twice the completion timeout
+        assert node.events("study.complete") == []
+        assert assoc.send_c_store(dcmread(files[2])).Status == 0x0000
+    finally:
+        assoc.release()
+    (complete,) = node.wait_for_event("study.complete", timeout=20)
+    assert complete["instances"] == 3
+    time.sleep(1.5)
+    assert len(node.events("study.complete")) == 1
 
 
 def test_a_receiver_process_that_dies_is_restarted_and_readiness_says_so(
