@@ -942,12 +942,20 @@ class StudyIndex:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET task_id = ? WHERE job_id = ?", (task_id, job_id))
 
-    def back_to_queue(self, job_id: str) -> None:
-        """A running job whose worker vanished waits in the queue again."""
+    def back_to_queue(self, job_id: str, *, count_run: bool = False) -> None:
+        """A job whose run was lost waits in the queue again.
+
+        ``count_run``: the lost run never reported starting (no heartbeat), so
+        :meth:`start_job` did not count it; it is counted here, so the next run has a
+        number of its own. Reusing it, a lost run that was only slow to start would
+        share a number with its successor, and neither would see the other holding the
+        result folder (:mod:`service.run_claim`).
+        """
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, worker = NULL, task_id = NULL WHERE job_id = ?",
-                (JobState.QUEUED, job_id),
+                "UPDATE jobs SET state = ?, worker = NULL, task_id = NULL,"
+                " attempts = attempts + ? WHERE job_id = ?",
+                (JobState.QUEUED, 1 if count_run else 0, job_id),
             )
 
     def requeue_job(self, job_id: str) -> JobRecord | None:

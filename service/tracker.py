@@ -356,6 +356,9 @@ class JobTracker:
 
     def _lost(self, job: JobRecord, why: str) -> None:
         self.queue.forget(job.job_id, job.task_id, job.attempts)
+        if job.state is JobState.QUEUED:  # a run no worker reported starting counts too
+            self.index.back_to_queue(job.job_id, count_run=True)
+            job = self.index.job(job.job_id) or job
         if job.attempts >= self.settings.queue.max_attempts:
             reason = (
                 f"{why} on each of {job.attempts} runs (out of memory?); fix the cause, then"

@@ -450,3 +450,37 @@ def test_a_study_cut_short_sends_its_not_analyzed_report_where_one_is_wanted(
     texts = [str(e.value) for e in dcmread(report).iterall() if e.keyword == "TextValue"]
     assert any("max_study_mb" in t and "not performed" in t for t in texts)
     index.close()
+
+
+def test_a_run_lost_before_its_first_beat_counts_so_the_next_run_has_its_own_number(
+    tmp_path: Path,
+) -> None:
+    """A worker took the run and stalled before its first heartbeat; the edge took the
+    run for lost and queued the job again, and the next run got the same attempt number
+    (noted in session 16). Had the first run woken, the two would both have claimed the
+    result folder as run 1 and neither seen the other (:mod:`service.run_claim`)."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    queue = JobQueue(settings, heartbeat_s=0.1)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None
+    tracker.submit(job)
+    (first,) = list(queue.huey.pending())
+    assert first.args[0].attempt == 1
+    queue.huey.dequeue()  # a worker took it, and says nothing
+    tracker.check_now()  # the first pass only notes the run it cannot trace
+    time.sleep(0.5)  # longer than the 0.4 s window
+    with structlog.testing.capture_logs() as logs:
+        tracker.check_now()
+    assert [e["reason"] for e in logs if e["event"] == "job.requeued"] == [
+        "its run left the queue but no worker reported on it"
+    ]
+    (second,) = list(queue.huey.pending())
+    assert second.args[0].attempt == 2
+    record = index.job(job.job_id)
+    assert record.state is JobState.QUEUED and record.attempts == 1
+    # the stalled run wakes and beats as run 1: not taken for the new run's start
+    queue.huey.put(f"hb:{job.job_id}:1", Heartbeat("w:1", 1, time.time()))
+    tracker.check_now()
+    assert index.job(job.job_id).state is JobState.QUEUED
+    index.close()
