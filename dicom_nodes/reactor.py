@@ -292,7 +292,12 @@ class EventDrivenDUL(DULServiceProvider):
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type not in _PDU_TYPES:
                 self._say_not_dicom(pdu_type)
+                # A-ABORT once (AA-1/AA-8), then close: the peer is not speaking DICOM,
+                # so waiting for it to close (Sta13, ARTIM) answered each further 6
+                # bytes of an HTTP request with another A-ABORT and held the
+                # connection for network_timeout_s (60 s) after an HTTP GET.
                 self.event_queue.put("Evt19")
+                self.event_queue.put("Evt17")
                 return None
             body = self.socket.recv(length)
         except (OSError, TimeoutError):

@@ -238,13 +238,20 @@ def test_a_peer_that_does_not_speak_dicom_gets_one_line_with_an_action(
     start_scp, caplog: pytest.LogCaptureFixture, first_bytes: bytes, looks_like: str
 ) -> None:
     """Load pass: a TLS handshake sent to the plain port logged pynetdicom's "Unknown
-    PDU type received" 25 times, with neither the peer nor what to do."""
-    scp, _ = start_scp(AssociationPolicy())
+    PDU type received" 25 times, with neither the peer nor what to do. It gets one
+    A-ABORT and the connection closes: it was answered with an A-ABORT per 6 bytes
+    and held for the whole network timeout (session 17)."""
+    scp, _ = start_scp(AssociationPolicy(network_timeout_s=30))
     with structlog.testing.capture_logs() as events:
         with socket.create_connection(("127.0.0.1", scp.port)) as stray:
             stray.sendall(first_bytes)
+            stray.settimeout(10)  # well under the network timeout
+            answer = b""
+            while chunk := stray.recv(4096):
+                answer += chunk
             _wait_until(lambda: any(e["event"] == "association.not_dicom" for e in events))
         ok, output = echo(scp.port)
+    assert answer == bytes.fromhex("07000000000400000000")  # one A-ABORT, then closed
     assert ok, output
     said = [e for e in events if e["event"] == "association.not_dicom"]
     assert len(said) == 1, said
