@@ -309,6 +309,15 @@ def test_summary_names_the_algorithm_and_says_it_is_not_a_diagnosis() -> None:
     assert all(len(r["value"]) <= 199 for r in rows)
 
 
+def test_summary_lines_end_where_phrases_end() -> None:
+    """The radiologist pass saw "(classification)" alone on a line of the summary: the
+    sentence naming the algorithm wrapped at 80 columns mid-phrase."""
+    rows = obx_rows(build_oru(classification(), ct_header(), SPACING, destination()).er7)
+    lines = [r["value"] for r in rows if r["type"] == "TX"]
+    assert lines[0] == "AI classification: chest_pneumothorax version 1.2.0."
+    assert lines[1].startswith("Run by radnode on series ") and lines[1].endswith(".")
+
+
 def test_study_and_series_instance_uids_are_sent_so_the_pacs_can_find_them() -> None:
     ds = ct_header(study_uid="1.2.826.0.1.3680043.10.1", series_uid="1.2.826.0.1.3680043.10.2")
     rows = obx_rows(build_oru(reconstruction(), ds, SPACING, destination()).er7)

@@ -512,9 +512,11 @@ def _summary_lines(result: PipelineResult, ds: Dataset, findings: list[str]) -> 
     number = _text(ds, "SeriesNumber")
     source = f"series {number} " if number else "series "
     source += f'"{series}"' if series else "(no description)"
+    # Short paragraphs, one fact each: wrapped at 80, the sentence naming the algorithm
+    # left "(classification)" alone on a line (session 17's radiologist pass).
     paragraphs = [
-        f"Result of the AI algorithm {bundle.name} version {bundle.version} "
-        f"({bundle.kind.value}) run by radnode on {source}.",
+        f"AI {bundle.kind.value}: {bundle.name} version {bundle.version}.",
+        f"Run by radnode on {source}.",
         *findings,
         "This result was produced by an algorithm and is not a diagnosis on its own; "
         "it must be reviewed by a qualified physician together with the images.",
