@@ -137,11 +137,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
--- an open association and the study its last instance belonged to: that study is held
--- open (not completed) while the association is, within a bound (complete_quiet_studies)
+-- an open association and the series its last instance belonged to: that series and
+-- its study are held open (not completed) while the association is, within a bound
+-- (complete_quiet_studies, quiet_series)
 CREATE TABLE IF NOT EXISTS delivering (
     association TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL
 );
 """
 
@@ -393,17 +395,17 @@ class StudyIndex:
 
     def touch_study_of(
         self, sop_instance_uid: str, now: float | None = None
-    ) -> tuple[str, bool] | None:
+    ) -> tuple[str, str, bool] | None:
         """A known instance arrived again: note the activity, reopen its study.
 
-        Returns its study's UID and whether the study was complete and is now receiving
-        again; None when the instance is not indexed (any more: retention may have
-        removed it since).
+        Returns its study's and series' UIDs and whether the study was complete and is
+        now receiving again; None when the instance is not indexed (any more: retention
+        may have removed it since).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
             row = db.execute(
-                "SELECT s.study_uid, s.state FROM instances i JOIN studies s"
+                "SELECT s.study_uid, s.state, i.series_uid FROM instances i JOIN studies s"
                 " ON s.study_uid = i.study_uid WHERE i.sop_instance_uid = ?",
                 (sop_instance_uid,),
             ).fetchone()
@@ -416,7 +418,7 @@ class StudyIndex:
                 " WHERE study_uid = ?",
                 (now, StudyState.RECEIVING, row[0]),
             )
-        return row[0], row[1] != StudyState.RECEIVING
+        return row[0], row[2], row[1] != StudyState.RECEIVING
 
     # -- retention ------------------------------------------------------------
 
@@ -533,13 +535,15 @@ class StudyIndex:
 
     # -- completion -----------------------------------------------------------
 
-    def hold_while_delivering(self, association: str, study_uid: str) -> None:
-        """``association``'s last instance belonged to ``study_uid``: hold the study
-        open while the association is (see :meth:`complete_quiet_studies`)."""
+    def hold_while_delivering(self, association: str, study_uid: str, series_uid: str) -> None:
+        """``association``'s last instance belonged to ``series_uid`` of ``study_uid``:
+        hold both open while the association is (see :meth:`complete_quiet_studies`
+        and :meth:`quiet_series`)."""
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO delivering (association, study_uid) VALUES (?, ?)",
-                (association, study_uid),
+                "INSERT OR REPLACE INTO delivering (association, study_uid, series_uid)"
+                " VALUES (?, ?, ?)",
+                (association, study_uid, series_uid),
             )
 
     def end_delivery(self, association: str) -> None:
@@ -686,14 +690,20 @@ class StudyIndex:
 
     # -- completion units other than the quiet study ----------------------------
 
-    def quiet_series(self, quiet_s: float, now: float | None = None) -> list[SeriesInfo]:
-        """Series of still-receiving studies that have been quiet for ``quiet_s``."""
+    def quiet_series(
+        self, quiet_s: float, now: float | None = None, *, hold_s: float = 0.0
+    ) -> list[SeriesInfo]:
+        """Series of still-receiving studies that have been quiet for ``quiet_s``; a
+        series an open association is still delivering waits as a study does
+        (:meth:`complete_quiet_studies`)."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
                 "SELECT se.study_uid, se.series_uid FROM series se JOIN studies st"
-                " ON st.study_uid = se.study_uid WHERE st.state = ? AND se.last_received_at <= ?",
-                (StudyState.RECEIVING, now - quiet_s),
+                " ON st.study_uid = se.study_uid WHERE st.state = ? AND se.last_received_at <= ?"
+                " AND (se.last_received_at <= ? OR se.series_uid NOT IN"
+                " (SELECT series_uid FROM delivering))",
+                (StudyState.RECEIVING, now - quiet_s, now - max(quiet_s, hold_s)),
             ).fetchall()
         wanted = {series_uid for _, series_uid in rows}
         studies = sorted({study_uid for study_uid, _ in rows})

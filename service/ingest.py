@@ -56,8 +56,8 @@ class Ingest:
         self._max_study_bytes = max_study_bytes
         # Without the node's Metrics (tests, tools) count into a private registry.
         self._metrics: ReceiveCounter = metrics if metrics is not None else Metrics()
-        #: association -> the study its last instance belonged to (see _delivering)
-        self._delivering: dict[str, str] = {}
+        #: association -> (study, series) of its last instance (see _note_delivering)
+        self._delivering: dict[str, tuple[str, str]] = {}
         self._delivering_lock = threading.Lock()
 
     def store(self, instance: ReceivedInstance) -> StoreStatus:
@@ -137,14 +137,14 @@ class Ingest:
         if known is not None and os.path.exists(known):
             touched = self._index.touch_study_of(sop_instance_uid)
             if touched is not None:
-                study_uid, reopened = touched
+                study_uid, touched_series, reopened = touched
                 log.debug("instance.duplicate", peer_ae=instance.calling_ae)
                 if reopened:
                     log.info(
                         "study.reopened", study=study_key(study_uid), cause="duplicate instance"
                     )
                 self._metrics.instance_duplicate(len(instance.dataset))
-                self._note_delivering(instance.association, study_uid)
+                self._note_delivering(instance.association, study_uid, touched_series)
                 return StoreStatus.SUCCESS
             known = None  # retention removed it in between: stored anew below
         header = parse_header(instance.dataset, instance.transfer_syntax_uid)
@@ -193,24 +193,26 @@ class Ingest:
             self._metrics.instance_stored(len(instance.dataset))
         else:  # another association stored it first (same study sent twice at once)
             self._metrics.instance_duplicate(len(instance.dataset))
-        self._note_delivering(instance.association, header.study_uid)
+        self._note_delivering(instance.association, header.study_uid, header.series_uid)
         return StoreStatus.SUCCESS
 
-    def _note_delivering(self, association: str, study_uid: str) -> None:
-        """Hold ``study_uid`` open while ``association`` is still delivering it.
+    def _note_delivering(self, association: str, study_uid: str, series_uid: str) -> None:
+        """Hold the series and its study open while ``association`` is delivering it.
 
         Why: a PACS that pauses inside an association (a slow archive, a busy
         forwarding queue) for longer than the quiet period got a result on part of the
         study, sent to the RIS as final, then a correction. While the association whose
-        last instance belonged to the study is open, the study does not complete (the
-        index bounds the hold by ``node.network_timeout_s``, after which an idle
-        association is closed anyway). Written only when the association moves to
-        another study: one index write per study and association, not per instance.
+        last instance belonged to the series is open, neither the series (for routes
+        completed by series) nor its study completes (the index bounds the hold by
+        ``node.network_timeout_s``, after which an idle association is closed anyway).
+        Written only when the association moves to another series: one index write per
+        series and association, not per instance.
         """
-        if not association or self._delivering.get(association) == study_uid:
+        delivering = (study_uid, series_uid)
+        if not association or self._delivering.get(association) == delivering:
             return  # one association's stores come one at a time, on its own thread
         try:
-            self._index.hold_while_delivering(association, study_uid)
+            self._index.hold_while_delivering(association, study_uid, series_uid)
         except sqlite3.Error as exc:  # stored and indexed: only the hold is missing
             log.warning(
                 "study.hold_failed",
@@ -221,7 +223,7 @@ class Ingest:
             )
             return
         with self._delivering_lock:
-            self._delivering[association] = study_uid
+            self._delivering[association] = delivering
 
     def association_ended(self, association: str) -> None:
         """The association was released or aborted: it holds no study open any more."""

@@ -99,6 +99,7 @@ class Node:
             settings.routes,
             lambda job: self.tracker.submit(job),
             settings.study.completion_timeout_s,
+            hold_s=settings.node.network_timeout_s,
         )
         self.completion = CompletionMonitor(
             self.index,

@@ -328,6 +328,22 @@ def test_a_study_is_held_open_while_its_association_is(parts) -> None:
     assert [s.study_uid for s in monitor.check_now()] == [second.StudyInstanceUID]
 
 
+def test_a_series_is_held_while_its_association_is_on_it_not_after(parts) -> None:
+    """Routes completed by series: the series an open association is still sending
+    waits; the one it finished before moving on does not."""
+    _, index, ingest = parts
+    first, second = ct_small(), ct_small()
+    second.SeriesInstanceUID, second.SOPInstanceUID = generate_uid(), generate_uid()
+    for ds in (first, second):
+        assert ingest.store(received(ds, association="a1")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    quiet = [s.series_uid for s in index.quiet_series(0.01, hold_s=60)]
+    assert quiet == [first.SeriesInstanceUID]
+    ingest.association_ended("a1")
+    quiet = {s.series_uid for s in index.quiet_series(0.01, hold_s=60)}
+    assert quiet == {first.SeriesInstanceUID, second.SeriesInstanceUID}
+
+
 def test_a_hold_ends_after_hold_s_and_at_the_nodes_start(parts) -> None:
     """An association the node did not see close (a receiver process killed) holds
     its study for at most ``hold_s`` after its last instance, and not past a restart."""
