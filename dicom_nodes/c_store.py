@@ -27,7 +27,9 @@ batch), choosing a context a file can be converted to and encoding it
 The Storage SCP's side: the C-STORE-RQ command set is decoded here
 (:func:`decode_command`, :func:`c_store_rq`) and the C-STORE-RSP encoded here
 (:func:`encode_c_store_rsp`, checked byte for byte against pynetdicom) for
-:mod:`dicom_nodes.inline_store`, which serves received C-STOREs on the DUL thread.
+:mod:`dicom_nodes.inline_store`, which serves received C-STOREs on the DUL thread; so
+are the C-ECHO-RQ and C-ECHO-RSP (:func:`c_echo_rq`, :func:`encode_c_echo_rsp`), which
+it answers there too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ _UNLIMITED_FRAGMENT = 4 * 1024 * 1024
 #: "no data set" (any value but 0x0101 means present).
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
+_C_ECHO_RQ = 0x0030
+_C_ECHO_RSP = 0x8030
 _DATA_SET_PRESENT = 0x0001
 _NO_DATA_SET = 0x0101
 #: PS3.7 Annex C: MEDIUM, as DCMTK storescu sends.
@@ -104,6 +108,39 @@ def encode_c_store_rsp(
         _element(0x0900, struct.pack("<H", status)),
         _element(0x1000, _uid(sop_instance_uid)),
     )
+
+
+def encode_c_echo_rsp(sop_class_uid: str, message_id_being_responded_to: int, status: int) -> bytes:
+    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2), as sent on the wire."""
+    return _command_set(
+        _element(0x0002, _uid(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", _C_ECHO_RSP)),
+        _element(0x0120, struct.pack("<H", message_id_being_responded_to)),
+        _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", status)),
+    )
+
+
+@dataclass(frozen=True)
+class EchoRequest:
+    """What a received C-ECHO-RQ asks (PS3.7 9.3.5.1): no data set follows."""
+
+    sop_class_uid: str
+    message_id: int
+
+
+def c_echo_rq(elements: dict[int, bytes]) -> EchoRequest | None:
+    """The C-ECHO-RQ these command elements make; None for any other command and for
+    a C-ECHO-RQ that announces a data set or lacks its Message ID or SOP Class UID."""
+    try:
+        (field,) = struct.unpack("<H", elements[0x0100])
+        (message_id,) = struct.unpack("<H", elements[0x0110])
+        sop_class_uid = elements[0x0002].strip(b"\0 ").decode("ascii")
+    except (KeyError, struct.error, UnicodeDecodeError):
+        return None
+    if field != _C_ECHO_RQ or data_set_follows(elements) is not False or not sop_class_uid:
+        return None
+    return EchoRequest(sop_class_uid, message_id)
 
 
 @dataclass(frozen=True)
@@ -233,8 +270,20 @@ def _response(assoc: Any, message_id: int, sop_instance_uid: str) -> StoreStatus
     refused was counted as stored (found by review). Such a peer is aborted."""
     _, response = assoc.dimse.get_msg(block=True)
     if response is None:
+        peer_ended = assoc.acse.is_aborted("a-abort") or assoc.acse.is_aborted("a-p-abort")
+        if peer_ended or not assoc.is_established:
+            assoc._handle_no_response()
+            return StoreStatus(None, "the peer aborted the association (or the connection"
+                               " dropped) before it answered")  # fmt: skip
+        # Still established: the DIMSE timeout ran out, and radnode aborts. Said as
+        # such: "association aborted" sent a PACS administrator looking for an abort in
+        # the PACS's own log (acceptance pass).
         assoc._handle_no_response()
-        return StoreStatus(None)
+        return StoreStatus(
+            None,
+            f"no C-STORE response within dimse_timeout_s ({assoc.dimse_timeout:g} s);"
+            " radnode aborted the association",
+        )
     if not response.is_valid_response:
         assoc.abort()
         return StoreStatus(None, "invalid C-STORE response")

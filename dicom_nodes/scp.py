@@ -488,7 +488,12 @@ class StorageSCP:
     # -- handlers -------------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
-        return EchoStatus.SUCCESS
+        """A C-ECHO that came through pynetdicom (the inline reader answers the rest)."""
+        return self._echo_inline()
+
+    @staticmethod
+    def _echo_inline() -> int:
+        return int(EchoStatus.SUCCESS)
 
     def _on_store(self, event: evt.Event) -> int:
         """A C-STORE that came through pynetdicom: one the inline reader left to it
@@ -590,7 +595,9 @@ class StorageSCP:
             stats = self._open_stats(assoc)
             if isinstance(assoc.dul, reactor.EventDrivenDUL):  # before any P-DATA
                 assoc.dul.p_data_reader = InlineStoreReader(
-                    assoc, functools.partial(self._store_inline, assoc, stats)
+                    assoc,
+                    functools.partial(self._store_inline, assoc, stats),
+                    echo=self._echo_inline,
                 )
             return
         # PS3.8 has no reason code for addresses: rejected-permanent, service-user,

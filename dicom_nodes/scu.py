@@ -44,7 +44,7 @@ from typing import Any
 
 import pydicom
 import structlog
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import build_context
@@ -325,10 +325,18 @@ def send_files(destination: StorageDestination, files: Sequence[Path | str]) -> 
             assoc.release()
         ae.shutdown()
     state = AssociationState.ABORTED if aborted else AssociationState.ACCEPTED
+    unanswered = [
+        i.outcome.reason
+        for i in items
+        if i.outcome is not None and i.outcome.state is FileState.NOT_ACKNOWLEDGED
+    ]
     report = SendReport(
         state,
         tuple(_final(items, "association aborted before it was sent")),
-        reason="association aborted" if aborted else "",
+        # who ended it and why, when a file's answer says (a DIMSE timeout: radnode)
+        reason=(unanswered[0] if unanswered and unanswered[0] else "association aborted")
+        if aborted
+        else "",
         seconds=time.monotonic() - started,
         bytes_sent=bytes_sent,
     )
@@ -390,6 +398,7 @@ def _send_one(
     encoded in an accepted uncompressed syntax (ValueError: no_context)."""
     context_id = as_is.get((item.sop_class_uid, item.transfer_syntax))
     if context_id is None:
+        _require_context_for_class(assoc, item)
         context_id, data_set = _converted(assoc, item)
         return c_store.send_data_set(
             assoc, context_id, data_set, item.sop_class_uid, item.sop_instance_uid, message_id
@@ -405,9 +414,27 @@ def _send_one(
     )
 
 
+def _require_context_for_class(assoc: Any, item: _Item) -> None:
+    """Raise ValueError naming the SOP class when the peer accepted no context for it.
+
+    Why here and not pynetdicom's: its refusal is an error line with the UIDs redacted
+    (quoted values), and the delivery's reason said only ``no_context`` (acceptance
+    pass: a PACS administrator had to guess whether SEG, SR or SC must be enabled)."""
+    if not any(str(cx.abstract_syntax) == item.sop_class_uid for cx in assoc.accepted_contexts):
+        raise ValueError(f"{sop_class_name(item.sop_class_uid)} not accepted by the peer")
+
+
+def sop_class_name(uid: str) -> str:
+    """``Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4)``: what a PACS administrator
+    looks for in the PACS's configuration, with the UID to be sure."""
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
+
+
 def _send_through_pynetdicom(assoc: Any, item: _Item, message_id: int) -> c_store.StoreStatus:
     """pynetdicom's ``send_c_store`` of the file (it picks or converts the context;
     ValueError when none fits). Used over TLS; reads the whole data set."""
+    _require_context_for_class(assoc, item)
     data_set = pydicom.dcmread(item.path)
     answer = assoc.send_c_store(data_set, msg_id=message_id % 65536)
     if "Status" not in answer:  # no valid response: pynetdicom aborted the association
@@ -420,9 +447,15 @@ def _converted(assoc: object, item: _Item) -> tuple[int, bytes]:
     ``send_c_store`` picks it (Explicit <-> Implicit VR, deflated <-> inflated, same
     byte order; never from or to a compressed syntax), and the data set encoded in it.
     Raises ValueError when there is none or the data set cannot be encoded."""
-    context = assoc._get_valid_context(  # type: ignore[attr-defined]
-        item.sop_class_uid, item.transfer_syntax, "scu"
-    )
+    try:
+        context = assoc._get_valid_context(  # type: ignore[attr-defined]
+            item.sop_class_uid, item.transfer_syntax, "scu"
+        )
+    except ValueError:
+        raise ValueError(
+            f"{sop_class_name(item.sop_class_uid)} accepted by the peer only in transfer"
+            f" syntaxes a {UID(item.transfer_syntax).name} file cannot be converted to"
+        ) from None
     syntax = context.transfer_syntax[0]
     data_set = encode(
         pydicom.dcmread(item.path),

@@ -11,16 +11,22 @@ every file 0000 or Bxxx (warning)              DELIVERED   the peer has every ob
 association rejected, aborted, refused,        RETRY       the PACS or network is down,
 connect/DIMSE timeout, a file not answered                 busy or being reconfigured
 a file A7xx (out of resources)                 RETRY       transient on the peer's side
-failures mixed with successes/retryables       RETRY       send again: acknowledged files
-                                                           are replaced (same UIDs)
-every file failed permanently (A9xx, Cxxx,     REJECTED    sending the same bytes again
-01xx, other failures; or no presentation                   would be refused again
-context accepted for it)
+every file not acknowledged failed for good    REJECTED    sending the same bytes again
+(A9xx, Cxxx, 01xx, other failures; or no                   would be refused again: the
+presentation context accepted for its class),              rest is delivered, the
+whether or not others were acknowledged                    refused ones are dead letters
 folder missing, empty, or holds no DICOM       REJECTED    nothing that could ever be sent
 =============================================  ==========  ==============================
 
-A re-send after a partial failure sends the whole folder again: the result UIDs are
-deterministic, so the PACS replaces what it already has (at-least-once, like HL7).
+Only what the peer has not acknowledged is sent again: the files it acknowledged are
+listed next to the results (``.acknowledged-<destination>``), so a re-send after a
+partial failure, or an operator's retry once the PACS takes SEG, sends the rest only.
+Sending the whole folder again relied on the PACS replacing what it had; an archive
+that refuses a duplicate SOP Instance (0111) made a delivered result a dead letter
+(acceptance pass). A refusal for good no longer waits out the retries either: one
+Segmentation a PACS does not take held every later result to that PACS for the three
+hours of the default back-off (acceptance pass), as deliveries to a destination go in
+order.
 
 ``DicomDestinationSettings`` is the configuration of one ``type = "dicom"`` destination.
 Log events ``dicom.attempt`` carry delivery and job ids, counts and status codes; never
@@ -29,6 +35,9 @@ patient data.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -38,10 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from dicom_nodes.scu import (
     AssociationState,
+    FileOutcome,
     FileState,
     SendReport,
     StorageDestination,
     send_files,
+    sop_class_name,
 )
 from dicom_nodes.tls import client_context
 from service.delivery import Delivery, DeliveryOutcome, RetryPolicy
@@ -158,8 +169,17 @@ def _is_transient(status: int | None) -> bool:
     return status is not None and 0xA700 <= status <= 0xA7FF
 
 
-def outcome_of(report: SendReport) -> DeliveryOutcome:
-    """Map one association's report to DELIVERED / RETRY / REJECTED (see module doc)."""
+def _refused_for_good(outcome: FileOutcome) -> bool:
+    return outcome.state in (FileState.NO_CONTEXT, FileState.UNREADABLE) or (
+        outcome.state is FileState.FAILED and not _is_transient(outcome.status)
+    )
+
+
+def outcome_of(report: SendReport, earlier: int = 0) -> DeliveryOutcome:
+    """Map one association's report to DELIVERED / RETRY / REJECTED (see module doc).
+
+    ``earlier``: files of the folder acknowledged by earlier attempts (not sent again).
+    """
     if report.association in (
         AssociationState.REJECTED,
         AssociationState.CONNECT_FAILED,
@@ -171,33 +191,77 @@ def outcome_of(report: SendReport) -> DeliveryOutcome:
     if report.all_acknowledged:
         return DeliveryOutcome.delivered()
     failed = [o for o in report.outcomes if not o.acknowledged]
-    summary = _summary(report)
-    permanent = [
-        o
-        for o in failed
-        if o.state in (FileState.NO_CONTEXT, FileState.UNREADABLE)
-        or (o.state is FileState.FAILED and not _is_transient(o.status))
-    ]
-    if len(permanent) == len(report.outcomes):
+    summary = _summary(report, earlier)
+    if all(_refused_for_good(o) for o in failed):
+        if earlier or len(failed) < len(report.outcomes):
+            return DeliveryOutcome.rejected(f"refused for good: {summary}")
         return DeliveryOutcome.rejected(f"every object refused: {summary}")
     return DeliveryOutcome.retry(summary)
 
 
-def _summary(report: SendReport) -> str:
-    """e.g. ``3/5 acknowledged; failed: C000 x2; association aborted``."""
-    acked = sum(1 for o in report.outcomes if o.acknowledged)
-    parts = [f"{acked}/{len(report.outcomes)} acknowledged"]
-    statuses: dict[str, int] = {}
+def _summary(report: SendReport, earlier: int = 0) -> str:
+    """e.g. ``5/6 acknowledged; failed: no_context x1 (Segmentation Storage (1.2...))``,
+    ``0/2 acknowledged; failed: not_acknowledged x2; no C-STORE response within ...``:
+    which SOP classes failed, for the PACS administrator to look up."""
+    acked = earlier + sum(1 for o in report.outcomes if o.acknowledged)
+    parts = [f"{acked}/{earlier + len(report.outcomes)} acknowledged"]
+    failures: dict[str, tuple[int, dict[str, None]]] = {}
     for o in report.outcomes:
         if o.acknowledged:
             continue
         key = f"{o.status:04X}" if o.status is not None else o.state.value
-        statuses[key] = statuses.get(key, 0) + 1
-    if statuses:
-        parts.append("failed: " + ", ".join(f"{k} x{n}" for k, n in sorted(statuses.items())))
+        count, classes = failures.get(key, (0, {}))
+        if o.sop_class_uid:
+            classes[sop_class_name(o.sop_class_uid)] = None
+        failures[key] = (count + 1, classes)
+    if failures:
+        parts.append(
+            "failed: "
+            + ", ".join(
+                f"{key} x{count}" + (f" ({', '.join(classes)})" if classes else "")
+                for key, (count, classes) in sorted(failures.items())
+            )
+        )
     if report.association is AssociationState.ABORTED:
-        parts.append("association aborted")
+        parts.append(report.reason or "association aborted")
     return "; ".join(parts)
+
+
+def acknowledged_record(folder: Path, destination: str) -> Path:
+    """Where the names of the files ``destination`` acknowledged are kept, next to them
+    (a readable name, and a hash so that two names that read alike stay apart)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", destination)[:40]
+    digest = hashlib.sha256(destination.encode()).hexdigest()[:8]
+    return folder / f".acknowledged-{readable}-{digest}"
+
+
+def _read_acknowledged(record: Path) -> set[str]:
+    try:
+        return set(record.read_text(encoding="utf-8").split())
+    except OSError:  # none yet (or unreadable: everything is sent, as before)
+        return set()
+
+
+def _write_acknowledged(record: Path, names: set[str]) -> None:
+    """Best effort, atomically: lost, the next attempt sends the whole folder again."""
+    partial = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text("".join(f"{n}\n" for n in sorted(names)), encoding="utf-8")
+        partial.replace(record)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        log.warning(
+            "dicom.acknowledged_not_recorded",
+            reason=str(exc),
+            action="check the results folder's disk; the next attempt sends every object",
+        )
+
+
+_WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
 
 
 class DicomDeliverer:
@@ -217,15 +281,46 @@ class DicomDeliverer:
         files = result_files(folder)
         if not files:
             return DeliveryOutcome.rejected("results folder holds no DICOM files")
-        report = send_files(self.destination, files)
-        outcome = outcome_of(report)
+        record = acknowledged_record(folder, item.destination)
+        earlier = _read_acknowledged(record) & {f.name for f in files}
+        todo = [f for f in files if f.name not in earlier]
+        if not todo:  # acknowledged by an earlier attempt whose outcome was not recorded
+            return DeliveryOutcome.delivered()
+        report = send_files(self.destination, todo)
+        now = {o.path.name for o in report.outcomes if o.acknowledged}
+        if now:
+            _write_acknowledged(record, earlier | now)
+        outcome = outcome_of(report, earlier=len(earlier))
         log.info(
             "dicom.attempt",
             **ids,
             association=report.association.value,
             files=len(report.outcomes),
-            acknowledged=sum(1 for o in report.outcomes if o.acknowledged),
+            acknowledged=len(now),
+            acknowledged_before=len(earlier),
             outcome=outcome.status.value,
             seconds=round(report.seconds, 3),
         )
+        self._log_warnings(report, ids)
         return outcome
+
+    @staticmethod
+    def _log_warnings(report: SendReport, ids: dict[str, object]) -> None:
+        """A warning status (B000: the PACS changed attributes, B007, B006) counts as
+        stored, and nothing said so (acceptance pass): one line per status and class."""
+        seen: dict[tuple[int, str], int] = {}
+        for o in report.outcomes:
+            if o.state is FileState.WARNING and o.status is not None:
+                key = (o.status, o.sop_class_uid)
+                seen[key] = seen.get(key, 0) + 1
+        for (status, sop_class), count in seen.items():
+            log.warning(
+                "dicom.store_warning",
+                **ids,
+                status=f"{status:04X}",
+                meaning=_WARNINGS.get(status, "warning"),
+                sop_class=sop_class_name(sop_class),
+                files=count,
+                action="stored all the same; if the PACS changed attributes (B000), check"
+                " its coercion rules for objects from this node",
+            )

@@ -18,15 +18,18 @@ from io import BytesIO
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 
 from dicom_nodes.c_store import (
     PRIORITY_MEDIUM,
+    EchoRequest,
     StoreRequest,
+    c_echo_rq,
     c_store_rq,
     decode_command,
+    encode_c_echo_rsp,
     encode_c_store_rq,
     encode_c_store_rsp,
     fragment_size,
@@ -243,3 +246,34 @@ def test_a_received_request_is_read_as_pynetdicom_reads_it():
     response = decode_command(encode_c_store_rsp("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 9, 0))
     assert response is not None and c_store_rq(response) is None  # a response
     assert decode_command(command[:-1]) is None  # an element runs past the end
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@pytest.mark.parametrize(("message_id", "status"), [(1, 0x0000), (65535, 0x0000), (0, 0x0122)])
+def test_echo_response_is_what_pynetdicom_encodes(message_id, status):
+    primitive = C_ECHO()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = VERIFICATION
+    primitive.Status = status
+    message = C_ECHO_RSP()
+    message.primitive_to_message(primitive)
+    expected = encode(message.command_set, True, True)
+    assert encode_c_echo_rsp(VERIFICATION, message_id, status) == expected
+
+
+def test_an_echo_request_is_read_as_pynetdicom_writes_it():
+    primitive = C_ECHO()
+    primitive.MessageID = 42
+    primitive.AffectedSOPClassUID = VERIFICATION
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    elements = decode_command(encode(message.command_set, True, True))
+    assert elements is not None
+    assert c_echo_rq(elements) == EchoRequest(VERIFICATION, 42)
+    assert c_store_rq(elements) is None
+    store = decode_command(encode_c_store_rq("1.2.840.10008.5.1.4.1.1.2", "1.2.3", 9))
+    assert store is not None and c_echo_rq(store) is None
+    response = decode_command(encode_c_echo_rsp(VERIFICATION, 42, 0))
+    assert response is not None and c_echo_rq(response) is None  # a response

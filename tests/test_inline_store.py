@@ -137,6 +137,22 @@ def test_command_and_data_set_in_one_pdu(stores):
     assert struct.unpack("<H", assoc.response()[0x0120]) == (1,)
 
 
+def test_an_echo_on_the_verification_context_is_answered_by_the_reader() -> None:
+    """Given an echo handler, the reader answers C-ECHO itself: through pynetdicom one
+    echo in twenty waited 25-40 ms for thread hand-overs while eight associations
+    stored (bench/echo_under_load.py). On another context it is pynetdicom's."""
+    assoc = _Association()
+    reader = InlineStoreReader(assoc, lambda *_: 0, echo=lambda: 0x0000)
+    assert reader(_pdu(_pdv(3, CONTROL_COMMAND_LAST, _echo_command(5)))) == []
+    response = assoc.response()
+    assert struct.unpack("<H", response[0x0100]) == (0x8030,)  # C-ECHO-RSP
+    assert struct.unpack("<H", response[0x0120]) == (5,)
+    assert struct.unpack("<H", response[0x0900]) == (0x0000,)
+    assert response[0x0002].rstrip(b"\0") == str(Verification).encode()
+    on_ct = _pdu(_pdv(1, CONTROL_COMMAND_LAST, _echo_command(6)))
+    assert reader(on_ct) == [bytes(on_ct)]
+
+
 def test_an_echo_goes_to_pynetdicom_unchanged_and_the_next_store_is_served(stores):
     reader, _, served = stores
     echo = _pdu(_pdv(3, CONTROL_COMMAND_LAST, _echo_command(2)))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
@@ -92,12 +93,17 @@ def status_scp() -> Iterator:
     """A pynetdicom Storage SCP answering ``status`` to every C-STORE."""
     servers = []
 
-    def start(status: int) -> int:
+    def start(status: int, delay_s: float = 0.0) -> int:
         ae = AE(ae_title="STATUSSCP")
         for context in _storage_contexts():
             ae.add_supported_context(context)
         port = free_port()
-        handlers = [(evt.EVT_C_STORE, lambda event: status)]
+
+        def answer(event) -> int:
+            time.sleep(delay_s)
+            return status
+
+        handlers = [(evt.EVT_C_STORE, answer)]
         servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
         return port
 
@@ -139,15 +145,25 @@ def job(tmp_path_factory) -> dict:
     return {"sources": sources, "folder": folder, "written": written, "study": volume.study_uid}
 
 
+@pytest.fixture(autouse=True)
+def _first_delivery(job) -> None:
+    """Each test delivers the shared results folder as if for the first time: what an
+    earlier test's peer acknowledged is not left out (dicom_delivery's record)."""
+    for record in job["folder"].glob(".acknowledged-*"):
+        record.unlink()
+
+
 def _settings(port: int, ae_title: str = "ANY", **extra) -> DicomDestinationSettings:
     return DicomDestinationSettings(
-        name="pacs",
-        host="127.0.0.1",
-        port=port,
-        ae_title=ae_title,
-        connect_timeout_s=3,
-        dimse_timeout_s=5,
-        **extra,
+        **{
+            "name": "pacs",
+            "host": "127.0.0.1",
+            "port": port,
+            "ae_title": ae_title,
+            "connect_timeout_s": 3,
+            "dimse_timeout_s": 5,
+            **extra,
+        }
     )
 
 
@@ -268,10 +284,28 @@ def test_files_are_converted_to_the_syntax_the_peer_accepted(storescp, job, tmp_
 )
 def test_peer_status_decides_the_outcome(status_scp, job, status, outcome):
     port = status_scp(status)
-    result = DicomDeliverer(_settings(port)).deliver(_fake_delivery(job["folder"]))
+    with structlog.testing.capture_logs() as logs:
+        result = DicomDeliverer(_settings(port)).deliver(_fake_delivery(job["folder"]))
     assert result.status.value == outcome
     if outcome != "delivered":
         assert f"{status:04X}" in result.reason
+    warned = [e for e in logs if e["event"] == "dicom.store_warning"]
+    if status == 0xB000:  # stored, but the PACS changed attributes: said once per class
+        assert {e["status"] for e in warned} == {"B000"}
+        assert sum(e["files"] for e in warned) == len(job["written"])
+        assert all(e["meaning"] == "coercion of data elements" for e in warned)
+    else:
+        assert warned == []
+
+
+def test_a_pacs_that_does_not_answer_in_time_is_said_to_be_aborted_by_radnode(status_scp, job):
+    """Acceptance pass: the reason said "association aborted", and the PACS
+    administrator looked for an abort in the PACS's own log."""
+    port = status_scp(0x0000, delay_s=3)
+    settings = _settings(port, dimse_timeout_s=1)
+    result = DicomDeliverer(settings).deliver(_fake_delivery(job["folder"]))
+    assert result.status.value == "retry"
+    assert "no C-STORE response within dimse_timeout_s (1 s); radnode aborted" in result.reason
 
 
 def test_unanswered_files_are_not_counted_as_sent(status_scp, job):
@@ -301,7 +335,58 @@ def test_classes_the_peer_does_not_take_are_reported(job):
     assert states[CTImageStorage] is FileState.SUCCESS
     assert states[Comprehensive3DSRStorage] is FileState.NO_CONTEXT
     assert states[SecondaryCaptureImageStorage] is FileState.NO_CONTEXT
-    assert outcome_of(report).status.value == "retry"  # not every object was refused
+    # refused for good: a dead letter now, not retries that hold up later results
+    outcome = outcome_of(report)
+    assert outcome.status.value == "rejected"
+    assert "Comprehensive 3D SR Storage (1.2.840.10008.5.1.4.1.1.88.34)" in outcome.reason
+    assert "Secondary Capture Image Storage" in outcome.reason
+
+
+#: A DCMTK association profile: a PACS that takes SR, SC and CT but not Segmentation.
+_NO_SEG_PROFILE = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[NoSEG]
+PresentationContext1 = Comprehensive3DSRStorage\\Uncompressed
+PresentationContext2 = SecondaryCaptureImageStorage\\Uncompressed
+PresentationContext3 = CTImageStorage\\Uncompressed
+[[Profiles]]
+[NoSEG]
+PresentationContexts = NoSEG
+"""
+
+
+def test_a_class_the_pacs_does_not_take_is_a_dead_letter_at_once_and_a_retry_sends_it_alone(
+    storescp, job, tmp_path
+):
+    """Acceptance pass: a PACS without Segmentation Storage made the delivery retry for
+    the three hours of the default back-off, every later result to that PACS waiting
+    behind it, the reason only "no_context x1". And a re-send sent the whole folder,
+    which an archive refusing duplicates answers with failures."""
+    profile = tmp_path / "profile" / "scp.cfg"  # storescp writes into tmp_path itself
+    profile.parent.mkdir()
+    profile.write_text(_NO_SEG_PROFILE)
+
+    def received() -> list[Path]:
+        return [p for p in tmp_path.iterdir() if p.is_file()]
+
+    port = storescp("-xf", str(profile), "NoSEG")
+    first = _deliver(_settings(port), job["folder"], tmp_path / "first")
+    assert first.state is DeliveryState.DEAD and first.attempts == 1
+    assert "refused for good" in (first.last_error or "")
+    assert "Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4)" in (first.last_error or "")
+    others = [p for p in job["written"] if not p.name.startswith("SEG")]
+    assert len(received()) == len(others)  # the rest is in the PACS
+    # the PACS takes SEG now: the operator's retry sends the SEG alone
+    for stored in received():
+        stored.unlink()
+    port = storescp()
+    second = _deliver(_settings(port), job["folder"], tmp_path / "second")
+    assert second.state is DeliveryState.SENT
+    (seg,) = received()
+    assert pydicom.dcmread(seg).Modality == "SEG"
 
 
 def _fake_delivery(folder: Path):
