@@ -132,13 +132,20 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
     )
 
 
+def _seconds_since(iso: Any, now: float) -> float | None:
+    """Seconds from the API's ISO time ``iso`` to ``now``; None if it is not one."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return now - datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
 def _age(iso: Any, now: float) -> str:
     """``"42s ago"``, ``"7m ago"``, ``"3h ago"``, ``"2d ago"``; ``-`` if unknown."""
-    if not isinstance(iso, str):
-        return "-"
-    try:
-        seconds = now - datetime.fromisoformat(iso).timestamp()
-    except ValueError:
+    seconds = _seconds_since(iso, now)
+    if seconds is None:
         return "-"
     seconds = max(seconds, 0.0)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -226,16 +233,27 @@ def _failed_table(jobs: Sequence[Item], now: float) -> Table:
     return table
 
 
-def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item]]:
+#: A delivery not tried this long after it was due is waiting behind another one.
+WAITING_AFTER_S = 30.0
+
+
+def _undelivered(jobs: Sequence[Item], now: float) -> list[tuple[Item, str, str, Item]]:
     """(job, destination, what, delivery) for each result that has not reached its
-    destination and is not a dead letter: deliveries being retried, and destinations a
-    done job made no result for (its error says why)."""
+    destination and is not a dead letter: deliveries being retried, deliveries not yet
+    tried long after they were due (deliveries to one destination go in order: they
+    wait behind one being retried; the acceptance pass found such results nowhere on
+    this screen), and destinations a done job made no result for (its error says why)."""
     rows: list[tuple[Item, str, str, Item]] = []
     for job in jobs:
         deliveries = [d for d in job.get("deliveries") or () if isinstance(d, dict)]
         for d in deliveries:
-            if d.get("state") == "pending" and int(d.get("attempts") or 0) > 0:
+            if d.get("state") != "pending":
+                continue
+            if int(d.get("attempts") or 0) > 0:
                 rows.append((job, str(d.get("destination", "?")), "retrying", d))
+            elif (_seconds_since(d.get("next_attempt_at"), now) or 0.0) > WAITING_AFTER_S:
+                waiting = {**d, "error": "not tried yet: waiting behind an earlier result"}
+                rows.append((job, str(d.get("destination", "?")), "waiting", waiting))
         if job.get("state") == "done" and job.get("error"):
             # the worker's reasons, "<destination>: <why>" joined by "; "
             for reason in str(job["error"]).split("; "):
@@ -244,17 +262,17 @@ def _undelivered(jobs: Sequence[Item]) -> list[tuple[Item, str, str, Item]]:
     return rows
 
 
-def _undelivered_table(jobs: Sequence[Item]) -> Table:
+def _undelivered_table(jobs: Sequence[Item], now: float) -> Table:
     table = Table(title="Results not delivered yet (done jobs)", title_justify="left")
     for name in ("job", "study", "pipeline", "destination", "state", "tries", "error"):
         _add_column(table, name)
-    for job, destination, what, d in _undelivered(jobs):
+    for job, destination, what, d in _undelivered(jobs, now):
         table.add_row(
             str(job.get("job_id", "?")),
             str(job.get("study_key", "?")),
             str(job.get("pipeline", "?")),
             destination,
-            Text(what, style="yellow" if what == "retrying" else "bold red"),
+            Text(what, style="bold red" if what == "not sent" else "yellow"),
             str(d.get("attempts", "")),
             str(d.get("error") or ""),
         )
@@ -349,8 +367,8 @@ def render_status(
         _studies_table(studies, now),
         _failed_table(failed_jobs, now),
     ]
-    if _undelivered(jobs):
-        parts.append(_undelivered_table(jobs))
+    if _undelivered(jobs, now):
+        parts.append(_undelivered_table(jobs, now))
     if dead_letters:
         parts.append(_dead_letters_table(dead_letters, now))
     return Group(*parts)

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -531,6 +532,30 @@ def test_status_view_keeps_job_ids_whole_on_a_narrow_terminal(stack: Stack) -> N
     screen = console.export_text()
     assert long_id in screen
     assert "0123456789abcdef" in screen
+
+
+def test_status_view_shows_results_waiting_behind_a_retrying_one() -> None:
+    """Acceptance pass: a radiograph's results waited, untried, behind a CT's delivery
+    being retried, and the status screen listed only the CT. A delivery just made is
+    not listed (it goes out within the second)."""
+    now = 1_700_000_200.0
+
+    def job(job_id: str, attempts: int, due_s_ago: float) -> dict:
+        due = datetime.fromtimestamp(now - due_s_ago, tz=UTC).isoformat()
+        error = "association aborted" if attempts else None
+        delivery = {"destination": "pacs", "state": "pending", "attempts": attempts,
+                    "next_attempt_at": due, "error": error}  # fmt: skip
+        return {"job_id": job_id, "study_key": "0123456789abcdef", "pipeline": "p",
+                "state": "done", "deliveries": [delivery]}  # fmt: skip
+
+    jobs = [job("ct0000000001", 2, 10), job("cxr000000001", 0, 120), job("new000000001", 0, 1)]
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render_status([], jobs, now=now))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines()
+            if line.startswith("│") and "pacs" in line}  # fmt: skip
+    assert "retrying" in rows["ct0000000001"]
+    assert "waiting" in rows["cxr000000001"] and "behind an earlier" in rows["cxr000000001"]
+    assert "new000000001" not in rows
 
 
 def test_an_operator_can_give_up_a_jobs_dead_letters_for_good(
