@@ -179,10 +179,24 @@ class MllpClient:
             if remaining <= 0:
                 raise TimeoutError
             sock.settimeout(remaining)
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionError as exc:  # reset: what came before may say who it is
+                raise MllpError(f"connection failed: {_os_reason(exc)}{_not_mllp(buffer)}") from exc
             if not chunk:
-                raise MllpError("connection closed before a complete answer")
+                raise MllpError("connection closed before a complete answer" + _not_mllp(buffer))
             buffer += chunk
+
+
+def _not_mllp(answer: bytes) -> str:
+    """What an answer that is no MLLP block looks like (an HTTP server, a wrong port):
+    said so, it points at the port at once (acceptance pass: only "connection closed").
+    Its first word only, printable ASCII: not what it may say of a patient."""
+    if not answer or answer.lstrip(b"\r\n").startswith(START_BLOCK):
+        return ""
+    word = answer.split(None, 1)[0][:12].decode("ascii", errors="replace")
+    shown = "".join(c if c.isprintable() and c.isascii() else "?" for c in word)
+    return f"; the answer is not MLLP-framed (it starts with {shown!r}): check the port"
 
 
 def _os_reason(exc: OSError) -> str:
@@ -217,8 +231,11 @@ def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
     deviations real receivers answer with, and an ACK needs no validation to be read.
     """
     text = raw.decode(encoding, errors="replace").replace("\r\n", "\r").replace("\n", "\r")
+    stripped = text.strip("\r")
+    if not stripped.startswith("MSH"):
+        raise Hl7Error("answer is not an HL7 message (it does not start with MSH)")
     try:
-        message = python_hl7.parse(text.strip("\r"))
+        message = python_hl7.parse(stripped)
         msa = message.segment("MSA")
     except (KeyError, ValueError, IndexError, python_hl7.ParseException) as exc:
         raise Hl7Error("answer is not an HL7 ACK (no MSA segment)") from exc

@@ -33,6 +33,7 @@ from service.delivery import (
 from service.hl7 import (
     Hl7Deliverer,
     Hl7DestinationSettings,
+    Hl7Error,
     MllpClient,
     MllpError,
     parse_ack,
@@ -471,6 +472,34 @@ def test_a_listener_that_never_answers_times_out() -> None:
     with server, pytest.raises(MllpError, match=r"no answer within 0\.3 s"):
         client.exchange(b"MSH|^~\\&|X\r")
     assert time.monotonic() - start < 2
+
+
+@pytest.mark.integration
+def test_a_service_that_is_not_mllp_on_the_ris_port_is_named_as_such() -> None:
+    """Acceptance pass: radnode pointed at another service's port said only "connection
+    closed before a complete answer". The peer here is a plain socket that greets with
+    an SSH banner and closes, as sshd does to a client that is not SSH (no sshd runs
+    here)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def greet() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            time.sleep(0.2)
+
+    threading.Thread(target=greet, daemon=True).start()
+    client = MllpClient("127.0.0.1", server.getsockname()[1], connect_timeout_s=1, ack_timeout_s=5)
+    with (
+        server,
+        pytest.raises(MllpError, match=r"not MLLP-framed \(it starts with 'SSH-2\.0-Open'\)"),
+    ):
+        client.exchange(b"MSH|^~\\&|X\r")
+
+
+def test_an_answer_without_msh_is_said_to_be_no_hl7_message() -> None:
+    with pytest.raises(Hl7Error, match="does not start with MSH"):
+        parse_ack(b"MSA|AA|abc\r")
 
 
 @pytest.mark.integration
