@@ -904,6 +904,10 @@ def test_every_report_group_and_derived_series_says_it_is_not_for_diagnosis(ct, 
     derived = _names(write_dicom_results(result, volume, headers, tmp_path / "recon"))
     series = {h.SeriesDescription for h in derived.values() if h.Modality != "SR"}
     assert series == {"AI derived, not for diagnosis: denoise 1.0"}
+    # named once, not "denoise 1.0 (AI): denoise 1.0 - ..." (acceptance pass)
+    assert {h.DerivationDescription for h in derived.values() if h.Modality != "SR"} == {
+        "AI image processing: denoise 1.0 — AI result, not for diagnostic use on its own"
+    }
     # the report lists the images it is about in its evidence, not only in a comment
     (report,) = [h for h in derived.values() if h.Modality == "SR"]
     images = {h.SOPInstanceUID for h in derived.values() if h.Modality != "SR"}

@@ -178,7 +178,8 @@ def _derived_header(
     ds.SeriesDescription = info.description
     ds.InstanceNumber = number
     ds.ImageType = _derived_type(source.get("ImageType"))
-    ds.DerivationDescription = f"{_derivation(provenance)}: {provenance.banner}"[:1024]
+    # the banner names the bundle already (it was said twice: acceptance pass)
+    ds.DerivationDescription = f"AI image processing: {provenance.banner}"[:1024]
     ds.ImageComments = provenance.banner
     # This image, series and equipment are radnode's, made now; acquisition date/time
     # stay the source's (found by review: all were the source's).
