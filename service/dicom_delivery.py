@@ -44,6 +44,8 @@ from typing import Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 
 from dicom_nodes.scu import (
     AssociationState,
@@ -61,6 +63,33 @@ log = structlog.get_logger("service.dicom_delivery")
 
 #: Suffix of the files sent from a results folder (what the writers produce).
 RESULT_SUFFIX = ".dcm"
+
+ObjectKind = Literal["sr", "seg", "sc", "derived"]
+
+_SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
+_SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+_SC_CLASSES = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def object_kind(sop_class_uid: str) -> ObjectKind:
+    """The kind of result object a SOP class is (``objects`` of a destination)."""
+    if sop_class_uid.startswith(_SR_CLASSES):
+        return "sr"
+    if sop_class_uid in _SEG_CLASSES:
+        return "seg"
+    if sop_class_uid == _SC_CLASSES or sop_class_uid.startswith(_SC_CLASSES + "."):
+        return "sc"
+    return "derived"
+
+
+def _kind_of_file(path: Path) -> ObjectKind | None:
+    """From the file meta alone; None when it cannot be read (sent, and reported)."""
+    try:
+        meta = read_file_meta_info(path)
+    except (OSError, InvalidDicomError):
+        return None
+    uid = meta.get("MediaStorageSOPClassUID")
+    return object_kind(str(uid)) if uid else None
 
 
 class DicomDestinationSettings(BaseModel):
@@ -88,6 +117,12 @@ class DicomDestinationSettings(BaseModel):
     #: model takes), so a radiologist tells "nothing found" from "not run". Off by
     #: default: the PACS then gets results only.
     send_not_analyzed: bool = False
+    #: Which kinds of result object this destination gets: ``sr`` (the reports),
+    #: ``seg`` (DICOM Segmentation), ``sc`` (Secondary Captures: overlays, heat maps)
+    #: and ``derived`` (derived image series, e.g. a denoised CT). Many PACS do not take
+    #: DICOM SEG: ``objects = ["sr", "sc", "derived"]`` sends the rest without a dead
+    #: letter for every segmentation.
+    objects: tuple[ObjectKind, ...] = Field(("sr", "seg", "sc", "derived"), min_length=1)
     #: DICOM TLS (BCP 195) to this destination. The destination's certificate is always
     #: verified: against ``tls_ca``, else the system's trust store. ``tls_cert`` and
     #: ``tls_key`` are this node's client certificate, for a PACS that requires one.
@@ -281,6 +316,10 @@ class DicomDeliverer:
         files = result_files(folder)
         if not files:
             return DeliveryOutcome.rejected("results folder holds no DICOM files")
+        files, left_out = self._wanted(files)
+        if not files:  # e.g. only a SEG, and this PACS takes none
+            log.info("dicom.attempt", **ids, files=0, left_out=left_out, outcome="delivered")
+            return DeliveryOutcome.delivered()
         record = acknowledged_record(folder, item.destination)
         earlier = _read_acknowledged(record) & {f.name for f in files}
         todo = [f for f in files if f.name not in earlier]
@@ -298,11 +337,21 @@ class DicomDeliverer:
             files=len(report.outcomes),
             acknowledged=len(now),
             acknowledged_before=len(earlier),
+            left_out=left_out,
             outcome=outcome.status.value,
             seconds=round(report.seconds, 3),
         )
         self._log_warnings(report, ids)
         return outcome
+
+    def _wanted(self, files: list[Path]) -> tuple[list[Path], int]:
+        """The files of the kinds this destination takes (``objects``), and how many
+        were left out."""
+        wanted = set(self.settings.objects)
+        if wanted >= {"sr", "seg", "sc", "derived"}:
+            return files, 0
+        kept = [f for f in files if _kind_of_file(f) in (*wanted, None)]
+        return kept, len(files) - len(kept)
 
     @staticmethod
     def _log_warnings(report: SendReport, ids: dict[str, object]) -> None:

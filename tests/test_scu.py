@@ -389,6 +389,21 @@ def test_a_class_the_pacs_does_not_take_is_a_dead_letter_at_once_and_a_retry_sen
     assert pydicom.dcmread(seg).Modality == "SEG"
 
 
+def test_a_destination_set_to_take_no_seg_is_sent_the_rest_and_delivered(storescp, job, tmp_path):
+    """``objects`` without ``seg``: a PACS that takes no Segmentation gets the SR and the
+    Secondary Captures, and the delivery is done, not a dead letter per segmentation."""
+    profile = tmp_path / "profile" / "scp.cfg"
+    profile.parent.mkdir()
+    profile.write_text(_NO_SEG_PROFILE)
+    port = storescp("-xf", str(profile), "NoSEG")
+    settings = _settings(port, objects=["sr", "sc"])
+    delivery = _deliver(settings, job["folder"], tmp_path / "outbox")
+    assert delivery.state is DeliveryState.SENT and delivery.last_error is None
+    stored = {pydicom.dcmread(p).Modality for p in tmp_path.iterdir() if p.is_file()}
+    assert "SEG" not in stored and "SR" in stored
+    assert len([p for p in tmp_path.iterdir() if p.is_file()]) == len(job["written"]) - 1
+
+
 def _fake_delivery(folder: Path):
     from service.delivery import Delivery
 
