@@ -42,7 +42,7 @@ from service.records import JobRecord, JobState, StoredInstance, StudySummary, W
 from service.retention import Retention
 from service.shared_storage import edge_mark
 from service.spool import Spool
-from service.supervisor import ProcessSupervisor
+from service.supervisor import TIMED_OUT_EXIT, ProcessSupervisor
 from service.tracker import JobTracker
 from service.uids import study_key
 from service.worker import worker_command, worker_name
@@ -274,8 +274,14 @@ class Node:
                 " keys; unset them to use the file's values",
             )
 
-    def _worker_died(self, pid: int) -> None:
-        self.tracker.worker_died(worker_name(pid))
+    def _worker_died(self, pid: int, exit_code: int) -> None:
+        if exit_code == TIMED_OUT_EXIT:  # it ended itself: its job ran past job_timeout_s
+            timeout = self.settings.queue.job_timeout_s
+            self.tracker.worker_died(
+                worker_name(pid), f"it ran longer than queue.job_timeout_s ({timeout:g} s)"
+            )
+        else:
+            self.tracker.worker_died(worker_name(pid))
 
     def _index_file(self, path: Path) -> None:
         try:

@@ -32,6 +32,11 @@ def child_command(subcommand: str, config_path: Path | None, *args: str) -> list
     return [*command, *args]
 
 
+#: Exit status of a worker that ended itself because a job ran past its time limit
+#: (``queue.job_timeout_s``): the node says so instead of "died (out of memory?)".
+TIMED_OUT_EXIT = 75
+
+
 class ProcessSupervisor:
     """Keeps ``count`` processes of one ``role`` running.
 
@@ -49,7 +54,7 @@ class ProcessSupervisor:
         *,
         role: str = "worker",
         died_action: str = "it is restarted; if this repeats, check memory and the logs",
-        on_exit: Callable[[int], None] | None = None,
+        on_exit: Callable[[int, int], None] | None = None,
         restart_delay_s: float = 1.0,
         niceness: int = 0,
         pass_fds: tuple[int, ...] = (),
@@ -120,7 +125,7 @@ class ProcessSupervisor:
                     action=self.died_action,
                 )
                 if self.on_exit is not None:
-                    self.on_exit(proc.pid)
+                    self.on_exit(proc.pid, code)
                 self._respawn_at[i] = now + delay
 
     def _restart_delay(self, slot: int, now: float) -> float:

@@ -236,12 +236,14 @@ class JobTracker:
         if requeued:
             log.info("jobs.requeued", jobs=requeued, reason="node restarted")
 
-    def worker_died(self, worker: str) -> None:
-        """A local worker process exited: its running jobs go back to the queue now."""
+    def worker_died(self, worker: str, why: str = "") -> None:
+        """A local worker process exited: its running jobs go back to the queue now.
+        ``why``: what the node knows of it (a job that ran past ``job_timeout_s``);
+        without it the job's error suggests memory, the common cause."""
         with self._lock:
             for job in self.index.unfinished_jobs():
                 if job.state is JobState.RUNNING and job.worker == worker:
-                    self._lost(job, f"worker {worker} died")
+                    self._lost(job, why or f"worker {worker} died", cause_known=bool(why))
 
     def check_now(self) -> None:
         with self._lock:
@@ -354,15 +356,15 @@ class JobTracker:
         if queued and self.on_delivery is not None:
             self.on_delivery()
 
-    def _lost(self, job: JobRecord, why: str) -> None:
+    def _lost(self, job: JobRecord, why: str, *, cause_known: bool = False) -> None:
         self.queue.forget(job.job_id, job.task_id, job.attempts)
         if job.state is JobState.QUEUED:  # a run no worker reported starting counts too
             self.index.back_to_queue(job.job_id, count_run=True)
             job = self.index.job(job.job_id) or job
         if job.attempts >= self.settings.queue.max_attempts:
+            guess = "" if cause_known else " (out of memory?)"
             reason = (
-                f"{why} on each of {job.attempts} runs (out of memory?); fix the cause, then"
-                " retry the job"
+                f"{why} on each of {job.attempts} runs{guess}; fix the cause, then retry the job"
             )
             self.index.finish_job(job.job_id, JobState.FAILED, error=reason)
             log.error("job.finished", job=job.job_id, study=job.study_key, state="failed",

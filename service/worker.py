@@ -52,7 +52,7 @@ from service.publish import ResultPublisher
 from service.queue import JobQueue
 from service.records import JobReport, JobState, JobTicket
 from service.shared_storage import check_shared_storage
-from service.supervisor import child_command
+from service.supervisor import TIMED_OUT_EXIT, child_command
 from service.warmup import warm_up_writers
 from service.writers.files import result_summary, write_result_files
 
@@ -354,9 +354,6 @@ _STORAGE_ACTION = (
     " another machine, mount node.data_dir there at the edge's path (docs/scale-out.md)"
     " or stop this worker; then retry the job"
 )
-
-#: Exit status of a worker that ended itself because a job ran past its time limit.
-TIMED_OUT_EXIT = 75
 
 
 @contextlib.contextmanager

@@ -484,3 +484,22 @@ def test_a_run_lost_before_its_first_beat_counts_so_the_next_run_has_its_own_num
     tracker.check_now()
     assert index.job(job.job_id).state is JobState.QUEUED
     index.close()
+
+
+def test_a_job_stopped_by_its_time_limit_says_so_not_out_of_memory(tmp_path: Path) -> None:
+    """Acceptance pass: a bundle that hung past queue.job_timeout_s on both runs failed
+    with "worker ... died on each of 2 runs (out of memory?)"; the node knew better."""
+    settings, index, ds = _node_with_one_instance(tmp_path)
+    queue = JobQueue(settings)
+    tracker = JobTracker(settings, index, queue, Outbox(tmp_path / "outbox.sqlite3"))
+    job = index.add_job(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None
+    why = "it ran longer than queue.job_timeout_s (30 s)"
+    for _ in range(settings.queue.max_attempts):
+        tracker.submit(index.job(job.job_id))
+        index.start_job(job.job_id, worker="vm:1")
+        tracker.worker_died("vm:1", why)
+    record = index.job(job.job_id)
+    assert record.state is JobState.FAILED
+    assert record.error == f"{why} on each of 2 runs; fix the cause, then retry the job"
+    index.close()
