@@ -7,11 +7,12 @@ it puts the finished payload in the outbox (:meth:`Outbox.enqueue`) and returns.
 their destination (the HL7 MLLP client, the DICOM Storage SCU) and records what came back:
 
 * ``DELIVERED``: the peer took it (HL7 ``AA``, DICOM Success) -> state ``sent``.
-* ``RETRY(reason)``: a transient failure (no connection, timeout, HL7 ``AE``) -> stays
-  ``pending`` with ``next_attempt_at`` moved on by the :class:`RetryPolicy`; after the
-  last allowed attempt it becomes ``dead``.
-* ``REJECTED(reason)``: the peer refused it for good (HL7 ``AR``) -> ``dead`` at once;
-  sending it again unchanged would be refused again.
+* ``RETRY(reason)``: a transient failure (no connection, timeout, HL7 ``AE``/``AR``) ->
+  stays ``pending`` with ``next_attempt_at`` moved on by the :class:`RetryPolicy`; after
+  the last allowed attempt (the outcome may allow fewer: an HL7 refusal) it becomes
+  ``dead``.
+* ``REJECTED(reason)``: the peer refused it for good (a SOP class the PACS does not
+  take) -> ``dead`` at once; sending it again unchanged would be refused again.
 
 A dead delivery keeps its payload and ``last_error``; an operator sends it again with
 :meth:`Outbox.resend` or :meth:`Outbox.retry_dead` once the cause is fixed.
@@ -89,14 +90,17 @@ class DeliveryOutcome:
 
     status: OutcomeStatus
     reason: str = ""
+    #: For RETRY: at most this many attempts in all, below the destination's
+    #: ``max_attempts`` (a refusal worth a few tries, not hours of them).
+    at_most: int | None = None
 
     @classmethod
     def delivered(cls) -> DeliveryOutcome:
         return cls(OutcomeStatus.DELIVERED)
 
     @classmethod
-    def retry(cls, reason: str) -> DeliveryOutcome:
-        return cls(OutcomeStatus.RETRY, reason)
+    def retry(cls, reason: str, at_most: int | None = None) -> DeliveryOutcome:
+        return cls(OutcomeStatus.RETRY, reason, at_most)
 
     @classmethod
     def rejected(cls, reason: str) -> DeliveryOutcome:
@@ -651,7 +655,8 @@ class DeliveryWorker:
         if outcome.status is OutcomeStatus.REJECTED:
             self._dead(item, outcome.reason, ids)
             return True
-        if item.attempts >= target.policy.max_attempts:
+        limit = min(target.policy.max_attempts, outcome.at_most or target.policy.max_attempts)
+        if item.attempts >= limit:
             self._dead(item, f"gave up after {item.attempts} attempts: {outcome.reason}", ids)
             return True
         delay = target.policy.delay_s(item.attempts)

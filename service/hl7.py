@@ -95,8 +95,13 @@ class Hl7DestinationSettings(BaseModel):
     character_set: Literal["UNICODE UTF-8", "8859/1"] = "UNICODE UTF-8"
     connect_timeout_s: float = Field(10.0, gt=0)
     ack_timeout_s: float = Field(30.0, gt=0)
-    #: Attempts before a delivery is dead-lettered (AE and network errors are retried).
+    #: Attempts before a delivery is dead-lettered (network errors are retried).
     max_attempts: int = Field(20, ge=1)
+    #: Attempts in all for a message the RIS answers with AE or AR (CE or CR): its
+    #: deliveries go in order, so one it keeps refusing must not hold back the others
+    #: for the hours ``max_attempts`` allows (acceptance pass); a few tries cover a RIS
+    #: briefly down (AR) or not yet holding the order (AE).
+    refused_attempts: int = Field(4, ge=1)
     #: Wait after the first failed attempt; doubles after each further one.
     backoff_s: float = Field(5.0, ge=0)
     max_backoff_s: float = Field(900.0, ge=0)
@@ -218,10 +223,6 @@ class Ack:
     @property
     def accepted(self) -> bool:
         return self.code in ("AA", "CA")
-
-    @property
-    def rejected(self) -> bool:
-        return self.code in ("AR", "CR")
 
 
 def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
@@ -409,6 +410,7 @@ class Hl7Deliverer:
             return DeliveryOutcome.delivered()
         text = without_identifiers(ack.text, item.payload, self.settings.encoding)
         reason = f"{ack.code}: {text or 'no error text'}"
-        if ack.rejected:
-            return DeliveryOutcome.rejected(reason)
-        return DeliveryOutcome.retry(reason)
+        # HL7 v2.5.1 2.9.2.2: AE, an error in the message; AR, a refusal for reasons
+        # unrelated to it (system down). Receivers use the two either way round, so
+        # both get the same few tries, then a dead letter the operator can resend.
+        return DeliveryOutcome.retry(reason, at_most=self.settings.refused_attempts)

@@ -304,7 +304,7 @@ def test_parse_ack_reads_code_control_id_and_error_text() -> None:
         b"ERR||||E||||unknown order\r"
     )
     ack = parse_ack(raw)
-    assert (ack.code, ack.control_id, ack.rejected) == ("AR", "abc123", True)
+    assert (ack.code, ack.control_id, ack.accepted) == ("AR", "abc123", False)
     assert ack.text == "Order & patient unknown; Unknown key identifier; unknown order"
 
 
@@ -402,15 +402,21 @@ def test_ae_twice_then_aa_delivers_exactly_once(listener_factory, delivery) -> N
 
 
 @pytest.mark.integration
-def test_ar_dead_letters_with_the_receivers_error_text(listener_factory, delivery) -> None:
-    listener = listener_factory("AR", error_text="Unknown placer order number")
+@pytest.mark.parametrize("code", ["AR", "AE"])
+def test_a_refusal_is_tried_refused_attempts_times_then_dead_lettered_with_its_text(
+    listener_factory, delivery, code: str
+) -> None:
+    """A RIS that keeps refusing one message (AE or AR: receivers use either) held every
+    later result to it for the three hours of max_attempts (acceptance pass): a refusal
+    gets ``refused_attempts`` tries, then the message is a dead letter."""
+    listener = listener_factory(*[code] * 5, error_text="Unknown placer order number")
     with structlog.testing.capture_logs() as events:
-        outbox, item, worker = delivery(settings_for(listener.port))
+        outbox, item, worker = delivery(settings_for(listener.port, refused_attempts=3))
         wait_until(lambda: outbox.get(item.id).state is DeliveryState.DEAD)
         worker.stop()
     dead = outbox.get(item.id)
-    assert dead.attempts == 1 and len(listener.received) == 1  # a refusal is not retried
-    assert "AR" in (dead.last_error or "")
+    assert dead.attempts == 3 and len(listener.received) == 3  # of max_attempts = 5
+    assert code in (dead.last_error or "")
     assert "Unknown placer order number" in (dead.last_error or "")
     (letter,) = [e for e in events if e["event"] == "hl7.dead_letter"]
     assert letter["job"] == "job-42" and letter["message_id"] == item.message_id
