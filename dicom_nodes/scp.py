@@ -269,7 +269,7 @@ class StorageSCP:
         port: int = 11112,
         on_association: Callable[[str], None] | None = None,
         *,
-        on_association_end: Callable[[str], None] | None = None,
+        on_association_end: Callable[[str, bool], None] | None = None,
         tls_port: int | None = None,
         shared: SharedListeners | None = None,
     ) -> None:
@@ -278,9 +278,9 @@ class StorageSCP:
         package knows nothing of metrics). It runs on the association's thread and
         must be quick and not raise.
 
-        ``on_association_end`` is called with :attr:`ReceivedInstance.association` once
-        an accepted association is released or aborted, after its last store: the
-        receiver lets go of what it held open for it.
+        ``on_association_end`` is called with :attr:`ReceivedInstance.association` and
+        whether it was aborted, once an accepted association is released or aborted,
+        after its last store: the receiver lets go of what it held open for it.
 
         ``tls_port`` (needs ``policy.tls_cert``): a second listener that speaks TLS
         while ``port`` stays plain. Without it and with ``policy.tls_cert``, ``port``
@@ -695,7 +695,7 @@ class StorageSCP:
         )
         if self._on_association_end is not None:
             try:
-                self._on_association_end(stats.name)
+                self._on_association_end(stats.name, outcome == "aborted")
             except Exception:  # the peer is gone already; never fail the close
                 log.exception("association.end_failed", action="report this as a bug")
         self._notify(outcome)

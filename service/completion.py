@@ -10,7 +10,11 @@ stopped completes after the quiet period counted from its last instance.
 Silence is not the whole signal: while the association that sent a study's last
 instance is still open, the PACS may only be pausing (a slow archive behind it), so the
 study is held until that association closes, at most ``hold_s`` (the node passes
-``node.network_timeout_s``: an association idle that long is closed by the node).
+``node.network_timeout_s``: an association idle that long is closed by the node). An
+association that was aborted, or cut by the node stopping, holds its study
+``interrupted_s`` (``study.interrupted_wait_s``) from its last instance, for the PACS to
+send the rest again (acceptance pass: a node killed after 457 of 600 slices sent a
+final result on the 457 five seconds after its restart).
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class CompletionMonitor:
         metrics: Metrics | None = None,
         retry_after_s: float = 5.0,
         hold_s: float = 0.0,
+        interrupted_s: float = 0.0,
     ) -> None:
         self._index = index
-        self._hold_s = hold_s
+        self._holds = {"hold_s": hold_s, "interrupted_s": interrupted_s}
         self._metrics = metrics if metrics is not None else Metrics()
         self._quiet_s = quiet_s
         self._on_complete = on_complete
@@ -74,7 +79,7 @@ class CompletionMonitor:
 
     def check_now(self) -> list[StudySummary]:
         """Complete every study that is due; return them (also used by tests)."""
-        completed = self._index.complete_quiet_studies(self._quiet_s, hold_s=self._hold_s)
+        completed = self._index.complete_quiet_studies(self._quiet_s, **self._holds)
         for study in completed:
             log.info(
                 "study.complete",
@@ -83,6 +88,16 @@ class CompletionMonitor:
                 series=study.series_count,
                 receive_s=round(study.last_received_at - study.first_received_at, 3),
             )
+            if study.interrupted:
+                log.warning(
+                    "study.interrupted",
+                    study=study.study_key,
+                    instances=study.instance_count,
+                    waited_s=self._holds["interrupted_s"],
+                    action="the association sending it was aborted (or the node stopped)"
+                    " and the PACS sent nothing more: its results may cover part of a series;"
+                    " if the PACS sends the study again, corrected results follow",
+                )
             self._metrics.study_completed()
         for study in [*completed, *self._due_again()]:
             self._hand_over(study)
@@ -142,7 +157,7 @@ class CompletionMonitor:
         Why not a fixed poll: every second of slack after the quiet period is latency
         added to every study's results.
         """
-        due = self._index.next_quiet_at(self._quiet_s, hold_s=self._hold_s)
+        due = self._index.next_quiet_at(self._quiet_s, **self._holds)
         if due is None:
             return self._poll_s
         return min(self._poll_s, max(0.01, due - time.time() + 0.005))

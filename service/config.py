@@ -139,6 +139,10 @@ class StudySettings(_Section):
 
     #: Seconds without a new instance after which a study is complete.
     completion_timeout_s: float = Field(10.0, gt=0)
+    #: Seconds without a new instance after which a study whose sending association
+    #: was aborted (or cut by the node stopping) is complete: time for the PACS to send
+    #: the rest again, instead of a result on part of the series sent as final.
+    interrupted_wait_s: float = Field(120.0, ge=0)
     #: Days a study is kept after its last activity (instance received, job finished)
     #: once every job ended and every delivery was sent; then its spool files, results
     #: and index rows are removed (the PACS holds the study and the results). 0: never.

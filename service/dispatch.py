@@ -45,14 +45,16 @@ class Dispatcher:
         quiet_s: float,
         poll_s: float = 1.0,
         hold_s: float = 0.0,
+        interrupted_s: float = 0.0,
     ) -> None:
-        """``hold_s``: how long a series an open association is still delivering may
-        wait past its quiet period (:meth:`StudyIndex.quiet_series`)."""
+        """``hold_s``, ``interrupted_s``: how long a series an open (or an interrupted)
+        association was delivering may wait past its quiet period
+        (:meth:`StudyIndex.quiet_series`)."""
         self.index = index
         self.routes = [r for r in routes if r.enabled]
         self.enqueue = enqueue
         self.quiet_s = quiet_s
-        self.hold_s = hold_s
+        self.holds = {"hold_s": hold_s, "interrupted_s": interrupted_s}
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._check_failures = RepeatedFailureLog(
@@ -80,7 +82,7 @@ class Dispatcher:
         jobs: list[JobRecord] = []
         if self._series_routes:
             by_study: dict[str, list[SeriesInfo]] = defaultdict(list)
-            for series in self.index.quiet_series(self.quiet_s, hold_s=self.hold_s):
+            for series in self.index.quiet_series(self.quiet_s, **self.holds):
                 by_study[series.study_uid].append(series)
             for study_uid, series in by_study.items():
                 jobs += self.route(study_uid, series, self._series_routes, "series_complete")

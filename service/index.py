@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -139,11 +140,13 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 -- an open association and the series its last instance belonged to: that series and
 -- its study are held open (not completed) while the association is, within a bound
--- (complete_quiet_studies, quiet_series)
+-- (complete_quiet_studies, quiet_series); interrupted: the association was aborted, or
+-- the node stopped while it was open, and the PACS may send the rest again
 CREATE TABLE IF NOT EXISTS delivering (
     association TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL
+    series_uid TEXT NOT NULL,
+    interrupted INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -154,6 +157,10 @@ _RECENT_OR_UNFINISHED_JOB = (
     "SELECT 1 FROM jobs j WHERE j.study_uid = st.study_uid"
     " AND (j.state IN (?, ?) OR MAX(j.created_at, COALESCE(j.finished_at, 0)) >= ?)"
 )
+
+#: SQL (``d`` a delivering row; parameters: now, the wait of an interrupted delivery
+#: and of an open one): the time before which an instance keeps the row's hold.
+_HOLD_SINCE = "? - CASE WHEN d.interrupted THEN ? ELSE ? END"
 
 #: SQL: an Image Type (values joined by backslashes) with the value LOCALIZER.
 _LOCALIZER = "('\\' || COALESCE({}, '') || '\\') LIKE '%\\LOCALIZER\\%'"
@@ -201,6 +208,7 @@ class StudyIndex:
         )
         self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
         self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
+        self._add_column("delivering", "interrupted INTEGER NOT NULL DEFAULT 0")
 
     def _add_column(self, table: str, definition: str, then: str = "") -> None:
         """Add the column ``definition`` names to ``table`` unless it is there, and run
@@ -540,58 +548,99 @@ class StudyIndex:
         hold both open while the association is (see :meth:`complete_quiet_studies`
         and :meth:`quiet_series`)."""
         with self._transaction() as db:
+            # the PACS took the study up again: an interrupted sending waits no longer
+            db.execute(
+                "DELETE FROM delivering WHERE study_uid = ? AND interrupted = 1", (study_uid,)
+            )
             db.execute(
                 "INSERT OR REPLACE INTO delivering (association, study_uid, series_uid)"
                 " VALUES (?, ?, ?)",
                 (association, study_uid, series_uid),
             )
 
-    def end_delivery(self, association: str) -> None:
-        """``association`` closed: the study it was delivering is held no longer."""
+    def end_delivery(self, association: str, *, aborted: bool = False) -> None:
+        """``association`` closed. Released: the study it was delivering is held no
+        longer. Aborted: it is held as interrupted (see :meth:`complete_quiet_studies`)."""
         with self._transaction() as db:
-            db.execute("DELETE FROM delivering WHERE association = ?", (association,))
+            if aborted:
+                db.execute(
+                    "UPDATE delivering SET interrupted = 1 WHERE association = ?", (association,)
+                )
+            else:
+                db.execute("DELETE FROM delivering WHERE association = ?", (association,))
 
-    def forget_deliveries(self) -> None:
-        """At the node's start: no association is open, whatever a killed run left."""
+    def interrupt_deliveries(self, pid: int | None = None) -> None:
+        """The associations of process ``pid`` (a receiver process that died), or at
+        the node's start of every process, were cut: their PACS may send the rest
+        again. Association names begin with their process id."""
         with self._transaction() as db:
-            db.execute("DELETE FROM delivering")
+            if pid is None:
+                db.execute("UPDATE delivering SET interrupted = 1")
+            else:
+                db.execute(
+                    "UPDATE delivering SET interrupted = 1 WHERE association LIKE ?", (f"{pid}-%",)
+                )
 
     def complete_quiet_studies(
-        self, quiet_s: float, now: float | None = None, *, hold_s: float = 0.0
+        self,
+        quiet_s: float,
+        now: float | None = None,
+        *,
+        hold_s: float = 0.0,
+        interrupted_s: float = 0.0,
     ) -> list[StudySummary]:
         """Mark complete every receiving study quiet for ``quiet_s``; return them.
 
         A study an open association is still delivering (its last instance was of the
         study) waits for the association to close, at most ``hold_s`` from its last
         instance: a longer silence is an association the node closes as idle anyway,
-        or the row of a receiver process that was killed.
+        or the row of a receiver process that was killed. One whose association was
+        aborted, or cut by the node stopping, waits ``interrupted_s`` from its last
+        instance for the PACS to send the rest (a new association on it ends that
+        wait); it completes marked ``interrupted`` if none came.
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE studies SET state = ?, completed_at = ?"
-                " WHERE state = ? AND last_received_at <= ?"
-                " AND (last_received_at <= ? OR study_uid NOT IN"
-                " (SELECT study_uid FROM delivering)) RETURNING study_uid",
+                " WHERE state = ? AND last_received_at <= ? AND NOT EXISTS"
+                " (SELECT 1 FROM delivering d WHERE d.study_uid = studies.study_uid"
+                f" AND studies.last_received_at > {_HOLD_SINCE}) RETURNING study_uid",
                 (
                     StudyState.COMPLETE,
                     now,
                     StudyState.RECEIVING,
                     now - quiet_s,
-                    now - max(quiet_s, hold_s),
+                    now,
+                    interrupted_s,
+                    hold_s,
                 ),
             ).fetchall()
-        return [s for s in (self.study(uid) for (uid,) in rows) if s is not None]
+            uids = [uid for (uid,) in rows]
+            interrupted = {
+                uid
+                for uid in uids
+                if db.execute(
+                    "SELECT 1 FROM delivering WHERE study_uid = ? AND interrupted = 1", (uid,)
+                ).fetchone()
+            }
+            for uid in uids:  # what held them is past: rows of cut or idle associations
+                db.execute("DELETE FROM delivering WHERE study_uid = ?", (uid,))
+        studies = [s for s in (self.study(uid) for uid in uids) if s is not None]
+        return [replace(s, interrupted=s.study_uid in interrupted) for s in studies]
 
-    def next_quiet_at(self, quiet_s: float, *, hold_s: float = 0.0) -> float | None:
+    def next_quiet_at(
+        self, quiet_s: float, *, hold_s: float = 0.0, interrupted_s: float = 0.0
+    ) -> float | None:
         """When the next receiving study becomes quiet (a held one: when its hold
         runs out), or None."""
         with self._lock:
             (due,) = self._db.execute(
-                "SELECT MIN(last_received_at + CASE WHEN study_uid IN"
-                " (SELECT study_uid FROM delivering) THEN ? ELSE ? END)"
-                " FROM studies WHERE state = ?",
-                (max(quiet_s, hold_s), quiet_s, StudyState.RECEIVING),
+                "SELECT MIN(st.last_received_at + MAX(?, COALESCE((SELECT MAX(CASE WHEN"
+                " d.interrupted THEN ? ELSE ? END) FROM delivering d"
+                " WHERE d.study_uid = st.study_uid), 0)))"
+                " FROM studies st WHERE st.state = ?",
+                (quiet_s, interrupted_s, hold_s, StudyState.RECEIVING),
             ).fetchone()
         return None if due is None else float(due)
 
@@ -691,19 +740,24 @@ class StudyIndex:
     # -- completion units other than the quiet study ----------------------------
 
     def quiet_series(
-        self, quiet_s: float, now: float | None = None, *, hold_s: float = 0.0
+        self,
+        quiet_s: float,
+        now: float | None = None,
+        *,
+        hold_s: float = 0.0,
+        interrupted_s: float = 0.0,
     ) -> list[SeriesInfo]:
         """Series of still-receiving studies that have been quiet for ``quiet_s``; a
-        series an open association is still delivering waits as a study does
-        (:meth:`complete_quiet_studies`)."""
+        series an open or interrupted association was delivering waits as a study
+        does (:meth:`complete_quiet_studies`)."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
                 "SELECT se.study_uid, se.series_uid FROM series se JOIN studies st"
                 " ON st.study_uid = se.study_uid WHERE st.state = ? AND se.last_received_at <= ?"
-                " AND (se.last_received_at <= ? OR se.series_uid NOT IN"
-                " (SELECT series_uid FROM delivering))",
-                (StudyState.RECEIVING, now - quiet_s, now - max(quiet_s, hold_s)),
+                " AND NOT EXISTS (SELECT 1 FROM delivering d WHERE d.series_uid = se.series_uid"
+                f" AND se.last_received_at > {_HOLD_SINCE})",
+                (StudyState.RECEIVING, now - quiet_s, now, interrupted_s, hold_s),
             ).fetchall()
         wanted = {series_uid for _, series_uid in rows}
         studies = sorted({study_uid for study_uid, _ in rows})

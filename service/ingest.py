@@ -225,12 +225,13 @@ class Ingest:
         with self._delivering_lock:
             self._delivering[association] = delivering
 
-    def association_ended(self, association: str) -> None:
-        """The association was released or aborted: it holds no study open any more."""
+    def association_ended(self, association: str, aborted: bool = False) -> None:
+        """The association was released (it holds no study open any more) or aborted
+        (its study waits a while for the PACS to send the rest again)."""
         with self._delivering_lock:
             held = self._delivering.pop(association, None)
         if held is not None:
-            self._index.end_delivery(association)
+            self._index.end_delivery(association, aborted=aborted)
 
     def _check_study_size(self, study_uid: str, incoming: int) -> None:
         if not self._max_study_bytes:

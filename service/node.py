@@ -63,8 +63,9 @@ class Node:
             # node.max_study_mb may have been raised for the studies it refused: their
             # jobs run again on what they hold once the PACS has sent them again
             self.index.forget_refused_too_large()
-            # no association is open yet: a killed run's holds would delay completion
-            self.index.forget_deliveries()
+            # the associations open when the node stopped were cut: their studies wait
+            # study.interrupted_wait_s for the PACS to send the rest
+            self.index.interrupt_deliveries()
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(
                 f"cannot use node.data_dir {data_dir}: {exc}; make it writable for radnode"
@@ -92,7 +93,10 @@ class Node:
             self.index.close()
             raise StartupError(f"DICOM TLS: {exc}") from exc
         self.receivers = ReceiverPool(
-            settings.node.receiver_processes - 1, config_path, self.metrics
+            settings.node.receiver_processes - 1,
+            config_path,
+            self.metrics,
+            on_exit=lambda pid, _code: self.index.interrupt_deliveries(pid),
         )
         self.dispatcher = Dispatcher(
             self.index,
@@ -100,6 +104,7 @@ class Node:
             lambda job: self.tracker.submit(job),
             settings.study.completion_timeout_s,
             hold_s=settings.node.network_timeout_s,
+            interrupted_s=settings.study.interrupted_wait_s,
         )
         self.completion = CompletionMonitor(
             self.index,
@@ -107,6 +112,7 @@ class Node:
             on_complete=self.dispatcher.on_study_complete,
             metrics=self.metrics,
             hold_s=settings.node.network_timeout_s,
+            interrupted_s=settings.study.interrupted_wait_s,
         )
         self.outbox = Outbox(outbox_path(settings))
         self.metrics.watch_deliveries(

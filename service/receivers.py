@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -149,8 +150,17 @@ def apply_count(line: str, metrics: ReceiveCounter) -> bool:
 class ReceiverPool:
     """``count`` receiver processes accepting on the node's listening sockets."""
 
-    def __init__(self, count: int, config_path: Path | None, metrics: ReceiveCounter) -> None:
+    def __init__(
+        self,
+        count: int,
+        config_path: Path | None,
+        metrics: ReceiveCounter,
+        on_exit: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``on_exit(pid, exit_code)``: a receiver process ended (the node marks what
+        its associations were delivering as interrupted)."""
         self.count = count
+        self._on_exit = on_exit
         self._config_path = config_path
         self._metrics = metrics
         self._supervisor: ProcessSupervisor | None = None
@@ -178,6 +188,7 @@ class ReceiverPool:
             died_action="it is restarted and the other receivers go on; if this repeats,"
             " check the logs above it",
             pass_fds=(*fds, write_fd),
+            on_exit=self._on_exit,
         )
         self._supervisor.start()
         # the children hold the write end; the node keeps its copy for restarts

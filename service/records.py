@@ -112,6 +112,9 @@ class StudySummary:
     first_received_at: float
     last_received_at: float
     completed_at: float | None
+    #: Completed after the association sending it was aborted (or the node stopped)
+    #: and the PACS did not send it again within ``study.interrupted_wait_s``.
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)

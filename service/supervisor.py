@@ -125,7 +125,11 @@ class ProcessSupervisor:
                     action=self.died_action,
                 )
                 if self.on_exit is not None:
-                    self.on_exit(proc.pid, code)
+                    try:
+                        self.on_exit(proc.pid, code)
+                    except Exception:  # the restart below must happen all the same
+                        log.exception(f"{self.role}.exit_handling_failed", pid=proc.pid,
+                                      action="check the data_dir disk")  # fmt: skip
                 self._respawn_at[i] = now + delay
 
     def _restart_delay(self, slot: int, now: float) -> float:

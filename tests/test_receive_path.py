@@ -344,22 +344,55 @@ def test_a_series_is_held_while_its_association_is_on_it_not_after(parts) -> Non
     assert quiet == {first.SeriesInstanceUID, second.SeriesInstanceUID}
 
 
-def test_a_hold_ends_after_hold_s_and_at_the_nodes_start(parts) -> None:
+def test_a_hold_ends_after_hold_s(parts) -> None:
     """An association the node did not see close (a receiver process killed) holds
-    its study for at most ``hold_s`` after its last instance, and not past a restart."""
+    its study for at most ``hold_s`` after its last instance."""
     _, index, ingest = parts
     ds = ct_small()
     assert ingest.store(received(ds, association="lost")) == StoreStatus.SUCCESS
     time.sleep(0.05)
     assert CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now() == []
-    assert len(CompletionMonitor(index, quiet_s=0.01, hold_s=0.02).check_now()) == 1
-    late = ct_small()
-    late.SOPInstanceUID = generate_uid()
-    assert ingest.store(received(late, association="lost2")) == StoreStatus.SUCCESS
+    (study,) = CompletionMonitor(index, quiet_s=0.01, hold_s=0.02).check_now()
+    assert not study.interrupted
+
+
+@pytest.mark.parametrize("cut", ["aborted", "node restarted"])
+def test_a_cut_sending_waits_interrupted_s_for_the_rest_then_completes_marked(
+    parts, cut: str
+) -> None:
+    """Acceptance pass: the node killed after 457 of a CT's 600 slices, the study
+    completed five seconds after the restart and a final result on 457 slices went out.
+    An aborted association, or one open when the node stopped, holds its study for
+    ``interrupted_s``; the PACS sending again ends the wait; with nothing more the
+    study completes marked interrupted."""
+    _, index, ingest = parts
+    first, rest = ct_small(), ct_small()
+    rest.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(first, association="a1")) == StoreStatus.SUCCESS
+    if cut == "aborted":
+        ingest.association_ended("a1", aborted=True)
+    else:
+        index.interrupt_deliveries()  # what the node does at its start
     time.sleep(0.05)
-    assert CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now() == []
-    index.forget_deliveries()
-    assert len(CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now()) == 1
+    waiting = CompletionMonitor(index, quiet_s=0.01, hold_s=0.01, interrupted_s=30, poll_s=0.5)
+    assert waiting.check_now() == []  # well past quiet_s and hold_s
+    assert waiting._next_wait() >= 0.5  # no spin on it
+    # the PACS sends the rest on a new association, and releases it
+    assert ingest.store(received(rest, association="a2")) == StoreStatus.SUCCESS
+    ingest.association_ended("a2")
+    time.sleep(0.05)
+    (study,) = waiting.check_now()
+    assert study.instance_count == 2 and not study.interrupted
+    # a study cut and never sent again completes after interrupted_s, marked
+    other = ct_small()
+    other.StudyInstanceUID, other.SOPInstanceUID = generate_uid(), generate_uid()
+    assert ingest.store(received(other, association="a3")) == StoreStatus.SUCCESS
+    ingest.association_ended("a3", aborted=True)
+    time.sleep(0.05)
+    with structlog.testing.capture_logs() as logs:
+        (late,) = CompletionMonitor(index, quiet_s=0.01, interrupted_s=0.02).check_now()
+    assert late.interrupted and late.study_uid == other.StudyInstanceUID
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["study.interrupted"]
 
 
 def test_index_lists_series_with_routing_attributes(parts) -> None:
