@@ -11,6 +11,7 @@ Routes (the OpenAPI 3.1 document at ``GET /openapi.json`` describes each)::
     GET  /api/workers              the workers heard from, alive or silent
     POST /api/jobs/{job_id}/retry  run a failed job again, or resend its dead letters
     POST /api/jobs/{job_id}/discard  give its dead letters up for good (bearer token)
+    POST /api/dead-letters/resend  resend every dead letter (?destination=) (bearer token)
     GET  /openapi.json             this API's OpenAPI document
 
 Why the standard library's :class:`~http.server.ThreadingHTTPServer` and not a web
@@ -145,6 +146,11 @@ class StatusSource(Protocol):
     def discard_dead_letters(self, job_id: str) -> list[str] | None:
         """Give up job ``job_id``'s dead letters for good; the destinations they were
         for (empty: it has none), or None when no job has that id."""
+        ...
+
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+        """Resend every dead letter (to ``destination`` only, if given), oldest first;
+        the jobs resent, and those left dead because a later job replaces them."""
         ...
 
     def readiness(self) -> dict[str, bool | str]:
@@ -478,6 +484,29 @@ def _discard(api: ApiServer, request: _Request) -> _Response:
     return _json(HTTPStatus.OK, {"job_id": job_id, "discarded": destinations})
 
 
+def _resend_dead_letters(api: ApiServer, request: _Request) -> _Response:
+    """After an outage longer than the retries (about three hours by default) every
+    result to that destination is a dead letter, and resending them job by job was the
+    only way (acceptance pass)."""
+    refusal = api.authorize(request)
+    if refusal is not None:
+        return refusal
+    values = request.query.get("destination")
+    destination = values[-1] if values else None
+    resent, superseded = api.source.resend_dead_letters(destination)
+    log.info(
+        "api.dead_letters_resent",
+        destination=destination,
+        jobs=len(resent),
+        superseded=len(superseded),
+        peer_address=request.peer,
+    )
+    return _json(
+        HTTPStatus.ACCEPTED,
+        {"destination": destination, "resent": resent, "superseded": superseded},
+    )
+
+
 def _openapi(api: ApiServer, request: _Request) -> _Response:
     return _json(HTTPStatus.OK, openapi_document())
 
@@ -492,6 +521,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/api/workers", _workers),
     _route("POST", "/api/jobs/{job_id}/retry", _retry),
     _route("POST", "/api/jobs/{job_id}/discard", _discard),
+    _route("POST", "/api/dead-letters/resend", _resend_dead_letters),
     _route("GET", "/openapi.json", _openapi),
 )
 
@@ -1102,6 +1132,44 @@ def openapi_document() -> dict[str, Any]:
                         },
                         **_operator_errors(),
                         "409": _error_response("The job has no dead letters."),
+                    },
+                }
+            },
+            "/api/dead-letters/resend": {
+                "post": {
+                    "operationId": "resendDeadLetters",
+                    "summary": "Resend every dead letter, oldest first (after an outage);"
+                    " a job a later one replaces is left as it is.",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {
+                            "name": "destination",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only the dead letters to this destination.",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "202": {
+                            "description": "Queued again; the jobs resent and those left.",
+                            "content": _content(
+                                {
+                                    "type": "object",
+                                    "required": ["destination", "resent", "superseded"],
+                                    "properties": {
+                                        "destination": {"type": ["string", "null"]},
+                                        "resent": {"type": "array", "items": {"type": "string"}},
+                                        "superseded": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            ),
+                        },
+                        "401": _error_response("No bearer token was sent."),
+                        "403": _error_response("Wrong token, or no http.token configured."),
                     },
                 }
             },

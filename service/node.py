@@ -481,6 +481,22 @@ class NodeStatus:
             )
         return sorted({item.destination for item in dropped})
 
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+        index, outbox = self._node.index, self._node.outbox
+        dead = outbox.list(state=DeliveryState.DEAD, destination=destination, limit=1_000_000)
+        resent: dict[str, None] = {}
+        superseded: dict[str, None] = {}
+        for item in sorted(dead, key=lambda d: d.id):  # the order they were made in
+            job = index.job(item.job_id)
+            if job is not None and index.superseded_by(job) is not None:
+                superseded[item.job_id] = None  # it would land after its revision
+                continue
+            outbox.resend(item.id)
+            resent[item.job_id] = None
+        if resent:
+            self._node.delivery.wake()
+        return list(resent), list(superseded)
+
     def readiness(self) -> dict[str, bool | str]:
         node = self._node
         checks: dict[str, bool | str] = {

@@ -281,7 +281,8 @@ def _undelivered_table(jobs: Sequence[Item], now: float) -> Table:
 
 def _dead_letters_table(letters: Sequence[Item], now: float) -> Table:
     table = Table(
-        title="Dead letters (resend: POST /api/jobs/{id}/retry; give up: .../discard)",
+        title="Dead letters (resend: POST /api/jobs/{id}/retry, or all of them:"
+        " POST /api/dead-letters/resend; give up: /api/jobs/{id}/discard)",
         title_justify="left",
     )
     for name in ("job", "study", "pipeline", "destination", "tries", "given up", "error"):

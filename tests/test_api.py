@@ -108,6 +108,11 @@ class FakeNode:
         self.letters = [letter for letter in self.letters if letter.job_id != job_id]
         return dropped
 
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+        jobs = [d.job_id for d in self.letters if destination in (None, d.destination)]
+        self.letters = [d for d in self.letters if d.job_id not in jobs]
+        return jobs, []
+
     def readiness(self) -> dict[str, bool | str]:
         return dict(self.checks)
 
@@ -606,3 +611,60 @@ def test_an_operator_can_give_up_a_jobs_dead_letters_for_good(
         assert 'radnode_dead_letters_open{destination="pacs"} 0.0' in answer.read().decode()
     (said,) = node.wait_for_event("delivery.discarded")
     assert (said["job"], said["destination"]) == (dead["job"], "pacs")
+
+
+def test_an_operator_resends_every_dead_letter_of_a_destination_at_once(
+    radnode_factory, tmp_path: Path
+) -> None:
+    """Acceptance pass: after a PACS outage longer than the retries, every result was a
+    dead letter and had to be resent job by job. One call resends them all, oldest
+    first; the PACS (DCMTK storescp, started once they are dead) gets every result."""
+    import subprocess
+
+    from service.testing import write_ct_series
+    from tests.conftest import dcmtk_env, require_tool, storescu, wait_for_port
+    from tests.support.bundles import write_threshold_bundle
+
+    write_threshold_bundle(tmp_path / "models")
+    secret = "resend-token"
+    pacs_port = free_port()
+    node = radnode_factory(
+        RADNODE_HTTP__TOKEN=secret,
+        RADNODE_MODELS__DIR=str(tmp_path / "models"),
+        RADNODE_STUDY__COMPLETION_TIMEOUT_S="1",
+        RADNODE_ROUTES=json.dumps([{"name": "bone", "pipeline": "bone_threshold",
+                                    "match": {"Modality": "CT"}, "destinations": ["pacs"]}]),
+        RADNODE_DESTINATIONS=json.dumps([{"name": "pacs", "type": "dicom",
+                                          "host": "127.0.0.1", "port": pacs_port,
+                                          "ae_title": "PACS", "max_attempts": 1}]),
+    ).start()  # fmt: skip
+    for n in range(2):
+        files = write_ct_series(tmp_path / f"ct{n}", slices=8, rows=16, columns=16, seed=n)
+        assert storescu(node.port, files).returncode == 0
+    dead = node.wait_for_event("dicom.dead_letter", timeout=120, count=2)
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PACS", "-od", str(received), str(pacs_port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(pacs_port, proc=pacs)
+        url = f"http://127.0.0.1:{node.http_port}/api/dead-letters/resend?destination=pacs"
+        refused = urllib.request.Request(url, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as no_token:
+            urllib.request.urlopen(refused, timeout=10)
+        assert no_token.value.code == 401
+        request = urllib.request.Request(
+            url, method="POST", headers={"Authorization": f"Bearer {secret}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 202
+            body = json.loads(answer.read())
+        assert body["resent"] == [d["job"] for d in dead] and body["superseded"] == []
+        sent = node.wait_for_event("dicom.sent", timeout=60, count=2)
+        assert [e["job"] for e in sent] == body["resent"]  # in the order they were made
+        assert len(list(received.iterdir())) >= 2
+    finally:
+        pacs.kill()
+        pacs.wait(timeout=10)
