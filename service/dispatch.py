@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from service.index import StudyIndex
-from service.observability import RepeatedFailureLog
+from service.observability import RepeatedFailureLog, redact_quoted
 from service.records import JobRecord, SeriesInfo, StudySummary
 from service.routing import RouteRule, plan
 from service.uids import study_key
@@ -132,7 +132,6 @@ class Dispatcher:
             )  # fmt: skip
             if job is None:
                 continue  # this series at this size already has its job
-            self.enqueue(job)
             created.append(job)
             log.info(
                 "job.queued",
@@ -142,6 +141,21 @@ class Dispatcher:
                 routes=list(job.routes),
                 trigger=trigger,
             )
+            try:
+                self.enqueue(job)
+            except Exception as exc:
+                # Queued in the index all the same: the tracker's pass submits every
+                # unfinished job without a run once the queue answers. Raised, it was an
+                # error with a traceback per study while Redis was down, and the study's
+                # other jobs were made only on the hand-over's retry (acceptance pass).
+                log.warning(
+                    "job.submit_deferred",
+                    job=job.job_id,
+                    study=key,
+                    reason=redact_quoted(f"{type(exc).__name__}: {exc}"),
+                    action="check the queue (queue.url, Redis); the job is submitted once"
+                    " it answers",
+                )
         if not decided.matched and trigger == "study_complete":
             log.info(
                 "study.unrouted",

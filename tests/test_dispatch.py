@@ -55,6 +55,26 @@ def test_study_completion_queues_one_job_per_series_and_pipeline(index: StudyInd
     assert index.jobs_by_state() == {JobState.QUEUED.value: 2}
 
 
+def test_a_queue_that_does_not_answer_leaves_every_job_queued_for_later(index: StudyIndex) -> None:
+    """Redis down while a study completed: the first job's submit raised, so the study's
+    hand-over failed with a traceback, the job had no job.queued line and the study's
+    other jobs waited for the hand-over's retry (acceptance pass). Every job is made and
+    said queued; the submit is deferred (the tracker submits jobs without a run)."""
+
+    def unreachable(job) -> None:
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    dispatcher = Dispatcher(index, [rule(match={"Modality": "CT"}, pick="all")], unreachable, 5)
+    add(index, "1.2", "1.2.1", 2, now=time.time() - 60)
+    add(index, "1.2", "1.2.2", 2, now=time.time() - 60)
+    (study,) = index.complete_quiet_studies(5)
+    with structlog.testing.capture_logs() as events:
+        jobs = dispatcher.on_study_complete(study)
+    assert len(jobs) == 2
+    assert [e["event"] for e in events] == ["job.queued", "job.submit_deferred"] * 2
+    assert index.jobs_by_state() == {JobState.QUEUED.value: 2}
+
+
 def test_series_completion_routes_before_the_study_is_complete(index: StudyIndex) -> None:
     queued: list[str] = []
     routes = [rule(match={"Modality": "CT"}, completion="series")]
