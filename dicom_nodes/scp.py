@@ -35,6 +35,7 @@ import copy
 import functools
 import itertools
 import os
+import secrets
 import socket
 import ssl
 import threading
@@ -69,8 +70,12 @@ _STORE_WAIT_S = 30.0
 _association_serial = itertools.count(1)
 
 
+#: Told apart from an earlier run's (a container's radnode is pid 1 at every start).
+_RUN = secrets.token_hex(4)
+
+
 def _association_name() -> str:
-    return f"{os.getpid()}-{next(_association_serial)}"
+    return f"{os.getpid()}-{_RUN}-{next(_association_serial)}"
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,9 @@ class _AssociationStats:
     storing: threading.RLock = field(default_factory=threading.RLock, repr=False)
     started: float = field(default_factory=time.monotonic)
     name: str = field(default_factory=_association_name)
+    #: When the last store ended (monotonic): an abort after network_timeout_s of
+    #: nothing is the node closing an idle association, not a delivery cut short.
+    last_store: float = field(default_factory=time.monotonic)
     instances: int = 0
     failures: int = 0
     bytes: int = 0
@@ -569,6 +577,7 @@ class StorageSCP:
                 log.exception("store.unexpected_error", action="report this as a bug")
                 status = StoreStatus.PROCESSING_FAILURE
             if stats is not None:
+                stats.last_store = time.monotonic()
                 if status == StoreStatus.SUCCESS:
                     stats.instances += 1
                     stats.bytes += len(data_set)
@@ -695,7 +704,11 @@ class StorageSCP:
         )
         if self._on_association_end is not None:
             try:
-                self._on_association_end(stats.name, outcome == "aborted")
+                idle_s = time.monotonic() - stats.last_store
+                # the node's own idle timeout aborts an association that sent nothing
+                # for network_timeout_s: its study is not cut short (review)
+                cut = outcome == "aborted" and idle_s < 0.9 * self._policy.network_timeout_s
+                self._on_association_end(stats.name, cut)
             except Exception:  # the peer is gone already; never fail the close
                 log.exception("association.end_failed", action="report this as a bug")
         self._notify(outcome)

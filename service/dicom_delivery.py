@@ -205,7 +205,9 @@ def _is_transient(status: int | None) -> bool:
 
 
 def _refused_for_good(outcome: FileOutcome) -> bool:
-    return outcome.state in (FileState.NO_CONTEXT, FileState.UNREADABLE) or (
+    """The peer refused it and would again. A file radnode could not read is not: on
+    shared storage it may not be there yet (review)."""
+    return outcome.state is FileState.NO_CONTEXT or (
         outcome.state is FileState.FAILED and not _is_transient(outcome.status)
     )
 
@@ -262,11 +264,12 @@ def _summary(report: SendReport, earlier: int = 0) -> str:
     return "; ".join(parts)
 
 
-def acknowledged_record(folder: Path, destination: str) -> Path:
+def acknowledged_record(folder: Path, destination: str, peer: str = "") -> Path:
     """Where the names of the files ``destination`` acknowledged are kept, next to them
-    (a readable name, and a hash so that two names that read alike stay apart)."""
+    (a readable name, and a hash of the name and ``peer``: a destination pointed at
+    another PACS, or two names that read alike, do not share a record)."""
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", destination)[:40]
-    digest = hashlib.sha256(destination.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{destination}|{peer}".encode()).hexdigest()[:8]
     return folder / f".acknowledged-{readable}-{digest}"
 
 
@@ -320,7 +323,8 @@ class DicomDeliverer:
         if not files:  # e.g. only a SEG, and this PACS takes none
             log.info("dicom.attempt", **ids, files=0, left_out=left_out, outcome="delivered")
             return DeliveryOutcome.delivered()
-        record = acknowledged_record(folder, item.destination)
+        peer = f"{self.settings.ae_title}@{self.settings.host}:{self.settings.port}"
+        record = acknowledged_record(folder, item.destination, peer)
         earlier = _read_acknowledged(record) & {f.name for f in files}
         todo = [f for f in files if f.name not in earlier]
         if not todo:  # acknowledged by an earlier attempt whose outcome was not recorded

@@ -97,11 +97,12 @@ class Hl7DestinationSettings(BaseModel):
     ack_timeout_s: float = Field(30.0, gt=0)
     #: Attempts before a delivery is dead-lettered (network errors are retried).
     max_attempts: int = Field(20, ge=1)
-    #: Attempts in all for a message the RIS answers with AE or AR (CE or CR): its
-    #: deliveries go in order, so one it keeps refusing must not hold back the others
-    #: for the hours ``max_attempts`` allows (acceptance pass); a few tries cover a RIS
-    #: briefly down (AR) or not yet holding the order (AE).
-    refused_attempts: int = Field(4, ge=1)
+    #: Attempts in all (those that found the RIS down count too) after which a message
+    #: the RIS answers with AE or AR (CE or CR) is dead-lettered: its deliveries go in
+    #: order, so one it keeps refusing must not hold back the others for the hours
+    #: ``max_attempts`` allows (acceptance pass); 8 tries (about ten minutes with the
+    #: default back-off) cover a RIS briefly down (AR) or not yet holding the order (AE).
+    refused_attempts: int = Field(8, ge=1)
     #: Wait after the first failed attempt; doubles after each further one.
     backoff_s: float = Field(5.0, ge=0)
     max_backoff_s: float = Field(900.0, ge=0)
@@ -197,9 +198,10 @@ def _not_mllp(answer: bytes) -> str:
     """What an answer that is no MLLP block looks like (an HTTP server, a wrong port):
     said so, it points at the port at once (acceptance pass: only "connection closed").
     Its first word only, printable ASCII: not what it may say of a patient."""
-    if not answer or answer.lstrip(b"\r\n").startswith(START_BLOCK):
+    words = answer.split(None, 1)
+    if not words or answer.lstrip().startswith(START_BLOCK):
         return ""
-    word = answer.split(None, 1)[0][:12].decode("ascii", errors="replace")
+    word = words[0][:12].decode("ascii", errors="replace")
     shown = "".join(c if c.isprintable() and c.isascii() else "?" for c in word)
     return f"; the answer is not MLLP-framed (it starts with {shown!r}): check the port"
 
@@ -232,11 +234,15 @@ def parse_ack(raw: bytes, encoding: str = "utf-8") -> Ack:
     deviations real receivers answer with, and an ACK needs no validation to be read.
     """
     text = raw.decode(encoding, errors="replace").replace("\r\n", "\r").replace("\n", "\r")
-    stripped = text.strip("\r")
-    if not stripped.startswith("MSH"):
-        raise Hl7Error("answer is not an HL7 message (it does not start with MSH)")
+    # a BOM, blanks around it, a batch (FHS/BHS ... BTS/FTS) around the one ACK:
+    # seen from receivers, and refused they made every message be sent again (review)
+    segments = [seg.strip(" \t\ufeff") for seg in text.split("\r")]
+    starts = [i for i, seg in enumerate(segments) if seg.startswith("MSH")]
+    if not starts:
+        raise Hl7Error("answer is not an HL7 message (it has no MSH segment)")
+    body = [seg for seg in segments[starts[0] :] if seg and not seg.startswith(("BTS", "FTS"))]
     try:
-        message = python_hl7.parse(stripped)
+        message = python_hl7.parse("\r".join(body))
         msa = message.segment("MSA")
     except (KeyError, ValueError, IndexError, python_hl7.ParseException) as exc:
         raise Hl7Error("answer is not an HL7 ACK (no MSA segment)") from exc

@@ -140,13 +140,13 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
 -- an open association and the series its last instance belonged to: that series and
 -- its study are held open (not completed) while the association is, within a bound
--- (complete_quiet_studies, quiet_series); interrupted: the association was aborted, or
--- the node stopped while it was open, and the PACS may send the rest again
+-- (complete_quiet_studies, quiet_series); interrupted_at: when the association was
+-- aborted, or found cut by the node's start, and the PACS may send the rest again
 CREATE TABLE IF NOT EXISTS delivering (
     association TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
-    interrupted INTEGER NOT NULL DEFAULT 0
+    interrupted_at REAL
 );
 """
 
@@ -158,9 +158,18 @@ _RECENT_OR_UNFINISHED_JOB = (
     " AND (j.state IN (?, ?) OR MAX(j.created_at, COALESCE(j.finished_at, 0)) >= ?)"
 )
 
-#: SQL (``d`` a delivering row; parameters: now, the wait of an interrupted delivery
-#: and of an open one): the time before which an instance keeps the row's hold.
-_HOLD_SINCE = "? - CASE WHEN d.interrupted THEN ? ELSE ? END"
+
+def _holds(last_received: str) -> str:
+    """SQL (``d`` a delivering row; parameters: now, hold_s, now, interrupted_s): the
+    row still holds what received its last instance at ``last_received``. An open
+    association holds for ``hold_s`` from that instance, an interrupted one for
+    ``interrupted_s`` from the interruption (review: from the last instance, a node down
+    longer than that completed every cut study the moment it started)."""
+    return (
+        f"CASE WHEN d.interrupted_at IS NULL THEN {last_received} > ? - ?"
+        " ELSE d.interrupted_at > ? - ? END"
+    )
+
 
 #: SQL: an Image Type (values joined by backslashes) with the value LOCALIZER.
 _LOCALIZER = "('\\' || COALESCE({}, '') || '\\') LIKE '%\\LOCALIZER\\%'"
@@ -208,7 +217,7 @@ class StudyIndex:
         )
         self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
         self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
-        self._add_column("delivering", "interrupted INTEGER NOT NULL DEFAULT 0")
+        self._add_column("delivering", "interrupted_at REAL")
 
     def _add_column(self, table: str, definition: str, then: str = "") -> None:
         """Add the column ``definition`` names to ``table`` unless it is there, and run
@@ -537,7 +546,7 @@ class StudyIndex:
                 " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)",
                 (study_uid,),
             )
-            for table in ("series", "jobs", "studies", "refused_no_space"):
+            for table in ("series", "jobs", "studies", "refused_no_space", "delivering"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
         return int(row[0])
 
@@ -550,7 +559,8 @@ class StudyIndex:
         with self._transaction() as db:
             # the PACS took the study up again: an interrupted sending waits no longer
             db.execute(
-                "DELETE FROM delivering WHERE study_uid = ? AND interrupted = 1", (study_uid,)
+                "DELETE FROM delivering WHERE study_uid = ? AND interrupted_at IS NOT NULL",
+                (study_uid,),
             )
             db.execute(
                 "INSERT OR REPLACE INTO delivering (association, study_uid, series_uid)"
@@ -564,7 +574,8 @@ class StudyIndex:
         with self._transaction() as db:
             if aborted:
                 db.execute(
-                    "UPDATE delivering SET interrupted = 1 WHERE association = ?", (association,)
+                    "UPDATE delivering SET interrupted_at = ? WHERE association = ?",
+                    (time.time(), association),
                 )
             else:
                 db.execute("DELETE FROM delivering WHERE association = ?", (association,))
@@ -574,11 +585,16 @@ class StudyIndex:
         the node's start of every process, were cut: their PACS may send the rest
         again. Association names begin with their process id."""
         with self._transaction() as db:
+            now = time.time()
             if pid is None:
-                db.execute("UPDATE delivering SET interrupted = 1")
+                db.execute(
+                    "UPDATE delivering SET interrupted_at = ? WHERE interrupted_at IS NULL", (now,)
+                )
             else:
                 db.execute(
-                    "UPDATE delivering SET interrupted = 1 WHERE association LIKE ?", (f"{pid}-%",)
+                    "UPDATE delivering SET interrupted_at = ?"
+                    " WHERE interrupted_at IS NULL AND association LIKE ?",
+                    (now, f"{pid}-%"),
                 )
 
     def complete_quiet_studies(
@@ -595,8 +611,8 @@ class StudyIndex:
         study) waits for the association to close, at most ``hold_s`` from its last
         instance: a longer silence is an association the node closes as idle anyway,
         or the row of a receiver process that was killed. One whose association was
-        aborted, or cut by the node stopping, waits ``interrupted_s`` from its last
-        instance for the PACS to send the rest (a new association on it ends that
+        aborted, or cut by the node stopping, waits ``interrupted_s`` from the
+        interruption for the PACS to send the rest (a new association on it ends that
         wait); it completes marked ``interrupted`` if none came.
         """
         now = time.time() if now is None else now
@@ -605,15 +621,16 @@ class StudyIndex:
                 "UPDATE studies SET state = ?, completed_at = ?"
                 " WHERE state = ? AND last_received_at <= ? AND NOT EXISTS"
                 " (SELECT 1 FROM delivering d WHERE d.study_uid = studies.study_uid"
-                f" AND studies.last_received_at > {_HOLD_SINCE}) RETURNING study_uid",
+                f" AND {_holds('studies.last_received_at')}) RETURNING study_uid",
                 (
                     StudyState.COMPLETE,
                     now,
                     StudyState.RECEIVING,
                     now - quiet_s,
                     now,
-                    interrupted_s,
                     hold_s,
+                    now,
+                    interrupted_s,
                 ),
             ).fetchall()
             uids = [uid for (uid,) in rows]
@@ -621,11 +638,16 @@ class StudyIndex:
                 uid
                 for uid in uids
                 if db.execute(
-                    "SELECT 1 FROM delivering WHERE study_uid = ? AND interrupted = 1", (uid,)
+                    "SELECT 1 FROM delivering WHERE study_uid = ? AND interrupted_at IS NOT NULL",
+                    (uid,),
                 ).fetchone()
             }
-            for uid in uids:  # what held them is past: rows of cut or idle associations
-                db.execute("DELETE FROM delivering WHERE study_uid = ?", (uid,))
+            for uid in interrupted:  # waited out; an open association's row stays until
+                # it closes (deleted here, its receiver would not write it again: review)
+                db.execute(
+                    "DELETE FROM delivering WHERE study_uid = ? AND interrupted_at IS NOT NULL",
+                    (uid,),
+                )
         studies = [s for s in (self.study(uid) for uid in uids) if s is not None]
         return [replace(s, interrupted=s.study_uid in interrupted) for s in studies]
 
@@ -636,11 +658,12 @@ class StudyIndex:
         runs out), or None."""
         with self._lock:
             (due,) = self._db.execute(
-                "SELECT MIN(st.last_received_at + MAX(?, COALESCE((SELECT MAX(CASE WHEN"
-                " d.interrupted THEN ? ELSE ? END) FROM delivering d"
+                "SELECT MIN(MAX(st.last_received_at + ?, COALESCE((SELECT MAX(CASE WHEN"
+                " d.interrupted_at IS NULL THEN st.last_received_at + ?"
+                " ELSE d.interrupted_at + ? END) FROM delivering d"
                 " WHERE d.study_uid = st.study_uid), 0)))"
                 " FROM studies st WHERE st.state = ?",
-                (quiet_s, interrupted_s, hold_s, StudyState.RECEIVING),
+                (quiet_s, hold_s, interrupted_s, StudyState.RECEIVING),
             ).fetchone()
         return None if due is None else float(due)
 
@@ -756,8 +779,8 @@ class StudyIndex:
                 "SELECT se.study_uid, se.series_uid FROM series se JOIN studies st"
                 " ON st.study_uid = se.study_uid WHERE st.state = ? AND se.last_received_at <= ?"
                 " AND NOT EXISTS (SELECT 1 FROM delivering d WHERE d.series_uid = se.series_uid"
-                f" AND se.last_received_at > {_HOLD_SINCE})",
-                (StudyState.RECEIVING, now - quiet_s, now, interrupted_s, hold_s),
+                f" AND {_holds('se.last_received_at')})",
+                (StudyState.RECEIVING, now - quiet_s, now, hold_s, now, interrupted_s),
             ).fetchall()
         wanted = {series_uid for _, series_uid in rows}
         studies = sorted({study_uid for study_uid, _ in rows})

@@ -26,6 +26,10 @@ def claim(result_dir: Path, attempt: int) -> None:
     """Mark ``result_dir`` as this run's, unless a later attempt already holds it."""
     check(result_dir, attempt)
     result_dir.mkdir(parents=True, exist_ok=True)
+    # what a PACS acknowledged of an earlier run's files is not what this run writes
+    # (service.dicom_delivery keeps those records in the folder; review)
+    for record in result_dir.rglob(".acknowledged-*"):
+        record.unlink(missing_ok=True)
     partial = result_dir / f"{CLAIM_FILE}.{attempt}.{os.getpid()}"
     partial.write_text(str(attempt), encoding="ascii")
     os.replace(partial, result_dir / CLAIM_FILE)

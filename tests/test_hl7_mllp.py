@@ -504,8 +504,23 @@ def test_a_service_that_is_not_mllp_on_the_ris_port_is_named_as_such() -> None:
 
 
 def test_an_answer_without_msh_is_said_to_be_no_hl7_message() -> None:
-    with pytest.raises(Hl7Error, match="does not start with MSH"):
+    with pytest.raises(Hl7Error, match="has no MSH segment"):
         parse_ack(b"MSA|AA|abc\r")
+
+
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        b"\xef\xbb\xbfMSH|^~\\&|RIS|H|RADNODE|H|20250101||ACK|9|P|2.5.1\rMSA|AA|abc\r",
+        b"  \r\nMSH|^~\\&|RIS|H|RADNODE|H|20250101||ACK|9|P|2.5.1\r\nMSA|AA|abc\r\n",
+        b"FHS|^~\\&|RIS\rBHS|^~\\&|RIS\rMSH|^~\\&|RIS|H|RADNODE|H|20250101||ACK|9|P|2.5.1\r"
+        b"MSA|AA|abc\rBTS|1\rFTS|1\r",
+    ],
+)
+def test_an_ack_with_a_bom_blanks_or_a_batch_around_it_is_read(wrapped: bytes) -> None:
+    """Review: refused, such an ACK made the same ORU be sent for three hours."""
+    ack = parse_ack(wrapped)
+    assert (ack.code, ack.control_id) == ("AA", "abc")
 
 
 @pytest.mark.integration

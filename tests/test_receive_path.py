@@ -356,6 +356,21 @@ def test_a_hold_ends_after_hold_s(parts) -> None:
     assert not study.interrupted
 
 
+def test_an_open_association_that_outlasted_its_hold_holds_the_reopened_study(parts) -> None:
+    """Review: completing a study deleted the row of the association still open on it,
+    and the receiver, which writes a row only when the association moves to another
+    series, never wrote it again: the reopened study completed under its feet."""
+    _, index, ingest = parts
+    first, later = ct_small(), ct_small()
+    later.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(first, association="slow")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert len(CompletionMonitor(index, quiet_s=0.01, hold_s=0.02).check_now()) == 1
+    assert ingest.store(received(later, association="slow")) == StoreStatus.SUCCESS
+    time.sleep(0.05)
+    assert CompletionMonitor(index, quiet_s=0.01, hold_s=30).check_now() == []
+
+
 @pytest.mark.parametrize("cut", ["aborted", "node restarted"])
 def test_a_cut_sending_waits_interrupted_s_for_the_rest_then_completes_marked(
     parts, cut: str

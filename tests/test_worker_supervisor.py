@@ -280,3 +280,18 @@ def test_a_not_analyzed_report_is_kept_apart_from_the_results_folder(tmp_path: P
     assert deliverable.path == str(out / NOT_ANALYZED_FOLDER)
     assert [p.name[:3] for p in (out / NOT_ANALYZED_FOLDER).iterdir()] == ["SR_"]
     assert not (out / DICOM_FOLDER).exists()
+
+
+def test_a_run_that_claims_a_results_folder_forgets_what_a_pacs_acknowledged_of_it(
+    tmp_path: Path,
+) -> None:
+    """Review: a run writing into a folder an earlier run's results were delivered from
+    would have had its new files taken as acknowledged, and none sent."""
+    from service.dicom_delivery import acknowledged_record
+    from service.run_claim import claim
+
+    record = acknowledged_record(tmp_path / "job" / "dicom", "pacs", "PACS@h:104")
+    record.parent.mkdir(parents=True)
+    record.write_text("SR_1.2.3.dcm\n")
+    claim(tmp_path / "job", 2)
+    assert not record.exists()
