@@ -353,6 +353,7 @@ def test_no_patient_data_or_uid_in_any_response(stack: Stack) -> None:
             bodies.append(call(stack.api, route.template)[2].decode())
     bodies.append(call(stack.api, "/api/jobs/j-failed/retry", "POST", TOKEN)[2].decode())
     bodies.append(call(stack.api, "/api/jobs/j-failed/discard", "POST", TOKEN)[2].decode())
+    bodies.append(call(stack.api, "/api/dead-letters/resend", "POST", TOKEN)[2].decode())
     assert len(bodies) == len(ROUTES)
     for body in bodies:
         for secret in secrets:
