@@ -148,9 +148,11 @@ class StatusSource(Protocol):
         for (empty: it has none), or None when no job has that id."""
         ...
 
-    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]] | None:
         """Resend every dead letter (to ``destination`` only, if given), oldest first;
-        the jobs resent, and those left dead because a later job replaces them."""
+        the jobs resent, and those left dead because a later job replaces them. None
+        when ``destination`` is neither configured nor named by any dead letter (a
+        typo, which would otherwise be answered "nothing to resend")."""
         ...
 
     def readiness(self) -> dict[str, bool | str]:
@@ -493,7 +495,15 @@ def _resend_dead_letters(api: ApiServer, request: _Request) -> _Response:
         return refusal
     values = request.query.get("destination")
     destination = values[-1] if values else None
-    resent, superseded = api.source.resend_dead_letters(destination)
+    outcome = api.source.resend_dead_letters(destination)
+    if outcome is None:
+        return _problem(
+            HTTPStatus.NOT_FOUND,
+            "no destination has this name",
+            "use a name from [[destinations]] in the configuration, or leave out"
+            " ?destination= to resend every dead letter",
+        )
+    resent, superseded = outcome
     log.info(
         "api.dead_letters_resent",
         destination=destination,
@@ -1170,6 +1180,9 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "401": _error_response("No bearer token was sent."),
                         "403": _error_response("Wrong token, or no http.token configured."),
+                        "404": _error_response(
+                            "No destination of that name is configured or has dead letters."
+                        ),
                     },
                 }
             },

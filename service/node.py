@@ -481,9 +481,12 @@ class NodeStatus:
             )
         return sorted({item.destination for item in dropped})
 
-    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]] | None:
         index, outbox = self._node.index, self._node.outbox
         dead = outbox.list(state=DeliveryState.DEAD, destination=destination, limit=1_000_000)
+        configured = {d.name for d in self._node.settings.destinations}
+        if destination is not None and destination not in configured and not dead:
+            return None
         resent: dict[str, None] = {}
         superseded: dict[str, None] = {}
         for item in sorted(dead, key=lambda d: d.id):  # the order they were made in

@@ -108,7 +108,9 @@ class FakeNode:
         self.letters = [letter for letter in self.letters if letter.job_id != job_id]
         return dropped
 
-    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]]:
+    def resend_dead_letters(self, destination: str | None) -> tuple[list[str], list[str]] | None:
+        if destination is not None and destination not in {d.destination for d in self.letters}:
+            return None
         jobs = [d.job_id for d in self.letters if destination in (None, d.destination)]
         self.letters = [d for d in self.letters if d.job_id not in jobs]
         return jobs, []
@@ -656,6 +658,14 @@ def test_an_operator_resends_every_dead_letter_of_a_destination_at_once(
         with pytest.raises(urllib.error.HTTPError) as no_token:
             urllib.request.urlopen(refused, timeout=10)
         assert no_token.value.code == 401
+        typo = urllib.request.Request(
+            url.replace("=pacs", "=pcas"),
+            method="POST",
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as unknown:
+            urllib.request.urlopen(typo, timeout=10)
+        assert unknown.value.code == 404  # a typo is not "nothing to resend"
         request = urllib.request.Request(
             url, method="POST", headers={"Authorization": f"Bearer {secret}"}
         )
