@@ -176,12 +176,15 @@ def disk_space_check(path: Path, min_free_bytes: int) -> bool | str:
     """A readiness check: is there at least ``min_free_bytes`` free under ``path``?
 
     The same threshold as the receive path's, so the node reports not ready exactly
-    when it would answer C-STOREs with A700.
+    when it would answer C-STOREs with A700; a full disk is not ready even with the
+    threshold set to 0 (every write would fail: failure pass).
     """
     try:
         free = shutil.disk_usage(path).free
     except OSError as exc:
         return f"cannot read free space of node.data_dir: {exc.strerror}; check the volume"
+    if free == 0:
+        return "the disk under node.data_dir is full; free disk space"
     if free < min_free_bytes:
         return (
             f"{free // 2**20} MB free, below node.min_free_disk_mb "

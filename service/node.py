@@ -96,7 +96,7 @@ class Node:
             settings.node.receiver_processes - 1,
             config_path,
             self.metrics,
-            on_exit=lambda pid, _code: self.index.interrupt_deliveries(pid),
+            on_exit=self._receiver_died,
         )
         self.dispatcher = Dispatcher(
             self.index,
@@ -279,6 +279,15 @@ class Node:
                 action="the RADNODE_* environment variables win over the file for these"
                 " keys; unset them to use the file's values",
             )
+
+    def _receiver_died(self, pid: int, _exit_code: int) -> None:
+        """What its associations were delivering waits for the PACS to send it again;
+        the files it was writing were never acknowledged and go (a restarted receiver
+        has another pid, so they would stay until the node's next start)."""
+        self.index.interrupt_deliveries(pid)
+        removed = self.spool.discard_partials(pid)
+        if removed:
+            log.info("spool.partials_removed", files=removed, receiver_pid=pid)
 
     def _worker_died(self, pid: int, exit_code: int) -> None:
         if exit_code == TIMED_OUT_EXIT:  # it ended itself: its job ran past job_timeout_s

@@ -2,7 +2,7 @@
 
 Layout under ``<data_dir>/spool``::
 
-    incoming/<random>.part                      being written; never acknowledged
+    incoming/<pid>-<random>.part                being written; never acknowledged
     <StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
 A file is written as the received data set bytes behind a file meta header built
@@ -109,7 +109,9 @@ class Spool:
         """
         if target.parent.parent.parent != self.root:
             raise ValueError("refusing a spool path outside the spool")  # defence in depth
-        partial = self.incoming / f"{uuid.uuid4().hex}.part"
+        # named by this process: a receiver process that dies mid-write leaves its
+        # partial files to the node, which removes them (discard_partials(pid))
+        partial = self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
             self._ensure_dir(target.parent)
             with open(partial, "xb") as handle:
@@ -151,10 +153,11 @@ class Spool:
             pass  # moved all the same; at worst a crash now puts it back where it was
         return target
 
-    def discard_partials(self) -> int:
-        """Remove files left in ``incoming`` by a crash; none was ever acknowledged."""
+    def discard_partials(self, pid: int | None = None) -> int:
+        """Remove files left in ``incoming`` by a crash (only those of process ``pid``,
+        a receiver process that died while the node runs on); none was acknowledged."""
         count = 0
-        for partial in self.incoming.glob("*.part"):
+        for partial in self.incoming.glob("*.part" if pid is None else f"{pid}-*.part"):
             partial.unlink(missing_ok=True)
             count += 1
         return count

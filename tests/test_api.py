@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -269,6 +270,16 @@ def test_disk_space_check_uses_the_receive_threshold(tmp_path: Path) -> None:
     verdict = disk_space_check(tmp_path, 2**62)
     assert isinstance(verdict, str) and "node.min_free_disk_mb" in verdict
     assert isinstance(disk_space_check(tmp_path / "missing", 0), str)
+
+
+def test_a_full_disk_is_not_ready_even_with_no_threshold(tmp_path: Path, monkeypatch) -> None:
+    """A full file system cannot be made here without root (a tmpfs mount), so the
+    free-space reading is replaced: with ``min_free_disk_mb = 0`` a full disk read as
+    ready while every C-STORE failed (failure pass)."""
+    full = shutil.disk_usage(tmp_path)._replace(free=0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: full)
+    verdict = disk_space_check(tmp_path, 0)
+    assert isinstance(verdict, str) and "full" in verdict
 
 
 def test_studies_are_listed_by_key_with_counts(stack: Stack) -> None:

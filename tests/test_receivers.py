@@ -130,9 +130,19 @@ def test_a_receiver_process_that_dies_is_restarted_and_readiness_says_so(
 ) -> None:
     node = two_process_node
     (first,) = _receiver_pids(node)
+    # what each process was writing when the receiver died (never acknowledged)
+    incoming = node.data_dir / "spool" / "incoming"
+    its_partial = incoming / f"{first}-0123abcd.part"
+    nodes_partial = incoming / f"{node.proc.pid}-4567cdef.part"
+    its_partial.write_bytes(b"half an instance")
+    nodes_partial.write_bytes(b"being written by the node")
     os.kill(first, signal.SIGKILL)
     (died,) = node.wait_for_event("receiver.died", timeout=10)
     assert died["pid"] == first
+    (removed,) = node.wait_for_event("spool.partials_removed", timeout=10)
+    assert (removed["files"], removed["receiver_pid"]) == (1, first)
+    assert not its_partial.exists()  # not left until the node's next start
+    assert nodes_partial.exists()  # another process's write in flight is not touched
     node.wait_for_event("receiver.spawned", count=2, timeout=10)
     wait_until_ready(node.http_port, proc=node.proc)
     (second,) = _receiver_pids(node)
