@@ -37,7 +37,7 @@ from service.observability import redact_quoted
 from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
 from service.queue import JobQueue, QueueProbe
-from service.receivers import ReceiverPool, build_receive_path
+from service.receivers import ReceiverPool, build_receive_path, settle_garbage_collector
 from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
 from service.retention import Retention
 from service.shared_storage import edge_mark
@@ -196,6 +196,7 @@ class Node:
                 log.warning("workers.forget_failed", reason=f"{type(exc).__name__}: {exc}",
                             action="none; workers of the previous run show as silent")  # fmt: skip
         self.worker_watch.poll_or_log()  # publishes the data_dir mark before any worker asks
+        settle_garbage_collector()
         try:
             self.scp.start()
         except OSError as exc:

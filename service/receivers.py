@@ -20,6 +20,7 @@ receiver stops on SIGINT or SIGTERM, dies with the node, and is restarted if it 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -215,6 +216,19 @@ class ReceiverPool:
                     log.warning("receiver.bad_count_line", action="report this as a bug")
 
 
+def settle_garbage_collector() -> None:
+    """Move everything allocated at start (modules, pydicom's dictionaries, settings)
+    out of the collector's sight (``gc.freeze``, as pre-fork servers do).
+
+    Why: a full collection walks every object in the process; in the node's that is
+    about 150 000 objects and 70 ms with the GIL held, during which no association is
+    served. Frozen, a collection walks only what was made since: the associations' own
+    objects. Called once a process has started and before it serves.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_receiver(settings: Settings, listen_fds: list[int], counts_fd: int) -> None:
     """Body of ``radnode receiver``: serve associations until SIGINT or SIGTERM."""
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
@@ -226,6 +240,7 @@ def run_receiver(settings: Settings, listen_fds: list[int], counts_fd: int) -> N
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    settle_garbage_collector()
     scp.start()
     counter.ready()
     log.info("receiver.started", pid=os.getpid())
