@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_nodes.tls import TlsError
 from service import __version__
 from service.api import ApiServer, DeadLetter, DeliveryView, RetryOutcome, disk_space_check
+from service.collector import settle_garbage_collector
 from service.completion import CompletionMonitor
 from service.config import Settings
 from service.delivery import DeliveryState, DeliveryTarget, DeliveryWorker, Outbox
@@ -37,7 +38,7 @@ from service.observability import redact_quoted
 from service.pipeline.bundle import discover_bundles
 from service.publish import outbox_path
 from service.queue import JobQueue, QueueProbe
-from service.receivers import ReceiverPool, build_receive_path, settle_garbage_collector
+from service.receivers import ReceiverPool, build_receive_path
 from service.records import JobRecord, JobState, StoredInstance, StudySummary, WorkerView
 from service.retention import Retention
 from service.shared_storage import edge_mark

@@ -20,7 +20,6 @@ receiver stops on SIGINT or SIGTERM, dies with the node, and is restarted if it 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -32,6 +31,7 @@ import structlog
 
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import SharedListeners, StorageSCP
+from service.collector import settle_garbage_collector
 from service.config import Settings
 from service.index import StudyIndex
 from service.ingest import Ingest
@@ -214,19 +214,6 @@ class ReceiverPool:
                     self._ready_pids.add(int(words[1]))
                 elif words and not apply_count(line, self._metrics):
                     log.warning("receiver.bad_count_line", action="report this as a bug")
-
-
-def settle_garbage_collector() -> None:
-    """Move everything allocated at start (modules, pydicom's dictionaries, settings)
-    out of the collector's sight (``gc.freeze``, as pre-fork servers do).
-
-    Why: a full collection walks every object in the process; in the node's that is
-    about 150 000 objects and 70 ms with the GIL held, during which no association is
-    served. Frozen, a collection walks only what was made since: the associations' own
-    objects. Called once a process has started and before it serves.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def run_receiver(settings: Settings, listen_fds: list[int], counts_fd: int) -> None:

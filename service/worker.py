@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 
 from service import run_claim
+from service.collector import settle_garbage_collector
 from service.config import Settings
 from service.errors import RadnodeError, SourceUnavailable, StartupError, out_of_space
 from service.observability import redact_quoted
@@ -430,6 +431,7 @@ def run_worker(settings: Settings, *, local: bool = False) -> None:
             " routes: every worker of a queue must be able to run every job"
         )
     warm_up_writers()  # so is the one-time work of the result writers
+    settle_garbage_collector()  # models and libraries stay out of every collection
     log.info("worker.started", pid=os.getpid(), device=str(cache.device),
              models_dir=str(settings.models.dir))  # fmt: skip
     consumer = queue.consumer()

@@ -23,7 +23,7 @@ from dicom_nodes import scp as scp_module
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import ReceivedInstance, StorageSCP
 from dicom_nodes.status import StoreStatus
-from service.receivers import settle_garbage_collector
+from service.collector import settle_garbage_collector
 
 
 class Discard:
