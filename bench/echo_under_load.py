@@ -8,7 +8,11 @@ two ways:
 * ``echo (open association)``: one association held open, a C-ECHO on it every 100 ms
   (DIMSE latency under load);
 * ``echo (new association)``: connect, associate, C-ECHO, release every 100 ms, as a
-  PACS's "verify node" button does (accept loop and association setup under load).
+  PACS's "verify node" button does (accept loop and association setup under load);
+* ``echo (new association, raw client)``: the same exchange from a client that sends
+  pre-encoded PDUs on a plain socket and reads the answers (no client library): the
+  node's own time, without pynetdicom's requestor threads, which compete for the same
+  two cores.
 
 Prints median / p95 / max of both, and whether every instance was acknowledged by the
 node and is on disk (spool files counted). Prints; never asserts.
@@ -26,7 +30,9 @@ receive rates is printed next to issue 11's target (>= 80 %).
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -46,11 +52,67 @@ from service.testing import make_ct_phantom, write_ct_phantom, write_ct_series  
 from tests.conftest import RadnodeProcess, acknowledged_files, free_port, storescu  # noqa: E402
 
 
+def _raw_echo_pdus() -> tuple[bytes, bytes, bytes]:
+    """A-ASSOCIATE-RQ (Verification, implicit VR), a C-ECHO-RQ in one P-DATA-TF and an
+    A-RELEASE-RQ, encoded once by pynetdicom's PDU classes."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.pdu import A_ASSOCIATE_RQ, A_RELEASE_RQ, P_DATA_TF
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title, request.called_ae_title = "ECHOPROBE", "RADNODE"
+    context = build_context(Verification)
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    request.user_information = [maximum]
+    associate = A_ASSOCIATE_RQ()
+    associate.from_primitive(request)
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 1, Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    data = b""
+    for fragment in message.encode_msg(1, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(fragment)
+        data += pdu.encode()
+    release = A_RELEASE_RQ()
+    release.from_primitive(A_RELEASE())
+    return associate.encode(), data, release.encode()
+
+
+def _read_pdu_type(sock: socket.socket) -> int:
+    """Read one whole PDU; its type (2 A-ASSOCIATE-AC, 4 P-DATA-TF, 6 A-RELEASE-RP)."""
+    header = sock.recv(6, socket.MSG_WAITALL)
+    (length,) = struct.unpack(">I", header[2:6])
+    body = sock.recv(length, socket.MSG_WAITALL) if length else b""
+    if len(header) < 6 or len(body) < length:
+        raise ConnectionError("the node closed the connection")
+    return header[0]
+
+
+def raw_echo(port: int, pdus: tuple[bytes, bytes, bytes]) -> bool:
+    """Associate, C-ECHO, release on a plain socket; True when each answer came."""
+    associate, echo, release = pdus
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answers = []
+        for pdu in (associate, echo, release):
+            sock.sendall(pdu)
+            answers.append(_read_pdu_type(sock))
+    return answers == [2, 4, 6]
+
+
 class EchoProbe:
     """C-ECHO every ``interval`` seconds until stopped; keeps round-trip times (s)."""
 
-    def __init__(self, port: int, *, fresh: bool, interval: float = 0.1) -> None:
-        self.port, self.fresh, self.interval = port, fresh, interval
+    def __init__(self, port: int, *, fresh: bool, interval: float = 0.1, raw: bool = False) -> None:
+        self.port, self.fresh, self.interval, self.raw = port, fresh, interval, raw
         self.times: list[float] = []
         self.failures = 0
         self._stop = threading.Event()
@@ -73,10 +135,13 @@ class EchoProbe:
     def _run(self) -> None:
         ae = self._ae()
         held = None if self.fresh else ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
+        pdus = _raw_echo_pdus() if self.raw else None
         while not self._stop.is_set():
             started = time.perf_counter()
             try:
-                if held is None:
+                if pdus is not None:
+                    ok = raw_echo(self.port, pdus)
+                elif held is None:
                     assoc = ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
                     ok = assoc.is_established and assoc.send_c_echo().Status == 0
                     if assoc.is_established:
@@ -195,13 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         idle.stop()
         print(_summary("idle echo (open association)", idle))
 
+        raw_idle = EchoProbe(node.port, fresh=True, raw=True).start()
+        time.sleep(2.0)
+        raw_idle.stop()
+        print(_summary("idle echo (new association, raw client)", raw_idle))
+
         held = EchoProbe(node.port, fresh=False).start()
         fresh = EchoProbe(node.port, fresh=True).start()
+        raw = EchoProbe(node.port, fresh=True, raw=True).start()
         started = time.monotonic()
         results = _send_load(node.port, series)
         seconds = time.monotonic() - started
-        held.stop()
-        fresh.stop()
+        for probe in (held, fresh, raw):
+            probe.stop()
 
         acked = sum(len(acknowledged_files(r.stdout + r.stderr)) for r in results)
         failed_senders = sum(1 for r in results if r.returncode != 0)
@@ -217,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the model job was {'still running' if busy else 'finished'} at the end")
         print(_summary("echo (open association)", held))
         print(_summary("echo (new association)", fresh))
+        print(_summary("echo (new association, raw client)", raw))
         print(
             f"acknowledged {acked}/{total}, on disk {on_disk}/{total}, senders failed "
             f"{failed_senders}: {'ALL STORED' if acked == on_disk == total else 'MISSING'}"
