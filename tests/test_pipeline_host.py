@@ -673,3 +673,22 @@ def test_a_bundle_that_turns_amp_off_is_run_without_autocast(tmp_path) -> None:
     cuda = _torch.device("cuda")
     assert isinstance(_autocast(cuda, True), _torch.autocast)
     assert not isinstance(_autocast(cuda, False), _torch.autocast)
+
+
+@pytest.mark.parametrize(
+    ("value", "finite"),
+    [(0.5, True), (float("nan"), False), (float("inf"), False), (float("-inf"), False)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere(value: float, finite: bool, dtype) -> None:
+    """One reduction (torch.aminmax) instead of isfinite().all() over the whole output:
+    a single NaN or infinity, wherever it is, must still be found."""
+    from monai.data import MetaTensor
+
+    from service.pipeline.finite import all_finite
+
+    tensor = torch.rand(1, 3, 9, 10, 11, dtype=dtype)
+    tensor[0, 2, 8, 3, 10] = value
+    assert all_finite(tensor) is finite
+    assert all_finite(MetaTensor(tensor)) is finite  # what MONAI's transforms hand on
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))  # nothing to check

@@ -25,6 +25,8 @@ from monai.transforms import AsDiscrete as MonaiAsDiscrete
 from monai.transforms import AsDiscreted as MonaiAsDiscreted
 from monai.utils import convert_to_tensor
 
+from service.pipeline.finite import all_finite
+
 
 def channel_argmax(tensor: Any, dim: int = 0, keepdim: bool = True) -> Any:
     """``torch.argmax(tensor, dim, keepdim)``, computed as ``torch.max(...).indices``.
@@ -32,7 +34,7 @@ def channel_argmax(tensor: Any, dim: int = 0, keepdim: bool = True) -> Any:
     Raises ValueError on NaN or infinite values: their argmax is a plausible label map
     (an organ of "0 mL"), and a postprocessing step that made them before the argmax
     had its result sent as a normal one (acceptance pass)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError("the values to take the argmax of have NaN or infinite values")
     return torch.max(tensor, dim=dim, keepdim=keepdim).indices
 

@@ -355,11 +355,9 @@ def _require_finite(name: str, output: Any, what: str = "the model's output") ->
     -32768), reported as a normal result (found by review). One pass over the output;
     also catches fp16 overflow under CUDA autocast. Checked again after the bundle's
     postprocessing, which can make them too (acceptance pass: "bone 0.0 mL")."""
-    import torch
+    from service.pipeline.finite import all_finite
 
-    if not torch.is_tensor(output) or not output.is_floating_point():
-        return
-    if not bool(torch.isfinite(output).all()):
+    if not all_finite(output):
         raise PipelineFailed(
             f"pipeline {name}: {what} has NaN or infinite values; check its weights,"
             " transforms and the input's intensities (nothing was written)"
