@@ -13,6 +13,7 @@ the queue (jobs per pipeline and state), recent studies, failed jobs and dead le
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 import urllib.error
@@ -57,6 +58,9 @@ class StatusSnapshot:
     workers: tuple[Item, ...] = ()
     #: ``GET /readyz``'s body: whether the node can receive, and what is degraded.
     readiness: Item | None = None
+    #: The node's clock when it answered (epoch seconds, from the HTTP ``Date``
+    #: header); ages are measured on it, not on the clock of the machine that asks.
+    node_time: float | None = None
 
 
 def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]:
@@ -83,22 +87,37 @@ def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]
     return tuple(item for item in items if isinstance(item, dict))
 
 
-def _readiness(base_url: str, timeout: float) -> Item | None:
-    """``/readyz``'s body, 200 or 503 alike; None when it cannot be read (the other
-    calls say why)."""
+def _readiness(base_url: str, timeout: float) -> tuple[Item | None, float | None]:
+    """``/readyz``'s body, 200 or 503 alike, and the node's clock from its ``Date``
+    header; None for what cannot be read (the other calls say why)."""
     url = base_url.rstrip("/") + "/readyz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            body = response.read()
+            body, headers = response.read(), response.headers
     except urllib.error.HTTPError as exc:
-        body = exc.read()
+        body, headers = exc.read(), exc.headers
     except (urllib.error.URLError, TimeoutError, ConnectionError):
-        return None
+        return None, None
+    node_time = _http_date(headers.get("Date") if headers is not None else None)
     try:
         payload = json.loads(body.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, node_time
+    return (payload if isinstance(payload, dict) else None), node_time
+
+
+def _http_date(value: str | None) -> float | None:
+    """Epoch seconds of an HTTP ``Date`` header; None if absent or unreadable.
+
+    Why: "42s ago" and whether a delivery is "waiting" were measured on the clock of
+    the machine running ``radnode status``; from a workstation whose clock is a few
+    minutes off every age was wrong and due deliveries showed as waiting (review)."""
+    if not value:
         return None
-    return payload if isinstance(payload, dict) else None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> StatusSnapshot:
@@ -121,6 +140,7 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
     ]
     # ISO 8601 UTC times sort as text; newest first, like the API's own lists.
     failed.sort(key=lambda j: str(j.get("finished_at") or ""), reverse=True)
+    readiness, node_time = _readiness(base_url, timeout)
     return StatusSnapshot(
         base_url=base_url,
         studies=_get(base_url, f"/api/studies{query}", "studies", timeout),
@@ -128,7 +148,8 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
         failed_jobs=tuple(failed[:limit]),
         dead_letters=_get(base_url, f"/api/dead-letters{query}", "dead_letters", timeout),
         workers=_get(base_url, "/api/workers", "workers", timeout),
-        readiness=_readiness(base_url, timeout),
+        readiness=readiness,
+        node_time=node_time,
     )
 
 
@@ -376,7 +397,8 @@ def render_status(
 
 
 def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> RenderableType:
-    """:func:`render_status` of everything :func:`fetch_status` read."""
+    """:func:`render_status` of everything :func:`fetch_status` read; ages on the
+    node's clock when it was read (else this machine's)."""
     return render_status(
         snapshot.studies,
         snapshot.jobs,
@@ -384,5 +406,5 @@ def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> Rende
         failed_jobs=snapshot.failed_jobs,
         workers=snapshot.workers,
         readiness=snapshot.readiness,
-        now=now,
+        now=now if now is not None else snapshot.node_time,
     )

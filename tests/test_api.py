@@ -497,6 +497,19 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
         assert secret not in screen
 
 
+def test_status_view_measures_ages_on_the_nodes_clock(stack: Stack) -> None:
+    """From a workstation whose clock is off, every age and the "waiting" rows were
+    wrong (review): ages are taken from the node's clock (the API's Date header)."""
+    import time
+
+    snapshot = fetch_status(stack.api.url, timeout=5)
+    assert snapshot.node_time is not None and abs(snapshot.node_time - time.time()) < 5
+    # the node's clock three days after the dead letter (1_700_000_100), this one's 2026
+    console = Console(record=True, width=220, color_system=None)
+    console.print(render_snapshot(replace(snapshot, node_time=1_700_000_100.0 + 3 * 86400)))
+    assert "3d ago" in console.export_text()
+
+
 def test_status_view_says_what_to_check_when_the_node_is_down() -> None:
     with pytest.raises(StatusUnavailable, match="radnode serve"):
         fetch_status(f"http://127.0.0.1:{free_port()}", timeout=2)
