@@ -13,39 +13,22 @@ is one such association. Prints; never asserts.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.echo_under_load import _raw_echo_pdus, _read_pdu_type  # noqa: E402
+from bench.echo_under_load import _raw_echo_pdus, raw_echo  # noqa: E402
 from tests.conftest import RadnodeProcess, free_port, wait_for_port  # noqa: E402
 
+#: What bench.echo_under_load.raw_echo times, in its order.
 PHASES = ("connect", "associate", "C-ECHO", "release", "total")
-
-
-def one_association(port: int, pdus: tuple[bytes, bytes, bytes]) -> list[float]:
-    """Seconds of each phase of one association (see PHASES)."""
-    marks = [time.perf_counter()]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        marks.append(time.perf_counter())
-        for pdu, expected in zip(pdus, (2, 4, 6), strict=True):
-            sock.sendall(pdu)
-            if _read_pdu_type(sock) != expected:
-                raise RuntimeError("the receiver did not accept the association or the echo")
-            marks.append(time.perf_counter())
-    steps = [b - a for a, b in itertools.pairwise(marks)]
-    return [*steps, marks[-1] - marks[0]]
 
 
 def measure(name: str, port: int, count: int) -> None:
@@ -54,8 +37,8 @@ def measure(name: str, port: int, count: int) -> None:
 
     def timed() -> list[float] | None:
         try:
-            return one_association(port, pdus)
-        except (OSError, RuntimeError) as exc:  # a failure is a data point, not a crash
+            return raw_echo(port, pdus)
+        except OSError as exc:  # a failure is a data point, not a crash
             failures.append(f"{type(exc).__name__}: {exc}")
             return None
 

@@ -30,6 +30,7 @@ receive rates is printed next to issue 11's target (>= 80 %).
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import statistics
 import struct
@@ -89,23 +90,30 @@ def _raw_echo_pdus() -> tuple[bytes, bytes, bytes]:
 def _read_pdu_type(sock: socket.socket) -> int:
     """Read one whole PDU; its type (2 A-ASSOCIATE-AC, 4 P-DATA-TF, 6 A-RELEASE-RP)."""
     header = sock.recv(6, socket.MSG_WAITALL)
+    if len(header) < 6:
+        raise ConnectionError("the node closed the connection")
     (length,) = struct.unpack(">I", header[2:6])
     body = sock.recv(length, socket.MSG_WAITALL) if length else b""
-    if len(header) < 6 or len(body) < length:
+    if len(body) < length:
         raise ConnectionError("the node closed the connection")
     return header[0]
 
 
-def raw_echo(port: int, pdus: tuple[bytes, bytes, bytes]) -> bool:
-    """Associate, C-ECHO, release on a plain socket; True when each answer came."""
-    associate, echo, release = pdus
+def raw_echo(port: int, pdus: tuple[bytes, bytes, bytes]) -> list[float]:
+    """Connect, associate, C-ECHO, release on a plain socket; the seconds of each of
+    those four phases and of the whole. Raises ConnectionError when the node closes
+    the connection or answers anything but A-ASSOCIATE-AC, P-DATA-TF, A-RELEASE-RP."""
+    marks = [time.perf_counter()]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        answers = []
-        for pdu in (associate, echo, release):
+        marks.append(time.perf_counter())
+        for pdu, expected in zip(pdus, (2, 4, 6), strict=True):
             sock.sendall(pdu)
-            answers.append(_read_pdu_type(sock))
-    return answers == [2, 4, 6]
+            if _read_pdu_type(sock) != expected:
+                raise ConnectionError("the node did not accept the association or the echo")
+            marks.append(time.perf_counter())
+    steps = [later - earlier for earlier, later in itertools.pairwise(marks)]
+    return [*steps, marks[-1] - marks[0]]
 
 
 class EchoProbe:
@@ -140,7 +148,8 @@ class EchoProbe:
             started = time.perf_counter()
             try:
                 if pdus is not None:
-                    ok = raw_echo(self.port, pdus)
+                    raw_echo(self.port, pdus)  # raises unless every answer came
+                    ok = True
                 elif held is None:
                     assoc = ae.associate("127.0.0.1", self.port, ae_title="RADNODE")
                     ok = assoc.is_established and assoc.send_c_echo().Status == 0
