@@ -236,6 +236,19 @@ def test_nearest_resampling_by_index_equals_monai_on_an_aligned_grid() -> None:
     assert 0 < float((np.asarray(fast) == 0).mean()) < 1  # part of the source is outside
 
 
+def test_nearest_resampling_shrinks_an_axis_before_it_grows_another() -> None:
+    """A 3 mm grid 1433 slices long brought back to 1000 x 512 x 512 (4.3 mm slices):
+    z goes down to 1000 before y goes up to 512, so the job never holds the 1433 x 512 x
+    512 intermediate (issue 11's memory target); x, the single-voxel gather, first."""
+    from service.pipeline.inference import _take_order
+
+    order = _take_order((1433, 120, 120), [1000, 512, 512])
+    assert order.index(0) < order.index(1)
+    assert order[0] == 2
+    # and growing z (thin slices), every order holds the output: x is still first
+    assert _take_order((267, 120, 120), [1000, 512, 512])[0] == 2
+
+
 def test_nearest_resampling_by_index_declines_a_rotated_grid() -> None:
     from service.pipeline.inference import _nearest_on_aligned_grid
 

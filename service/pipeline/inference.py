@@ -14,6 +14,7 @@ still gives a result in the source grid: radnode resamples the output onto the s
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -596,14 +597,38 @@ def _nearest_on_aligned_grid(prediction: Any, reference: Any) -> Any:
     # Built in the volume's own (z, y, x) order, one axis at a time: each np.take
     # copies whole runs (0.02 s for 300 x 512^2, where one np.ix_ index took 0.24 s),
     # and _to_volume_layout then has no transposition left to do (0.29 s).
-    small = np.ascontiguousarray(source.transpose(2, 1, 0))
-    ix, iy, iz = indices
-    out = np.take(np.take(np.take(small, ix, axis=2), iy, axis=1), iz, axis=0)
-    if not all(valid.all() for valid in inside):
-        x, y, z = inside
-        out = np.where(z[:, None, None] & y[None, :, None] & x[None, None, :], out, 0)
-    tensor = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 1, 0).unsqueeze(0)
+    out = np.ascontiguousarray(source.transpose(2, 1, 0))
+    by_axis = indices[::-1]  # (z, y, x), the layout of ``out``
+    for axis in _take_order(out.shape, [len(index) for index in by_axis]):
+        out = np.take(out, by_axis[axis], axis=axis)
+    x, y, z = inside  # outside the prediction: 0, set in place (no second volume)
+    out[~z] = 0
+    out[:, ~y] = 0
+    out[:, :, ~x] = 0
+    tensor = torch.from_numpy(out).permute(2, 1, 0).unsqueeze(0)
     return MetaTensor(tensor, affine=reference.affine)
+
+
+def _take_order(shape: tuple[int, ...], sizes: list[int]) -> tuple[int, ...]:
+    """The order in which to resample the axes of a (z, y, x) array to ``sizes``: the
+    one that holds the least memory at once (an axis's input and output), then the one
+    that gathers single voxels (x) on the smallest array.
+
+    Why: x, y, z in turn held a 3 mm grid resized in-plane to 512 x 512 but not yet
+    along z (1433 slices for a 1000-slice study at 4.3 mm) next to the output: 608 MiB
+    at the job's peak, where x, z, y holds 309 MiB and is faster (0.12 s against 0.19 s;
+    issue 11's memory target, docs/performance.md).
+    """
+
+    def cost(order: tuple[int, ...]) -> tuple[int, int]:
+        current, peak = list(shape), 0
+        for axis in order:
+            before = int(np.prod(current))
+            current[axis] = sizes[axis]
+            peak = max(peak, before + int(np.prod(current)))
+        return peak, order.index(2)
+
+    return min(itertools.permutations(range(len(shape))), key=cost)
 
 
 def _to_volume_layout(prediction: Any, volume: Volume) -> NDArray[Any]:
