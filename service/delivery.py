@@ -90,8 +90,10 @@ class DeliveryOutcome:
 
     status: OutcomeStatus
     reason: str = ""
-    #: For RETRY: at most this many attempts in all, below the destination's
-    #: ``max_attempts`` (a refusal worth a few tries, not hours of them).
+    #: For RETRY: the peer refused (it answered, and said no): a dead letter once it
+    #: has refused this many attempts, below the destination's ``max_attempts`` (a
+    #: refusal is worth a few tries, not hours of them). Attempts that did not reach
+    #: the peer are not counted against it.
     at_most: int | None = None
 
     @classmethod
@@ -130,6 +132,8 @@ class Delivery:
     next_attempt_at: float
     finished_at: float | None
     last_error: str | None
+    #: Attempts the peer answered with a refusal (:attr:`DeliveryOutcome.at_most`).
+    refusals: int = 0
 
 
 class Deliverer(Protocol):
@@ -188,6 +192,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     finished_at     REAL,
     last_error      TEXT,
+    refusals        INTEGER NOT NULL DEFAULT 0,
     UNIQUE (kind, destination, message_id)
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (destination, state, id);
@@ -196,7 +201,7 @@ CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
 
 _COLUMNS = (
     "id, job_id, destination, kind, message_id, payload, payload_ref, state, attempts, "
-    "created_at, next_attempt_at, finished_at, last_error"
+    "created_at, next_attempt_at, finished_at, last_error, refusals"
 )
 
 
@@ -215,6 +220,7 @@ def _row_to_delivery(row: tuple) -> Delivery:  # type: ignore[type-arg]
         next_attempt_at,
         finished_at,
         last_error,
+        refusals,
     ) = row
     return Delivery(
         id=int(id_),
@@ -230,7 +236,19 @@ def _row_to_delivery(row: tuple) -> Delivery:  # type: ignore[type-arg]
         next_attempt_at=float(next_attempt_at),
         finished_at=float(finished_at) if finished_at is not None else None,
         last_error=last_error,
+        refusals=int(refusals),
     )
+
+
+def _add_refusals_column(db: sqlite3.Connection) -> None:
+    """Outboxes made before the column (session 20) get it; their refusals start at 0."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+    if "refusals" not in columns:
+        try:
+            db.execute("ALTER TABLE deliveries ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:  # another process added it first
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _clip(text: str) -> str:
@@ -254,6 +272,7 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        _add_refusals_column(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -332,12 +351,17 @@ class Outbox:
     def mark_sent(self, delivery_id: int) -> None:
         self._update(delivery_id, state=DeliveryState.SENT, finished_at=self._clock())
 
-    def mark_retry(self, delivery_id: int, *, error: str, delay_s: float) -> None:
+    def mark_retry(
+        self, delivery_id: int, *, error: str, delay_s: float, refusals: int | None = None
+    ) -> None:
+        """Due again in ``delay_s``; ``refusals``, when given, is the peer's new count."""
+        values: dict[str, object] = {} if refusals is None else {"refusals": refusals}
         self._update(
             delivery_id,
             state=DeliveryState.PENDING,
             next_attempt_at=self._clock() + delay_s,
             last_error=_clip(error),
+            **values,
         )
 
     def mark_dead(self, delivery_id: int, *, error: str) -> None:
@@ -490,6 +514,7 @@ class Outbox:
             delivery_id,
             state=DeliveryState.PENDING,
             attempts=0,
+            refusals=0,
             next_attempt_at=self._clock(),
             finished_at=None,
         )
@@ -500,8 +525,8 @@ class Outbox:
         """Resend every dead delivery (of ``destination``, or all); returns how many."""
         now = self._clock()
         sql = (
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-            "finished_at = NULL WHERE state = 'dead'"
+            "UPDATE deliveries SET state = 'pending', attempts = 0, refusals = 0, "
+            "next_attempt_at = ?, finished_at = NULL WHERE state = 'dead'"
         )
         args: tuple[object, ...] = (now,)
         if destination is not None:
@@ -655,12 +680,15 @@ class DeliveryWorker:
         if outcome.status is OutcomeStatus.REJECTED:
             self._dead(item, outcome.reason, ids)
             return True
-        limit = min(target.policy.max_attempts, outcome.at_most or target.policy.max_attempts)
-        if item.attempts >= limit:
+        refusals = None if outcome.at_most is None else item.refusals + 1
+        if refusals is not None and refusals >= outcome.at_most:  # type: ignore[operator]
+            self._dead(item, f"refused {refusals} times: {outcome.reason}", ids)
+            return True
+        if item.attempts >= target.policy.max_attempts:
             self._dead(item, f"gave up after {item.attempts} attempts: {outcome.reason}", ids)
             return True
         delay = target.policy.delay_s(item.attempts)
-        self.outbox.mark_retry(item.id, error=outcome.reason, delay_s=delay)
+        self.outbox.mark_retry(item.id, error=outcome.reason, delay_s=delay, refusals=refusals)
         self.metrics.delivery(item.destination, "retry")
         log.warning(
             f"{item.kind}.retry",

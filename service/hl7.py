@@ -97,11 +97,12 @@ class Hl7DestinationSettings(BaseModel):
     ack_timeout_s: float = Field(30.0, gt=0)
     #: Attempts before a delivery is dead-lettered (network errors are retried).
     max_attempts: int = Field(20, ge=1)
-    #: Attempts in all (those that found the RIS down count too) after which a message
-    #: the RIS answers with AE or AR (CE or CR) is dead-lettered: its deliveries go in
-    #: order, so one it keeps refusing must not hold back the others for the hours
-    #: ``max_attempts`` allows (acceptance pass); 8 tries (about ten minutes with the
-    #: default back-off) cover a RIS briefly down (AR) or not yet holding the order (AE).
+    #: Refusals after which a message the RIS answers with AE or AR (CE or CR) is
+    #: dead-lettered: its deliveries go in order, so one it keeps refusing must not hold
+    #: back the others for the hours ``max_attempts`` allows (acceptance pass); 8 (about
+    #: ten minutes of tries with the default back-off) cover a RIS briefly refusing (AR)
+    #: or not yet holding the order (AE). Only answered attempts count: a message that
+    #: waited out a RIS outage still gets its 8 when the RIS is back.
     refused_attempts: int = Field(8, ge=1)
     #: Wait after the first failed attempt; doubles after each further one.
     backoff_s: float = Field(5.0, ge=0)

@@ -426,6 +426,25 @@ def test_a_refusal_is_tried_refused_attempts_times_then_dead_lettered_with_its_t
 
 
 @pytest.mark.integration
+def test_attempts_that_found_the_ris_down_are_not_counted_as_refusals(
+    listener_factory, delivery
+) -> None:
+    """A message that waited out a RIS outage for more tries than ``refused_attempts``
+    was dead-lettered by the RIS's first AE once it was back (every attempt counted):
+    only answered attempts are refusals."""
+    port = free_port()  # the RIS is down
+    outbox, item, worker = delivery(settings_for(port, refused_attempts=2, max_attempts=50))
+    wait_until(lambda: outbox.get(item.id).attempts >= 3)
+    assert outbox.get(item.id).refusals == 0
+    listener = listener_factory("AE", "AA", port=port, error_text="order not yet on file")
+    wait_until(lambda: outbox.get(item.id).state is not DeliveryState.PENDING)
+    worker.stop()
+    sent = outbox.get(item.id)
+    assert sent.state is DeliveryState.SENT, sent.last_error
+    assert sent.refusals == 1 and len(listener.received) == 2
+
+
+@pytest.mark.integration
 def test_a_receiver_quoting_the_patient_is_not_echoed_into_logs_or_outbox(
     listener_factory, delivery
 ) -> None:
