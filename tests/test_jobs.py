@@ -272,6 +272,16 @@ def test_phi_sentinels_appear_in_no_log_line_and_no_api_response(
     seen = "\n".join([*node.lines, *answers, status.stdout, status.stderr])
     assert [s for s in sentinels if s in seen] == []
     assert sentinels[1] in ris.received[0]  # the RIS does get them: that is its job
+    # nor a UID a PACS user could find the patient by: the source's, or the results'
+    # (the result SR's SOP Instance UID named DICOM deliveries in clear: acceptance pass)
+    headers = [dcmread(path, stop_before_pixels=True) for path in ct]
+    headers += [dcmread(path, stop_before_pixels=True)
+                for path in (node.data_dir / "results").glob("*/dicom/*.dcm")]  # fmt: skip
+    assert len(headers) > len(ct)
+    uids = {str(h[keyword].value) for h in headers
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}  # fmt: skip
+    logged = "\n".join(node.lines)
+    assert [uid for uid in uids if uid in logged] == []
 
 
 def test_a_node_without_any_pipeline_says_so_once_at_start(radnode_factory, tmp_path) -> None:
