@@ -6,9 +6,10 @@ the API is the one place that decides what may be shown (keys and counts, no pat
 data, no UIDs), and the CLI cannot show more than it does.
 
 :func:`fetch_status` reads ``/api/workers``, ``/api/studies``, ``/api/jobs`` (recent,
-and failed and refused ones separately so that they do not scroll away) and
-``/api/dead-letters``; :func:`render_status` turns them into rich tables: the workers,
-the queue (jobs per pipeline and state), recent studies, failed jobs and dead letters.
+and failed and refused ones separately so that they do not scroll away),
+``/api/dead-letters`` and the job counts of ``/metrics``; :func:`render_status` turns
+them into rich tables: the workers, the queue (jobs per pipeline and state), recent
+studies, failed jobs and dead letters.
 """
 
 from __future__ import annotations
@@ -61,6 +62,32 @@ class StatusSnapshot:
     #: The node's clock when it answered (epoch seconds, from the HTTP ``Date``
     #: header); ages are measured on it, not on the clock of the machine that asks.
     node_time: float | None = None
+    #: Jobs per (pipeline, state), all the node holds (``radnode_jobs`` of /metrics);
+    #: None when it could not be read (then the queue table counts the recent jobs).
+    job_counts: Mapping[tuple[str, str], int] | None = None
+
+
+def _job_counts(base_url: str, timeout: float) -> dict[tuple[str, str], int] | None:
+    """``radnode_jobs`` from the node's ``/metrics``: every job it holds, per pipeline
+    and state; None if it cannot be read.
+
+    Why: the table counted the last 20 jobs only, and disagreed with the metrics an
+    operator's dashboard shows (acceptance pass: done 14 against 17)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = base_url.rstrip("/") + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+        for family in text_string_to_metric_families(text):
+            if family.name == "radnode_jobs":
+                return {
+                    (s.labels.get("pipeline", "?"), s.labels.get("state", "?")): int(s.value)
+                    for s in family.samples
+                }
+        return None  # the index could not be read at this scrape
+    except (OSError, ValueError, UnicodeDecodeError):  # URLError and HTTPError are OSErrors
+        return None
 
 
 def _get(base_url: str, path: str, key: str, timeout: float) -> tuple[Item, ...]:
@@ -150,6 +177,7 @@ def fetch_status(base_url: str, timeout: float = 5.0, limit: int = 20) -> Status
         workers=_get(base_url, "/api/workers", "workers", timeout),
         readiness=readiness,
         node_time=node_time,
+        job_counts=_job_counts(base_url, timeout),
     )
 
 
@@ -184,10 +212,17 @@ def _state(value: Any) -> Text:
     return Text(text, style=_STATE_STYLES.get(text, ""))
 
 
-def _queue_table(jobs: Sequence[Item]) -> Table:
+def _queue_table(
+    jobs: Sequence[Item], job_counts: Mapping[tuple[str, str], int] | None = None
+) -> Table:
     states = [s.value for s in JobState]
-    counts = Counter((str(j.get("pipeline", "?")), str(j.get("state", "?"))) for j in jobs)
-    table = Table(title=f"Jobs by state (last {len(jobs)} jobs)", title_justify="left")
+    if job_counts is not None:
+        counts = Counter({key: n for key, n in job_counts.items() if n})
+        title = "Jobs by state (all the node holds)"
+    else:
+        counts = Counter((str(j.get("pipeline", "?")), str(j.get("state", "?"))) for j in jobs)
+        title = f"Jobs by state (last {len(jobs)} jobs)"
+    table = Table(title=title, title_justify="left")
     table.add_column("pipeline")
     for state in states:
         table.add_column(state, justify="right", style=_STATE_STYLES[state])
@@ -371,6 +406,7 @@ def render_status(
     workers: Sequence[Item] | None = None,
     readiness: Item | None = None,
     now: float | None = None,
+    job_counts: Mapping[tuple[str, str], int] | None = None,
 ) -> RenderableType:
     """The status screen: readiness, workers, queue, recent studies, failed jobs,
     results not delivered yet (retrying, or not made for a destination) and dead
@@ -385,7 +421,7 @@ def render_status(
     parts: list[RenderableType] = [
         *([_readiness_table(readiness)] if readiness is not None else []),
         *([_workers_table(workers, now)] if workers is not None else []),
-        _queue_table(jobs),
+        _queue_table(jobs, job_counts),
         _studies_table(studies, now),
         _failed_table(failed_jobs, now),
     ]
@@ -407,4 +443,5 @@ def render_snapshot(snapshot: StatusSnapshot, now: float | None = None) -> Rende
         workers=snapshot.workers,
         readiness=snapshot.readiness,
         now=now if now is not None else snapshot.node_time,
+        job_counts=snapshot.job_counts,
     )
