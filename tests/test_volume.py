@@ -732,6 +732,18 @@ def test_refused_series_say_why(
     assert str(refused.value) == refused.value.reason
 
 
+def test_a_photometric_defined_term_survives_redaction_and_anything_else_does_not() -> None:
+    """Job errors are redacted of quoted data-set values: "PhotometricInterpretation
+    '<redacted>'" told the operator nothing (acceptance pass). A defined term is shown;
+    a value that is not one may be anything, and stays redacted."""
+    from service.observability import redact_quoted
+
+    for value, shown in (("YBR_FULL_422", True), ("PALETTE COLOR", True), ("DOE^JOHN", False)):
+        with pytest.raises(SeriesRefused) as refused:
+            load_series(_set("PhotometricInterpretation", value)(ct_series()))
+        assert (value in redact_quoted(refused.value.reason)) is shown
+
+
 def test_spacing_tolerance_is_a_parameter() -> None:
     slightly_uneven = _shift(0.05)
 

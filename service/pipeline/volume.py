@@ -608,13 +608,29 @@ def _check_image_size(headers: Sequence[Dataset]) -> tuple[int, int]:
     return next(iter(sizes))
 
 
+#: PS3.3 C.7.6.3.1.2's defined terms: a value among them is no patient data.
+_PHOTOMETRIC_TERMS = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+    "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+})  # fmt: skip
+
+
+def _shown_photometric(value: str) -> str:
+    """A defined term as it is (the operator's log and /api/jobs redact every quoted
+    value from a data set: "PhotometricInterpretation '<redacted>'" said nothing;
+    acceptance pass); anything else quoted, and so redacted there."""
+    if not value:
+        return "missing"
+    return value if value in _PHOTOMETRIC_TERMS else f"'{value}'"
+
+
 def _check_pixel_format(header: Dataset, index: int) -> None:
     photometric = _text(header, "PhotometricInterpretation").upper()
     samples = int(header.get("SamplesPerPixel", 1) or 1)
     if photometric not in _GREYSCALE or samples != 1:
         raise SeriesRefused(
             f"{_header_label(header, index)} has PhotometricInterpretation "
-            f"'{photometric or 'missing'}' with {samples} sample(s) per pixel: only "
+            f"{_shown_photometric(photometric)} with {samples} sample(s) per pixel: only "
             "greyscale (MONOCHROME1/MONOCHROME2) images become volumes. Colour images "
             "(screenshots, photos, fused displays) need a pipeline that accepts them.",
             code="unsupported_photometric",
