@@ -25,7 +25,7 @@ import structlog
 from service.index import StudyIndex
 from service.observability import RepeatedFailureLog, redact_quoted
 from service.records import JobRecord, SeriesInfo, StudySummary
-from service.routing import RouteRule, plan
+from service.routing import RouteRule, RoutingPlan, plan
 from service.uids import study_key
 
 log = structlog.get_logger("service.dispatch")
@@ -156,6 +156,13 @@ class Dispatcher:
                     action="check the queue (queue.url, Redis); the job is submitted once"
                     " it answers",
                 )
+        skipped = _skipped_series(series, decided) if created else []
+        if skipped and trigger == "study_complete":
+            # The series no route took, in a study some route did: a localizer series, a
+            # reformat, a report. Said nowhere, an operator could not tell "not for any
+            # model" from "lost" (acceptance pass).
+            log.info("study.series_skipped", study=key, routed=len(series) - len(skipped),
+                     skipped=skipped[:10])  # fmt: skip
         if not decided.matched and trigger == "study_complete":
             log.info(
                 "study.unrouted",
@@ -174,3 +181,19 @@ class Dispatcher:
                 reason="every routed series already has its job at this size",
             )
         return created
+
+
+def _skipped_series(series: Sequence[SeriesInfo], decided: RoutingPlan) -> list[dict[str, object]]:
+    """The series no route selected: SeriesNumber, Modality and why (each route's reason,
+    as ``study.unrouted`` gives them; no description, no UID)."""
+    selected = {s.series_uid for s in decided.selections}
+    skipped = []
+    for s in sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0)):
+        if s.series_uid in selected:
+            continue
+        reasons = sorted({r.reason for r in decided.rejections if r.series_uid == s.series_uid})
+        skipped.append(
+            {"series_number": s.series_number, "modality": s.modality.strip() or "?",
+             "reasons": reasons[:3]}
+        )  # fmt: skip
+    return skipped

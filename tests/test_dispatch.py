@@ -41,9 +41,15 @@ def test_study_completion_queues_one_job_per_series_and_pipeline(index: StudyInd
     add(index, "1.1", "1.1.1", 3, now=time.time() - 60)
     add(index, "1.1", "1.1.2", 2, now=time.time() - 60, modality="SR")
     (study,) = index.complete_quiet_studies(5)
-    jobs = dispatcher.on_study_complete(study)
+    with structlog.testing.capture_logs() as events:
+        jobs = dispatcher.on_study_complete(study)
     assert [(j.series_uid, j.pipeline, j.routes) for j in jobs] == [("1.1.1", "p", ("r", "r2"))]
     assert queued == [jobs[0].job_id]
+    # the SR series no route took is said, with why (it was said nowhere: acceptance pass)
+    (skipped,) = [e for e in events if e["event"] == "study.series_skipped"]
+    assert skipped["routed"] == 1
+    (series,) = skipped["skipped"]
+    assert series["modality"] == "SR" and "Modality" in series["reasons"][0]
     # the same trigger again (e.g. a restart) does not duplicate the job, and says so
     with structlog.testing.capture_logs() as events:
         assert dispatcher.on_study_complete(study) == []
