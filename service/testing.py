@@ -1234,6 +1234,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service.testing",
         description="Write synthetic DICOM phantoms (no patient data).",
+        epilog="A T1-weighted head MR (the published Colin27 scan, for brain extraction):"
+        " python -m service.testing_mr --help",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
