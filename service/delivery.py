@@ -52,7 +52,7 @@ import structlog
 
 from service.errors import RadnodeError
 from service.metrics import Metrics
-from service.sqlite_tx import immediate_transaction
+from service.sqlite_tx import add_column, immediate_transaction
 from service.uids import study_key
 
 log = structlog.get_logger("service.delivery")
@@ -241,17 +241,6 @@ def _row_to_delivery(row: tuple) -> Delivery:  # type: ignore[type-arg]
     )
 
 
-def _add_refusals_column(db: sqlite3.Connection) -> None:
-    """Outboxes made before the column (session 20) get it; their refusals start at 0."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
-    if "refusals" not in columns:
-        try:
-            db.execute("ALTER TABLE deliveries ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
-        except sqlite3.OperationalError as exc:  # another process added it first
-            if "duplicate column" not in str(exc):
-                raise
-
-
 def logged_message_id(item: Delivery) -> str:
     """How a delivery's message is named in the log.
 
@@ -283,7 +272,8 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
-        _add_refusals_column(self._db)
+        # outboxes made before the column (session 20): their refusals start at 0
+        add_column(self._db, "deliveries", "refusals INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:

@@ -36,7 +36,7 @@ from service.records import (
     StudySummary,
     is_localizer_type,
 )
-from service.sqlite_tx import immediate_transaction
+from service.sqlite_tx import add_column, immediate_transaction
 from service.uids import study_key
 
 log = structlog.get_logger("service.index")
@@ -210,24 +210,15 @@ class StudyIndex:
         version 7 the ``delivering`` table (both made by the schema script, which
         creates what is missing).
         """
-        self._add_column(
+        add_column(
+            self._db,
             "series",
             "image_count INTEGER NOT NULL DEFAULT 0",
             then="UPDATE series SET image_count = instance_count;",
         )
-        self._add_column("series", "view_position TEXT NOT NULL DEFAULT ''")
-        self._add_column("studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
-        self._add_column("delivering", "interrupted_at REAL")
-
-    def _add_column(self, table: str, definition: str, then: str = "") -> None:
-        """Add the column ``definition`` names to ``table`` unless it is there, and run
-        ``then`` in the same transaction."""
-        column = definition.split()[0]
-        if column in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-            return
-        self._db.executescript(
-            f"BEGIN; ALTER TABLE {table} ADD COLUMN {definition}; {then} COMMIT;"
-        )
+        add_column(self._db, "series", "view_position TEXT NOT NULL DEFAULT ''")
+        add_column(self._db, "studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
+        add_column(self._db, "delivering", "interrupted_at REAL")
 
     def close(self) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""One SQLite write transaction, ended cleanly whatever failed inside it."""
+"""One SQLite write transaction, ended cleanly whatever failed inside it; and the
+column migrations of the node's SQLite files, made in one."""
 
 from __future__ import annotations
 
@@ -26,3 +27,26 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection
             with contextlib.suppress(sqlite3.Error):  # the original error says more
                 db.execute("ROLLBACK")
         raise
+
+
+def add_column(db: sqlite3.Connection, table: str, definition: str, then: str = "") -> None:
+    """Add the column ``definition`` names to ``table`` unless it is there, and run the
+    single statement ``then`` in the same transaction (a file made by an older version
+    gets the column at open).
+
+    Looked for again under the write lock: several processes open the same file (the
+    node, receiver processes, workers), and the second to get there finds it added.
+    """
+    column = definition.split()[0]
+
+    def present() -> bool:
+        return column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+    if present():
+        return
+    with immediate_transaction(db):
+        if present():
+            return
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+        if then:
+            db.execute(then)

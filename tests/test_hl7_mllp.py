@@ -444,6 +444,23 @@ def test_attempts_that_found_the_ris_down_are_not_counted_as_refusals(
     assert sent.refusals == 1 and len(listener.received) == 2
 
 
+def test_an_outbox_made_before_the_refusals_column_gets_it_at_open(tmp_path: Path) -> None:
+    """Outboxes of earlier versions have no ``refusals``: it is added when the file is
+    opened, their deliveries start at 0 refusals and count from there."""
+    path = tmp_path / "outbox.sqlite3"
+    outbox = Outbox(path)
+    item = outbox.enqueue(job_id="j", destination="ris", kind="hl7", message_id="m", payload=b"x")
+    outbox.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE deliveries DROP COLUMN refusals")
+    db.close()
+    reopened = Outbox(path)
+    assert reopened.get(item.id).refusals == 0
+    reopened.mark_retry(item.id, error="AE: no order", delay_s=0, refusals=1)
+    assert reopened.get(item.id).refusals == 1
+    reopened.close()
+
+
 @pytest.mark.integration
 def test_a_receiver_quoting_the_patient_is_not_echoed_into_logs_or_outbox(
     listener_factory, delivery
