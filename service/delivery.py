@@ -681,10 +681,12 @@ class DeliveryWorker:
         if outcome.status is OutcomeStatus.REJECTED:
             self._dead(item, outcome.reason, ids)
             return True
-        refusals = None if outcome.at_most is None else item.refusals + 1
-        if refusals is not None and refusals >= outcome.at_most:  # type: ignore[operator]
-            self._dead(item, f"refused {refusals} times: {outcome.reason}", ids)
-            return True
+        refusals = None  # counted only when the peer answered with a refusal
+        if outcome.at_most is not None:
+            refusals = item.refusals + 1
+            if refusals >= outcome.at_most:
+                self._dead(item, f"refused {refusals} times: {outcome.reason}", ids)
+                return True
         if item.attempts >= target.policy.max_attempts:
             self._dead(item, f"gave up after {item.attempts} attempts: {outcome.reason}", ids)
             return True
