@@ -30,6 +30,15 @@ from service.records import InstanceHeader
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
+#: Float and Double Float Pixel Data (Parametric Maps, PS3.3 C.7.6.3): 4 and 8 bytes
+#: a sample, never encapsulated.
+_FLOAT_PIXEL_DATA = {0x7FE00008: 4, 0x7FE00009: 8}
+#: Attributes of the Image Pixel module other than Rows and Columns (Samples per
+#: Pixel, Photometric Interpretation, Bits Allocated, Bits Stored, High Bit, Pixel
+#: Representation): one present says "an image", whose pixel data must be there too.
+_IMAGE_PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280100, 0x00280101, 0x00280102, 0x00280103)
+#: Spectroscopy Data: MR Spectroscopy has Rows and Columns of its own, and no pixels.
+_SPECTROSCOPY_DATA = 0x56000020
 #: Values longer than this (pixel data, above all) are skipped, not copied out of the
 #: received bytes: only their lengths are checked. Saves ~0.07 ms per CT slice.
 _SKIP_VALUES_OVER = 64 * 1024
@@ -120,7 +129,13 @@ _READ: dict[str, tuple[int, str]] = {
 
 #: The elements read from a received data set; the others are skipped unread (their
 #: lengths still have to add up). Halves pydicom's reading of a CT slice's header.
-_SPECIFIC_TAGS = [tag for tag, _ in _READ.values()] + [*_FUNCTIONAL_GROUPS, _PIXEL_DATA]
+_SPECIFIC_TAGS = [tag for tag, _ in _READ.values()] + [
+    *_FUNCTIONAL_GROUPS,
+    _PIXEL_DATA,
+    *_FLOAT_PIXEL_DATA,
+    *_IMAGE_PIXEL_TAGS,
+    _SPECTROSCOPY_DATA,
+]
 
 
 #: The VRs whose values pydicom decodes with the Specific Character Set (PS3.5 6.1.2.3).
@@ -193,17 +208,38 @@ def _multi(values: _Values, keyword: str) -> tuple[str, ...]:
 
 
 def _check_pixel_data(values: _Values, transfer_syntax_uid: str) -> None:
-    raw = values.dataset._dict.get(_PIXEL_DATA)  # type: ignore[call-overload]
-    rows = _number(values, "Rows", int)
+    elements = values.dataset._dict
+    raw = elements.get(_PIXEL_DATA)  # type: ignore[call-overload]
     if raw is None:
-        if rows:
+        floating = [tag for tag in _FLOAT_PIXEL_DATA if tag in elements]
+        if floating:
+            _check_pixel_length(
+                values, elements[floating[0]], bits=8 * _FLOAT_PIXEL_DATA[floating[0]]
+            )
+        elif _has_image_pixel_module(elements):
+            # an image without its pixels: Success would tell the PACS a useless
+            # instance is kept (acceptance pass: Rows, Columns and Pixel Data removed)
             raise UnreadableDataset("image attributes present but Pixel Data is missing")
         return
     uid = UID(transfer_syntax_uid)
     if uid.is_compressed:
         return  # encapsulated: fragment lengths were checked while parsing
+    _check_pixel_length(values, raw, bits=_number(values, "BitsAllocated", int))
+
+
+def _has_image_pixel_module(elements: dict[int, Any]) -> bool:
+    """Any Image Pixel module attribute, or Rows and Columns of anything but MR
+    Spectroscopy (whose data is Spectroscopy Data)."""
+    if any(tag in elements for tag in _IMAGE_PIXEL_TAGS):
+        return True
+    sized = _READ["Rows"][0] in elements or _READ["Columns"][0] in elements
+    return sized and _SPECTROSCOPY_DATA not in elements
+
+
+def _check_pixel_length(values: _Values, raw: Any, *, bits: int | None) -> None:
+    """Native pixel data as long as Rows x Columns x Samples x Frames x ``bits`` say."""
+    rows = _number(values, "Rows", int)
     columns = _number(values, "Columns", int)
-    bits = _number(values, "BitsAllocated", int)
     if not rows or not columns or not bits:
         raise UnreadableDataset("Pixel Data present but Rows, Columns or Bits Allocated missing")
     samples = _number(values, "SamplesPerPixel", int) or 1

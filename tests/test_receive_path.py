@@ -95,6 +95,63 @@ def test_damaged_data_sets_are_refused(mangle, reason: str) -> None:
         parse_header(mangle(encoded(ct_small())), ExplicitVRLittleEndian)
 
 
+#: The Image Pixel module but Rows, Columns and Pixel Data (PS3.3 C.7.6.3).
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                 "BitsStored", "HighBit", "PixelRepresentation")  # fmt: skip
+
+
+def _without(ds: Dataset, *keywords: str) -> Dataset:
+    for keyword in keywords:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("removed", "photometric"),
+    [
+        # acceptance pass: Rows, Columns and Pixel Data removed, the rest kept, got 0000
+        (("Rows", "Columns"), None),
+        # only Samples per Pixel and an empty Photometric Interpretation left
+        (("Rows", "Columns", *_PIXEL_MODULE[2:]), ""),
+    ],
+)
+def test_an_image_without_its_pixels_is_refused(
+    removed: tuple[str, ...], photometric: str | None
+) -> None:
+    ds = _without(ct_small(), "PixelData", *removed)
+    if photometric is not None:
+        ds.PhotometricInterpretation = photometric
+    with pytest.raises(UnreadableDataset, match="Pixel Data is missing"):
+        parse_header(encoded(ds), ExplicitVRLittleEndian)
+
+
+def _parametric_map(frames: int = 2, cut: int = 0) -> Dataset:
+    """A CT_small header carrying Float Pixel Data, as a Parametric Map does."""
+    ds = _without(ct_small(), "PixelData")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    ds.BitsAllocated, ds.NumberOfFrames = 32, frames
+    ds.FloatPixelData = bytes(ds.Rows * ds.Columns * frames * 4 - cut)
+    return ds
+
+
+def test_float_pixel_data_is_the_pixel_data_of_a_parametric_map() -> None:
+    ds = _parametric_map()
+    assert parse_header(encoded(ds), ExplicitVRLittleEndian).sop_instance_uid == ds.SOPInstanceUID
+    with pytest.raises(UnreadableDataset, match="Pixel Data has"):
+        parse_header(encoded(_parametric_map(cut=4 * 128)), ExplicitVRLittleEndian)
+
+
+def test_mr_spectroscopy_has_rows_and_columns_but_no_pixels() -> None:
+    ds = _without(ct_small(), "PixelData", *_PIXEL_MODULE)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.2"  # MR Spectroscopy Storage
+    ds.SpectroscopyData = bytes(4 * 64)
+    assert parse_header(encoded(ds), ExplicitVRLittleEndian).sop_instance_uid == ds.SOPInstanceUID
+    del ds.SpectroscopyData  # Rows and Columns, nothing else: an image without pixels
+    with pytest.raises(UnreadableDataset, match="Pixel Data is missing"):
+        parse_header(encoded(ds), ExplicitVRLittleEndian)
+
+
 def large_ct() -> Dataset:
     """CT_small with 512 x 512 pixels: Pixel Data beyond the size whose value the
     header parser skips rather than copies."""
