@@ -165,8 +165,22 @@ def quiet_libraries() -> None:
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     warnings.filterwarnings("ignore", module=r"pynetdicom(\..*)?")
+    ignore_library_notices()
     for name in (*_LIBRARIES, "huey"):  # huey: "Executing task", "Sleeping" at INFO/DEBUG
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+#: Library warnings that say nothing to an operator. MONAI's ``Orientationd`` warns,
+#: for every bundle that does not name its axis ``labels``, that the default will
+#: change: radnode reads the labels itself (``input_axcodes``), and the line came
+#: with every worker start, its axis codes redacted (acceptance pass).
+_NOTICES = (r".*Orientationd\.__init__:labels",)
+
+
+def ignore_library_notices() -> None:
+    """Leave out the library warnings in :data:`_NOTICES`."""
+    for message in _NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 #: The action of a library's warning that radnode has nothing to add to (every warning

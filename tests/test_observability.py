@@ -52,6 +52,25 @@ def test_a_library_warning_is_one_redacted_json_line_on_stdout() -> None:
     assert "DOE" not in done.stdout
 
 
+def test_monais_labels_default_notice_is_left_out_and_other_warnings_are_not() -> None:
+    script = textwrap.dedent(
+        """
+        import warnings
+        from monai.transforms import Orientationd
+        with warnings.catch_warnings(record=True) as seen:  # MONAI does warn, unlogged
+            warnings.simplefilter("always")
+            Orientationd(keys="image", axcodes="RAS")
+        assert any("Orientationd.__init__:labels" in str(w.message) for w in seen), seen
+        from service.observability import configure_logging
+        configure_logging("info")
+        Orientationd(keys="image", axcodes="RAS")
+        warnings.warn("another library notice", FutureWarning, stacklevel=1)
+        """
+    )
+    _, lines = _logged_by(script)
+    assert [line["message"] for line in lines] == ["another library notice"]
+
+
 def test_highdicom_info_lines_naming_instances_are_not_logged() -> None:
     """highdicom logs every attribute it copies at INFO with the source instance's UID
     (found by review: 67 lines a job); it is kept at WARNING, quoted values redacted."""
