@@ -159,8 +159,10 @@ class Node:
             settings.queue.local_workers if settings.routes else 0,
             worker_command(config_path),
             role="worker",
-            died_action="its job is queued again; if this repeats, check memory and the"
-            " bundle named by the worker's last pipeline.preloading or job.started line",
+            died_action="it is restarted; a job it was running runs again unless it has"
+            " had queue.max_attempts runs (the job's job.lost or job.failed line says"
+            " which); if this repeats, check memory and the bundle named by the worker's"
+            " last pipeline.preloading or job.started line",
             on_exit=self._worker_died,
             niceness=settings.queue.local_worker_niceness,
         )
@@ -292,6 +294,14 @@ class Node:
             log.info("spool.partials_removed", files=removed, receiver_pid=pid)
 
     def _worker_died(self, pid: int, exit_code: int) -> None:
+        try:
+            self.worker_watch.forget(worker_name(pid))
+        except Exception as exc:  # the queue unreadable: it shows as silent, no more
+            log.warning(
+                "workers.forget_failed",
+                reason=f"{type(exc).__name__}: {exc}",
+                action="none; the dead worker shows as silent until it is dropped",
+            )
         if exit_code == TIMED_OUT_EXIT:  # it ended itself: its job ran past job_timeout_s
             timeout = self.settings.queue.job_timeout_s
             self.tracker.worker_died(

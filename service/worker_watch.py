@@ -67,6 +67,13 @@ class WorkerWatch:
         for presence in self._queue.workers():
             self._queue.withdraw(presence.name)
 
+    def forget(self, name: str) -> None:
+        """Drop one worker's announcement: a local worker that exited (the node saw it
+        die and starts another). Left, it was reported ``worker.silent`` a few beats
+        later, "a job it was running is queued again", for a process already replaced
+        and a job already dealt with (acceptance pass)."""
+        self._queue.withdraw(name)
+
     def alive_count(self) -> int:
         """Workers alive at the last poll. Raises while the queue cannot be read: the
         last list would go on showing workers "alive" through a Redis outage

@@ -206,3 +206,33 @@ def test_a_spool_file_that_cannot_be_read_at_all_stays_where_it_is(radnode_facto
     (event,) = node.wait_for_event("spool.unreadable_file")
     assert event["quarantined"] is None and "permissions" in event["action"]
     assert odd.is_dir() and not (node.data_dir / "quarantine").exists()
+
+
+def test_a_killed_local_worker_is_gone_and_replaced_not_reported_silent(
+    radnode_factory, tmp_path: Path
+) -> None:
+    """A local worker killed (out of memory, a job past its time limit) was reported
+    ``worker.silent``, "a job it was running is queued again", a few beats after the
+    node had already started its replacement (acceptance pass)."""
+    import os
+    import signal
+
+    models = tmp_path / "models"
+    write_threshold_bundle(models)
+    node = radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_QUEUE__HEARTBEAT_S="0.25",  # silent after 1 s
+        RADNODE_ROUTES=json.dumps(
+            [{"name": "ct", "pipeline": "bone_threshold", "match": {"Modality": "CT"}}]
+        ),
+    ).start()
+    (seen,) = node.wait_for_event("worker.seen", timeout=120)
+    (spawned,) = node.events("worker.spawned")
+    os.kill(spawned["pid"], signal.SIGKILL)
+    (gone,) = node.wait_for_event("worker.gone", timeout=30)
+    assert gone["worker"] == seen["worker"]
+    node.wait_for_event("worker.seen", timeout=120, count=2)  # its replacement
+    time.sleep(2.0)  # past four beats of the dead one
+    assert node.events("worker.silent") == []
+    (died,) = node.events("worker.died")
+    assert "unless it has had queue.max_attempts runs" in died["action"]
