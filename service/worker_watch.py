@@ -55,6 +55,13 @@ class WorkerWatch:
         self._alive: set[str] = set()
         self._said_none = False
         self._failing = False
+        #: when the queue last answered again after an outage: no worker could announce
+        #: itself before, so silence counts from here (as the job tracker's does; an
+        #: acceptance pass saw a live worker reported silent a second after Redis came
+        #: back, and seen again two seconds later)
+        self._silence_from = 0.0
+        #: by name: since when each listed worker has been silent, as of the last poll
+        self._quiet_since: dict[str, float] = {}
         #: when each worker's announcement was last heard to change, by name
         self._heard = HeardClock()
         #: pipeline -> the bundle versions its live workers differ on, as last warned
@@ -106,13 +113,18 @@ class WorkerWatch:
     def poll(self) -> list[WorkerView]:
         """Read the announcements, log what changed, and return the workers by name."""
         now = self._clock()
+        if self._failing:  # the queue answers again
+            self._silence_from = now
         if self._mark is not None:  # again each pass: a restarted queue may have lost it
             self._queue.mark_edge(self._mark)
         views = []
+        self._quiet_since = {}
         for presence in self._queue.workers():
             known = presence.name in self._heard
             # first sight: dated by the worker's clock (a presence left by a dead worker)
             since = self._heard.heard(presence.name, presence.at, now, min(presence.at, now))
+            since = max(since, self._silence_from)
+            self._quiet_since[presence.name] = since
             # forgotten only once seen unchanged: a live worker whose clock is hours
             # behind must not be dropped at each first sight (found by review)
             if known and now - since > FORGET_AFTER_S:
@@ -169,7 +181,7 @@ class WorkerWatch:
                 log.warning(
                     "worker.silent",
                     worker=name,
-                    silent_s=round(self._silent_after),
+                    silent_s=round(now - self._quiet_since.get(name, now)),
                     alive=len(alive),
                     action="check the worker's machine and its log; a job it was"
                     " running is queued again",

@@ -70,6 +70,34 @@ def test_a_worker_silent_for_four_beats_is_not_alive_and_said_once(tmp_path: Pat
     assert not [e for e in logs if e["event"] == "workers.none_alive"]
 
 
+def test_a_worker_is_not_taken_for_silent_as_the_queue_answers_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker can announce itself while Redis is down: one alive before a
+    30 s outage was reported silent a second after Redis answered, and seen again two
+    seconds later (acceptance pass). Silence counts from the queue's return; the
+    outage itself is simulated (the scale-out test stops a real Redis)."""
+    queue, clock = _queue(tmp_path), Clock()
+    watch = WorkerWatch(queue, expect_workers=True, clock=clock)
+    _announce(queue, "a:1", clock.now)
+    real_workers = queue.workers
+    with structlog.testing.capture_logs() as logs:
+        watch.poll_or_log()
+        monkeypatch.setattr(queue, "workers", lambda: (_ for _ in ()).throw(ConnectionError()))
+        for _ in range(30):
+            clock.now += 1.0
+            watch.poll_or_log()
+        monkeypatch.setattr(queue, "workers", real_workers)
+        clock.now += 1.0
+        watch.poll_or_log()  # back; the worker has not beaten yet
+        assert [v.alive for v in watch.latest] == [True]
+        clock.now += 4.5  # and then it does not: silent, counted from the return
+        watch.poll_or_log()
+    assert [v.alive for v in watch.latest] == [False]
+    (silent,) = [e for e in logs if e["event"] == "worker.silent"]
+    assert silent["silent_s"] == 4  # 4.5 s since the queue answered, not 35 s
+
+
 def test_a_worker_silent_for_an_hour_is_forgotten(tmp_path: Path) -> None:
     queue, clock = _queue(tmp_path), Clock()
     watch = WorkerWatch(queue, expect_workers=True, clock=clock)
