@@ -247,7 +247,9 @@ class Node:
         """
         specs, problems = discover_bundles(self.settings.models.dir)
         for name, problem in problems.items():
-            log.error("pipeline.unusable", pipeline=name, reason=problem)
+            log.error("pipeline.unusable", pipeline=name, reason=problem,
+                      action="fix the bundle under models.dir and restart; its jobs fail"
+                      " until then, the other pipelines run")  # fmt: skip
         remote_only = self.settings.queue.remote_workers_only
         for route in self.settings.routes:
             if not route.enabled:  # runs nothing: its pipeline may well be absent

@@ -363,17 +363,26 @@ class JobTracker:
             job = self.index.job(job.job_id) or job
         if job.attempts >= self.settings.queue.max_attempts:
             guess = "" if cause_known else " (out of memory?)"
-            reason = (
-                f"{why} on each of {job.attempts} runs{guess}; fix the cause, then retry the job"
+            what = f"{why} on each of {job.attempts} runs{guess}"
+            self.index.finish_job(
+                job.job_id, JobState.FAILED, error=f"{what}; fix the cause, then retry the job"
             )
-            self.index.finish_job(job.job_id, JobState.FAILED, error=reason)
-            log.error("job.finished", job=job.job_id, study=job.study_key, state="failed",
-                      reason=reason)  # fmt: skip
+            log.error(
+                "job.finished",
+                job=job.job_id,
+                study=job.study_key,
+                state="failed",
+                reason=what,
+                action="fix the cause (the worker's log around the job's job.started"
+                " lines), then retry the job (POST /api/jobs/{id}/retry)",
+            )
             return
         self.index.back_to_queue(job.job_id)
         self._submit(job)
         log.warning("job.requeued", job=job.job_id, study=job.study_key, reason=why,
-                    attempts=job.attempts)  # fmt: skip
+                    attempts=job.attempts, action="none: the job runs again, up to"
+                    f" queue.max_attempts ({self.settings.queue.max_attempts}) runs; if"
+                    " workers keep dying, check their memory and log")  # fmt: skip
 
     def start(self) -> None:
         self._thread.start()

@@ -256,7 +256,9 @@ class JobRunner:
                 return self._end(ticket, JobState.FAILED, _NO_SPACE, bound, action=_SPACE_ACTION)
             if isinstance(exc, RadnodeError):
                 return self._end(ticket, JobState.FAILED, f"{stage}: {exc}", bound)
-            bound.exception("job.crashed", stage=stage)
+            bound.exception(
+                "job.crashed", stage=stage, action="report this as a bug with the job id"
+            )
             return self._end(ticket, JobState.FAILED, f"{stage}: {type(exc).__name__}: {exc}",
                              bound)  # fmt: skip
         timings = {
