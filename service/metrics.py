@@ -101,13 +101,24 @@ def _or_nan(read: Callable[[], float], metric: str) -> float:
     try:
         return float(read())
     except Exception as exc:
-        log.warning(
-            "metrics.read_failed",
-            metric=metric,
-            reason=type(exc).__name__,
-            action="check the queue (queue.url); the other metrics were served",
-        )
+        now = time.monotonic()
+        if now - _READ_FAILURES_SAID.get(metric, -math.inf) >= READ_FAILURE_EVERY_S:
+            _READ_FAILURES_SAID[metric] = now
+            log.warning(
+                "metrics.read_failed",
+                metric=metric,
+                reason=type(exc).__name__,
+                action="check the queue (queue.url); the other metrics were served; said"
+                " once a minute while it lasts",
+            )
         return math.nan
+
+
+#: A gauge that cannot be read is logged once a minute, not at every scrape
+#: (acceptance pass: two lines per scrape through a Redis outage, ~480 an hour).
+READ_FAILURE_EVERY_S = 60.0
+#: By metric: when its failure to be read was last logged (monotonic).
+_READ_FAILURES_SAID: dict[str, float] = {}
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:

@@ -64,7 +64,15 @@ class RedactQuotedValues(logging.Filter):
 
 #: pynetdicom's own lines for a connection radnode reports itself (``scu.association_failed``
 #: and ``dicom.retry``, with what to do): two more error lines per try, without an action.
-_PYNETDICOM_DUPLICATES = ("Association request failed", "TCP Initialisation Error")
+#: The last two come when the PACS dies or stalls during a delivery, which ``scu.sent``
+#: (``association``: aborted or timed out) and ``dicom.retry`` report (acceptance pass:
+#: an error line whose action pointed at association.* events a delivery has none of).
+_PYNETDICOM_DUPLICATES = (
+    "Association request failed",
+    "TCP Initialisation Error",
+    "Connection closed while waiting for DIMSE message",
+    "DIMSE timeout reached while waiting for message response",
+)
 
 
 class DropReportedConnectionErrors(logging.Filter):
@@ -190,7 +198,8 @@ _NO_ACTION = "none: a library's notice, kept for the record; report it if it com
 #: What to do about a library's warning or error, by its top-level package.
 _LIBRARY_ACTIONS = {
     "huey": "check the job queue (queue.url, Redis); radnode retries on its own",
-    "pynetdicom": "see the association.* events of the same peer around this line",
+    "pynetdicom": "see radnode's own lines for the same peer around this one (association.*"
+    " for what it receives, scu.* and dicom.* for deliveries)",
 }
 
 

@@ -322,3 +322,29 @@ def test_every_metric_is_prefixed_parseable_and_documented(tmp_path: Path) -> No
         assert family.documentation, f"{family.name} has no HELP text"
         exposed = family.name + ("_total" if family.type == "counter" else "")
         assert exposed in documented, f"{exposed} is not in docs/operations.md"
+
+
+def test_a_gauge_that_cannot_be_read_is_logged_once_a_minute_not_per_scrape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through a Redis outage each scrape logged two metrics.read_failed lines
+    (acceptance pass: ~480 an hour at Prometheus' 15 s)."""
+    import structlog
+
+    from service import metrics as metrics_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(metrics_module, "_READ_FAILURES_SAID", {})
+
+    def unreadable() -> float:
+        raise ConnectionError("queue down")
+
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):  # a minute of scrapes every 15 s
+            assert math.isnan(metrics_module._or_nan(unreadable, "radnode_queue_depth"))
+            assert math.isnan(metrics_module._or_nan(unreadable, "radnode_queue_up"))
+            clock[0] += 15.0
+        assert math.isnan(metrics_module._or_nan(unreadable, "radnode_queue_depth"))
+    said = [e["metric"] for e in logs if e["event"] == "metrics.read_failed"]
+    assert said == ["radnode_queue_depth", "radnode_queue_up", "radnode_queue_depth"]

@@ -148,6 +148,10 @@ def test_pynetdicoms_connection_error_lines_give_way_to_radnodes_own() -> None:
     assert not drop.filter(
         record("pynetdicom.transport", "Association request failed: unable to connect")
     )
+    # a PACS that dies or stalls mid-delivery: scu.sent and dicom.retry say it
+    assert not drop.filter(
+        record("pynetdicom.association", "Connection closed while waiting for DIMSE message")
+    )
     assert drop.filter(record("pynetdicom.acse", "Association Aborted"))
     assert drop.filter(record("service.delivery", "TCP Initialisation Error"))
 
