@@ -62,7 +62,14 @@ from enum import StrEnum
 from re import Pattern
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.records import SeriesInfo
 
@@ -431,7 +438,10 @@ class RouteRule(BaseModel):
                 f"unknown attribute {key!r}{hint}; known attributes: {', '.join(ATTRIBUTES)}"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            # The known attributes' conditions are checked too, so that every problem is
+            # listed at once (acceptance pass: a bad regex beside an unknown attribute
+            # was said only once the attribute was fixed).
+            raise ValueError("; ".join(problems + _condition_problems(value)))
         return value
 
     @field_validator("match")
@@ -643,3 +653,21 @@ def format_plan(plan: RoutingPlan, series: Sequence[SeriesInfo]) -> str:
     if not plan.selections:
         lines.append("no route matched")
     return "\n".join(lines)
+
+
+def _condition_problems(match: dict[Any, Any]) -> list[str]:
+    """What is wrong with the conditions of the known attributes in ``match`` (a route's
+    raw ``match`` table), one ``Attribute.test: problem`` per error."""
+    problems = []
+    for attribute, raw in match.items():
+        if attribute not in ATTRIBUTES:
+            continue
+        try:
+            condition = AttributeCondition.model_validate(raw)
+        except ValidationError as exc:
+            for error in exc.errors():
+                where = ".".join(str(part) for part in (attribute, *error["loc"]))
+                problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+            continue
+        problems += condition.problems_for(attribute, ATTRIBUTES[attribute].kind)
+    return problems

@@ -270,6 +270,20 @@ def test_unknown_attribute_is_named_with_the_known_ones() -> None:
         assert name in text
 
 
+def test_every_problem_of_a_match_table_is_listed_with_an_unknown_attribute() -> None:
+    """Acceptance pass: a bad regular expression beside an unknown attribute was only
+    reported once the attribute was fixed (configuration.md: every problem is listed)."""
+    text = error_text(
+        {"name": "r", "pipeline": "p",
+         "match": {"Modality": {"regex": "("}, "FooAttr": "1", "SliceThickness": {"min": "x"},
+                   "SeriesDescription": {"contains": "AX"}}}
+    )  # fmt: skip
+    assert "unknown attribute 'FooAttr'" in text
+    assert "Modality.regex: invalid regular expression '('" in text
+    assert "SliceThickness.min:" in text
+    assert "SeriesDescription.contains: Input should be a valid list" in text
+
+
 def test_bad_regex_names_the_key_and_the_problem() -> None:
     with pytest.raises(ValidationError) as info:
         RouteRule.model_validate(
