@@ -178,6 +178,18 @@ def worker(
         raise typer.Exit(code=1) from exc
     except KeyboardInterrupt:  # stopped (SIGINT, or SIGTERM) while it was starting
         raise typer.Exit(code=0) from None
+    _leave_at_once()
+
+
+def _leave_at_once() -> None:
+    """End a stopped worker without Python's teardown. A stop during a run (the node
+    gone, docker stop) leaves the run's thread inside torch, and the teardown destroyed
+    its native threads under it: libstdc++ wrote "terminate called without an active
+    exception" amid the JSON log (acceptance pass). Everything worth keeping is written
+    already (the run is taken for lost and runs again); the log is flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command(hidden=True)

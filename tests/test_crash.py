@@ -236,3 +236,28 @@ def test_a_killed_local_worker_is_gone_and_replaced_not_reported_silent(
     assert node.events("worker.silent") == []
     (died,) = node.events("worker.died")
     assert "unless it has had queue.max_attempts runs" in died["action"]
+
+
+def test_a_worker_stopped_mid_run_by_its_nodes_death_leaves_only_json_lines(
+    radnode_factory, tmp_path: Path
+) -> None:
+    """The node killed during a CT segmentation: its worker stops (SIGTERM from
+    the kernel as its parent dies), and Python's teardown under the run's torch threads
+    wrote "terminate called without an active exception" amid the JSON log
+    (acceptance pass). Runs the reference CT model: the message needs torch's threads."""
+    from service.testing import make_ct_phantom, write_ct_phantom
+    from tests.conftest import REPO
+
+    node = radnode_factory(RADNODE_ROUTES=None, RADNODE_MODELS__DIR=str(REPO / "models"))
+    node.start()
+    phantom = write_ct_phantom(tmp_path / "ct", make_ct_phantom(seed=10400, rows=256, slices=120))
+    assert storescu(node.port, phantom).returncode == 0
+    node.wait_for_event("job.started", timeout=180)
+    time.sleep(0.5)
+    node.kill()
+    deadline = time.monotonic() + 60
+    while not node.events("worker.stopped"):
+        assert time.monotonic() < deadline, "\n".join(node.lines[-20:])
+        time.sleep(0.2)
+    time.sleep(3.0)  # the worker's last words, if any, after its stop line
+    assert [line for line in node.lines if not line.startswith("{")] == []
