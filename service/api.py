@@ -131,6 +131,11 @@ class StatusSource(Protocol):
         """The ``limit`` most recent dead-lettered deliveries not yet retried."""
         ...
 
+    def resolved_by(self, jobs: Sequence[JobRecord]) -> dict[str, str]:
+        """For each failed or refused job among ``jobs`` that a later job of the same
+        series and pipeline has made a result for: that job's id, by job id."""
+        ...
+
     def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
         """The deliveries of these jobs (in the order they were made), by job id."""
         ...
@@ -238,10 +243,13 @@ def delivery_view(delivery: DeliveryView) -> dict[str, Any]:
     }
 
 
-def job_view(job: JobRecord, deliveries: Sequence[DeliveryView] = ()) -> dict[str, Any]:
+def job_view(
+    job: JobRecord, deliveries: Sequence[DeliveryView] = (), resolved_by: str | None = None
+) -> dict[str, Any]:
     """A job as the API shows it: keys instead of UIDs, no result path; with where each
     of its results stands (a result waiting for a PACS that is down shows here as
-    ``pending`` with its attempts and last error, while the job itself is ``done``)."""
+    ``pending`` with its attempts and last error, while the job itself is ``done``),
+    and for a failed or refused job, the later job that made its series' result."""
     error = _clip_error(job.error)
     return {
         "job_id": job.job_id,
@@ -258,6 +266,7 @@ def job_view(job: JobRecord, deliveries: Sequence[DeliveryView] = ()) -> dict[st
         "wait_s": _span(job.created_at, job.started_at),
         "run_s": _span(job.started_at, job.finished_at),
         "error": error,
+        "resolved_by": resolved_by,
         "timings": dict(job.timings) if job.timings else {},
         "deliveries": [delivery_view(d) for d in deliveries],
     }
@@ -406,7 +415,8 @@ def _jobs(api: ApiServer, request: _Request) -> _Response:
             raise _BadRequest(f"state must be one of {allowed}") from exc
     jobs = api.source.recent_jobs(limit, state)
     deliveries = api.source.deliveries([j.job_id for j in jobs])
-    views = [job_view(j, deliveries.get(j.job_id, ())) for j in jobs]
+    resolved = api.source.resolved_by(jobs)
+    views = [job_view(j, deliveries.get(j.job_id, ()), resolved.get(j.job_id)) for j in jobs]
     return _json(HTTPStatus.OK, {"generated_at": _iso(time.time()), "jobs": views})
 
 
@@ -882,6 +892,12 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Why it failed or was refused; for a done job, which"
                 " destinations get no result and why (e.g. an HL7 message that could not"
                 " be built).",
+            },
+            "resolved_by": {
+                "type": ["string", "null"],
+                "description": "For a failed or refused job: the later job of the same"
+                " series and pipeline that made its result (the series came again"
+                " complete, say); null while none has.",
             },
             "timings": {
                 "type": "object",

@@ -925,6 +925,13 @@ class StudyIndex:
             ).fetchone()
         return None if row is None else self._job_from_row(row)
 
+    def resolved_by(self, job: JobRecord) -> JobRecord | None:
+        """For a failed or refused ``job``: the first later job of its series and
+        pipeline that made a result (the series came again whole, say); None if none
+        has. An operator's list of failed and refused jobs kept showing a refusal long
+        after its series was analysed (acceptance pass)."""
+        return self._sibling(job, (JobState.DONE,), later=True, newest=False)
+
     def recent_jobs(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
         where = "" if state is None else "WHERE j.state = ?"
         params: tuple = (limit,) if state is None else (state, limit)

@@ -443,6 +443,15 @@ class NodeStatus:
             )
         return letters
 
+    def resolved_by(self, jobs: Sequence[JobRecord]) -> dict[str, str]:
+        found = {}
+        for job in jobs:
+            if job.state in (JobState.FAILED, JobState.REFUSED):
+                later = self._node.index.resolved_by(job)
+                if later is not None:
+                    found[job.job_id] = later.job_id
+        return found
+
     def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
         found = self._node.outbox.of_jobs(job_ids)
         return {

@@ -282,11 +282,20 @@ def _failed_table(jobs: Sequence[Item], now: float) -> Table:
             _state(j.get("state")),
             str(j.get("attempts", "")),
             _age(j.get("finished_at"), now),
-            str(j.get("error") or ""),
+            _failure_text(j),
         )
     if not jobs:
         table.add_row("(none)", "", "", "", "", "", "")
     return table
+
+
+def _failure_text(job: Item) -> str:
+    """The job's error, after what resolved it where a later job made the result (the
+    acceptance pass could not tell a refusal already made good from a standing one)."""
+    error = str(job.get("error") or "")
+    if job.get("resolved_by"):
+        return f"resolved: job {job['resolved_by']} made the result. {error}".strip()
+    return error
 
 
 #: A delivery not tried this long after it was due is waiting behind another one.

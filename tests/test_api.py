@@ -69,6 +69,8 @@ class FakeNode:
     delivered: dict[str, list[DeliveryView]] = field(default_factory=dict)
     seen_workers: list[WorkerView] = field(default_factory=list)
     superseded: set[str] = field(default_factory=set)
+    #: failed or refused job -> the later job that made its result
+    resolved: dict[str, str] = field(default_factory=dict)
     checks: dict[str, bool | str] = field(
         default_factory=lambda: {"scp_listening": True, "queue": True, "disk": True}
     )
@@ -91,6 +93,9 @@ class FakeNode:
 
     def deliveries(self, job_ids: Sequence[str]) -> dict[str, list[DeliveryView]]:
         return {j: self.delivered[j] for j in job_ids if j in self.delivered}
+
+    def resolved_by(self, jobs: Sequence[JobRecord]) -> dict[str, str]:
+        return {j.job_id: self.resolved[j.job_id] for j in jobs if j.job_id in self.resolved}
 
     def retry_job(self, job_id: str) -> RetryOutcome:
         job = self.jobs.get(job_id)
@@ -499,6 +504,20 @@ def test_status_view_fetches_and_renders_without_patient_data(stack: Stack) -> N
     assert "│ ris " in row and "HL7 result not built" in row  # its destination, its reason
     for secret in (*PHI, str(stack.studies[0].StudyInstanceUID)):
         assert secret not in screen
+
+
+def test_a_refusal_a_later_job_made_good_says_so_in_the_api_and_the_status_view(
+    stack: Stack,
+) -> None:
+    _, body = get_json(stack.api, "/api/jobs")
+    assert {j["job_id"]: j["resolved_by"] for j in body["jobs"]}["j-failed"] is None
+    stack.node.resolved["j-failed"] = "j-done"
+    _, body = get_json(stack.api, "/api/jobs?state=failed")
+    assert [(j["job_id"], j["resolved_by"]) for j in body["jobs"]] == [("j-failed", "j-done")]
+    console = Console(record=True, width=220, color_system=None)
+    console.print(render_snapshot(fetch_status(stack.api.url, timeout=5), now=1_700_000_200.0))
+    (row,) = [line for line in console.export_text().splitlines() if "│ j-failed " in line]
+    assert "resolved: job j-done made the result. bundle raised RuntimeError" in row
 
 
 def test_status_view_counts_every_job_the_node_holds_not_the_last_few(stack: Stack) -> None:

@@ -35,6 +35,12 @@ def _node_with_one_instance(tmp_path: Path) -> tuple[Settings, StudyIndex, Datas
     settings = Settings(node={"data_dir": str(tmp_path)})  # type: ignore[arg-type]
     index = StudyIndex(tmp_path / "index.sqlite3")
     ds = dcmread(get_testdata_file("CT_small.dcm"))
+    _receive(tmp_path, index, ds)
+    return settings, index, ds
+
+
+def _receive(tmp_path: Path, index: StudyIndex, ds: Dataset) -> None:
+    """Store ``ds`` as the receive path does (spool under ``tmp_path``, ``index``)."""
     data = encode(ds, False, True)
     assert data is not None
     instance = ReceivedInstance(
@@ -42,7 +48,6 @@ def _node_with_one_instance(tmp_path: Path) -> tuple[Settings, StudyIndex, Datas
         "PACS", "RADNODE", "127.0.0.1",
     )  # fmt: skip
     Ingest(Spool(tmp_path / "spool"), index, ae_title="RADNODE", min_free_bytes=0).store(instance)
-    return settings, index, ds
 
 
 def test_a_new_job_is_submitted_once_when_the_tracker_pass_sees_it_first(
@@ -502,4 +507,29 @@ def test_a_job_stopped_by_its_time_limit_says_so_not_out_of_memory(tmp_path: Pat
     record = index.job(job.job_id)
     assert record.state is JobState.FAILED
     assert record.error == f"{why} on each of 2 runs; fix the cause, then retry the job"
+    index.close()
+
+
+def test_a_refusal_is_resolved_by_the_first_later_job_of_its_series_that_made_a_result(
+    tmp_path: Path,
+) -> None:
+    """``radnode status`` listed a refusal (a slice missing) long after the slice came
+    and a later job analysed the series (acceptance pass): the index names that job."""
+    _, index, ds = _node_with_one_instance(tmp_path)
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    refused = index.add_job(study, series, "p", ["r"], [])
+    other_pipeline = index.add_job(study, series, "q", ["r"], [])
+    assert refused is not None and other_pipeline is not None
+    index.finish_job(refused.job_id, JobState.REFUSED, error="a slice is missing")
+    index.finish_job(other_pipeline.job_id, JobState.DONE)  # not this pipeline's result
+    assert index.resolved_by(index.job(refused.job_id)) is None
+    # the missing slice arrives: the series grew, and its new job makes the result
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+    _receive(tmp_path, index, ds)
+    grown = index.add_job(study, series, "p", ["r"], [])
+    assert grown is not None
+    assert index.resolved_by(index.job(refused.job_id)) is None  # queued: not yet
+    index.finish_job(grown.job_id, JobState.DONE)
+    resolved = index.resolved_by(index.job(refused.job_id))
+    assert resolved is not None and resolved.job_id == grown.job_id
     index.close()
