@@ -40,6 +40,13 @@ log = structlog.get_logger("service.tracker")
 SILENT_BEATS = 4
 
 
+#: What to do about a job whose every run was lost (its worker died or went silent).
+_LOST_ACTION = (
+    "fix the cause (the worker's log around the job's job.started lines), then retry the"
+    " job (POST /api/jobs/{id}/retry)"
+)
+
+
 class JobTracker:
     """Submits job runs and turns their reports into index state and deliveries."""
 
@@ -367,15 +374,8 @@ class JobTracker:
             self.index.finish_job(
                 job.job_id, JobState.FAILED, error=f"{what}; fix the cause, then retry the job"
             )
-            log.error(
-                "job.finished",
-                job=job.job_id,
-                study=job.study_key,
-                state="failed",
-                reason=what,
-                action="fix the cause (the worker's log around the job's job.started"
-                " lines), then retry the job (POST /api/jobs/{id}/retry)",
-            )
+            log.error("job.finished", job=job.job_id, study=job.study_key, state="failed",
+                      reason=what, action=_LOST_ACTION)  # fmt: skip
             return
         self.index.back_to_queue(job.job_id)
         self._submit(job)
