@@ -97,6 +97,13 @@ class InlineStoreReader:
         # pynetdicom handles the rest of the association).
         self._passing: str | None = None
 
+    @property
+    def store_in_progress(self) -> bool:
+        """Whether a C-STORE's request came and its data set has not all come: an
+        association that ends now lost that instance in transit (the PACS's copy is
+        the only one), whatever else it sent."""
+        return self._store is not None
+
     def __call__(self, pdu: bytearray) -> list[bytes]:
         """Take one P-DATA-TF PDU (header included); return the PDUs for pynetdicom
         (the PDV items not taken, rewrapped in order). Raises

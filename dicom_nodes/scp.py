@@ -716,9 +716,13 @@ class StorageSCP:
         if counted:
             stats.storing.release()
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        reader = getattr(event.assoc.dul, "p_data_reader", None)
         log.info(
             "association.closed",
             outcome=outcome,
+            # an instance the peer had begun to send and never finished: the study
+            # lacks it unless the PACS sends it again
+            instance_cut=isinstance(reader, InlineStoreReader) and reader.store_in_progress,
             peer_ae=stats.calling_ae,
             peer_address=stats.address,
             instances=stats.instances,

@@ -429,3 +429,34 @@ def test_a_store_through_pynetdicom_after_its_association_closed_is_refused() ->
     node._open_stats(assoc)
     node._on_store(event)
     assert len(receiver.instances) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cut", [True, False])
+def test_an_abort_in_the_middle_of_a_store_says_an_instance_was_cut(scp, tmp_path, cut: bool):
+    """A PACS that aborts while an instance is on its way leaves the study without it
+    (unless it sends it again); one that aborts between instances (some end every
+    association so) loses nothing. The close line tells the two apart."""
+    node, recorder = scp
+    (instance,) = _series(tmp_path, slices=1)
+    data_set = _encoded(instance)
+    assoc = _associate(node.port, CTImageStorage)
+    (context,) = assoc.accepted_contexts
+    if not cut:
+        assert assoc.send_c_store(instance).Status == 0x0000
+    with structlog.testing.capture_logs() as events:
+        if cut:
+            command = encode_c_store_rq(CT, str(instance.SOPInstanceUID), 1)
+            with reactor.reactor_paused(assoc), assoc.dul.direct_writes() as sock:
+                c_store.write_command(sock, context.context_id, command, 16384)
+                sock.sendall(_pdu(_pdv(context.context_id, CONTROL_DATA, data_set[:1000])))
+            time.sleep(0.2)  # the fragment is read before the abort
+        assoc.abort()
+        deadline = time.monotonic() + 5
+        while not [e for e in events if e["event"] == "association.closed"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    (closed,) = [e for e in events if e["event"] == "association.closed"]
+    assert closed["outcome"] == "aborted"
+    assert closed["instance_cut"] is cut
+    assert len(recorder.instances) == (0 if cut else 1)
