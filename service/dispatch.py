@@ -25,7 +25,7 @@ import structlog
 from service.index import StudyIndex
 from service.observability import RepeatedFailureLog, redact_quoted
 from service.records import JobRecord, SeriesInfo, StudySummary
-from service.routing import RouteRule, RoutingPlan, plan
+from service.routing import RouteRule, RoutingPlan, plan, series_order
 from service.uids import study_key
 
 log = structlog.get_logger("service.dispatch")
@@ -188,7 +188,7 @@ def _skipped_series(series: Sequence[SeriesInfo], decided: RoutingPlan) -> list[
     as ``study.unrouted`` gives them; no description, no UID)."""
     selected = {s.series_uid for s in decided.selections}
     skipped = []
-    for s in sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0)):
+    for s in sorted(series, key=series_order):
         if s.series_uid in selected:
             continue
         reasons = sorted({r.reason for r in decided.rejections if r.series_uid == s.series_uid})

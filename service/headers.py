@@ -211,11 +211,9 @@ def _check_pixel_data(values: _Values, transfer_syntax_uid: str) -> None:
     elements = values.dataset._dict
     raw = elements.get(_PIXEL_DATA)  # type: ignore[call-overload]
     if raw is None:
-        floating = [tag for tag in _FLOAT_PIXEL_DATA if tag in elements]
-        if floating:
-            _check_pixel_length(
-                values, elements[floating[0]], bits=8 * _FLOAT_PIXEL_DATA[floating[0]]
-            )
+        floating = next((tag for tag in _FLOAT_PIXEL_DATA if tag in elements), None)
+        if floating is not None:
+            _check_pixel_length(values, elements[floating], bits=8 * _FLOAT_PIXEL_DATA[floating])
         elif _has_image_pixel_module(elements):
             # an image without its pixels: Success would tell the PACS a useless
             # instance is kept (acceptance pass: Rows, Columns and Pixel Data removed)

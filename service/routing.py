@@ -449,9 +449,7 @@ class RouteRule(BaseModel):
     def _conditions_fit_attributes(
         cls, match: dict[str, AttributeCondition]
     ) -> dict[str, AttributeCondition]:
-        problems: list[str] = []
-        for attribute, condition in match.items():
-            problems += condition.problems_for(attribute, ATTRIBUTES[attribute].kind)
+        problems = _condition_problems(match)
         if problems:
             raise ValueError("; ".join(problems))
         return match
@@ -537,7 +535,8 @@ class RoutingPlan:
         )
 
 
-def _series_order(s: SeriesInfo) -> tuple[str, bool, int, str]:
+def series_order(s: SeriesInfo) -> tuple[str, bool, int, str]:
+    """Sort key of series: by study, then Series Number (none last), then UID."""
     return (s.study_uid, s.series_number is None, s.series_number or 0, s.series_uid)
 
 
@@ -590,7 +589,7 @@ def _not_picked_reason(pick: PickPolicy, winner: SeriesInfo, loser: SeriesInfo) 
 
 def plan(series: Sequence[SeriesInfo], routes: Sequence[RouteRule]) -> RoutingPlan:
     """Match every series against every enabled route; pick per study as each route says."""
-    ordered = sorted(series, key=_series_order)
+    ordered = sorted(series, key=series_order)
     selections: list[Selection] = []
     rejections: list[Rejection] = []
     for route in routes:
@@ -630,7 +629,7 @@ def format_plan(plan: RoutingPlan, series: Sequence[SeriesInfo]) -> str:
     Shows no SeriesDescription and no patient data.
     """
     lines: list[str] = []
-    for s in sorted(series, key=_series_order):
+    for s in sorted(series, key=series_order):
         number = s.series_number if s.series_number is not None else "-"
         thickness = _shown("SliceThickness", s.slice_thickness)
         facts = [
@@ -657,7 +656,7 @@ def format_plan(plan: RoutingPlan, series: Sequence[SeriesInfo]) -> str:
 
 def _condition_problems(match: dict[Any, Any]) -> list[str]:
     """What is wrong with the conditions of the known attributes in ``match`` (a route's
-    raw ``match`` table), one ``Attribute.test: problem`` per error."""
+    ``match`` table, raw or validated), one ``Attribute.test: problem`` per error."""
     problems = []
     for attribute, raw in match.items():
         if attribute not in ATTRIBUTES:

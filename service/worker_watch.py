@@ -60,8 +60,6 @@ class WorkerWatch:
         #: acceptance pass saw a live worker reported silent a second after Redis came
         #: back, and seen again two seconds later)
         self._silence_from = 0.0
-        #: by name: since when each listed worker has been silent, as of the last poll
-        self._quiet_since: dict[str, float] = {}
         #: when each worker's announcement was last heard to change, by name
         self._heard = HeardClock()
         #: pipeline -> the bundle versions its live workers differ on, as last warned
@@ -118,13 +116,13 @@ class WorkerWatch:
         if self._mark is not None:  # again each pass: a restarted queue may have lost it
             self._queue.mark_edge(self._mark)
         views = []
-        self._quiet_since = {}
+        quiet_since: dict[str, float] = {}  # by name: silent since, for the log
         for presence in self._queue.workers():
             known = presence.name in self._heard
             # first sight: dated by the worker's clock (a presence left by a dead worker)
             since = self._heard.heard(presence.name, presence.at, now, min(presence.at, now))
             since = max(since, self._silence_from)
-            self._quiet_since[presence.name] = since
+            quiet_since[presence.name] = since
             # forgotten only once seen unchanged: a live worker whose clock is hours
             # behind must not be dropped at each first sight (found by review)
             if known and now - since > FORGET_AFTER_S:
@@ -132,7 +130,7 @@ class WorkerWatch:
                 continue
             views.append(self._view(presence, alive=now - since <= self._silent_after))
         self._heard.forget_others()
-        self._report(views, now)
+        self._report(views, now, quiet_since)
         self._check_versions(views)
         self.latest = views
         return views
@@ -170,7 +168,7 @@ class WorkerWatch:
             alive=alive,
         )
 
-    def _report(self, views: list[WorkerView], now: float) -> None:
+    def _report(self, views: list[WorkerView], now: float, quiet_since: dict[str, float]) -> None:
         listed = {view.name for view in views}
         alive = {view.name for view in views if view.alive}
         before = self._alive
@@ -181,7 +179,7 @@ class WorkerWatch:
                 log.warning(
                     "worker.silent",
                     worker=name,
-                    silent_s=round(now - self._quiet_since.get(name, now)),
+                    silent_s=round(now - quiet_since.get(name, now)),
                     alive=len(alive),
                     action="check the worker's machine and its log; a job it was"
                     " running is queued again",
