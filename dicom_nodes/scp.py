@@ -301,7 +301,7 @@ class StorageSCP:
         port: int = 11112,
         on_association: Callable[[str], None] | None = None,
         *,
-        on_association_end: Callable[[str, bool], None] | None = None,
+        on_association_end: Callable[[str, bool, bool], None] | None = None,
         tls_port: int | None = None,
         shared: SharedListeners | None = None,
     ) -> None:
@@ -310,8 +310,9 @@ class StorageSCP:
         package knows nothing of metrics). It runs on the association's thread and
         must be quick and not raise.
 
-        ``on_association_end`` is called with :attr:`ReceivedInstance.association` and
-        whether it was aborted, once an accepted association is released or aborted,
+        ``on_association_end`` is called with :attr:`ReceivedInstance.association`,
+        whether it was aborted and whether an instance was cut in the middle of its data
+        set (it never arrived), once an accepted association is released or aborted,
         after its last store: the receiver lets go of what it held open for it.
 
         ``tls_port`` (needs ``policy.tls_cert``): a second listener that speaks TLS
@@ -717,12 +718,13 @@ class StorageSCP:
             stats.storing.release()
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
         reader = getattr(event.assoc.dul, "p_data_reader", None)
+        # an instance the peer had begun to send and never finished: the study lacks it
+        # unless the PACS sends it again
+        instance_cut = isinstance(reader, InlineStoreReader) and reader.store_in_progress
         log.info(
             "association.closed",
             outcome=outcome,
-            # an instance the peer had begun to send and never finished: the study
-            # lacks it unless the PACS sends it again
-            instance_cut=isinstance(reader, InlineStoreReader) and reader.store_in_progress,
+            instance_cut=instance_cut,
             peer_ae=stats.calling_ae,
             peer_address=stats.address,
             instances=stats.instances,
@@ -736,7 +738,7 @@ class StorageSCP:
                 # the node's own idle timeout aborts an association that sent nothing
                 # for network_timeout_s: its study is not cut short (review)
                 cut = outcome == "aborted" and idle_s < 0.9 * self._policy.network_timeout_s
-                self._on_association_end(stats.name, cut)
+                self._on_association_end(stats.name, cut, instance_cut)
             except Exception:  # the peer is gone already; never fail the close
                 log.exception("association.end_failed", action="report this as a bug")
         self._notify(outcome)

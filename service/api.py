@@ -223,6 +223,7 @@ def study_view(study: StudySummary) -> dict[str, Any]:
         "last_received_at": _iso(study.last_received_at),
         "completed_at": _iso(study.completed_at),
         "receive_s": _span(study.first_received_at, study.last_received_at),
+        "instance_lost": study.instance_lost,
     }
 
 
@@ -267,6 +268,7 @@ def job_view(
         "run_s": _span(job.started_at, job.finished_at),
         "error": error,
         "resolved_by": resolved_by,
+        "preliminary": job.preliminary,
         "timings": dict(job.timings) if job.timings else {},
         "deliveries": [delivery_view(d) for d in deliveries],
     }
@@ -867,6 +869,11 @@ _SCHEMAS: dict[str, Any] = {
             "last_received_at": {"type": "string", "format": "date-time"},
             "completed_at": _NULLABLE_TIME,
             "receive_s": _NULLABLE_SECONDS,
+            "instance_lost": {
+                "type": "boolean",
+                "description": "An association sending it ended in the middle of an"
+                " instance and none has sent the study since: its results are preliminary.",
+            },
         },
     },
     "Job": {
@@ -898,6 +905,12 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "For a failed or refused job: the later job of the same"
                 " series and pipeline that made its result (the series came again"
                 " complete, say); null while none has.",
+            },
+            "preliminary": {
+                "type": "boolean",
+                "description": "Made while its study lacked an instance lost in transit (an"
+                " association aborted in the middle of it): its results are marked"
+                " preliminary (SR Preliminary Flag, HL7 result status P).",
             },
             "timings": {
                 "type": "object",

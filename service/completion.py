@@ -88,7 +88,17 @@ class CompletionMonitor:
                 series=study.series_count,
                 receive_s=round(study.last_received_at - study.first_received_at, 3),
             )
-            if study.interrupted:
+            if study.instance_lost:
+                log.warning(
+                    "study.instance_lost",
+                    study=study.study_key,
+                    instances=study.instance_count,
+                    action="an association sending it ended in the middle of an instance"
+                    " and the PACS sent nothing more: its results are marked preliminary"
+                    " (SR Preliminary Flag, HL7 result status P); send the study again from"
+                    " the PACS for final results",
+                )
+            elif study.interrupted:
                 log.warning(
                     "study.interrupted",
                     study=study.study_key,

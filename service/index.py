@@ -41,7 +41,7 @@ from service.uids import study_key
 
 log = structlog.get_logger("service.index")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     -- instances refused because the study would pass node.max_study_mb
-    refused_too_large INTEGER NOT NULL DEFAULT 0
+    refused_too_large INTEGER NOT NULL DEFAULT 0,
+    -- an association sending the study was aborted in the middle of an instance, and
+    -- no association has sent the study since: its results are preliminary
+    instance_lost INTEGER NOT NULL DEFAULT 0
 );
 -- instances refused while the disk was full and not stored since (a row goes when its
 -- instance is stored: the sender's retry brought it)
@@ -134,6 +137,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     -- the queue's id of the current run; NULL until it is enqueued
     task_id TEXT,
+    -- made while its study had an instance lost in transit: its result is preliminary
+    preliminary INTEGER NOT NULL DEFAULT 0,
     UNIQUE (series_uid, pipeline, instance_count)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
@@ -208,7 +213,8 @@ class StudyIndex:
         ``series.view_position``; series indexed before have none (""). Version 5 added
         ``studies.refused_too_large``, version 6 the ``refused_no_space`` table and
         version 7 the ``delivering`` table (both made by the schema script, which
-        creates what is missing).
+        creates what is missing). Version 8 added ``studies.instance_lost`` and
+        ``jobs.preliminary``: nothing indexed before knew of a lost instance (0).
         """
         add_column(
             self._db,
@@ -219,6 +225,8 @@ class StudyIndex:
         add_column(self._db, "series", "view_position TEXT NOT NULL DEFAULT ''")
         add_column(self._db, "studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
         add_column(self._db, "delivering", "interrupted_at REAL")
+        add_column(self._db, "studies", "instance_lost INTEGER NOT NULL DEFAULT 0")
+        add_column(self._db, "jobs", "preliminary INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -548,9 +556,14 @@ class StudyIndex:
         hold both open while the association is (see :meth:`complete_quiet_studies`
         and :meth:`quiet_series`)."""
         with self._transaction() as db:
-            # the PACS took the study up again: an interrupted sending waits no longer
+            # the PACS took the study up again: an interrupted sending waits no longer,
+            # and the instance cut short is presumably among what it sends
             db.execute(
                 "DELETE FROM delivering WHERE study_uid = ? AND interrupted_at IS NOT NULL",
+                (study_uid,),
+            )
+            db.execute(
+                "UPDATE studies SET instance_lost = 0 WHERE study_uid = ? AND instance_lost",
                 (study_uid,),
             )
             db.execute(
@@ -559,10 +572,21 @@ class StudyIndex:
                 (association, study_uid, series_uid),
             )
 
-    def end_delivery(self, association: str, *, aborted: bool = False) -> None:
+    def end_delivery(
+        self, association: str, *, aborted: bool = False, instance_lost: bool = False
+    ) -> None:
         """``association`` closed. Released: the study it was delivering is held no
-        longer. Aborted: it is held as interrupted (see :meth:`complete_quiet_studies`)."""
+        longer. Aborted: it is held as interrupted (see :meth:`complete_quiet_studies`).
+        ``instance_lost``: it ended in the middle of an instance, which the study now
+        lacks: the study's results are preliminary until an association sends it again
+        (:meth:`hold_while_delivering`)."""
         with self._transaction() as db:
+            if instance_lost:
+                db.execute(
+                    "UPDATE studies SET instance_lost = 1 WHERE study_uid ="
+                    " (SELECT study_uid FROM delivering WHERE association = ?)",
+                    (association,),
+                )
             if aborted:
                 db.execute(
                     "UPDATE delivering SET interrupted_at = ? WHERE association = ?",
@@ -663,7 +687,7 @@ class StudyIndex:
     _STUDY_COLUMNS = (
         "st.study_uid, st.study_key, st.state, st.instance_count,"
         " (SELECT COUNT(*) FROM series se WHERE se.study_uid = st.study_uid),"
-        " st.first_received_at, st.last_received_at, st.completed_at"
+        " st.first_received_at, st.last_received_at, st.completed_at, st.instance_lost"
     )
 
     @staticmethod
@@ -677,6 +701,7 @@ class StudyIndex:
             first_received_at=row[5],
             last_received_at=row[6],
             completed_at=row[7],
+            instance_lost=bool(row[8]),
         )
 
     def study(self, study_uid: str) -> StudySummary | None:
@@ -793,7 +818,8 @@ class StudyIndex:
     _JOB_COLUMNS = (
         "j.job_id, j.study_uid, st.study_key, j.series_uid, j.pipeline, j.routes,"
         " j.destinations, j.state, j.attempts, j.created_at, j.started_at, j.finished_at,"
-        " j.error, j.result_dir, j.timings, j.task_id, j.worker, j.instance_count"
+        " j.error, j.result_dir, j.timings, j.task_id, j.worker, j.instance_count,"
+        " j.preliminary"
     )
 
     @staticmethod
@@ -817,6 +843,7 @@ class StudyIndex:
             task_id=row[15],
             worker=row[16],
             instance_count=row[17],
+            preliminary=bool(row[18]),
         )
 
     def add_job(
@@ -829,7 +856,8 @@ class StudyIndex:
         now: float | None = None,
     ) -> JobRecord | None:
         """Create a queued job, or return None if this series, at its current size, already
-        has one for this pipeline (whatever triggered the routing again)."""
+        has one for this pipeline (whatever triggered the routing again). The job is
+        preliminary while its study has an instance lost in transit."""
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex[:12]
         with self._transaction() as db:
@@ -840,8 +868,9 @@ class StudyIndex:
                 return None
             inserted = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, study_uid, series_uid, pipeline,"
-                " instance_count, routes, destinations, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " instance_count, routes, destinations, state, created_at, preliminary)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT instance_lost FROM studies WHERE study_uid = ?))",
                 (
                     job_id,
                     study_uid,
@@ -852,6 +881,7 @@ class StudyIndex:
                     json.dumps(list(destinations)),
                     JobState.QUEUED,
                     now,
+                    study_uid,
                 ),
             ).rowcount
         return self.job(job_id) if inserted else None

@@ -77,7 +77,9 @@ class ResultPublisher:
         revised = ticket.replaces is not None
         repeats: Path | None = None  # the result folder of the result this one repeats
         predecessor = replaced_report(ticket)
-        if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(result, volume):
+        if predecessor is not None and predecessor.SOPInstanceUID == result_sr_uid(
+            result, volume, preliminary=ticket.preliminary
+        ):
             # Made from the very images of the result it would replace (only a localizer
             # joined the series, say): the same result, not a revision. Marked revised it
             # named itself as its own predecessor and went to the RIS as a correction of
@@ -95,6 +97,7 @@ class ResultPublisher:
             revised=revised,
             # a repeat supersedes nothing the result it repeats did not
             not_analyzed=not_analyzed_reports(ticket) if repeats is None else [],
+            preliminary=ticket.preliminary,
         )
         for name in ticket.destinations:
             destination = self.destinations.get(name)
@@ -120,6 +123,8 @@ class ResultPublisher:
                         control_id=_sent_control_id(repeats, name)
                         or control_id_for(ticket.job_id, name),
                         correction=revised,
+                        preliminary=ticket.preliminary,
+                        after_preliminary=ticket.replaces_preliminary,
                     )
                 except Hl7Error as exc:
                     log.error(
@@ -309,10 +314,12 @@ def write_dicom(
     predecessor: Dataset | None = None,
     revised: bool = False,
     not_analyzed: Sequence[Dataset] = (),
+    preliminary: bool = False,
 ) -> list[Path]:
     """Write the job's DICOM result objects (SR first); ``revised``: they replace an
     earlier result, whose SR ``predecessor`` is (when it could be read);
-    ``not_analyzed``: "not analyzed" SRs they make obsolete. Raises
+    ``not_analyzed``: "not analyzed" SRs they make obsolete; ``preliminary``: the study
+    lacks an instance lost in transit. Raises
     :class:`ResultsNotWritten` if they cannot be made (the reason logged with its
     traceback): the job then fails and nothing is sent."""
     try:
@@ -322,7 +329,7 @@ def write_dicom(
         sources = [by_uid[uid] for uid in order]
         return write_dicom_results(
             result, volume, sources, out_dir, predecessor=predecessor, revised=revised,
-            not_analyzed=not_analyzed,
+            not_analyzed=not_analyzed, preliminary=preliminary,
         )  # fmt: skip
     except Exception as exc:  # a writer bug: the job fails, visibly, with its reason
         if out_of_space(exc):

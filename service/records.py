@@ -115,6 +115,9 @@ class StudySummary:
     #: Completed after the association sending it was aborted (or the node stopped)
     #: and the PACS did not send it again within ``study.interrupted_wait_s``.
     interrupted: bool = False
+    #: An association sending it was aborted in the middle of an instance and none has
+    #: sent the study since: an instance is missing, its results are preliminary.
+    instance_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,9 @@ class JobRecord:
     #: How many instances the series had when the job was made: every run of the job
     #: reads these first ones, whatever arrived since (a later job covers those).
     instance_count: int | None = None
+    #: Made while its study had an instance lost in transit (see
+    #: :attr:`StudySummary.instance_lost`): its result is marked preliminary.
+    preliminary: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,12 @@ class JobTicket:
     #: The result folders of the refused jobs of the series and pipeline since its last
     #: result, whose "not analyzed" SRs (where made) this job's result makes obsolete.
     not_analyzed: tuple[str, ...] = ()
+    #: The study had an instance lost in transit: the result is preliminary (SR
+    #: Preliminary Flag, HL7 result status P).
+    preliminary: bool = False
+    #: The result ``replaces`` was preliminary: this one is its final result (HL7 F,
+    #: not C), unless preliminary too.
+    replaces_preliminary: bool = False
 
 
 @dataclass(frozen=True)

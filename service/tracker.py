@@ -101,6 +101,8 @@ class JobTracker:
             attempt=job.attempts + 1,
             replaces=None if earlier is None else self._result_dir(earlier),
             not_analyzed=tuple(self._result_dir(r) for r in refused),
+            preliminary=job.preliminary,
+            replaces_preliminary=earlier is not None and earlier.preliminary,
         )
 
     def _result_dir(self, job: JobRecord) -> str:

@@ -282,6 +282,7 @@ class JobRunner:
             or None,
             deliverables=len(publication.deliverables),
             not_sent=list(publication.not_sent) or None,
+            preliminary=ticket.preliminary or None,
         )
         return JobReport(
             job_id=ticket.job_id,

@@ -155,6 +155,7 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) ->
         "ALTER TABLE series DROP COLUMN image_count;"
         " ALTER TABLE series DROP COLUMN view_position;"
         " ALTER TABLE studies DROP COLUMN refused_too_large;"
+        " ALTER TABLE studies DROP COLUMN instance_lost; ALTER TABLE jobs DROP COLUMN preliminary;"
         " DROP TABLE refused_no_space; DROP TABLE delivering; PRAGMA user_version=2;"
         "INSERT INTO studies VALUES ('1.2', 'k', 'complete', 40, 0, 0, NULL);"
         "INSERT INTO series (series_uid, study_uid, modality, body_part, series_description,"
@@ -166,10 +167,14 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) ->
     index = StudyIndex(path)
     (series,) = index.series_of("1.2")
     assert series.images == 40 and series.view_position == ""
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 7
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 8
     assert index.instances_refused("1.2") == (0, 0)
     index.hold_while_delivering("a1", "1.2", "1.2.3")  # version 7's table is there
     assert index.next_quiet_at(10, hold_s=60) is None  # the study is complete
+    study = index.study("1.2")  # version 8's columns are there
+    assert study is not None and not study.instance_lost
+    job = index.add_job("1.2", "1.2.3", "p", ["r"], [])
+    assert job is not None and not job.preliminary
 
 
 # --------------------------------------------------------------------------- results

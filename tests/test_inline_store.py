@@ -24,8 +24,6 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 import structlog
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
@@ -35,18 +33,13 @@ from dicom_nodes.inline_store import InlineStoreReader
 from dicom_nodes.policy import AssociationPolicy
 from dicom_nodes.scp import StorageSCP
 from service.testing import write_ct_series
+from tests.support.cut_sender import begin_store_then_abort
+from tests.support.cut_sender import encoded as _encoded
+from tests.support.cut_sender import pdu as _pdu
+from tests.support.cut_sender import pdv as _pdv
 
 CT = str(CTImageStorage)
 CONTROL_DATA, CONTROL_COMMAND, CONTROL_DATA_LAST, CONTROL_COMMAND_LAST = 0, 1, 2, 3
-
-
-def _pdv(context_id: int, control: int, value: bytes) -> bytes:
-    return struct.pack(">IBB", len(value) + 2, context_id, control) + value
-
-
-def _pdu(*pdvs: bytes) -> bytearray:
-    body = b"".join(pdvs)
-    return bytearray(struct.pack(">BBI", 0x04, 0, len(body)) + body)
 
 
 def _echo_command(message_id: int) -> bytes:
@@ -314,14 +307,6 @@ def test_a_peer_that_breaks_a_store_message_is_aborted(scp, tmp_path):
     assert "command fragment" in logged["reason"]
 
 
-def _encoded(instance: pydicom.Dataset) -> bytes:
-    """The data set as sent on an Explicit VR Little Endian context (no file meta)."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, instance)
-    return buffer.getvalue()
-
-
 def test_the_scp_installs_the_reader_before_the_association_is_accepted(scp):
     """Installed on EVT_REQUESTED: a store sent at once after A-ASSOCIATE-AC cannot
     reach pynetdicom's path first."""
@@ -439,19 +424,14 @@ def test_an_abort_in_the_middle_of_a_store_says_an_instance_was_cut(scp, tmp_pat
     association so) loses nothing. The close line tells the two apart."""
     node, recorder = scp
     (instance,) = _series(tmp_path, slices=1)
-    data_set = _encoded(instance)
     assoc = _associate(node.port, CTImageStorage)
-    (context,) = assoc.accepted_contexts
     if not cut:
         assert assoc.send_c_store(instance).Status == 0x0000
     with structlog.testing.capture_logs() as events:
         if cut:
-            command = encode_c_store_rq(CT, str(instance.SOPInstanceUID), 1)
-            with reactor.reactor_paused(assoc), assoc.dul.direct_writes() as sock:
-                c_store.write_command(sock, context.context_id, command, 16384)
-                sock.sendall(_pdu(_pdv(context.context_id, CONTROL_DATA, data_set[:1000])))
-            time.sleep(0.2)  # the fragment is read before the abort
-        assoc.abort()
+            begin_store_then_abort(assoc, instance)
+        else:
+            assoc.abort()
         deadline = time.monotonic() + 5
         while not [e for e in events if e["event"] == "association.closed"]:
             assert time.monotonic() < deadline

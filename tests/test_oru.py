@@ -282,6 +282,26 @@ def test_a_result_that_replaces_a_reported_one_is_sent_as_a_correction() -> None
     assert {r["status"] for r in obx_rows(er7)} == {"C"}
 
 
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [
+        ({}, "F"),
+        ({"correction": True}, "C"),
+        ({"preliminary": True}, "P"),
+        ({"correction": True, "preliminary": True}, "P"),
+        ({"correction": True, "after_preliminary": True}, "F"),
+    ],
+)
+def test_result_status_says_preliminary_final_or_correction(flags: dict, status: str) -> None:
+    """P while the study lacks an instance lost in transit; the result that replaces a
+    preliminary one is F (how a result becomes final), not C (a final one was wrong);
+    only a preliminary result's summary says why it is preliminary."""
+    er7 = build_oru(segmentation(), ct_header(), SPACING, destination(), **flags).er7
+    assert python_hl7.parse(er7)["OBR.F25"] == status
+    assert {r["status"] for r in obx_rows(er7)} == {status}
+    assert ("PRELIMINARY: an image of this study was lost" in er7) is (status == "P")
+
+
 def test_segmentation_gives_one_volume_in_ml_per_segment() -> None:
     rows = obx_rows(build_oru(segmentation(), ct_header(), SPACING, destination()).er7)
     volumes = [r for r in rows if r["type"] == "NM"]

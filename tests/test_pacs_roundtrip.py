@@ -27,6 +27,7 @@ from service.publish import OUTBOX_FILE
 from service.testing import make_enhanced_ct, write_ct_series
 from tests.conftest import free_port, storescu
 from tests.support.bundles import write_threshold_bundle
+from tests.support.cut_sender import send_then_cut
 from tests.support.mllp import MllpListener
 from tests.support.orthanc import orthanc_get, running_orthanc
 from tests.support.outbox import delivery_states
@@ -254,6 +255,69 @@ def test_a_series_that_grows_after_its_results_gets_a_new_result_not_a_mixed_one
     assert item["ReferencedSOPInstanceUID"] == first["SOPInstanceUID"]
     statuses = [python_hl7.parse(m)["OBR.F25"] for m in ris.received]
     assert [str(s) for s in statuses] == ["F", "C"]
+
+
+def test_a_study_that_lost_an_instance_in_transit_gets_preliminary_results_then_final(
+    radnode_factory, models: Path, tmp_path: Path
+) -> None:
+    """The PACS aborts its association in the middle of a slice and sends nothing more:
+    the series lacks that slice, so the result is preliminary: the SR says PRELIMINARY
+    and PARTIAL, every result series' description says "preliminary", the RIS gets
+    result status P. When the PACS sends the study again, the final result follows:
+    SR FINAL and COMPLETE naming the preliminary one as its predecessor, HL7 F (a final
+    result after a preliminary one; C would say a final one was wrong)."""
+    ris = MllpListener(free_port(), "AA").start()
+    (tmp_path / "orthanc").mkdir()
+    try:
+        with running_orthanc(tmp_path / "orthanc") as pacs:
+            route = {"name": "bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+                     "destinations": ["pacs", "ris"]}  # fmt: skip
+            destinations = [
+                {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": pacs["port"],
+                 "ae_title": "ORTHANC", "backoff_s": 0.2},
+                {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
+            ]  # fmt: skip
+            node = radnode_factory(
+                RADNODE_MODELS__DIR=str(models),
+                RADNODE_ROUTES=json.dumps([route]),
+                RADNODE_DESTINATIONS=json.dumps(destinations),
+                RADNODE_STUDY__INTERRUPTED_WAIT_S="1",
+            ).start()
+            ct = write_ct_series(tmp_path / "ct", slices=20, rows=96, columns=96,
+                                 study_uid=STUDY_UID, pixel_spacing=(3.0, 3.0),
+                                 slice_thickness=3.0)  # fmt: skip
+            assert send_then_cut(node.port, [str(p) for p in ct[:16]]) == 15
+            wait_all_sent(node, expected_jobs=1)
+            (lost,) = node.events("study.instance_lost")
+            api = f"http://127.0.0.1:{node.http_port}/api/jobs"
+            (preliminary,) = json.loads(urllib.request.urlopen(api, timeout=10).read())["jobs"]
+            assert storescu(node.port, ct).returncode == 0
+            wait_all_sent(node, expected_jobs=2)
+            found = series_in_orthanc(pacs["http"])
+            reports = [orthanc_get(pacs["http"], f"/instances/{i}/tags?simplify")
+                       for s in found["SR"] for i in s["instances"]]  # fmt: skip
+            descriptions = [s["description"] for s in found["SEG"]]
+    finally:
+        ris.stop()
+    assert lost["instances"] == 15 and "preliminary" in lost["action"]
+    assert preliminary["preliminary"] is True
+    assert len(reports) == 2
+    first, final = sorted(reports, key=lambda r: "PredecessorDocumentsSequence" in r)
+    assert (first["PreliminaryFlag"], first["CompletionFlag"]) == ("PRELIMINARY", "PARTIAL")
+    assert (final["PreliminaryFlag"], final["CompletionFlag"]) == ("FINAL", "COMPLETE")
+    (study,) = final["PredecessorDocumentsSequence"]
+    (item,) = study["ReferencedSeriesSequence"][0]["ReferencedSOPSequence"]
+    assert item["ReferencedSOPInstanceUID"] == first["SOPInstanceUID"]
+    assert "preliminary" in first["SeriesDescription"]
+    assert "preliminary" not in final["SeriesDescription"]
+    assert sorted(d.endswith("preliminary") for d in descriptions) == [False, True]
+    messages = [python_hl7.parse(m) for m in ris.received]
+    assert [str(m["OBR.F25"]) for m in messages] == ["P", "F"]
+    assert {str(obx[11]) for obx in messages[0].segments("OBX")} == {"P"}
+    summary = [" ".join(str(obx[5]) for obx in m.segments("OBX") if str(obx[2]) == "TX")
+               for m in messages]  # fmt: skip
+    assert "PRELIMINARY: an image of this study was lost" in summary[0]
+    assert "PRELIMINARY" not in summary[1]
 
 
 def test_a_refused_series_gets_a_not_analyzed_report_where_the_destination_asks_for_one(

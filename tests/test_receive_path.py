@@ -467,6 +467,50 @@ def test_a_cut_sending_waits_interrupted_s_for_the_rest_then_completes_marked(
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["study.interrupted"]
 
 
+def test_an_instance_cut_in_transit_makes_the_study_s_jobs_preliminary_until_sent_again(
+    parts,
+) -> None:
+    """An association aborted in the middle of an instance leaves the study without it:
+    the study completes marked ``instance_lost`` (one warning that says the results are
+    preliminary, not also ``study.interrupted``), and every job made for it meanwhile is
+    preliminary. The PACS sending the study again clears the mark: later jobs are not."""
+    _, index, ingest = parts
+    first, rest = ct_small(), ct_small()
+    rest.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(first, association="a1")) == StoreStatus.SUCCESS
+    ingest.association_ended("a1", aborted=True, instance_cut=True)
+    time.sleep(0.05)
+    with structlog.testing.capture_logs() as logs:
+        (study,) = CompletionMonitor(index, quiet_s=0.01, interrupted_s=0.02).check_now()
+    assert study.instance_lost and study.interrupted
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [e["event"] for e in warnings] == ["study.instance_lost"]
+    assert "preliminary" in warnings[0]["action"]
+    series = str(first.SeriesInstanceUID)
+    job = index.add_job(study.study_uid, series, "p", ["r"], [])
+    assert job is not None and job.preliminary
+    # the PACS sends the study again: the mark goes, the grown series' job is final
+    assert ingest.store(received(rest, association="a2")) == StoreStatus.SUCCESS
+    ingest.association_ended("a2")
+    assert not index.study(study.study_uid).instance_lost
+    again = index.add_job(study.study_uid, series, "p", ["r"], [])
+    assert again is not None and not again.preliminary
+
+
+def test_an_abort_between_instances_loses_nothing_and_marks_nothing(parts) -> None:
+    """Some PACS end every association with A-ABORT: aborted after its last instance,
+    the study waits for more as interrupted, but nothing was lost and its jobs are final."""
+    _, index, ingest = parts
+    instance = ct_small()
+    assert ingest.store(received(instance, association="a1")) == StoreStatus.SUCCESS
+    ingest.association_ended("a1", aborted=True, instance_cut=False)
+    time.sleep(0.05)
+    (study,) = CompletionMonitor(index, quiet_s=0.01, interrupted_s=0.02).check_now()
+    assert study.interrupted and not study.instance_lost
+    job = index.add_job(study.study_uid, str(instance.SeriesInstanceUID), "p", ["r"], [])
+    assert job is not None and not job.preliminary
+
+
 def test_index_lists_series_with_routing_attributes(parts) -> None:
     _, index, ingest = parts
     ds = ct_small()

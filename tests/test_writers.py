@@ -32,7 +32,7 @@ from service.publish import NOT_ANALYZED_FOLDER, ResultPublisher, write_dicom
 from service.records import JobTicket
 from service.testing import write_ct_series, write_radiograph
 from service.writers import sc
-from service.writers.dicom import write_dicom_results, write_not_analyzed_report
+from service.writers.dicom import result_sr_uid, write_dicom_results, write_not_analyzed_report
 from service.writers.files import write_result_files
 from service.writers.provenance import (
     Provenance,
@@ -404,6 +404,31 @@ def test_a_revision_whose_earlier_sr_is_gone_is_still_marked_revised(ct, tmp_pat
     sr = pydicom.dcmread(paths[0], stop_before_pixels=True)
     assert sr.SeriesDescription.endswith(" revised 30 img")
     assert "PredecessorDocumentsSequence" not in sr
+
+
+def test_a_preliminary_result_says_so_and_has_uids_of_its_own(ct, tmp_path):
+    """The SR's flags say PRELIMINARY and PARTIAL, every series description ends in
+    "preliminary" (a revision's mark kept too); its UIDs are not the final result's,
+    which a later job may make from the same images (the lost instance was of another
+    series), but its findings keep their tracking UIDs."""
+    volume, headers = ct
+    final = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "f")
+    preliminary = write_dicom_results(_segmentation(volume), volume, headers, tmp_path / "p",
+                                      revised=True, preliminary=True)  # fmt: skip
+    read = [[pydicom.dcmread(p) for p in paths] for paths in (final, preliminary)]
+    (final_sr, *final_rest), (sr, *rest) = read
+    assert (sr.PreliminaryFlag, sr.CompletionFlag) == ("PRELIMINARY", "PARTIAL")
+    assert (final_sr.PreliminaryFlag, final_sr.CompletionFlag) == ("FINAL", "COMPLETE")
+    assert all(ds.SeriesDescription.endswith(" revised 30 img preliminary") for ds in [sr, *rest])
+    assert not any("preliminary" in ds.SeriesDescription for ds in [final_sr, *final_rest])
+    uids = {ds.SOPInstanceUID for ds in [sr, *rest]} | {ds.SeriesInstanceUID for ds in rest}
+    assert not uids & {ds.SOPInstanceUID for ds in [final_sr, *final_rest]}
+    assert result_sr_uid(_segmentation(volume), volume, preliminary=True) == sr.SOPInstanceUID
+
+    def tracking(ds):
+        return {str(e.value) for e in ds.iterall() if e.keyword == "UID"}
+
+    assert tracking(sr) & tracking(final_sr)
 
 
 def test_rewriting_gives_the_same_uids(ct, tmp_path):

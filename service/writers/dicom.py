@@ -74,6 +74,7 @@ def write_dicom_results(
     predecessor: Dataset | None = None,
     revised: bool = False,
     not_analyzed: Sequence[Dataset] = (),
+    preliminary: bool = False,
 ) -> list[Path]:
     """Write the DICOM objects of ``result`` into ``out_dir``; return their paths.
 
@@ -84,12 +85,14 @@ def write_dicom_results(
     when that SR could not be read. ``not_analyzed`` are "not analyzed" SRs of the
     series that this first real result makes obsolete: named as predecessors too, so a
     viewer shows which report stands (acceptance pass), without making the result a
-    revision. The SR is always the first path returned: its SOP Instance UID is a good
-    outbox ``message_id`` for the job.
+    revision. ``preliminary``: the study lacks an instance lost in transit (SR
+    Preliminary Flag PRELIMINARY, Completion Flag PARTIAL, "preliminary" in every Series
+    Description). The SR is always the first path returned: its SOP Instance UID is a
+    good outbox ``message_id`` for the job.
     """
     written = write_dicom_objects(
         result, volume, source_headers, out_dir, predecessor=predecessor, revised=revised,
-        not_analyzed=not_analyzed,
+        not_analyzed=not_analyzed, preliminary=preliminary,
     )  # fmt: skip
     return [obj.path for obj in written]
 
@@ -103,6 +106,7 @@ def write_dicom_objects(
     predecessor: Dataset | None = None,
     revised: bool = False,
     not_analyzed: Sequence[Dataset] = (),
+    preliminary: bool = False,
 ) -> list[WrittenObject]:
     """:func:`write_dicom_results` with what each file is (SR first)."""
     _check_sources(volume, source_headers)
@@ -112,6 +116,7 @@ def write_dicom_objects(
         volume,
         # images, not instances: one Enhanced instance holds them all
         revised_from=volume.array.shape[0] if revised or predecessor is not None else 0,
+        preliminary=preliminary,
     )
     previous = [*([predecessor] if predecessor is not None else []), *not_analyzed] or None
     datasets: list[Dataset] = []
@@ -193,16 +198,19 @@ def write_not_analyzed_report(
     return _save(_stamped(sr, _series_stamp()), out_dir)
 
 
-def result_sr_uid(result: PipelineResult, volume: Volume) -> str:
+def result_sr_uid(result: PipelineResult, volume: Volume, *, preliminary: bool = False) -> str:
     """The SOP Instance UID that :func:`write_dicom_results` gives the SR of ``result``:
-    the same for the same bundle version and source instances, so a caller can tell a
-    result from the one it would replace before writing it."""
-    return _provenance(result, volume).uid("sr")
+    the same for the same bundle version, source instances and preliminary flag, so a
+    caller can tell a result from the one it would replace before writing it."""
+    return _provenance(result, volume, preliminary=preliminary).uid("sr")
 
 
-def _provenance(result: PipelineResult, volume: Volume, revised_from: int = 0) -> Provenance:
+def _provenance(
+    result: PipelineResult, volume: Volume, revised_from: int = 0, preliminary: bool = False
+) -> Provenance:
     sources = list(dict.fromkeys(s.sop_instance_uid for s in volume.sources))
-    return Provenance.of(result.bundle, volume.series_uid, sources, revised_from=revised_from)
+    return Provenance.of(result.bundle, volume.series_uid, sources, revised_from=revised_from,
+                         preliminary=preliminary)  # fmt: skip
 
 
 def _series_stamp() -> list[str]:

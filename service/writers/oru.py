@@ -9,7 +9,9 @@ work list. docs/hl7.md is the message profile; in short::
     ORC  RE, Accession Number as placer and/or filler order number
     OBR  same order numbers, OBR-4 the pipeline (or the procedure: a destination
          setting), OBR-7 study date/time, OBR-25 F, OBR-44 the requested procedure
-         (C, with OBX-11 C, for a result that replaces one sent for the same series)
+         (C, with OBX-11 C, for a result that replaces one sent for the same series;
+         P for a preliminary result, made while an instance of the study was lost in
+         transit, and F for the final result that replaces it)
     OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
     OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
     OBX  NM  probability in % (DCM 122157) or volume in mL (SCT)    } sharing OBX-4
@@ -227,6 +229,8 @@ def build_oru(
     control_id: str | None = None,
     now: datetime | None = None,
     correction: bool = False,
+    preliminary: bool = False,
+    after_preliminary: bool = False,
 ) -> OruMessage:
     """Build the ORU^R01 for ``result``, computed from the series ``source`` belongs to.
 
@@ -236,11 +240,16 @@ def build_oru(
     :func:`control_id_for` to make re-runs idempotent. ``correction``: the result
     replaces one already reported for this order (the series grew after its first
     result), so its result status is C, "correction" (OBR-25, table 0123; OBX-11, table
-    0085), not F. Raises :class:`Hl7Error` (which never quotes patient data) if the
-    message cannot be built.
+    0085), not F. ``preliminary``: an instance of the study was lost in transit (see
+    :attr:`~service.records.JobTicket.preliminary`), so the status is P and the summary
+    says why; ``after_preliminary``: the result it replaces was preliminary, so this
+    one is the final result (F), not a correction of a final one. Raises
+    :class:`Hl7Error` (which never quotes patient data) if the message cannot be built.
     """
     now = now or datetime.now(UTC)
-    status = "C" if correction else "F"
+    status = result_status(
+        correction=correction, preliminary=preliminary, after_preliminary=after_preliminary
+    )
     control_id = control_id or uuid.uuid4().hex[:20]
     try:
         message = Message("ORU_R01", version=HL7_VERSION, validation_level=_STRICT)
@@ -252,7 +261,8 @@ def build_oru(
         observed_at = _hl7_now(now)
         method = _fit(f"{result.bundle.name} {result.bundle.version}")
         for set_id, (value_type, ident, sub_id, value, units, flag) in enumerate(
-            _observations(result, source, spacing_mm, revised=correction), start=1
+            _observations(result, source, spacing_mm, revised=correction, preliminary=preliminary),
+            start=1,
         ):
             obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
             obx.obx_1 = str(set_id)
@@ -447,9 +457,10 @@ def _observations(
     spacing_mm: tuple[float, float, float],
     *,
     revised: bool = False,
+    preliminary: bool = False,
 ) -> Iterable[Observation]:
-    findings = list(_finding_lines(result, spacing_mm, revised=revised))
-    for line in _summary_lines(result, ds, [text for text, _ in findings]):
+    findings = list(_finding_lines(result, spacing_mm, revised=revised, preliminary=preliminary))
+    for line in _summary_lines(result, ds, [text for text, _ in findings], preliminary):
         yield "TX", _coded(SUMMARY), "", line, "", ""
     for sub_id, (_, observations) in enumerate(findings, start=1):
         for value_type, ident, value, units, flag in observations:
@@ -459,7 +470,11 @@ def _observations(
 
 
 def _finding_lines(
-    result: PipelineResult, spacing_mm: tuple[float, float, float], *, revised: bool = False
+    result: PipelineResult,
+    spacing_mm: tuple[float, float, float],
+    *,
+    revised: bool = False,
+    preliminary: bool = False,
 ) -> Iterable[tuple[str, list[tuple[str, str, str, str, str]]]]:
     """Per label: a summary sentence and its OBX pair (coded concept, measurement).
 
@@ -485,7 +500,9 @@ def _finding_lines(
         # what the RIS reader should open; the summary named no series (acceptance pass)
         # named as the DICOM writer names it: a revision's number and description
         images = result.image.shape[0]
-        provenance = Provenance.of(result.bundle, "", revised_from=images if revised else 0)
+        provenance = Provenance.of(
+            result.bundle, "", revised_from=images if revised else 0, preliminary=preliminary
+        )
         yield (
             f"Derived image series {provenance.series_number('DERIVED')} "
             f'"{provenance.series_description("DERIVED")}" ({result.image.shape[0]} images)'
@@ -505,7 +522,27 @@ def _finding_lines(
             )
 
 
-def _summary_lines(result: PipelineResult, ds: Dataset, findings: list[str]) -> list[str]:
+def result_status(*, correction: bool, preliminary: bool, after_preliminary: bool) -> str:
+    """OBR-25 / OBX-11 (HL7 tables 0123 and 0085): P while the study lacks an instance
+    lost in transit; C for a result that replaces a final one; F otherwise, the final
+    result that follows a preliminary one included (P then F is how a RIS expects a
+    result to become final; C would say a final result was wrong)."""
+    if preliminary:
+        return "P"
+    return "C" if correction and not after_preliminary else "F"
+
+
+#: The summary's sentence for a preliminary result (see :func:`result_status`).
+PRELIMINARY_NOTE = (
+    "PRELIMINARY: an image of this study was lost in transit (the PACS's association"
+    " ended while sending it), so this result may cover only part of the series. A final"
+    " result follows when the PACS sends the study again."
+)
+
+
+def _summary_lines(
+    result: PipelineResult, ds: Dataset, findings: list[str], preliminary: bool = False
+) -> list[str]:
     """The TX summary as escaped lines, each within one OBX-5 (ST/TX limit)."""
     bundle = result.bundle
     series = _text(ds, "SeriesDescription")
@@ -517,6 +554,7 @@ def _summary_lines(result: PipelineResult, ds: Dataset, findings: list[str]) -> 
     paragraphs = [
         f"AI {bundle.kind.value}: {bundle.name} version {bundle.version}.",
         f"Run by radnode on {source}.",
+        *([PRELIMINARY_NOTE] if preliminary else []),
         *findings,
         "This result was produced by an algorithm and is not a diagnosis on its own; "
         "it must be reviewed by a qualified physician together with the images.",

@@ -143,6 +143,9 @@ class Provenance:
     #: source images (slices or frames) it was made from; said in every series
     #: description.
     revised_from: int = 0
+    #: Made while the study lacked an instance lost in transit: every series description
+    #: says "preliminary", and the SR's Preliminary Flag does.
+    preliminary: bool = False
 
     @classmethod
     def of(
@@ -152,6 +155,7 @@ class Provenance:
         source_instance_uids: Sequence[str] = (),
         *,
         revised_from: int = 0,
+        preliminary: bool = False,
     ) -> Provenance:
         digest = sources_digest(source_instance_uids) if source_instance_uids else ""
         return cls(
@@ -159,6 +163,7 @@ class Provenance:
             source_series_uid=source_series_uid,
             sources=digest,
             revised_from=revised_from,
+            preliminary=preliminary,
         )
 
     @property
@@ -190,10 +195,15 @@ class Provenance:
 
     def uid(self, kind: str, index: int = 0) -> str:
         """:func:`result_uid` for this bundle version and these source instances; a
-        ``"tracking"`` UID names the finding, whatever instances it was found on."""
-        sources = "" if kind == "tracking" else self.sources
+        ``"tracking"`` UID names the finding, whatever instances it was found on. A
+        preliminary result's UIDs are its own: the final result made later from the
+        same instances (the lost one belonged to another series) is another object."""
+        if kind == "tracking":
+            return result_uid(self.source_series_uid, self.name, self.version, kind, index)
+        if self.preliminary:
+            kind = f"preliminary:{kind}"
         return result_uid(
-            self.source_series_uid, self.name, self.version, kind, index, sources=sources
+            self.source_series_uid, self.name, self.version, kind, index, sources=self.sources
         )
 
     def series_number(self, kind: str) -> int:
@@ -211,12 +221,15 @@ class Provenance:
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""
         text = clip_lo(f"{_SERIES_LABELS[kind]} {self.name} {self.version} {detail}".strip())
-        if not self.revised_from:
-            return text
         # A revised result sits next to the one it replaces (a Storage SCU cannot remove
-        # that): the second acceptance pass could not tell them apart. The mark is kept
-        # whole; the rest is shortened to make room.
-        mark = f" revised {self.revised_from} img"
+        # that): the second acceptance pass could not tell them apart. A preliminary one
+        # must say so where a radiologist looks first. The marks are kept whole; the
+        # rest is shortened to make room.
+        marks = [f"revised {self.revised_from} img"] * bool(self.revised_from)
+        marks += ["preliminary"] * self.preliminary
+        if not marks:
+            return text
+        mark = " " + " ".join(marks)
         return clip_lo(text[: _LO_MAX - len(mark)].rstrip()) + mark
 
     # -- the forms highdicom wants ---------------------------------------------------

@@ -186,7 +186,10 @@ def _document(
     previous: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR of ``report``: UIDs of kind ``name`` (and
-    ``series:<name>``), COMPLETE, UNVERIFIED; ``detail`` ends its Series Description."""
+    ``series:<name>``), UNVERIFIED, COMPLETE and FINAL unless the provenance is
+    preliminary (an instance of the study was lost in transit): then PARTIAL and
+    PRELIMINARY, so a viewer or a reporting system that reads the flags knows a final
+    report may follow; ``detail`` ends its Series Description."""
     kwargs = provenance.common_kwargs("SR")
     if detail:
         kwargs["series_description"] = provenance.series_description("SR", detail)
@@ -198,8 +201,8 @@ def _document(
         sop_instance_uid=provenance.uid(name),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=True,
+        is_complete=not provenance.preliminary,
+        is_final=not provenance.preliminary,
         is_verified=False,
         previous_versions=previous or None,
         **kwargs,
