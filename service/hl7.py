@@ -297,8 +297,9 @@ def without_identifiers(text: str, message: bytes | None, encoding: str = "utf-8
 #: that radnode did not send (another patient's name, an institution, a description)
 #: stays out too (PHI audit); lower-case words and short numbers (codes, field numbers)
 #: stay, so the sentence still says what to fix.
+_SEGMENT_WORDS = "msh evn pid pd1 pv1 pv2 orc obr obx nte msa err sft spm tq1 ctd fhs bhs bts fts"
+_SEGMENT_IDS = frozenset(_SEGMENT_WORDS.split())
 _VOCABULARY_WORDS = """
-    msh evn pid pd1 pv1 pv2 orc obr obx nte msa err sft spm tq1 ctd fhs bhs bts fts
     ack nak aa ae ar ca ce cr hl7 ris his ehr emr pacs lis mllp oru r01 adt orm omi oml
     mrn id ids dob uid uids sex gender accession placer filler visit account encounter
     patient patients order orders study studies series result results report reports
@@ -316,15 +317,18 @@ _VOCABULARY_WORDS = """
     try again later retry please check contact administrator system server timeout
     length long short too format malformed bad wrong empty blank expected allowed
     permitted denied unauthorized authorized"""
-_VOCABULARY = frozenset(_VOCABULARY_WORDS.split())
+_VOCABULARY = _SEGMENT_IDS | frozenset(_VOCABULARY_WORDS.split())
 #: A word: anything between spaces, brackets and sentence punctuation (``<redacted>``
 #: splits into its own word and stays).
 _WORD = re.compile(r"[^\s,;:()\[\]{}<>\"!?]+")
 #: Lower-case words (a pipeline's name has underscores); a date like 01/02/1980 is one
 #: word with digits, and goes.
 _LOWER_CASE_WORD = re.compile(r"[a-z_]+(?:['-][a-z_]+)*")
-#: A field reference (PID-3, OBR-4.1, PID.5.1, ORC-2/3): its segment must be a known one.
-_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})[-.]\d+(?:[./-]\d+)*")
+#: A field reference (PID-3, OBR-4.1, PID.5.1, ORC-2/3): a segment of
+#: :data:`_SEGMENT_IDS`, field and component numbers of at most three digits. Any known
+#: word let through "MRN-550902" and "DOB-19490102", another patient's identifiers a RIS
+#: quoted in its refusal (acceptance pass).
+_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})[-.]\d{1,3}(?:[./-]\d{1,3})*")
 #: HL7 terms with digits a receiver quotes back: a message type (ORU^R01, ORU^R01^ORU_R01),
 #: a version (2.5.1), a table id (0396, HL70357), radnode's coding system (99RADNODE).
 _HL7_TERM = re.compile(
@@ -345,7 +349,7 @@ def _keep_or_redact(match: re.Match[str]) -> str:
     if _HL7_TERM.fullmatch(core):
         return word
     reference = _FIELD_REFERENCE.fullmatch(core)
-    if reference and reference.group(1).lower() in _VOCABULARY:
+    if reference and reference.group(1).lower() in _SEGMENT_IDS:
         return word
     return REDACTED
 

@@ -288,6 +288,10 @@ def test_error_text_loses_what_radnode_did_not_send_but_keeps_what_to_fix() -> N
         " at <redacted>, desc <redacted> <redacted>; check PID-3 and OBR-4.1, code 204. "
         "Table value not found"
     )
+    # an identifier shaped like a field reference goes (acceptance pass: MRN-550902)
+    assert without_identifiers("Unknown patient MRN-550902, DOB.19490102; see PID-3.1", None) == (
+        "Unknown patient <redacted>, <redacted>; see PID-3.1"
+    )
     # HL7 terms a RIS quotes back stay; an apostrophe opens no quote; a date goes (review)
     kept = "Message type ORU^R01, version 2.5.1: table 0396 value 99RADNODE not found"
     assert without_identifiers(kept, None) == kept
