@@ -257,13 +257,13 @@ def test_classification_gives_a_coded_finding_and_its_probability_per_label() ->
     rows = obx_rows(build_oru(classification(), ct_header(), SPACING, destination()).er7)
     coded = [r for r in rows if r["type"] == "CWE"]
     numbers = [r for r in rows if r["type"] == "NM"]
-    assert [(r["code"], r["system"]) for r in coded] == [("121071", "DCM")] * 2
-    assert (coded[0]["value"], coded[0]["value_text"], coded[0]["value_system"]) == (
-        "36118008",
-        "Pneumothorax",
-        "SCT",
-    )
-    assert (coded[1]["value"], coded[1]["value_text"]) == ("", "Uncoded finding")
+    # the finding is the observation, Present / Absent its value (as the SR's
+    # qualitative evaluation): the finding as the value read as a positive result
+    assert [(r["code"], r["system"]) for r in coded] == [("36118008", "SCT"), ("", "")]
+    assert [(r["value"], r["value_text"], r["value_system"]) for r in coded] == [
+        ("52101004", "Present", "SCT"),
+        ("272519000", "Absent", "SCT"),
+    ]
     assert [(r["code"], r["value"], r["units"], r["units_system"]) for r in numbers] == [
         ("122157", "87.3", "%", "UCUM"),
         ("122157", "2.0", "%", "UCUM"),

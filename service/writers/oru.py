@@ -13,7 +13,7 @@ work list. docs/hl7.md is the message profile; in short::
          P for a preliminary result, made while an instance of the study was lost in
          transit, and F for the final result that replaces it)
     OBX  TX  summary: which algorithm (name, version) made it; not a diagnosis on its own
-    OBX  CWE finding (DCM 121071) or finding site (SCT 363698007)  } one pair per label,
+    OBX  CWE the finding: Present/Absent, or finding site (SCT 363698007)  } a pair per label,
     OBX  NM  probability in % (DCM 122157) or volume in mL (SCT)    } sharing OBX-4
              (a classification's pair: OBX-8 A at or above the SR's Present threshold, else N)
     OBX  ST  Study Instance UID (DCM 110180), Series Instance UID (DCM 112002)
@@ -60,7 +60,12 @@ _STRICT = VALIDATION_LEVEL.STRICT
 #: Observation identifiers (OBX-3). DICOM codes where DICOM has one, so the HL7 result
 #: and the SR (TID 1500) say the same thing in the same words.
 SUMMARY = CodedConcept("121111", "DCM", "Summary")
-FINDING = CodedConcept("121071", "DCM", "Finding")
+#: A classification's answer (OBX-5 of its finding), the SR's qualitative evaluation
+#: values: with the finding as OBX-3, a RIS that lists "identifier: value" shows
+#: "Solitary nodule of lung: Absent", where the finding as the value read as a positive
+#: result on a normal chest (acceptance pass).
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
 FINDING_SITE = CodedConcept("363698007", "SCT", "Finding Site")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
@@ -488,11 +493,12 @@ def _finding_lines(
             percent = min(100.0, max(0.0, probability * 100.0))
             present = probability >= PRESENT_THRESHOLD
             flag = "A" if present else "N"
+            answer = _coded(PRESENT if present else ABSENT)
             yield (
                 f"{label.name}: {'present' if present else 'absent'}"
                 f" (probability {percent:.1f} %).",
                 [
-                    ("CWE", _coded(FINDING), _coded(label.finding, label.name), "", flag),
+                    ("CWE", _coded(label.finding, label.name), answer, "", flag),
                     ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT), flag),
                 ],
             )
