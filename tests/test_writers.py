@@ -270,6 +270,8 @@ def test_sr_reports_the_sphere_volume_and_references_the_segment(written, ct):
     assert volumes[0] == pytest.approx(voxels * 125.0 / 1000.0, rel=1e-3)
     assert volumes[0] == pytest.approx(4 / 3 * np.pi * SPHERE_RADIUS_MM**3 / 1000, rel=0.1)
     assert volumes[2] == 0.0  # the empty label still gets a group
+    # to 0.01 mL, as the HL7 result says it (the pass read 1308.7142 mL against 1308.71)
+    assert all(round(v, 2) == v for v in volumes)
     assert len(_num(sr, "112031")) == 2  # mean HU of both non-empty segments (CT)
     refs = [
         item

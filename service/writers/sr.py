@@ -316,7 +316,8 @@ def _classification_groups(
             measurements=[
                 hd.sr.Measurement(
                     name=PROBABILITY,
-                    value=round(float(probability) * 100.0, 4),
+                    # as the HL7 result and the overlay say it: one reader, one number
+                    value=round(float(probability) * 100.0, 1),
                     unit=PERCENT,
                     algorithm_id=algorithm,
                 )
@@ -347,7 +348,9 @@ def _segmentation_groups(
         measurements = [
             hd.sr.Measurement(
                 name=VOLUME,
-                value=round(stat.volume_ml, 4),
+                # the HL7 result's precision (the acceptance pass read 1308.7142 mL in
+                # the SR, 1308.71 in the RIS: four decimals claim what no model measures)
+                value=round(stat.volume_ml, 2),
                 unit=MILLILITRE,
                 algorithm_id=algorithm,
             )
