@@ -826,6 +826,13 @@ def test_a_first_result_supersedes_the_not_analyzed_report_of_the_refused_job(
     (series,) = study.ReferencedSeriesSequence
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == refused.sop_instance_uid
     assert "revised" not in sr.SeriesDescription
+    # the two reports do not share a Series Number, and the one that made no result
+    # does not say "AI result" (acceptance pass)
+    not_analyzed = pydicom.dcmread(refused.path)
+    assert not_analyzed.SeriesNumber == sr.SeriesNumber + 8
+    comments = [str(e.value) for e in not_analyzed.iterall() if e.keyword == "TextValue"]
+    assert any("made no result" in c for c in comments)
+    assert not any("AI result" in c for c in comments)
 
 
 def test_text_not_in_its_declared_character_set_is_named_in_a_warning(ct, tmp_path, monkeypatch):

@@ -61,8 +61,12 @@ SOURCE_IMAGE_PURPOSE = hd.sr.CodedConcept(
 RADNODE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://radnode.invalid/dicom-uids")
 
 #: Series Numbers of result series: high, so they sort after the modality's series.
-SERIES_NUMBERS: dict[str, int] = {"SR": 9901, "SEG": 9902, "SC": 9903, "DERIVED": 9904}
-#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9898).
+#: A "not analyzed" report takes the block's ninth number: under the SR's, the series'
+#: later report showed next to it under the same number (acceptance pass).
+SERIES_NUMBERS: dict[str, int] = {
+    "SR": 9901, "SEG": 9902, "SC": 9903, "DERIVED": 9904, "NOT_ANALYZED": 9909
+}  # fmt: skip
+#: Pipelines get blocks of ten series numbers below :data:`SERIES_NUMBERS`' (9001-9899).
 _SERIES_BLOCKS = 90
 #: Where a revised result's series numbers sit in its pipeline's block (x1-x4 -> x5-x8).
 _REVISION_OFFSET = 4
@@ -70,6 +74,7 @@ _REVISION_OFFSET = 4
 #: What each result kind is called in its Series Description.
 _SERIES_LABELS: dict[str, str] = {
     "SR": "AI report",
+    "NOT_ANALYZED": "AI report",
     "SEG": "AI segmentation",
     "SC": "AI overlay",
     # A derived series looks like any other in a viewer's series list, which shows only

@@ -184,20 +184,22 @@ def _document(
     name: str = "sr",
     detail: str = "",
     previous: Sequence[Dataset] | None = None,
+    kind: str = "SR",
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR of ``report``: UIDs of kind ``name`` (and
     ``series:<name>``), UNVERIFIED, COMPLETE and FINAL unless the provenance is
     preliminary (an instance of the study was lost in transit): then PARTIAL and
     PRELIMINARY, so a viewer or a reporting system that reads the flags knows a final
-    report may follow; ``detail`` ends its Series Description."""
-    kwargs = provenance.common_kwargs("SR")
+    report may follow; ``detail`` ends its Series Description; ``kind`` picks its Series
+    Number (see :data:`~service.writers.provenance.SERIES_NUMBERS`)."""
+    kwargs = provenance.common_kwargs(kind)
     if detail:
-        kwargs["series_description"] = provenance.series_description("SR", detail)
+        kwargs["series_description"] = provenance.series_description(kind, detail)
     return hd.sr.Comprehensive3DSR(
         evidence=list(evidence),
         content=report,
         series_instance_uid=provenance.uid(f"series:{name}"),
-        series_number=provenance.series_number("SR"),
+        series_number=provenance.series_number(kind),
         sop_instance_uid=provenance.uid(name),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -226,10 +228,14 @@ def build_not_analyzed_sr(
         ),
         algorithm_id=provenance.sr_algorithm(),
     )
-    note = f"AI analysis not performed: {reason.rstrip('.')}. {provenance.banner}."
+    # no "AI result" banner: there is none (acceptance pass)
+    note = (
+        f"AI analysis not performed: {reason.rstrip('.')}. {provenance.name}"
+        f" {provenance.version} made no result for this series."
+    )
     report = _measurement_report([_with_comment(group, note)], source_headers, provenance)
     return _document(report, source_headers, provenance, name="not-analyzed",
-                     detail="not analyzed")  # fmt: skip
+                     detail="not analyzed", kind="NOT_ANALYZED")  # fmt: skip
 
 
 def library_images(source_headers: Sequence[Dataset]) -> list[Dataset]:
