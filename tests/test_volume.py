@@ -753,6 +753,27 @@ def test_spacing_tolerance_is_a_parameter() -> None:
     assert refused.value.code == "uneven_spacing"
 
 
+def test_sideways_drift_of_a_rounded_orientation_is_no_gantry_tilt() -> None:
+    """Positions drifting 0.4 pixel sideways across the stack (an orientation rounded in
+    the header, not a tilt: the acceptance pass saw 0.178 mm over 292 mm refused) make
+    one volume; twice that is refused."""
+
+    def drift(pixels: float) -> Callable[[list[Dataset]], list[Dataset]]:
+        def mutate(series: list[Dataset]) -> list[Dataset]:
+            for k, ds in enumerate(series):
+                position = list(ds.ImagePositionPatient)
+                position[0] += pixels * PIXEL_SPACING[1] * k / (len(series) - 1)
+                ds.ImagePositionPatient = position
+            return series
+
+        return mutate
+
+    assert load_series(drift(0.4)(ct_series())).array.shape[0] == 10
+    with pytest.raises(SeriesRefused) as refused:
+        load_series(drift(0.8)(ct_series()))
+    assert refused.value.code == "sheared_stack"
+
+
 def test_voxel_limit_refuses_before_allocating() -> None:
     with pytest.raises(SeriesRefused) as refused:
         load_series(ct_series(), max_voxels=1000)
