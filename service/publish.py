@@ -174,7 +174,16 @@ class ResultPublisher:
         cancel the order in a RIS), in a folder of its own: a later run of the job that
         makes results must not send it with them (review). ``identify`` names the
         bundle, asked only when an SR is made. Never raises: a refusal stays a refusal,
-        and what could not be made is said in ``not_sent``."""
+        and what could not be made is said in ``not_sent``.
+
+        None where the series already has a result (``ticket.replaces``): the series came
+        again unusable (re-sent with new instance UIDs, say), and a "not analyzed" report
+        beside the result that stands read as if the AI had never run (acceptance pass).
+        """
+        if ticket.replaces is not None:
+            log.info("results.not_analyzed_skipped", job=ticket.job_id,
+                     reason="the series has an earlier result, which stands")  # fmt: skip
+            return Publication(())
         names = [
             name
             for name in ticket.destinations

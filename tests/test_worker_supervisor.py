@@ -280,6 +280,14 @@ def test_a_not_analyzed_report_is_kept_apart_from_the_results_folder(tmp_path: P
     assert deliverable.path == str(out / NOT_ANALYZED_FOLDER)
     assert [p.name[:3] for p in (out / NOT_ANALYZED_FOLDER).iterdir()] == ["SR_"]
     assert not (out / DICOM_FOLDER).exists()
+    # the series has a result already (it came again unusable): that result stands, and
+    # no "not analyzed" report goes beside it (acceptance pass)
+    later = tmp_path / "results" / "j2"
+    ticket = JobTicket("j2", "key", "bone_threshold", gappy, str(later), ("pacs",), 1,
+                       replaces=str(tmp_path / "results" / "j0"))  # fmt: skip
+    report = runner.run(ticket)
+    assert report.state is JobState.REFUSED and report.deliverables == ()
+    assert not (later / NOT_ANALYZED_FOLDER).exists()
 
 
 def test_a_run_that_claims_a_results_folder_forgets_what_a_pacs_acknowledged_of_it(
