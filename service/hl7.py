@@ -91,6 +91,11 @@ class Hl7DestinationSettings(BaseModel):
     #: procedure moves to OBR-44); "procedure" puts the requested procedure in OBR-4,
     #: for a RIS that files results only under the ordered service.
     universal_service_id: Literal["algorithm", "procedure"] = "algorithm"
+    #: PID-3.4/3.5 (the patient ID's assigning authority): "send" what the header says;
+    #: "leave_out" for a RIS of one patient-ID domain whose headers carry an issuer it
+    #: does not know, or one no HL7 field can take (a name longer than 20 characters
+    #: that is no OID).
+    patient_id_issuer: Literal["send", "leave_out"] = "send"
     #: MSH-18 and the byte encoding of the message.
     character_set: Literal["UNICODE UTF-8", "8859/1"] = "UNICODE UTF-8"
     connect_timeout_s: float = Field(10.0, gt=0)

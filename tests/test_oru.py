@@ -460,6 +460,39 @@ def test_an_identifier_that_does_not_fit_is_refused_without_quoting_it() -> None
     with pytest.raises(Hl7Error) as raised:
         build_oru(classification(), ds, SPACING, destination())
     assert "A_VERY_LONG" not in str(raised.value)
+    assert 'patient_id_issuer = "leave_out"' in str(raised.value)  # what to do about it
+    # ... which sends the patient ID without an assigning authority
+    er7 = build_oru(classification(), ds, SPACING, destination(patient_id_issuer="leave_out")).er7
+    assert python_hl7.parse(er7)["PID.F3"] == ds.PatientID
+
+
+def test_a_long_issuer_that_is_an_oid_or_has_a_universal_id_still_names_the_authority() -> None:
+    """An OID issuer (IHE PIX domains use them) is longer than HD.1's 20 characters: it
+    is sent as the universal ID, type ISO. A long local name with a universal ID beside
+    it is left out: the universal ID names the authority. The acceptance pass saw every
+    study of such a site go without its ORU."""
+    ds = ct_header()
+    ds.IssuerOfPatientID = "1.2.276.0.76.3.1.123.4.5.6"
+    parsed = python_hl7.parse(build_oru(classification(), ds, SPACING, destination()).er7)
+    assert [str(parsed[f"PID.F3.R1.C4.S{i}"]) for i in (1, 2, 3)] == [
+        "", "1.2.276.0.76.3.1.123.4.5.6", "ISO"
+    ]  # fmt: skip
+    ds.IssuerOfPatientID = "UNIVERSITAETSKLINIKUM MUENSTER"
+    ds.IssuerOfPatientIDQualifiersSequence = Sequence([Dataset()])
+    ds.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID = "2.16.840.1.113883.3.72"
+    ds.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityIDType = "ISO"
+    parsed = python_hl7.parse(build_oru(classification(), ds, SPACING, destination()).er7)
+    assert [str(parsed[f"PID.F3.R1.C4.S{i}"]) for i in (1, 2, 3)] == [
+        "", "2.16.840.1.113883.3.72", "ISO"
+    ]  # fmt: skip
+    # the accession's issuer alike (EI.2-4)
+    ds = ct_header(accession_number="ACC-8")
+    ds.IssuerOfAccessionNumberSequence = Sequence([Dataset()])
+    ds.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID = "1.2.276.0.76.3.1.123.4.5.7"
+    parsed = python_hl7.parse(build_oru(classification(), ds, SPACING, destination()).er7)
+    assert [str(parsed[f"OBR.F3.R1.C{i}"]) for i in (1, 2, 3, 4)] == [
+        "ACC-8", "", "1.2.276.0.76.3.1.123.4.5.7", "ISO"
+    ]  # fmt: skip
 
 
 def test_latin1_destination_sends_latin1_bytes() -> None:

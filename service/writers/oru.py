@@ -260,7 +260,11 @@ def build_oru(
         message = Message("ORU_R01", version=HL7_VERSION, validation_level=_STRICT)
         _msh(message.msh, destination, control_id, now)
         patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
-        _pid(patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"), source)
+        _pid(
+            patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"),
+            source,
+            with_issuer=destination.patient_id_issuer == "send",
+        )
         order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
         _order(order, source, destination, now, status, result)
         observed_at = _hl7_now(now)
@@ -303,19 +307,66 @@ def _msh(msh: Segment, dest: Hl7DestinationSettings, control_id: str, now: datet
     msh.msh_18 = dest.character_set
 
 
-def _pid(pid: Segment, ds: Dataset) -> None:
+def _pid(pid: Segment, ds: Dataset, *, with_issuer: bool = True) -> None:
     pid.pid_1 = "1"
     patient_id = _text(ds, "PatientID")
     if not patient_id:
         raise Hl7Error("source instance has no PatientID (PID-3 is required)")
     _set(pid, "pid_3.cx_1", _ident(patient_id, _ST_MAX, "PatientID"))
-    _set(pid, "pid_3.cx_4.hd_1", _ident(_text(ds, "IssuerOfPatientID"), _IS_MAX, "Issuer"))
+    if not with_issuer:
+        return _pid_demographics(pid, ds)
     qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
-    if qualifiers:
-        item = qualifiers[0]
-        _set(pid, "pid_3.cx_4.hd_2", _ident(_text(item, "UniversalEntityID"), _ST_MAX, "UEID"))
-        _set(pid, "pid_3.cx_4.hd_3", escape(_text(item, "UniversalEntityIDType")))
-        _set(pid, "pid_3.cx_5", escape(_text(item, "IdentifierTypeCode")))
+    item = qualifiers[0] if qualifiers else Dataset()
+    namespace, universal, universal_type = _authority(
+        _text(ds, "IssuerOfPatientID"),
+        _text(item, "UniversalEntityID"),
+        _text(item, "UniversalEntityIDType"),
+        "IssuerOfPatientID",
+        'set patient_id_issuer = "leave_out" on the destination if the RIS knows one'
+        " patient-ID domain only, or have the PACS send a Universal Entity ID",
+    )
+    _set(pid, "pid_3.cx_4.hd_1", namespace)
+    _set(pid, "pid_3.cx_4.hd_2", universal)
+    _set(pid, "pid_3.cx_4.hd_3", universal_type)
+    _set(pid, "pid_3.cx_5", escape(_text(item, "IdentifierTypeCode")))
+    _pid_demographics(pid, ds)
+
+
+#: An ISO object identifier (what IHE PIX domains use as patient ID issuers).
+_OID = re.compile(r"[0-2](?:\.(?:0|[1-9]\d*))+")
+
+
+def _authority(
+    namespace: str, universal: str, universal_type: str, what: str, advice: str
+) -> tuple[str, ...]:
+    """HD.1-3 (EI.2-4) of an assigning authority, escaped: the local namespace, the
+    universal ID and its type.
+
+    A namespace longer than its 20 characters (IS) cannot be HD.1, and an identifier is
+    never shortened. Where it is an OID, as IHE PIX issuers often are, it is the
+    universal ID, of type ISO; where the header gives a universal ID as well, that names
+    the authority and the long name is left out. Otherwise :class:`Hl7Error` that ends
+    in ``advice``: the acceptance pass had every study of an OID-issuer site go without
+    its ORU.
+    """
+    namespace, universal = namespace.strip(), universal.strip()
+    if len(escape(namespace)) > _IS_MAX:
+        if not universal and _OID.fullmatch(namespace):
+            namespace, universal, universal_type = "", namespace, "ISO"
+        elif universal:
+            namespace = ""
+        else:
+            raise Hl7Error(
+                f"{what} does not fit HL7 HD.1 ({_IS_MAX} characters) and is no OID; {advice}"
+            )
+    return (
+        _ident(namespace, _IS_MAX, what),
+        _ident(universal, _ST_MAX, f"{what} universal ID"),
+        escape(universal_type.strip()),
+    )
+
+
+def _pid_demographics(pid: Segment, ds: Dataset) -> None:
     _person_name(pid, ds.get("PatientName"))
     birth_date = _text(ds, "PatientBirthDate")
     if re.fullmatch(r"\d{8}", birth_date):
@@ -391,11 +442,14 @@ def _order_number(ds: Dataset) -> str:
     issuers = ds.get("IssuerOfAccessionNumberSequence")
     if issuers:
         item = issuers[0]
-        parts += [
-            _ident(_text(item, "LocalNamespaceEntityID"), _IS_MAX, "accession issuer"),
-            _ident(_text(item, "UniversalEntityID"), _ST_MAX, "accession issuer UEID"),
-            escape(_text(item, "UniversalEntityIDType")),
-        ]
+        parts += _authority(
+            _text(item, "LocalNamespaceEntityID"),
+            _text(item, "UniversalEntityID"),
+            _text(item, "UniversalEntityIDType"),
+            "Issuer of Accession Number",
+            "have the PACS send a Universal Entity ID in the Issuer of Accession Number"
+            " Sequence, or none",
+        )
     return "^".join(parts).rstrip("^")
 
 
