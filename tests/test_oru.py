@@ -508,13 +508,13 @@ def test_letters_a_latin1_destination_cannot_hold_go_as_their_base_letters_and_a
     pass): now as its base letters, and the caller learns how many were replaced."""
     ds = ct_header()
     ds.PatientName = "Wąsowski^Łukasz"
-    ds.StudyDescription = "Jama brzuszna – kontrast"
+    ds.StudyDescription = "Jama brzuszna – „kontrast”"  # Polish quotes: „ went as ?
     latin1 = destination(character_set="8859/1", universal_service_id="procedure")
     message = build_oru(classification(), ds, SPACING, latin1)
     payload, replaced = message.encoded()
-    assert b"Wasowski^Lukasz" in payload and b"Jama brzuszna - kontrast" in payload
-    assert replaced == 3
-    assert message.encoded() == (message.to_bytes(), 3)
+    assert b"Wasowski^Lukasz" in payload and b'Jama brzuszna - "kontrast"' in payload
+    assert replaced == 5
+    assert message.encoded() == (message.to_bytes(), 5)
     utf8 = build_oru(classification(), ds, SPACING, destination())
     assert utf8.encoded()[1] == 0 and "Wąsowski".encode() in utf8.to_bytes()
 
