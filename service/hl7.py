@@ -96,6 +96,10 @@ class Hl7DestinationSettings(BaseModel):
     #: does not know, or one no HL7 field can take (a name longer than 20 characters
     #: that is no OID).
     patient_id_issuer: Literal["send", "leave_out"] = "send"
+    #: OBR-25/OBX-11 of every result: "final" (F, C for a correction, P only while the
+    #: study lacks an instance lost in transit), or "preliminary" (always P) for a RIS
+    #: that must not file an unverified AI result as final before a radiologist reads it.
+    result_status: Literal["final", "preliminary"] = "final"
     #: MSH-18 and the byte encoding of the message.
     character_set: Literal["UNICODE UTF-8", "8859/1"] = "UNICODE UTF-8"
     connect_timeout_s: float = Field(10.0, gt=0)

@@ -302,6 +302,18 @@ def test_result_status_says_preliminary_final_or_correction(flags: dict, status:
     assert ("PRELIMINARY: an image of this study was lost" in er7) is (status == "P")
 
 
+def test_a_destination_can_take_every_result_as_preliminary() -> None:
+    """A RIS that must not file an unverified AI result as final before a radiologist
+    reads it (integrator pass): result_status = "preliminary" sends P, revisions too,
+    without the sentence about a lost image."""
+    dest = destination(result_status="preliminary")
+    for correction in (False, True):
+        er7 = build_oru(segmentation(), ct_header(), SPACING, dest, correction=correction).er7
+        assert python_hl7.parse(er7)["OBR.F25"] == "P"
+        assert {r["status"] for r in obx_rows(er7)} == {"P"}
+        assert "lost" not in er7
+
+
 def test_segmentation_gives_one_volume_in_ml_per_segment() -> None:
     rows = obx_rows(build_oru(segmentation(), ct_header(), SPACING, destination()).er7)
     volumes = [r for r in rows if r["type"] == "NM"]

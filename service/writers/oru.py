@@ -254,7 +254,9 @@ def build_oru(
     """
     now = now or datetime.now(UTC)
     status = result_status(
-        correction=correction, preliminary=preliminary, after_preliminary=after_preliminary
+        correction=correction,
+        preliminary=preliminary or destination.result_status == "preliminary",
+        after_preliminary=after_preliminary,
     )
     control_id = control_id or uuid.uuid4().hex[:20]
     try:
