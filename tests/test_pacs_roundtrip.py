@@ -210,6 +210,23 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
     assert kinds == {"dicom"}
 
 
+def bone_node(radnode_factory, models: Path, pacs: dict, ris: MllpListener, **env: str):
+    """A node that runs the threshold bundle on CT and sends to ``pacs`` and ``ris``."""
+    route = {"name": "bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
+             "destinations": ["pacs", "ris"]}  # fmt: skip
+    destinations = [
+        {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": pacs["port"],
+         "ae_title": "ORTHANC", "backoff_s": 0.2},
+        {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
+    ]  # fmt: skip
+    return radnode_factory(
+        RADNODE_MODELS__DIR=str(models),
+        RADNODE_ROUTES=json.dumps([route]),
+        RADNODE_DESTINATIONS=json.dumps(destinations),
+        **env,
+    )
+
+
 def test_a_series_that_grows_after_its_results_gets_a_new_result_not_a_mixed_one(
     radnode_factory, models: Path, tmp_path: Path
 ) -> None:
@@ -223,18 +240,7 @@ def test_a_series_that_grows_after_its_results_gets_a_new_result_not_a_mixed_one
     (tmp_path / "orthanc").mkdir()
     try:
         with running_orthanc(tmp_path / "orthanc") as pacs:
-            route = {"name": "bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
-                     "destinations": ["pacs", "ris"]}  # fmt: skip
-            destinations = [
-                {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": pacs["port"],
-                 "ae_title": "ORTHANC", "backoff_s": 0.2},
-                {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
-            ]  # fmt: skip
-            node = radnode_factory(
-                RADNODE_MODELS__DIR=str(models),
-                RADNODE_ROUTES=json.dumps([route]),
-                RADNODE_DESTINATIONS=json.dumps(destinations),
-            ).start()
+            node = bone_node(radnode_factory, models, pacs, ris).start()
             ct = write_ct_series(tmp_path / "ct", slices=30, rows=96, columns=96,
                                  study_uid=STUDY_UID, pixel_spacing=(3.0, 3.0),
                                  slice_thickness=3.0)  # fmt: skip
@@ -270,18 +276,8 @@ def test_a_study_that_lost_an_instance_in_transit_gets_preliminary_results_then_
     (tmp_path / "orthanc").mkdir()
     try:
         with running_orthanc(tmp_path / "orthanc") as pacs:
-            route = {"name": "bone", "pipeline": "bone_threshold", "match": {"Modality": "CT"},
-                     "destinations": ["pacs", "ris"]}  # fmt: skip
-            destinations = [
-                {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": pacs["port"],
-                 "ae_title": "ORTHANC", "backoff_s": 0.2},
-                {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
-            ]  # fmt: skip
-            node = radnode_factory(
-                RADNODE_MODELS__DIR=str(models),
-                RADNODE_ROUTES=json.dumps([route]),
-                RADNODE_DESTINATIONS=json.dumps(destinations),
-                RADNODE_STUDY__INTERRUPTED_WAIT_S="1",
+            node = bone_node(
+                radnode_factory, models, pacs, ris, RADNODE_STUDY__INTERRUPTED_WAIT_S="1"
             ).start()
             ct = write_ct_series(tmp_path / "ct", slices=20, rows=96, columns=96,
                                  study_uid=STUDY_UID, pixel_spacing=(3.0, 3.0),
