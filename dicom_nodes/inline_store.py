@@ -104,6 +104,11 @@ class InlineStoreReader:
         the only one), whatever else it sent."""
         return self._store is not None
 
+    @property
+    def instance_in_transit(self) -> str | None:
+        """The SOP Instance UID of the C-STORE whose data set is coming, if one is."""
+        return None if self._store is None else self._store.request.sop_instance_uid
+
     def __call__(self, pdu: bytearray) -> list[bytes]:
         """Take one P-DATA-TF PDU (header included); return the PDUs for pynetdicom
         (the PDV items not taken, rewrapped in order). Raises

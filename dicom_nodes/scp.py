@@ -301,7 +301,7 @@ class StorageSCP:
         port: int = 11112,
         on_association: Callable[[str], None] | None = None,
         *,
-        on_association_end: Callable[[str, bool, bool], None] | None = None,
+        on_association_end: Callable[[str, bool, str | None], None] | None = None,
         tls_port: int | None = None,
         shared: SharedListeners | None = None,
     ) -> None:
@@ -311,8 +311,9 @@ class StorageSCP:
         must be quick and not raise.
 
         ``on_association_end`` is called with :attr:`ReceivedInstance.association`,
-        whether it was aborted and whether an instance was cut in the middle of its data
-        set (it never arrived), once an accepted association is released or aborted,
+        whether it was aborted and the SOP Instance UID of an instance cut in the middle
+        of its data set (it never arrived; None if none), once an accepted association
+        is released or aborted,
         after its last store: the receiver lets go of what it held open for it.
 
         ``tls_port`` (needs ``policy.tls_cert``): a second listener that speaks TLS
@@ -720,11 +721,11 @@ class StorageSCP:
         reader = getattr(event.assoc.dul, "p_data_reader", None)
         # an instance the peer had begun to send and never finished: the study lacks it
         # unless the PACS sends it again
-        instance_cut = isinstance(reader, InlineStoreReader) and reader.store_in_progress
+        lost = reader.instance_in_transit if isinstance(reader, InlineStoreReader) else None
         log.info(
             "association.closed",
             outcome=outcome,
-            instance_cut=instance_cut,
+            instance_cut=lost is not None,
             peer_ae=stats.calling_ae,
             peer_address=stats.address,
             instances=stats.instances,
@@ -738,7 +739,7 @@ class StorageSCP:
                 # the node's own idle timeout aborts an association that sent nothing
                 # for network_timeout_s: its study is not cut short (review)
                 cut = outcome == "aborted" and idle_s < 0.9 * self._policy.network_timeout_s
-                self._on_association_end(stats.name, cut, instance_cut)
+                self._on_association_end(stats.name, cut, lost)
             except Exception:  # the peer is gone already; never fail the close
                 log.exception("association.end_failed", action="report this as a bug")
         self._notify(outcome)

@@ -872,7 +872,7 @@ _SCHEMAS: dict[str, Any] = {
             "instance_lost": {
                 "type": "boolean",
                 "description": "An association sending it ended in the middle of an"
-                " instance and none has sent the study since: its results are preliminary.",
+                " instance, which has not been stored since: its results are preliminary.",
             },
         },
     },

@@ -91,11 +91,11 @@ class Hl7DestinationSettings(BaseModel):
     #: procedure moves to OBR-44); "procedure" puts the requested procedure in OBR-4,
     #: for a RIS that files results only under the ordered service.
     universal_service_id: Literal["algorithm", "procedure"] = "algorithm"
-    #: PID-3.4/3.5 (the patient ID's assigning authority): "send" what the header says;
-    #: "leave_out" for a RIS of one patient-ID domain whose headers carry an issuer it
-    #: does not know, or one no HL7 field can take (a name longer than 20 characters
-    #: that is no OID).
-    patient_id_issuer: Literal["send", "leave_out"] = "send"
+    #: The assigning authorities of the patient ID (PID-3.4/3.5) and of the order number
+    #: (EI.2-4 of ORC/OBR-2/3): "send" what the header says; "leave_out" for a RIS of
+    #: one identifier domain whose headers carry an issuer it does not know, or one no
+    #: HL7 field can take (a name longer than 20 characters that is no OID).
+    issuers: Literal["send", "leave_out"] = "send"
     #: OBR-25/OBX-11 of every result: "final" (F, C for a correction, P only while the
     #: study lacks an instance lost in transit), or "preliminary" (always P) for a RIS
     #: that must not file an unverified AI result as final before a radiologist reads it.

@@ -67,10 +67,14 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     -- instances refused because the study would pass node.max_study_mb
-    refused_too_large INTEGER NOT NULL DEFAULT 0,
-    -- an association sending the study was aborted in the middle of an instance, and
-    -- no association has sent the study since: its results are preliminary
-    instance_lost INTEGER NOT NULL DEFAULT 0
+    refused_too_large INTEGER NOT NULL DEFAULT 0
+);
+-- instances lost in transit: an association ended in the middle of their data set, and
+-- they are not stored (a row goes when its instance is). Charged to the study the
+-- association was sending; while it has a row, its results are preliminary.
+CREATE TABLE IF NOT EXISTS lost_in_transit (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL
 );
 -- instances refused while the disk was full and not stored since (a row goes when its
 -- instance is stored: the sender's retry brought it)
@@ -176,6 +180,9 @@ def _holds(last_received: str) -> str:
     )
 
 
+#: SQL (the study UID's expression to fill in): a lost instance charged to the study.
+_LOST_IN_TRANSIT = "SELECT 1 FROM lost_in_transit l WHERE l.study_uid = {}"
+
 #: SQL: an Image Type (values joined by backslashes) with the value LOCALIZER.
 _LOCALIZER = "('\\' || COALESCE({}, '') || '\\') LIKE '%\\LOCALIZER\\%'"
 
@@ -213,8 +220,8 @@ class StudyIndex:
         ``series.view_position``; series indexed before have none (""). Version 5 added
         ``studies.refused_too_large``, version 6 the ``refused_no_space`` table and
         version 7 the ``delivering`` table (both made by the schema script, which
-        creates what is missing). Version 8 added ``studies.instance_lost`` and
-        ``jobs.preliminary``: nothing indexed before knew of a lost instance (0).
+        creates what is missing). Version 8 added the ``lost_in_transit`` table and
+        ``jobs.preliminary``: no job indexed before was preliminary (0).
         """
         add_column(
             self._db,
@@ -225,7 +232,6 @@ class StudyIndex:
         add_column(self._db, "series", "view_position TEXT NOT NULL DEFAULT ''")
         add_column(self._db, "studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
         add_column(self._db, "delivering", "interrupted_at REAL")
-        add_column(self._db, "studies", "instance_lost INTEGER NOT NULL DEFAULT 0")
         add_column(self._db, "jobs", "preliminary INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
@@ -402,9 +408,8 @@ class StudyIndex:
                 " state = ?, completed_at = NULL WHERE study_uid = ?",
                 (added, now, StudyState.RECEIVING, h.study_uid),
             )
-            db.execute(
-                "DELETE FROM refused_no_space WHERE sop_instance_uid = ?", (h.sop_instance_uid,)
-            )
+            for table in ("refused_no_space", "lost_in_transit"):
+                db.execute(f"DELETE FROM {table} WHERE sop_instance_uid = ?", (h.sop_instance_uid,))
         return IndexOutcome(
             new_instance=bool(inserted), new_study=new_study, reopened_study=reopened
         )
@@ -545,7 +550,14 @@ class StudyIndex:
                 " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)",
                 (study_uid,),
             )
-            for table in ("series", "jobs", "studies", "refused_no_space", "delivering"):
+            for table in (
+                "series",
+                "jobs",
+                "studies",
+                "refused_no_space",
+                "delivering",
+                "lost_in_transit",
+            ):
                 db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
         return int(row[0])
 
@@ -556,14 +568,9 @@ class StudyIndex:
         hold both open while the association is (see :meth:`complete_quiet_studies`
         and :meth:`quiet_series`)."""
         with self._transaction() as db:
-            # the PACS took the study up again: an interrupted sending waits no longer,
-            # and the instance cut short is presumably among what it sends
+            # the PACS took the study up again: an interrupted sending waits no longer
             db.execute(
                 "DELETE FROM delivering WHERE study_uid = ? AND interrupted_at IS NOT NULL",
-                (study_uid,),
-            )
-            db.execute(
-                "UPDATE studies SET instance_lost = 0 WHERE study_uid = ? AND instance_lost",
                 (study_uid,),
             )
             db.execute(
@@ -573,19 +580,22 @@ class StudyIndex:
             )
 
     def end_delivery(
-        self, association: str, *, aborted: bool = False, instance_lost: bool = False
+        self, association: str, *, aborted: bool = False, lost_instance: str | None = None
     ) -> None:
         """``association`` closed. Released: the study it was delivering is held no
         longer. Aborted: it is held as interrupted (see :meth:`complete_quiet_studies`).
-        ``instance_lost``: it ended in the middle of an instance, which the study now
-        lacks: the study's results are preliminary until an association sends it again
-        (:meth:`hold_while_delivering`)."""
+        ``lost_instance``: the SOP Instance UID of the instance it ended in the middle
+        of. Unless stored already (a re-send cut short), it is lost in transit, charged
+        to the study the association was sending (its data set never came, so the
+        study it belongs to is not known): that study's results are preliminary until
+        the instance is stored (:meth:`add_instance`)."""
         with self._transaction() as db:
-            if instance_lost:
+            if lost_instance:
                 db.execute(
-                    "UPDATE studies SET instance_lost = 1 WHERE study_uid ="
-                    " (SELECT study_uid FROM delivering WHERE association = ?)",
-                    (association,),
+                    "INSERT OR IGNORE INTO lost_in_transit (sop_instance_uid, study_uid)"
+                    " SELECT ?, study_uid FROM delivering WHERE association = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM instances WHERE sop_instance_uid = ?)",
+                    (lost_instance, association, lost_instance),
                 )
             if aborted:
                 db.execute(
@@ -687,7 +697,8 @@ class StudyIndex:
     _STUDY_COLUMNS = (
         "st.study_uid, st.study_key, st.state, st.instance_count,"
         " (SELECT COUNT(*) FROM series se WHERE se.study_uid = st.study_uid),"
-        " st.first_received_at, st.last_received_at, st.completed_at, st.instance_lost"
+        " st.first_received_at, st.last_received_at, st.completed_at,"
+        f" EXISTS ({_LOST_IN_TRANSIT.format('st.study_uid')})"
     )
 
     @staticmethod
@@ -857,7 +868,7 @@ class StudyIndex:
     ) -> JobRecord | None:
         """Create a queued job, or return None if this series, at its current size, already
         has one for this pipeline (whatever triggered the routing again). The job is
-        preliminary while its study has an instance lost in transit."""
+        preliminary while an instance lost in transit is charged to its study."""
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex[:12]
         with self._transaction() as db:
@@ -869,8 +880,7 @@ class StudyIndex:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, study_uid, series_uid, pipeline,"
                 " instance_count, routes, destinations, state, created_at, preliminary)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " (SELECT instance_lost FROM studies WHERE study_uid = ?))",
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, EXISTS ({_LOST_IN_TRANSIT.format('?')}))",
                 (
                     job_id,
                     study_uid,

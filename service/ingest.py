@@ -226,16 +226,16 @@ class Ingest:
             self._delivering[association] = delivering
 
     def association_ended(
-        self, association: str, aborted: bool = False, instance_cut: bool = False
+        self, association: str, aborted: bool = False, lost_instance: str | None = None
     ) -> None:
         """The association was released (it holds no study open any more) or aborted
-        (its study waits a while for the PACS to send the rest again). ``instance_cut``:
-        it ended in the middle of an instance, which its study lacks: the study's
-        results are preliminary unless the PACS sends it again."""
+        (its study waits a while for the PACS to send the rest again). ``lost_instance``:
+        the SOP Instance UID of the instance it ended in the middle of, which its study
+        lacks: the study's results are preliminary until the PACS sends it again."""
         with self._delivering_lock:
             held = self._delivering.pop(association, None)
         if held is not None:
-            self._index.end_delivery(association, aborted=aborted, instance_lost=instance_cut)
+            self._index.end_delivery(association, aborted=aborted, lost_instance=lost_instance)
 
     def _check_study_size(self, study_uid: str, incoming: int) -> None:
         if not self._max_study_bytes:

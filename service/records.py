@@ -115,8 +115,8 @@ class StudySummary:
     #: Completed after the association sending it was aborted (or the node stopped)
     #: and the PACS did not send it again within ``study.interrupted_wait_s``.
     interrupted: bool = False
-    #: An association sending it was aborted in the middle of an instance and none has
-    #: sent the study since: an instance is missing, its results are preliminary.
+    #: An association sending it ended in the middle of an instance, which has not been
+    #: stored since: an instance is missing, its results are preliminary.
     instance_lost: bool = False
 
 

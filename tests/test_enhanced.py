@@ -155,7 +155,7 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) ->
         "ALTER TABLE series DROP COLUMN image_count;"
         " ALTER TABLE series DROP COLUMN view_position;"
         " ALTER TABLE studies DROP COLUMN refused_too_large;"
-        " ALTER TABLE studies DROP COLUMN instance_lost; ALTER TABLE jobs DROP COLUMN preliminary;"
+        " DROP TABLE lost_in_transit; ALTER TABLE jobs DROP COLUMN preliminary;"
         " DROP TABLE refused_no_space; DROP TABLE delivering; PRAGMA user_version=2;"
         "INSERT INTO studies VALUES ('1.2', 'k', 'complete', 40, 0, 0, NULL);"
         "INSERT INTO series (series_uid, study_uid, modality, body_part, series_description,"

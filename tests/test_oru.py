@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import string
 import warnings
 
@@ -288,7 +289,8 @@ def test_a_result_that_replaces_a_reported_one_is_sent_as_a_correction() -> None
         ({}, "F"),
         ({"correction": True}, "C"),
         ({"preliminary": True}, "P"),
-        ({"correction": True, "preliminary": True}, "P"),
+        ({"correction": True, "preliminary": True}, "C"),  # never P after F
+        ({"correction": True, "preliminary": True, "after_preliminary": True}, "P"),
         ({"correction": True, "after_preliminary": True}, "F"),
     ],
 )
@@ -299,7 +301,8 @@ def test_result_status_says_preliminary_final_or_correction(flags: dict, status:
     er7 = build_oru(segmentation(), ct_header(), SPACING, destination(), **flags).er7
     assert python_hl7.parse(er7)["OBR.F25"] == status
     assert {r["status"] for r in obx_rows(er7)} == {status}
-    assert ("PRELIMINARY: an image of this study was lost" in er7) is (status == "P")
+    note = "PRELIMINARY: an image of this study was lost" in er7
+    assert note is bool(flags.get("preliminary"))
 
 
 def test_a_destination_can_take_every_result_as_preliminary() -> None:
@@ -472,10 +475,18 @@ def test_an_identifier_that_does_not_fit_is_refused_without_quoting_it() -> None
     with pytest.raises(Hl7Error) as raised:
         build_oru(classification(), ds, SPACING, destination())
     assert "A_VERY_LONG" not in str(raised.value)
-    assert 'patient_id_issuer = "leave_out"' in str(raised.value)  # what to do about it
+    assert 'issuers = "leave_out"' in str(raised.value)  # what to do about it
     # ... which sends the patient ID without an assigning authority
-    er7 = build_oru(classification(), ds, SPACING, destination(patient_id_issuer="leave_out")).er7
-    assert python_hl7.parse(er7)["PID.F3"] == ds.PatientID
+    ds.AccessionNumber = "ACC-8"
+    ds.IssuerOfAccessionNumberSequence = Sequence([Dataset()])
+    ds.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID = "A_VERY_LONG_ORDER_DOMAIN_NAME"
+    only_order = copy.deepcopy(ds)
+    del only_order.IssuerOfPatientID
+    with pytest.raises(Hl7Error, match="Issuer of Accession Number"):
+        build_oru(classification(), only_order, SPACING, destination())
+    er7 = build_oru(classification(), ds, SPACING, destination(issuers="leave_out")).er7
+    parsed = python_hl7.parse(er7)
+    assert (parsed["PID.F3"], parsed["OBR.F3"]) == (ds.PatientID, "ACC-8")
 
 
 def test_a_long_issuer_that_is_an_oid_or_has_a_universal_id_still_names_the_authority() -> None:

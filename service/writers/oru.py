@@ -255,8 +255,9 @@ def build_oru(
     now = now or datetime.now(UTC)
     status = result_status(
         correction=correction,
-        preliminary=preliminary or destination.result_status == "preliminary",
+        preliminary=preliminary,
         after_preliminary=after_preliminary,
+        always_preliminary=destination.result_status == "preliminary",
     )
     control_id = control_id or uuid.uuid4().hex[:20]
     try:
@@ -266,7 +267,7 @@ def build_oru(
         _pid(
             patient_result.add_group("ORU_R01_PATIENT").add_segment("PID"),
             source,
-            with_issuer=destination.patient_id_issuer == "send",
+            with_issuer=destination.issuers == "send",
         )
         order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
         _order(order, source, destination, now, status, result)
@@ -325,8 +326,8 @@ def _pid(pid: Segment, ds: Dataset, *, with_issuer: bool = True) -> None:
         _text(item, "UniversalEntityID"),
         _text(item, "UniversalEntityIDType"),
         "IssuerOfPatientID",
-        'set patient_id_issuer = "leave_out" on the destination if the RIS knows one'
-        " patient-ID domain only, or have the PACS send a Universal Entity ID",
+        'set issuers = "leave_out" on the destination if the RIS knows one patient-ID'
+        " domain only, or have the PACS send a Universal Entity ID",
     )
     _set(pid, "pid_3.cx_4.hd_1", namespace)
     _set(pid, "pid_3.cx_4.hd_2", universal)
@@ -411,7 +412,7 @@ def _order(
     status: str,
     result: PipelineResult,
 ) -> None:
-    number = _order_number(ds)
+    number = _order_number(ds, with_issuer=dest.issuers == "send")
     placer = number if dest.order_number_field in ("placer", "both") else ""
     filler = number if dest.order_number_field in ("filler", "both") else ""
     orc = order.add_segment("ORC")
@@ -436,13 +437,14 @@ def _order(
         obr.obr_44 = procedure
 
 
-def _order_number(ds: Dataset) -> str:
-    """EI ER7 of the Accession Number, with its issuer where the header names one."""
+def _order_number(ds: Dataset, *, with_issuer: bool = True) -> str:
+    """EI ER7 of the Accession Number, with its issuer where the header names one (and
+    ``with_issuer``)."""
     accession = _text(ds, "AccessionNumber")
     if not accession:
         return ""
     parts = [_ident(accession, _ST_MAX, "AccessionNumber")]
-    issuers = ds.get("IssuerOfAccessionNumberSequence")
+    issuers = ds.get("IssuerOfAccessionNumberSequence") if with_issuer else None
     if issuers:
         item = issuers[0]
         parts += _authority(
@@ -450,8 +452,8 @@ def _order_number(ds: Dataset) -> str:
             _text(item, "UniversalEntityID"),
             _text(item, "UniversalEntityIDType"),
             "Issuer of Accession Number",
-            "have the PACS send a Universal Entity ID in the Issuer of Accession Number"
-            " Sequence, or none",
+            'set issuers = "leave_out" on the destination if the RIS knows one order-number'
+            " domain only, or have the PACS send a Universal Entity ID",
         )
     return "^".join(parts).rstrip("^")
 
@@ -585,14 +587,24 @@ def _finding_lines(
             )
 
 
-def result_status(*, correction: bool, preliminary: bool, after_preliminary: bool) -> str:
-    """OBR-25 / OBX-11 (HL7 tables 0123 and 0085): P while the study lacks an instance
-    lost in transit; C for a result that replaces a final one; F otherwise, the final
-    result that follows a preliminary one included (P then F is how a RIS expects a
-    result to become final; C would say a final result was wrong)."""
-    if preliminary:
+def result_status(
+    *,
+    correction: bool,
+    preliminary: bool,
+    after_preliminary: bool,
+    always_preliminary: bool = False,
+) -> str:
+    """OBR-25 / OBX-11 (HL7 tables 0123 and 0085): C for a result that replaces a final
+    one, even a preliminary result (P after F would take a final result back, which a
+    RIS may refuse or file over the final one: review); else P while the study lacks an
+    instance lost in transit; else F, the final result that follows a preliminary one
+    included (P then F is how a result becomes final; C would say a final one was
+    wrong). ``always_preliminary`` (the destination's ``result_status``): P whatever."""
+    if always_preliminary:
         return "P"
-    return "C" if correction and not after_preliminary else "F"
+    if correction and not after_preliminary:
+        return "C"
+    return "P" if preliminary else "F"
 
 
 #: The summary's sentence for a preliminary result (see :func:`result_status`).
