@@ -337,7 +337,7 @@ _LOWER_CASE_WORD = re.compile(r"[a-z_]+(?:['-][a-z_]+)*")
 #: :data:`_SEGMENT_IDS`, field and component numbers of at most three digits. Any known
 #: word let through "MRN-550902" and "DOB-19490102", another patient's identifiers a RIS
 #: quoted in its refusal (acceptance pass).
-_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})[-.]\d{1,3}(?:[./-]\d{1,3})*")
+_FIELD_REFERENCE = re.compile(r"([A-Za-z][A-Za-z0-9]{2})[-.]\d{1,3}(?:[./-]\d{1,3}){0,2}")
 #: HL7 terms with digits a receiver quotes back: a message type (ORU^R01, ORU^R01^ORU_R01),
 #: a version (2.5.1), a table id (0396, HL70357), radnode's coding system (99RADNODE).
 _HL7_TERM = re.compile(

@@ -422,15 +422,24 @@ def test_a_preliminary_result_says_so_and_has_uids_of_its_own(ct, tmp_path):
     assert (sr.PreliminaryFlag, sr.CompletionFlag) == ("PRELIMINARY", "PARTIAL")
     assert (final_sr.PreliminaryFlag, final_sr.CompletionFlag) == ("FINAL", "COMPLETE")
     assert all(ds.SeriesDescription.endswith(" revised 30 img preliminary") for ds in [sr, *rest])
+    # the version is kept whole, the name shortened (it showed 0.1.0 as "0.1": review)
+    assert all(" 0.1.0 revised" in ds.SeriesDescription for ds in [sr, *rest])
     assert not any("preliminary" in ds.SeriesDescription for ds in [final_sr, *final_rest])
     uids = {ds.SOPInstanceUID for ds in [sr, *rest]} | {ds.SeriesInstanceUID for ds in rest}
     assert not uids & {ds.SOPInstanceUID for ds in [final_sr, *final_rest]}
     assert result_sr_uid(_segmentation(volume), volume, preliminary=True) == sr.SOPInstanceUID
 
-    def tracking(ds):
-        return {str(e.value) for e in ds.iterall() if e.keyword == "UID"}
+    def tracking(ds):  # the UIDREF items named Tracking Unique Identifier (DCM 112040)
+        return {
+            str(item.UID)
+            for item in ds.iterall()
+            if item.keyword == "ContentSequence"
+            for item in item.value
+            if item.get("ValueType") == "UIDREF"
+            and item.ConceptNameCodeSequence[0].CodeValue == "112040"
+        }
 
-    assert tracking(sr) & tracking(final_sr)
+    assert tracking(sr) and tracking(sr) == tracking(final_sr)
 
 
 def test_rewriting_gives_the_same_uids(ct, tmp_path):

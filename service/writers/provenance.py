@@ -225,17 +225,23 @@ class Provenance:
 
     def series_description(self, kind: str, detail: str = "") -> str:
         """e.g. ``AI segmentation ct_abdomen_segmentation 0.1.0`` (kind: SR, SEG, SC, DERIVED)."""
-        text = clip_lo(f"{_SERIES_LABELS[kind]} {self.name} {self.version} {detail}".strip())
         # A revised result sits next to the one it replaces (a Storage SCU cannot remove
         # that): the second acceptance pass could not tell them apart. A preliminary one
-        # must say so where a radiologist looks first. The marks are kept whole; the
-        # rest is shortened to make room.
+        # must say so where a radiologist looks first. The label and the marks are
+        # kept whole, the version too where the bundle name can be shortened to make
+        # room (cutting the end lost the version, or showed 0.1.0 as "0.1": acceptance
+        # pass, review); else the version goes (Software Versions has it).
+        label = _SERIES_LABELS[kind]
         marks = [f"revised {self.revised_from} img"] * bool(self.revised_from)
         marks += ["preliminary"] * self.preliminary
-        if not marks:
-            return text
-        mark = " " + " ".join(marks)
-        return clip_lo(text[: _LO_MAX - len(mark)].rstrip()) + mark
+        for version, least in ((self.version, 12), ("", 4)):  # least of the name shown
+            tail = " ".join(p for p in (version, detail, *marks) if p)
+            room = _LO_MAX - len(label) - len(tail) - 2  # for the bundle name
+            if len(self.name) <= room:
+                return f"{label} {self.name} {tail}".strip()
+            if room >= least:
+                return f"{label} {self.name[: room - 1]}… {tail}"
+        return clip_lo(f"{label} {self.name} {self.version} {detail}".strip())
 
     # -- the forms highdicom wants ---------------------------------------------------
 
