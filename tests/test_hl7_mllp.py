@@ -292,7 +292,7 @@ def test_error_text_loses_what_radnode_did_not_send_but_keeps_what_to_fix() -> N
     assert without_identifiers("Unknown patient MRN-550902, DOB.19490102; see PID-3.1", None) == (
         "Unknown patient <redacted>, <redacted>; see PID-3.1"
     )
-    assert without_identifiers("PID-555-123-456 PID-5.1.2", None) == "<redacted> PID-5.1.2"
+    assert without_identifiers("PID-555-123-456-789 PID-5.1.2", None) == "<redacted> PID-5.1.2"
     # HL7 terms a RIS quotes back stay; an apostrophe opens no quote; a date goes (review)
     kept = "Message type ORU^R01, version 2.5.1: table 0396 value 99RADNODE not found"
     assert without_identifiers(kept, None) == kept
