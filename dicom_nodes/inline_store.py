@@ -98,15 +98,10 @@ class InlineStoreReader:
         self._passing: str | None = None
 
     @property
-    def store_in_progress(self) -> bool:
-        """Whether a C-STORE's request came and its data set has not all come: an
-        association that ends now lost that instance in transit (the PACS's copy is
-        the only one), whatever else it sent."""
-        return self._store is not None
-
-    @property
     def instance_in_transit(self) -> str | None:
-        """The SOP Instance UID of the C-STORE whose data set is coming, if one is."""
+        """The SOP Instance UID of the C-STORE whose request came and whose data set has
+        not all come, if one has: an association that ends now lost that instance in
+        transit (the PACS's copy is the only one), whatever else it sent."""
         return None if self._store is None else self._store.request.sop_instance_uid
 
     def __call__(self, pdu: bytearray) -> list[bytes]:

@@ -317,8 +317,19 @@ def _pid(pid: Segment, ds: Dataset, *, with_issuer: bool = True) -> None:
     if not patient_id:
         raise Hl7Error("source instance has no PatientID (PID-3 is required)")
     _set(pid, "pid_3.cx_1", _ident(patient_id, _ST_MAX, "PatientID"))
-    if not with_issuer:
-        return _pid_demographics(pid, ds)
+    if with_issuer:
+        _patient_id_issuer(pid, ds)
+    _person_name(pid, ds.get("PatientName"))
+    birth_date = _text(ds, "PatientBirthDate")
+    if re.fullmatch(r"\d{8}", birth_date):
+        pid.pid_7 = birth_date
+    sex = _text(ds, "PatientSex").upper()
+    if sex:
+        pid.pid_8 = _SEX.get(sex, "U")
+
+
+def _patient_id_issuer(pid: Segment, ds: Dataset) -> None:
+    """PID-3.4 (HD) and PID-3.5 from the header's issuer attributes."""
     qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
     item = qualifiers[0] if qualifiers else Dataset()
     namespace, universal, universal_type = _authority(
@@ -333,7 +344,6 @@ def _pid(pid: Segment, ds: Dataset, *, with_issuer: bool = True) -> None:
     _set(pid, "pid_3.cx_4.hd_2", universal)
     _set(pid, "pid_3.cx_4.hd_3", universal_type)
     _set(pid, "pid_3.cx_5", escape(_text(item, "IdentifierTypeCode")))
-    _pid_demographics(pid, ds)
 
 
 #: An ISO object identifier (what IHE PIX domains use as patient ID issuers).
@@ -368,16 +378,6 @@ def _authority(
         _ident(universal, _ST_MAX, f"{what} universal ID"),
         escape(universal_type.strip()),
     )
-
-
-def _pid_demographics(pid: Segment, ds: Dataset) -> None:
-    _person_name(pid, ds.get("PatientName"))
-    birth_date = _text(ds, "PatientBirthDate")
-    if re.fullmatch(r"\d{8}", birth_date):
-        pid.pid_7 = birth_date
-    sex = _text(ds, "PatientSex").upper()
-    if sex:
-        pid.pid_8 = _SEX.get(sex, "U")
 
 
 def _person_name(pid: Segment, value: object) -> None:
