@@ -94,7 +94,7 @@ class CompletionMonitor:
                     study=study.study_key,
                     instances=study.instance_count,
                     action="an association sending it ended in the middle of an instance"
-                    " and the PACS sent nothing more: its results are marked preliminary"
+                    " that has not been sent again: its results are marked preliminary"
                     " (SR Preliminary Flag, HL7 result status P); send the study again from"
                     " the PACS for final results",
                 )
