@@ -20,8 +20,8 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def beside(name: str, function: Callable[..., T], *args: Any) -> Iterator[Future[T]]:
-    """``function(*args)`` on a thread named ``name``, started on entering the block;
-    leaving the block waits for it. Its result (or exception) is the future's."""
+def beside(name: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> Iterator[Future[T]]:
+    """``function(*args, **kwargs)`` on a thread named ``name``, started on entering the
+    block; leaving the block waits for it. Its result (or exception) is the future's."""
     with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
-        yield pool.submit(contextvars.copy_context().run, function, *args)
+        yield pool.submit(contextvars.copy_context().run, function, *args, **kwargs)

@@ -212,6 +212,16 @@ def _state(value: Any) -> Text:
     return Text(text, style=_STATE_STYLES.get(text, ""))
 
 
+def _study_state(study: Item) -> Text:
+    """The study's state, and "instance lost" while an instance it lost in transit has
+    not been stored since: its results are preliminary until the PACS sends it again,
+    which is the operator's to arrange (review: the screen did not show it)."""
+    text = _state(study.get("state"))
+    if study.get("instance_lost"):
+        text.append(" · instance lost", style="bold yellow")
+    return text
+
+
 def _queue_table(
     jobs: Sequence[Item], job_counts: Mapping[tuple[str, str], int] | None = None
 ) -> Table:
@@ -247,7 +257,7 @@ def _studies_table(studies: Sequence[Item], now: float) -> Table:
     for s in studies:
         table.add_row(
             str(s.get("study_key", "?")),
-            _state(s.get("state")),
+            _study_state(s),
             str(s.get("series_count", "")),
             str(s.get("instance_count", "")),
             _age(s.get("last_received_at"), now),

@@ -304,7 +304,8 @@ class JobRunner:
         writing took 0.70 s instead of 0.84-0.96 s one after the other, and every result
         reaches the PACS that much sooner (issue 11's end-to-end target).
         """
-        with beside("result-files", write_result_files, result, volume, out_dir) as files:
+        with beside("result-files", write_result_files, result, volume, out_dir,
+                    preliminary=ticket.preliminary) as files:  # fmt: skip
             publication = self.publisher.prepare(ticket, result, volume)
             files.result()
         run_claim.check(out_dir, ticket.attempt)  # again: writing takes seconds
@@ -322,8 +323,20 @@ class JobRunner:
         return replace(ticket, series_paths=tuple(chosen))
 
     def _refused(self, ticket: JobTicket, reason: str, bound: Any) -> JobReport:
-        """A refusal, with the "not analyzed" SR for the destinations that want one."""
-        report = self._end(ticket, JobState.REFUSED, reason, bound)
+        """A refusal, with the "not analyzed" SR for the destinations that want one.
+
+        A preliminary job's refusal says first that an instance was lost in transit: a
+        missing slice reads as uneven spacing, which the PACS sending the study again
+        mends, where "fix the series" would send the operator the wrong way (review).
+        """
+        action = None
+        if ticket.preliminary:
+            reason = f"{reason} (an instance of this study was lost in transit)"
+            action = (
+                "have the PACS send the study again (study.instance_lost); if the refusal"
+                " stays, fix the series or the route, then retry the job"
+            )
+        report = self._end(ticket, JobState.REFUSED, reason, bound, action=action)
         try:
             run_claim.check(Path(ticket.result_dir), ticket.attempt)
         except run_claim.RunSuperseded:

@@ -604,6 +604,21 @@ def test_status_view_keeps_job_ids_whole_on_a_narrow_terminal(stack: Stack) -> N
     assert "0123456789abcdef" in screen
 
 
+def test_status_view_marks_a_study_that_lost_an_instance_in_transit() -> None:
+    """Review: its results are preliminary until the PACS sends the instance again, which
+    the operator arranges; the screen showed such a study as any complete one."""
+    studies = [
+        {"study_key": f"{n:016x}", "state": "complete", "instance_lost": lost}
+        for n, lost in ((1, True), (2, False))
+    ]
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render_status(studies, [], now=1_700_000_200.0))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines()
+            if line.startswith("│") and "complete" in line}  # fmt: skip
+    assert "instance lost" in rows[f"{1:016x}"]
+    assert "instance lost" not in rows[f"{2:016x}"]
+
+
 def test_status_view_shows_results_waiting_behind_a_retrying_one() -> None:
     """Acceptance pass: a radiograph's results waited, untried, behind a CT's delivery
     being retried, and the status screen listed only the CT. A delivery just made is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -288,6 +289,45 @@ def test_a_not_analyzed_report_is_kept_apart_from_the_results_folder(tmp_path: P
     report = runner.run(ticket)
     assert report.state is JobState.REFUSED and report.deliverables == ()
     assert not (later / NOT_ANALYZED_FOLDER).exists()
+
+
+def test_a_preliminary_job_says_so_in_its_files_and_its_refusal(tmp_path: Path) -> None:
+    """Review: ``result.json`` did not say that a result was preliminary (the SR and the
+    ORU did), and a preliminary job refused for a missing slice said to fix the series,
+    where the PACS sending the study again (the lost instance) is what mends it."""
+    import structlog
+
+    from service.publish import ResultPublisher
+    from service.records import JobState, JobTicket
+    from service.testing import write_ct_series
+    from service.worker import JobRunner, PipelineCache
+    from tests.support.bundles import write_threshold_bundle
+
+    settings = Settings.model_validate({"node": {"data_dir": str(tmp_path / "data")}})
+    write_threshold_bundle(tmp_path / "models")
+    series = tuple(map(str, write_ct_series(tmp_path / "spool", slices=12, rows=16, columns=16)))
+    runner = JobRunner(settings, PipelineCache(tmp_path / "models"), ResultPublisher(settings))
+    for job_id, preliminary in (("j1", True), ("j2", False)):
+        out = tmp_path / "results" / job_id
+        ticket = JobTicket(job_id, "key", "bone_threshold", series, str(out), (), 1,
+                           preliminary=preliminary)  # fmt: skip
+        assert runner.run(ticket).state is JobState.DONE
+        assert json.loads((out / "result.json").read_text())["preliminary"] is preliminary
+
+    gappy = tuple(p for i, p in enumerate(series) if i != 5)
+    messages = {}
+    for job_id, preliminary in (("j3", True), ("j4", False)):
+        ticket = JobTicket(job_id, "key", "bone_threshold", gappy,
+                           str(tmp_path / "results" / job_id), (), 1,
+                           preliminary=preliminary)  # fmt: skip
+        with structlog.testing.capture_logs() as events:
+            report = runner.run(ticket)
+        (finished,) = [e for e in events if e["event"] == "job.finished"]
+        assert report.state is JobState.REFUSED
+        messages[preliminary] = (report.error or "", finished["action"])
+    assert "lost in transit" in messages[True][0] and "send the study again" in messages[True][1]
+    assert "lost in transit" not in messages[False][0]
+    assert "fix the series" in messages[False][1] and "send" not in messages[False][1]
 
 
 def test_a_run_that_claims_a_results_folder_forgets_what_a_pacs_acknowledged_of_it(

@@ -21,12 +21,19 @@ from service.pipeline.volume import Volume
 SUMMARY_FILE = "result.json"
 
 
-def result_summary(result: PipelineResult, volume: Volume) -> dict[str, Any]:
-    """The result as JSON-ready facts (also logged and shown by the status API)."""
+def result_summary(
+    result: PipelineResult, volume: Volume, *, preliminary: bool = False
+) -> dict[str, Any]:
+    """The result as JSON-ready facts (also logged and shown by the status API).
+
+    ``preliminary``: made while an instance of the study was lost in transit, as the
+    DICOM and HL7 results say; a script reading ``result.json`` must see it too.
+    """
     summary: dict[str, Any] = {
         "pipeline": result.bundle.name,
         "version": result.bundle.version,
         "kind": result.kind.value,
+        "preliminary": preliminary,
         "device": result.device,
         "timings_s": {
             "load": round(result.timings.load_s, 4),
@@ -69,12 +76,15 @@ def _code(concept: Any) -> dict[str, str] | None:
     return {"value": concept.value, "scheme": concept.scheme, "meaning": concept.meaning}
 
 
-def write_result_files(result: PipelineResult, volume: Volume, out_dir: Path) -> list[Path]:
+def write_result_files(
+    result: PipelineResult, volume: Volume, out_dir: Path, *, preliminary: bool = False
+) -> list[Path]:
     """Write ``result.json`` and the result's images as NIfTI; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     summary = out_dir / SUMMARY_FILE
-    summary.write_text(json.dumps(result_summary(result, volume), indent=2) + "\n")
+    facts = result_summary(result, volume, preliminary=preliminary)
+    summary.write_text(json.dumps(facts, indent=2) + "\n")
     written.append(summary)
     # A reconstructed image (noise and all) hardly compresses: gzip took 12 s for a
     # 300 x 512^2 CT and saved a fifth of its size; uncompressed, it is written in 0.6 s.
