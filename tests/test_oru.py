@@ -260,7 +260,12 @@ def test_classification_gives_a_coded_finding_and_its_probability_per_label() ->
     numbers = [r for r in rows if r["type"] == "NM"]
     # the finding is the observation, Present / Absent its value (as the SR's
     # qualitative evaluation): the finding as the value read as a positive result
-    assert [(r["code"], r["system"]) for r in coded] == [("36118008", "SCT"), ("", "")]
+    # a label the bundle gives no code has radnode's private one, as in the SR (review:
+    # a text with no identifier could not be matched by a RIS)
+    assert [(r["code"], r["system"]) for r in coded] == [
+        ("36118008", "SCT"),
+        ("label-1", "99RADNODE"),
+    ]
     assert [(r["value"], r["value_text"], r["value_system"]) for r in coded] == [
         ("52101004", "Present", "SCT"),
         ("272519000", "Absent", "SCT"),

@@ -51,7 +51,7 @@ from pydicom.valuerep import PersonName
 from service.delivery import Delivery, Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
-from service.writers.provenance import RADNODE_CODING_SCHEME, Provenance
+from service.writers.provenance import RADNODE_CODING_SCHEME, Provenance, label_finding
 from service.writers.sr import PRESENT_THRESHOLD
 
 HL7_VERSION = "2.5.1"
@@ -557,7 +557,7 @@ def _finding_lines(
                 f"{label.name}: {'present' if present else 'absent'}"
                 f" (probability {percent:.1f} %).",
                 [
-                    ("CWE", _coded(label.finding, label.name), answer, "", flag),
+                    ("CWE", _coded(label_finding(label)), answer, "", flag),
                     ("NM", _coded(PROBABILITY), f"{percent:.1f}", _coded(PERCENT), flag),
                 ],
             )
@@ -581,7 +581,7 @@ def _finding_lines(
             yield (
                 f"{label.name}: volume {volume:.2f} mL.",
                 [
-                    ("CWE", _coded(FINDING_SITE), _coded(label.finding, label.name), "", ""),
+                    ("CWE", _coded(FINDING_SITE), _coded(label_finding(label)), "", ""),
                     ("NM", _coded(VOLUME), f"{volume:.2f}", _coded(MILLILITRE), ""),
                 ],
             )

@@ -40,7 +40,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.pipeline.result import BundleIdentity, CodedConcept
+from service.pipeline.result import BundleIdentity, CodedConcept, Label
 
 #: Manufacturer of every object radnode creates.
 MANUFACTURER = "radnode"
@@ -129,6 +129,16 @@ def device_uid(name: str, version: str) -> str:
 def clip_lo(text: str) -> str:
     """Text shortened to fit a Long String (64 characters)."""
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "…"
+
+
+def label_finding(label: Label) -> CodedConcept:
+    """The label's coded finding, or radnode's private code naming it (``label-<value>``,
+    ``99RADNODE``, the label's name its meaning) for a bundle that gives none: the SR and
+    the HL7 result name the finding with the same code (the ORU sent a text without an
+    identifier, which a RIS matching observations by identifier could not follow)."""
+    if label.finding is not None:
+        return label.finding
+    return CodedConcept(f"label-{label.value}", RADNODE_CODING_SCHEME, label.name)
 
 
 def code(concept: CodedConcept) -> hd.sr.CodedConcept:

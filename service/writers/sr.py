@@ -40,10 +40,9 @@ from service.pipeline.volume import Volume
 from service.writers.derived import DerivedSeries
 from service.writers.provenance import (
     MANUFACTURER,
-    RADNODE_CODING_SCHEME,
     Provenance,
     clip_lo,
-    code,
+    label_finding,
     procedure_code,
 )
 from service.writers.seg import SegResult, segment_category, segment_type
@@ -113,10 +112,9 @@ def _sums_per_label(label_map: NDArray[Any], values: NDArray[Any]) -> NDArray[np
 
 
 def finding_code(label: Label) -> hd.sr.CodedConcept:
-    """The label's coded finding, or a private code naming it."""
-    if label.finding is not None:
-        return code(label.finding)
-    return hd.sr.CodedConcept(f"label-{label.value}", RADNODE_CODING_SCHEME, clip_lo(label.name))
+    """The label's coded finding, or a private code naming it (:func:`label_finding`)."""
+    concept = label_finding(label)
+    return hd.sr.CodedConcept(concept.value, concept.scheme, clip_lo(concept.meaning))
 
 
 def build_sr(
