@@ -675,6 +675,57 @@ def test_a_derived_series_is_dated_now_and_made_by_radnode(written, ct):
     assert derived[0].StudyDate == source.StudyDate
 
 
+@pytest.mark.parametrize(
+    ("offset", "told"),
+    [
+        ("+0100", ("20261125", "101500.000000", "+0100")),
+        ("-0530", ("20261125", "034500.000000", "-0530")),
+        ("+2500", None),  # not an offset: local time, none said
+        ("", None),
+    ],
+)
+def test_a_result_tells_its_own_time_in_the_sources_time_zone(offset, told):
+    """A node whose clock runs in UTC (a container) stamped a result made at 10:15 in a
+    +0100 hospital as 09:15; a source that says its offset has the result's times told
+    in it. Without one (or with a wrong one) they are the node's local time."""
+    from service.writers.clock import result_time
+
+    now = datetime.datetime(2026, 11, 25, 9, 15, tzinfo=datetime.UTC)
+    source = pydicom.Dataset()
+    if offset:
+        source.TimezoneOffsetFromUTC = offset
+    stamp = result_time(source, now)
+    local = now.astimezone()
+    expected = told or (local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f"), None)
+    assert (stamp.date, stamp.time, stamp.offset) == expected
+
+
+def test_every_result_object_says_the_sources_time_zone(ct, written, tmp_path):
+    """SR, SEG, SC and derived images: the offset the source said, and their own dates
+    and times (Instance Creation, Content, Series) told in it."""
+    volume, headers = ct
+    zoned = [copy.deepcopy(h) for h in headers]
+    for h in zoned:
+        h.TimezoneOffsetFromUTC = "-1000"
+    there = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=-10)))
+    paths = [
+        *write_dicom_results(_segmentation(volume), volume, zoned, tmp_path / "seg"),
+        *write_dicom_results(_reconstruction(volume), volume, zoned, tmp_path / "rec"),
+    ]
+    objects = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    assert {ds.Modality for ds in objects} >= {"SR", "SEG", "OT", "CT"}
+    for ds in objects:
+        assert ds.TimezoneOffsetFromUTC == "-1000", ds.Modality
+        for kind in ("InstanceCreation", "Content", "Series"):
+            made = datetime.datetime.strptime(
+                ds.get(f"{kind}Date") + ds.get(f"{kind}Time")[:6], "%Y%m%d%H%M%S"
+            ).replace(tzinfo=there.tzinfo)
+            assert abs((made - there).total_seconds()) < 120, (ds.Modality, kind)
+    # a source that says no offset: the results say none
+    unzoned = [pydicom.dcmread(p, stop_before_pixels=True) for ps in written.values() for p in ps]
+    assert not any("TimezoneOffsetFromUTC" in ds for ds in unzoned)
+
+
 def test_an_oblique_series_gets_every_result_with_its_full_orientation(tmp_path):
     """A plane turned 1 degree about z (common for MR, tilted CT): Patient Orientation
     needs two letters per direction, which highdicom's SC refused, and the job lost

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import highdicom as hd
 import numpy as np
@@ -52,6 +51,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from service.pipeline.result import PipelineResult
 from service.pipeline.volume import Volume, frame_rescale, stored_range
+from service.writers.clock import ResultTime, result_time
 from service.writers.lossy import lossy_history, mark_lossy
 from service.writers.marking import mark_as_ai_result
 from service.writers.provenance import (
@@ -132,8 +132,10 @@ def iter_derived_series(
     volume: Volume,
     source_headers: Sequence[Dataset],
     provenance: Provenance,
+    stamp: ResultTime | None = None,
 ) -> Iterator[Dataset]:
-    """One derived instance per source instance, ready to save (see the module docstring).
+    """One derived instance per source instance, ready to save (see the module docstring),
+    made at ``stamp`` (default now, in the source's time zone).
 
     A generator: the caller saves each instance before the next is built, so a long
     series is never held in memory twice.
@@ -149,7 +151,8 @@ def iter_derived_series(
     equipment = [*_acquisition_equipment(source_headers[0]), provenance.contributing_equipment()]
     enhanced = {s.sop_instance_uid for s in volume.sources if s.frame_number is not None}
     slice_of = {s.sop_instance_uid: k for k, s in enumerate(volume.sources)}
-    made = datetime.now()  # one Series Date/Time for every image of the series (review)
+    # one Series Date/Time for every image of the series (review), in the source's zone
+    made = stamp or result_time(source_headers[0])
     for number, source in enumerate(source_headers, start=1):
         ds = _derived_header(source, provenance, info, number, made)
         ds.ContributingEquipmentSequence = copy.deepcopy(equipment)
@@ -164,7 +167,7 @@ def iter_derived_series(
 
 
 def _derived_header(
-    source: Dataset, provenance: Provenance, info: DerivedSeries, number: int, made: datetime
+    source: Dataset, provenance: Provenance, info: DerivedSeries, number: int, made: ResultTime
 ) -> Dataset:
     """``source``'s header as the header of derived instance ``number`` (1-based): new
     identity, derivation and equipment; pixels and source references still to set."""
@@ -183,9 +186,10 @@ def _derived_header(
     ds.ImageComments = provenance.banner
     # This image, series and equipment are radnode's, made now; acquisition date/time
     # stay the source's (found by review: all were the source's).
-    created_date, created_time = made.strftime("%Y%m%d"), made.strftime("%H%M%S")
-    ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = created_date
-    ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = created_time
+    ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = made.date
+    ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = made.time
+    if made.offset is not None:  # copied from the source: the times are told in it
+        ds.TimezoneOffsetFromUTC = made.offset
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = provenance.model_name
     ds.SoftwareVersions = provenance.software_versions

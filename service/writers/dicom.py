@@ -41,6 +41,7 @@ from pydicom.multival import MultiValue
 from service.beside import beside
 from service.pipeline.result import BundleIdentity, PipelineResult, TaskKind
 from service.pipeline.volume import Volume
+from service.writers.clock import ResultTime, result_time
 from service.writers.derived import derived_series_info, iter_derived_series
 from service.writers.provenance import Provenance
 from service.writers.sc import build_sc_images
@@ -142,12 +143,12 @@ def write_dicom_objects(
     out_dir.mkdir(parents=True, exist_ok=True)
     # One Series Date/Time for every object of this result (highdicom stamps each SC
     # image with its own now(); review found two times in one series).
-    stamp = _series_stamp()
+    stamp = result_time(source_headers[0])
     if result.kind is TaskKind.RECONSTRUCTION:
         # Saved one by one as they are made: a long series is never in memory twice.
         derived = [
             _save(ds, out_dir)
-            for ds in iter_derived_series(result, volume, source_headers, provenance)
+            for ds in iter_derived_series(result, volume, source_headers, provenance, stamp)
         ]
         info = derived_series_info(
             provenance, [(obj.sop_class_uid, obj.sop_instance_uid) for obj in derived]
@@ -195,7 +196,7 @@ def write_not_analyzed_report(
     )
     sr = build_not_analyzed_sr(headers, provenance, reason)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _save(_stamped(sr, _series_stamp()), out_dir)
+    return _save(_stamped(sr, result_time(headers[0])), out_dir)
 
 
 def result_sr_uid(result: PipelineResult, volume: Volume, *, preliminary: bool = False) -> str:
@@ -213,16 +214,17 @@ def _provenance(
                          preliminary=preliminary)  # fmt: skip
 
 
-def _series_stamp() -> list[str]:
-    """Now, as Series Date and Series Time (DA, TM)."""
-    return datetime.now().strftime("%Y%m%d %H%M%S.%f").split()
-
-
-def _stamped(ds: Dataset, stamp: list[str]) -> Dataset:
-    """``ds`` with Series Date/Time ``stamp`` where it has none: with a revised result
-    next to the one it replaces, viewers that list series dates show which is newer."""
+def _stamped(ds: Dataset, stamp: ResultTime) -> Dataset:
+    """``ds`` made at ``stamp``, told in the source's time zone (:mod:`.clock`): Series
+    Date/Time where it has none (with a revised result next to the one it replaces,
+    viewers that list series dates show which is newer), and the Instance Creation and
+    Content Date/Time highdicom took from the node's clock."""
     if "SeriesDate" not in ds:
-        ds.SeriesDate, ds.SeriesTime = stamp
+        ds.SeriesDate, ds.SeriesTime = stamp.date, stamp.time
+    ds.InstanceCreationDate = ds.ContentDate = stamp.date
+    ds.InstanceCreationTime = ds.ContentTime = stamp.time
+    if stamp.offset is not None:
+        ds.TimezoneOffsetFromUTC = stamp.offset
     return ds
 
 
