@@ -41,7 +41,7 @@ from service.uids import study_key
 
 log = structlog.get_logger("service.index")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: Jobs made before / after another, by (created_at, job_id): a strict order, so two
 #: jobs made in the same instant never each wait for the other.
@@ -57,7 +57,41 @@ def _order_of(job: JobRecord) -> tuple[float, float, str]:
     return (job.created_at, job.created_at, job.job_id)
 
 
-_SCHEMA = """
+_JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+    series_uid TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    -- the series' instance count when routed: a series that grows gets a new job
+    instance_count INTEGER NOT NULL,
+    routes TEXT NOT NULL,
+    destinations TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    result_dir TEXT,
+    timings TEXT,
+    -- host:pid of the worker running it, so a dead worker's job can be put back
+    worker TEXT,
+    -- the queue's id of the current run; NULL until it is enqueued
+    task_id TEXT,
+    -- made while its study had an instance lost in transit: its result is preliminary
+    preliminary INTEGER NOT NULL DEFAULT 0,
+    -- one job per series, size and pipeline, and a final one after a preliminary one
+    -- (the lost instance came, the series did not grow: version 9)
+    UNIQUE (series_uid, pipeline, instance_count, preliminary)
+)"""
+_JOBS_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid)",
+)
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     study_key TEXT NOT NULL,
@@ -120,33 +154,9 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL REFERENCES studies (study_uid),
-    series_uid TEXT NOT NULL,
-    pipeline TEXT NOT NULL,
-    -- the series' instance count when routed: a series that grows gets a new job
-    instance_count INTEGER NOT NULL,
-    routes TEXT NOT NULL,
-    destinations TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    result_dir TEXT,
-    timings TEXT,
-    -- host:pid of the worker running it, so a dead worker's job can be put back
-    worker TEXT,
-    -- the queue's id of the current run; NULL until it is enqueued
-    task_id TEXT,
-    -- made while its study had an instance lost in transit: its result is preliminary
-    preliminary INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (series_uid, pipeline, instance_count)
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
-CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid);
+"""
+    + ";\n".join((_JOBS_TABLE, *_JOBS_INDEXES))
+    + """;
 -- an open association and the series its last instance belonged to: that series and
 -- its study are held open (not completed) while the association is, within a bound
 -- (complete_quiet_studies, quiet_series); interrupted_at: when the association was
@@ -158,6 +168,7 @@ CREATE TABLE IF NOT EXISTS delivering (
     interrupted_at REAL
 );
 """
+)
 
 
 #: SQL (``st`` the study; parameters: two job states, a time): a job of the study that
@@ -221,7 +232,8 @@ class StudyIndex:
         ``studies.refused_too_large``, version 6 the ``refused_no_space`` table and
         version 7 the ``delivering`` table (both made by the schema script, which
         creates what is missing). Version 8 added the ``lost_in_transit`` table and
-        ``jobs.preliminary``: no job indexed before was preliminary (0).
+        ``jobs.preliminary``: no job indexed before was preliminary (0). Version 9 made
+        ``preliminary`` part of the jobs' unique key (:meth:`_rebuild_jobs_unique_key`).
         """
         add_column(
             self._db,
@@ -233,6 +245,32 @@ class StudyIndex:
         add_column(self._db, "studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
         add_column(self._db, "delivering", "interrupted_at REAL")
         add_column(self._db, "jobs", "preliminary INTEGER NOT NULL DEFAULT 0")
+        self._rebuild_jobs_unique_key()
+
+    def _rebuild_jobs_unique_key(self) -> None:
+        """Version 9: ``jobs`` unique by series, pipeline, size *and* preliminary, so a
+        series whose study lost an instance in transit gets its final job when that
+        instance comes, though the series itself did not grow (the key cannot be
+        altered in SQLite: the table is made again and the rows copied)."""
+
+        def current() -> bool:
+            (sql,) = self._db.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+            ).fetchone()
+            return "instance_count, preliminary)" in sql
+
+        if current():
+            return
+        with immediate_transaction(self._db) as db:
+            if current():  # another process of the node did it meanwhile
+                return
+            columns = ", ".join(row[1] for row in db.execute("PRAGMA table_info(jobs)"))
+            db.execute("ALTER TABLE jobs RENAME TO jobs_before_9")
+            db.execute(_JOBS_TABLE)
+            db.execute(f"INSERT INTO jobs ({columns}) SELECT {columns} FROM jobs_before_9")
+            db.execute("DROP TABLE jobs_before_9")  # and its indexes, made again:
+            for statement in _JOBS_INDEXES:
+                db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -868,7 +906,13 @@ class StudyIndex:
     ) -> JobRecord | None:
         """Create a queued job, or return None if this series, at its current size, already
         has one for this pipeline (whatever triggered the routing again). The job is
-        preliminary while an instance lost in transit is charged to its study."""
+        preliminary while an instance lost in transit is charged to its study.
+
+        A final job follows a preliminary one of the same size: the lost instance came
+        (it lifted the mark) but was of another series, and this one's preliminary
+        result must become final all the same. A preliminary job never follows a final
+        one of the same size: that result is whole already.
+        """
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex[:12]
         with self._transaction() as db:
@@ -880,7 +924,11 @@ class StudyIndex:
             inserted = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, study_uid, series_uid, pipeline,"
                 " instance_count, routes, destinations, state, created_at, preliminary)"
-                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, EXISTS ({_LOST_IN_TRANSIT.format('?')}))",
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, lost.preliminary"
+                f" FROM (SELECT EXISTS ({_LOST_IN_TRANSIT.format('?')}) AS preliminary) lost"
+                " WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = ?"
+                " AND j.pipeline = ? AND j.instance_count = ?"
+                " AND j.preliminary <= lost.preliminary)",
                 (
                     job_id,
                     study_uid,
@@ -892,6 +940,9 @@ class StudyIndex:
                     JobState.QUEUED,
                     now,
                     study_uid,
+                    series_uid,
+                    pipeline,
+                    count[0],
                 ),
             ).rowcount
         return self.job(job_id) if inserted else None

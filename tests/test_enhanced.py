@@ -148,26 +148,43 @@ def test_the_index_counts_frames_and_the_reference_ct_route_takes_the_series(
 
 
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    from service.index import _JOBS_TABLE
+
     path = tmp_path / "index.sqlite"
     StudyIndex(path).close()
     db = sqlite3.connect(path)
+    # the jobs table as versions 2-7 made it: no preliminary, unique by series, size, pipeline
+    jobs_v2 = _JOBS_TABLE.replace("    preliminary INTEGER NOT NULL DEFAULT 0,\n", "").replace(
+        "instance_count, preliminary)", "instance_count)"
+    )
+    assert "preliminary" not in jobs_v2.split("--")[0] and jobs_v2 != _JOBS_TABLE
     db.executescript(
         "ALTER TABLE series DROP COLUMN image_count;"
         " ALTER TABLE series DROP COLUMN view_position;"
         " ALTER TABLE studies DROP COLUMN refused_too_large;"
-        " DROP TABLE lost_in_transit; ALTER TABLE jobs DROP COLUMN preliminary;"
+        f" DROP TABLE lost_in_transit; DROP TABLE jobs; {jobs_v2};"
         " DROP TABLE refused_no_space; DROP TABLE delivering; PRAGMA user_version=2;"
         "INSERT INTO studies VALUES ('1.2', 'k', 'complete', 40, 0, 0, NULL);"
         "INSERT INTO series (series_uid, study_uid, modality, body_part, series_description,"
         " sop_class_uid, instance_count, image_type, manufacturer, manufacturer_model_name,"
         " first_received_at, last_received_at) VALUES ('1.2.3', '1.2', 'CT', '', '', '1.2',"
         " 40, '', '', '', 0, 0);"
+        "INSERT INTO jobs (job_id, study_uid, series_uid, pipeline, instance_count, routes,"
+        " destinations, state, created_at) VALUES ('j0', '1.2', '1.2.3', 'old', 40, '[]',"
+        " '[]', 'done', 0);"
     )
     db.close()
     index = StudyIndex(path)
     (series,) = index.series_of("1.2")
     assert series.images == 40 and series.view_position == ""
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 8
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 9
+    old_job = index.job("j0")  # version 9 made the jobs table again, its rows kept
+    assert old_job is not None and old_job.state.value == "done" and not old_job.preliminary
+    assert index.add_job("1.2", "1.2.3", "old", ["r"], []) is None
+    indexes = sqlite3.connect(path).execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
+    )
+    assert {"jobs_by_state", "jobs_by_study"} <= {name for (name,) in indexes}
     assert index.instances_refused("1.2") == (0, 0)
     index.hold_while_delivering("a1", "1.2", "1.2.3")  # version 7's table is there
     assert index.next_quiet_at(10, hold_s=60) is None  # the study is complete

@@ -503,6 +503,42 @@ def test_an_instance_cut_in_transit_makes_the_study_s_jobs_preliminary_until_sen
     assert again is not None and not again.preliminary
 
 
+def test_a_series_that_did_not_grow_gets_its_final_job_when_the_lost_instance_comes(
+    parts,
+) -> None:
+    """The lost instance was of another series (the PACS sent the whole study again;
+    this series' instances were duplicates): its preliminary result must become final
+    all the same (known limit of session 22: the jobs' unique key kept it preliminary).
+    And a series that has its final result gets no preliminary job at the same size when
+    a later association of the study is cut."""
+    _, index, ingest = parts
+    first, lost, other, later = ct_small(), ct_small(), ct_small(), ct_small()
+    lost.SOPInstanceUID = generate_uid()
+    other.SOPInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
+    later.SOPInstanceUID = generate_uid()
+    assert ingest.store(received(first, association="a1")) == StoreStatus.SUCCESS
+    assert ingest.store(received(other, association="a1")) == StoreStatus.SUCCESS
+    ingest.association_ended("a1", aborted=True, lost_instance=str(lost.SOPInstanceUID))
+    study_uid, unchanged = str(first.StudyInstanceUID), str(other.SeriesInstanceUID)
+    preliminary = index.add_job(study_uid, unchanged, "p", ["r"], [])
+    assert preliminary is not None and preliminary.preliminary
+    assert index.add_job(study_uid, unchanged, "p", ["r"], []) is None
+    # the whole study again: the duplicate adds nothing to its series, the lost one comes
+    assert ingest.store(received(other, association="a2")) == StoreStatus.SUCCESS
+    assert ingest.store(received(lost, association="a2")) == StoreStatus.SUCCESS
+    ingest.association_ended("a2")
+    final = index.add_job(study_uid, unchanged, "p", ["r"], [])
+    assert final is not None and not final.preliminary
+    assert final.instance_count == preliminary.instance_count
+    assert index.replaced_by(final) is None  # not done yet: nothing to replace
+    assert index.add_job(study_uid, unchanged, "p", ["r"], []) is None
+    # a later association of the study is cut: the series' final result stands
+    assert ingest.store(received(other, association="a3")) == StoreStatus.SUCCESS
+    ingest.association_ended("a3", aborted=True, lost_instance=str(later.SOPInstanceUID))
+    assert index.study(study_uid).instance_lost
+    assert index.add_job(study_uid, unchanged, "p", ["r"], []) is None
+
+
 def test_an_abort_between_instances_loses_nothing_and_marks_nothing(parts) -> None:
     """Some PACS end every association with A-ABORT: aborted after its last instance,
     the study waits for more as interrupted, but nothing was lost and its jobs are final.
