@@ -121,7 +121,7 @@ _READ: dict[str, tuple[int, str]] = {
         "SOPClassUID", "Modality", "BodyPartExamined", "SeriesDescription", "SeriesNumber",
         "InstanceNumber", "SliceThickness", "ImageType", "ImageOrientationPatient",
         "Manufacturer", "ManufacturerModelName", "Rows", "Columns", "BitsAllocated",
-        "SamplesPerPixel", "NumberOfFrames", "ViewPosition",
+        "SamplesPerPixel", "NumberOfFrames", "ViewPosition", "LossyImageCompression",
     )
     if (tag := tag_for_keyword(keyword)) is not None
 }  # fmt: skip
@@ -422,4 +422,5 @@ def _header(ds: _Values) -> InstanceHeader:
         manufacturer=_text(ds, "Manufacturer"),
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
         view_position=_text(ds, "ViewPosition"),
+        lossy_compressed=_text(ds, "LossyImageCompression") == "01",
     )

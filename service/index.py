@@ -136,6 +136,8 @@ CREATE TABLE IF NOT EXISTS series (
     manufacturer TEXT NOT NULL,
     manufacturer_model_name TEXT NOT NULL,
     view_position TEXT NOT NULL DEFAULT '',
+    -- Lossy Image Compression 01 (so a DERIVED, PRIMARY series is an acquired one)
+    lossy_compressed INTEGER NOT NULL DEFAULT 0,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL
 );
@@ -233,7 +235,8 @@ class StudyIndex:
         version 7 the ``delivering`` table (both made by the schema script, which
         creates what is missing). Version 8 added the ``lost_in_transit`` table and
         ``jobs.preliminary``: no job indexed before was preliminary (0). Version 9 made
-        ``preliminary`` part of the jobs' unique key (:meth:`_rebuild_jobs_unique_key`).
+        ``preliminary`` part of the jobs' unique key (:meth:`_rebuild_jobs_unique_key`)
+        and added ``series.lossy_compressed`` (series indexed before: 0, as routed then).
         """
         add_column(
             self._db,
@@ -245,6 +248,7 @@ class StudyIndex:
         add_column(self._db, "studies", "refused_too_large INTEGER NOT NULL DEFAULT 0")
         add_column(self._db, "delivering", "interrupted_at REAL")
         add_column(self._db, "jobs", "preliminary INTEGER NOT NULL DEFAULT 0")
+        add_column(self._db, "series", "lossy_compressed INTEGER NOT NULL DEFAULT 0")
         self._rebuild_jobs_unique_key()
 
     def _rebuild_jobs_unique_key(self) -> None:
@@ -370,8 +374,8 @@ class StudyIndex:
                 "INSERT INTO series (series_uid, study_uid, modality, body_part,"
                 " series_description, sop_class_uid, series_number, slice_thickness,"
                 " image_type, image_orientation, manufacturer, manufacturer_model_name,"
-                " view_position, first_received_at, last_received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " view_position, lossy_compressed, first_received_at, last_received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 # Routing reads these from the series' first instance; a localizer
                 # that came first (a scout inside the axial series) would route the
                 # series as a localizer: the first other image describes it instead.
@@ -385,7 +389,8 @@ class StudyIndex:
                 " image_orientation = excluded.image_orientation,"
                 " manufacturer = excluded.manufacturer,"
                 " manufacturer_model_name = excluded.manufacturer_model_name,"
-                " view_position = excluded.view_position"
+                " view_position = excluded.view_position,"
+                " lossy_compressed = excluded.lossy_compressed"
                 f" WHERE {_LOCALIZER.format('series.image_type')}"
                 f" AND NOT {_LOCALIZER.format('excluded.image_type')}",
                 (
@@ -402,6 +407,7 @@ class StudyIndex:
                     h.manufacturer,
                     h.manufacturer_model_name,
                     h.view_position,
+                    h.lossy_compressed,
                     now,
                     now,
                 ),
@@ -776,7 +782,7 @@ class StudyIndex:
                 "SELECT study_uid, series_uid, modality, body_part, series_description,"
                 " sop_class_uid, series_number, instance_count, slice_thickness, image_type,"
                 " image_orientation, manufacturer, manufacturer_model_name, image_count,"
-                " view_position FROM series"
+                " view_position, lossy_compressed FROM series"
                 " WHERE study_uid = ? ORDER BY series_number, series_uid",
                 (study_uid,),
             ).fetchall()
@@ -798,6 +804,7 @@ class StudyIndex:
                 # 0: a row an older radnode wrote after the upgrade: one per instance
                 image_count=r[13] or None,
                 view_position=r[14],
+                lossy_compressed=bool(r[15]),
             )
             for r in rows
         ]

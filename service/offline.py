@@ -62,6 +62,7 @@ class FolderScan:
                     manufacturer=first.manufacturer,
                     manufacturer_model_name=first.manufacturer_model_name,
                     view_position=first.view_position,
+                    lossy_compressed=first.lossy_compressed,
                 )
             )
         return infos

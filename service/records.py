@@ -48,6 +48,9 @@ class InstanceHeader:
     frame_count: int = 1
     #: View Position of a projection radiograph (PA, AP, LL, RL, ...), "" if not given.
     view_position: str = ""
+    #: Lossy Image Compression (0028,2110) is 01: the image was compressed lossily, by
+    #: the modality or on the way (which makes its Image Type DERIVED).
+    lossy_compressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class SeriesInfo:
     #: View Position (0018,5101) of a radiograph series: PA, AP, LL, RL... ("" if none);
     #: one of :data:`FRONTAL_VIEWS` when any image of the series is frontal.
     view_position: str = ""
+    #: The image describing the series was compressed lossily (Lossy Image Compression
+    #: 01): a DERIVED\PRIMARY series so is an acquired one compressed, not a reformat.
+    lossy_compressed: bool = False
 
     @property
     def images(self) -> int:

@@ -67,7 +67,7 @@ _REFERENCE: list[dict[str, Any]] = [
         "pipeline": "cxr_nodule_classification",
         "match": {
             "Modality": {"any_of": ["CR", "DX"]},
-            "ImageType": {"excludes": ["DERIVED", "SECONDARY"]},
+            # (derived radiographs are left out before any route: include_derived)
             "BodyPartExamined": {"regex": "(?i)chest|thorax|lung"},
             # frontal views only, as the model was trained (a lateral of a two-view
             # study was picked by its lower series number: acceptance pass); a

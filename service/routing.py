@@ -40,7 +40,10 @@ orientation, slice thickness and anatomy come from its functional groups
 
 Loop safety comes before any rule: a series radnode produced itself
 (Manufacturer ``radnode``) never matches, and a derived series (ImageType DERIVED or
-SECONDARY) matches only routes that set ``include_derived = true``.
+SECONDARY) matches only routes that set ``include_derived = true``. An acquired series
+that was compressed lossily (Lossy Image Compression 01, ImageType DERIVED\\PRIMARY: a
+PACS archiving in JPEG, DCMTK's ``dcmcjpeg``) is not derived in this sense: its images
+are the scanner's, and its results say that they were made from lossy images.
 
 When several series of one study match a route, ``pick`` decides which run: ``all``,
 or one chosen by ``most_instances`` (most images, frames counted), ``thinnest_slices``
@@ -461,7 +464,7 @@ class RouteRule(BaseModel):
         """
         if _norm(series.manufacturer) == RADNODE_MANUFACTURER:
             return [f"radnode's own output (Manufacturer {series.manufacturer.strip()})"]
-        derived = sorted({_norm(v).upper() for v in series.image_type} & DERIVED_IMAGE_TYPES)
+        derived = derived_marks(series)
         if derived and not self.include_derived:
             return [
                 f"derived series (ImageType has {', '.join(derived)}); "
@@ -471,6 +474,19 @@ class RouteRule(BaseModel):
         for attribute, condition in self.match.items():
             out += condition.failures(attribute, attribute_value(series, attribute))
         return out
+
+
+def derived_marks(series: SeriesInfo) -> list[str]:
+    """The values of the series' ImageType that make it derived (DERIVED, SECONDARY),
+    less DERIVED where only lossy compression made it so: Image Type DERIVED\\PRIMARY and
+    Lossy Image Compression 01, which DCMTK and PACS that archive in JPEG write into
+    the scanner's images. A reformat or a MIP is DERIVED\\SECONDARY, and a PACS sending
+    lossy archives left every study unprocessed at info level (acceptance pass)."""
+    values = [_norm(v).upper() for v in series.image_type]
+    marks = set(values) & DERIVED_IMAGE_TYPES
+    if series.lossy_compressed and values[:2] == ["DERIVED", "PRIMARY"]:
+        marks.discard("DERIVED")
+    return sorted(marks)
 
 
 # --------------------------------------------------------------------------- planning

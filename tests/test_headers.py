@@ -142,3 +142,32 @@ def test_a_radiographs_view_position_reaches_the_series_that_routing_reads(tmp_p
     (series,) = index.series_of(header.study_uid)
     assert series.view_position == "LL"
     index.close()
+
+
+def test_a_series_compressed_lossily_by_dcmtk_routes_as_acquired(tmp_path) -> None:
+    """``dcmcjpeg`` (lossy JPEG baseline) turns ORIGINAL into DERIVED and says Lossy
+    Image Compression 01: read from the received bytes and indexed, the series is the
+    scanner's and a CT route takes it (acceptance pass: it was skipped as derived)."""
+    import subprocess
+
+    from service.index import StudyIndex
+    from service.records import StoredInstance
+    from service.routing import RouteRule
+    from service.testing import write_ct_series
+
+    (original,) = write_ct_series(tmp_path, slices=1, rows=64, columns=64)
+    compressed = tmp_path / "lossy.dcm"
+    subprocess.run(["dcmcjpeg", "+eb", str(original), str(compressed)], check=True)
+    ds = dcmread(compressed)
+    body = compressed.read_bytes()[ds.file_meta.FileMetaInformationGroupLength + 144 :]
+    header = parse_header(body, ds.file_meta.TransferSyntaxUID)
+    assert header.image_type[:2] == ("DERIVED", "PRIMARY") and header.lossy_compressed
+    index = StudyIndex(tmp_path / "index.sqlite3")
+    index.add_instance(
+        StoredInstance(header, str(compressed), 1, ds.file_meta.TransferSyntaxUID, "CT")
+    )
+    (series,) = index.series_of(header.study_uid)
+    index.close()
+    assert series.lossy_compressed
+    route = RouteRule.model_validate({"name": "ct", "pipeline": "p", "match": {"Modality": "CT"}})
+    assert route.mismatches(series) == []

@@ -427,6 +427,21 @@ def test_derived_series_need_include_derived(value: str) -> None:
     assert reasons(lenient, series) == []
 
 
+def test_an_acquired_series_compressed_lossily_is_not_derived() -> None:
+    """DCMTK (and PACS that archive in JPEG) write DERIVED into the scanner's images
+    when they compress them lossily: every such study went unprocessed at info level
+    (acceptance pass). DERIVED\\PRIMARY with Lossy Image Compression 01 routes; a
+    reformat (SECONDARY) or a DERIVED series that was not compressed still does not."""
+    route = make_route({"Modality": "CT"})
+    lossy = make_series(image_type=("DERIVED", "PRIMARY", "AXIAL"), lossy_compressed=True)
+    assert reasons(route, lossy) == []
+    for series in (
+        make_series(image_type=("DERIVED", "PRIMARY", "AXIAL")),
+        make_series(image_type=("DERIVED", "SECONDARY", "REFORMATTED"), lossy_compressed=True),
+    ):
+        assert reasons(route, series) and "derived series" in reasons(route, series)[0]
+
+
 # --------------------------------------------------------------------------- picking
 
 
