@@ -461,8 +461,9 @@ def _retry(api: ApiServer, request: _Request) -> _Response:
         return _problem(
             HTTPStatus.CONFLICT,
             "the job is not in a retryable state",
-            "only failed jobs and jobs with dead-lettered deliveries can be retried; "
-            "check its state in GET /api/jobs",
+            "only failed and refused jobs, done jobs that made no result for a destination"
+            " (their error says why) and jobs with dead-lettered deliveries can be retried;"
+            " check its state in GET /api/jobs",
         )
     if outcome is RetryOutcome.SUPERSEDED:
         return _problem(

@@ -488,7 +488,12 @@ class NodeStatus:
             self._node.delivery.wake()
             log.info("job.resend_requested", job=job_id, deliveries=len(dead))
             return RetryOutcome.RETRIED
-        if job.state not in (JobState.FAILED, JobState.REFUSED):
+        # A done job with an error made no result for a destination (an HL7 result
+        # that could not be built, a destination the worker did not know): once the
+        # operator has fixed the settings, a run again makes it. What was delivered is
+        # not sent twice (the outbox takes each message once; acceptance pass: 409).
+        unfinished_result = job.state is JobState.DONE and bool(job.error)
+        if job.state not in (JobState.FAILED, JobState.REFUSED) and not unfinished_result:
             return RetryOutcome.NOT_RETRYABLE
         if index.requeue_job(job_id) is None:
             return RetryOutcome.NOT_RETRYABLE

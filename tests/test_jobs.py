@@ -191,6 +191,66 @@ def test_a_result_the_ris_cannot_take_is_the_jobs_error_not_only_a_log_line(
     assert ris.received == []
 
 
+def test_a_done_job_whose_hl7_result_was_not_built_is_retried_once_the_settings_are_fixed(
+    radnode_factory, models: Path, tmp_path: Path, listener_factory
+) -> None:
+    """An issuer of patient IDs longer than HL7 takes (not an OID): the ORU cannot be
+    built and the job is done with that error, which says to set ``issuers =
+    "leave_out"``. Acceptance pass: with that set, the retry was answered 409 (the job
+    was done), so the RIS could never get the result. The retry now runs it again and the
+    RIS gets it, once."""
+    import pydicom
+
+    ris = listener_factory("AA")
+    token = "retry-token"
+    routes = [{"name": "cxr", "pipeline": "cxr_test_classifier",
+               "match": {"Modality": "DX"}, "destinations": ["ris"]}]  # fmt: skip
+
+    def node_with(**ris_settings: str):
+        destination = {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port}
+        return radnode_factory(
+            RADNODE_MODELS__DIR=str(models),
+            RADNODE_HTTP__TOKEN=token,
+            RADNODE_ROUTES=json.dumps(routes),
+            RADNODE_DESTINATIONS=json.dumps([{**destination, **ris_settings}]),
+        ).start()
+
+    def retry(node, job_id: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{node.http_port}/api/jobs/{job_id}/retry",
+            method="POST", headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    node = node_with()
+    cxr = write_radiograph(tmp_path / "cxr.dcm", rows=256, columns=256)
+    ds = pydicom.dcmread(cxr)
+    ds.IssuerOfPatientID = "Municipal Hospital of the Northern District"
+    ds.save_as(cxr)
+    assert storescu(node.port, [cxr]).returncode == 0
+    node.wait_for_event("job.recorded", timeout=120)
+    url = f"http://127.0.0.1:{node.http_port}/api/jobs"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        (job,) = json.loads(answer.read())["jobs"]
+    assert job["state"] == "done" and "leave_out" in job["error"]
+    node.stop()
+
+    node = node_with(issuers="leave_out")
+    assert retry(node, job["job_id"]) == 202
+    node.wait_for_event("hl7.sent", timeout=120)
+    jobs = f"http://127.0.0.1:{node.http_port}/api/jobs"
+    with urllib.request.urlopen(jobs, timeout=10) as answer:
+        (again,) = json.loads(answer.read())["jobs"]
+    assert again["state"] == "done" and not again["error"]
+    (message,) = ris.received
+    assert "Municipal" not in message
+    assert retry(node, job["job_id"]) == 409  # a result for every destination now
+
+
 def test_results_reach_the_pacs_in_the_source_study(
     radnode_factory, models: Path, tmp_path: Path, orthanc
 ) -> None:
