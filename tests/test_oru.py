@@ -612,3 +612,19 @@ def test_a_name_with_only_its_ideographic_group_is_sent_not_unnamed() -> None:
     assert value_at(parsed, "PID.F5.R1.C1") == "山田"
     assert value_at(parsed, "PID.F5.R1.C2") == "太郎"
     assert value_at(parsed, "PID.F5.R1.C7") != "U"
+
+
+def test_a_normal_class_present_is_no_abnormal_result() -> None:
+    """Acceptance pass: "Normal" present was sent as 52101004^Present with flag A."""
+    from dataclasses import replace
+
+    result = classification()
+    labels = (Label(0, "Normal", CodedConcept("17621005", "SCT", "Normal"), normal=True),
+              result.labels[1])  # fmt: skip
+    normal = replace(result, labels=labels, probabilities=(0.6, 0.4), exclusive=True)
+    rows = [r for r in obx_rows(build_oru(normal, ct_header(), SPACING, destination()).er7)
+            if r["type"] in ("CWE", "NM")]  # fmt: skip
+    assert [(r["type"], r["value"], r["flag"]) for r in rows] == [
+        ("CWE", "52101004", "N"), ("NM", "60.0", "N"),
+        ("CWE", "272519000", "N"), ("NM", "40.0", "N"),
+    ]  # fmt: skip

@@ -705,3 +705,107 @@ def test_all_finite_finds_one_bad_value_anywhere(value: float, finite: bool, dty
     assert all_finite(tensor) is finite
     assert all_finite(MetaTensor(tensor)) is finite  # what MONAI's transforms hand on
     assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))  # nothing to check
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _classifier(folder: Path, activation: str | None = None, applied: str | None = None):
+    """A loaded classifier as ``_probabilities`` reads it: its spec and the activation its
+    postprocessing applies (no network needed)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from service.pipeline.result import Label
+
+    spec = read_bundle_spec(write_classifier_bundle(folder, "c"))
+    spec = replace(spec, activation=activation,
+                   labels=tuple(Label(i, f"finding {i}") for i in range(3)))  # fmt: skip
+    return SimpleNamespace(spec=spec, applied_activation=applied)
+
+
+@pytest.mark.parametrize(
+    ("activation", "applied", "outputs", "expected", "exclusive"),
+    [
+        # independent findings' logits: sigmoid each (the guess took them for a softmax)
+        ("sigmoid", None, [2.0, 1.5, 3.0], [0.881, 0.818, 0.953], False),
+        # logits that happen to lie in [0, 1] are not probabilities when declared so
+        ("softmax", None, [0.9, 0.8, 0.7], [0.367, 0.332, 0.301], True),
+        ("none", None, [0.9, 0.8, 0.7], [0.9, 0.8, 0.7], False),
+        # the postprocessing's activation stands; its kind says exclusive or not
+        (None, "softmax", [0.5, 0.3, 0.2], [0.5, 0.3, 0.2], True),
+        (None, "sigmoid", [0.5, 0.3, 0.9], [0.5, 0.3, 0.9], False),
+        # nothing said: logits -> softmax; probabilities summing to 1 -> exclusive
+        (None, None, [2.0, 1.5, 3.0], [0.231, 0.140, 0.629], True),
+        (None, None, [0.34, 0.33, 0.33], [0.34, 0.33, 0.33], True),
+        (None, None, [0.9, 0.8, 0.7], [0.9, 0.8, 0.7], False),
+    ],
+)
+def test_a_classifiers_outputs_become_probabilities_as_the_bundle_says(
+    activation, applied, outputs, expected, exclusive, tmp_path: Path
+) -> None:
+    """Acceptance pass: the activation was guessed from the values alone, so
+    independent findings' logits went through a softmax (two present findings became
+    absent) and logits within [0, 1] were taken for probabilities."""
+    from service.pipeline.inference import _probabilities
+
+    notes: dict = {}
+    got, is_exclusive = _probabilities(
+        _classifier(tmp_path, activation, applied), torch.tensor(outputs), notes
+    )
+    assert [round(p, 3) for p in got] == expected
+    assert is_exclusive is exclusive
+    assert bool(notes.get("activation_guessed")) is (activation is None and applied is None)
+
+
+def test_declared_probabilities_outside_0_1_fail_the_job_with_what_to_fix(tmp_path: Path) -> None:
+    from service.pipeline.inference import _probabilities
+
+    with pytest.raises(PipelineFailed, match=r"radnode\.activation"):
+        _probabilities(_classifier(tmp_path, "none"), torch.tensor([2.0, -1.0, 0.5]), {})
+
+
+def test_exclusive_classes_have_one_present_and_a_normal_class_is_no_abnormal_result() -> None:
+    """Acceptance pass: three exclusive classes at 34 / 33 / 33 % were each "absent",
+    and a "Normal" class present was flagged abnormal (HL7 A)."""
+    from service.pipeline.result import BundleIdentity, Label, PipelineResult, StageTimings
+
+    labels = (Label(0, "Normal", normal=True), Label(1, "Pneumothorax"),
+              Label(2, "Effusion", threshold=0.3))  # fmt: skip
+    identity = BundleIdentity("c", "1", TaskKind.CLASSIFICATION)
+
+    def result(probabilities, exclusive):
+        return PipelineResult(identity, labels, "cpu", StageTimings(),
+                              probabilities=probabilities, exclusive=exclusive)  # fmt: skip
+
+    normal = result((0.34, 0.33, 0.33), exclusive=True)
+    assert normal.findings_present() == (True, False, False)
+    assert normal.findings_abnormal() == (False, False, False)
+    sick = result((0.2, 0.45, 0.35), exclusive=True)
+    assert sick.findings_present() == (False, True, False)
+    assert sick.findings_abnormal() == (True, True, False)  # not normal: abnormal
+    independent = result((0.1, 0.45, 0.35), exclusive=False)  # each at its threshold
+    assert independent.findings_present() == (False, False, True)
+    assert independent.findings_abnormal() == (True, False, True)
+
+
+def test_a_classifiers_activation_comes_from_its_postprocessing(models: Path) -> None:
+    bundle = load_bundle(read_bundle_spec(models / "cxr_test_classifier"), "cpu")
+    assert bundle.applied_activation == "softmax"
+
+
+def test_a_multi_label_segmentation_bundle_is_refused_at_load(tmp_path: Path) -> None:
+    """Acceptance pass: a sigmoid (multi-label, overlapping channels) segmentation was
+    argmaxed into one label per voxel and a channel vanished from every result; it is
+    refused at load, saying why."""
+    import json
+
+    folder = write_zoo_spleen_bundle(tmp_path, "multilabel")
+    config_file = folder / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    steps = config["postprocessing"]["transforms"]
+    steps[0] = {"_target_": "Activationsd", "keys": "pred", "sigmoid": True}
+    steps[2] = {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="multi-label"):
+        load_bundle(read_bundle_spec(folder), "cpu")

@@ -45,6 +45,14 @@ code, like a plugin directory, and must be writable only by the administrator.
 ``min_extent_mm`` (optional, 3D): the shortest scanned length along the slice axis the
 model was trained on; a series that covers less is refused before the model runs.
 
+A classifier says how its outputs become probabilities with ``"activation"``:
+``softmax`` (mutually exclusive classes: the most probable is present), ``sigmoid``
+(independent findings, each present at its label's ``threshold``, 0.5 by default) or
+``none`` (the outputs are independent probabilities already). A label with ``"normal":
+true`` is a normal class ("no finding"): present, it is no abnormal result. Without
+``activation``, an activation in the bundle's postprocessing says it; failing that,
+radnode guesses from the values and says so in the job's notes.
+
 A bundle without that section (an unmodified model-zoo bundle) still runs: the task kind
 and the label names come from ``network_data_format`` (``outputs.pred.format`` /
 ``type`` and ``channel_def``), with no codes.
@@ -108,6 +116,8 @@ class BundleSpec:
     heatmap_layer: str | None = None
     #: Whether metadata.json has a ``radnode`` section (else everything was inferred).
     has_radnode_section: bool = False
+    #: Classification: ``radnode.activation`` (softmax, sigmoid, none), None if not said.
+    activation: str | None = None
     input_key: str = "image"
     output_key: str = "pred"
 
@@ -183,9 +193,25 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
         min_extent_mm=_min_extent(path.name, inputs.get("min_extent_mm")),
         heatmap_layer=heatmap.get("target_layer"),
         has_radnode_section=bool(section),
+        activation=_declared_activation(path.name, section),
         input_key=_only_key(meta, "inputs", "image"),
         output_key=_only_key(meta, "outputs", "pred"),
     )
+
+
+#: ``radnode.activation`` of a classifier: how its outputs become probabilities.
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+
+
+def _declared_activation(name: str, section: dict[str, Any]) -> str | None:
+    value = section.get("activation")
+    if value is None:
+        return None
+    if str(value).lower() not in ACTIVATIONS:
+        raise BundleError(
+            f"bundle {name}: radnode.activation {value!r} is not one of {', '.join(ACTIVATIONS)}"
+        )
+    return str(value).lower()
 
 
 def _min_extent(name: str, value: object) -> float | None:
@@ -287,6 +313,18 @@ def _concept(name: str, raw: Any, where: str) -> CodedConcept | None:
         ) from None
 
 
+def _threshold(name: str, value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        threshold = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        threshold = -1.0
+    if not 0.0 < threshold < 1.0:
+        raise BundleError(f"bundle {name}: {where} must be a probability between 0 and 1")
+    return threshold
+
+
 def _labels(
     name: str, meta: dict[str, Any], section: dict[str, Any], kind: TaskKind
 ) -> tuple[Label, ...]:
@@ -302,6 +340,8 @@ def _labels(
                     name=str(raw["name"]),
                     finding=_concept(name, raw.get("finding"), f"{where}.finding"),
                     category=_concept(name, raw.get("category"), f"{where}.category"),
+                    normal=bool(raw.get("normal", False)),
+                    threshold=_threshold(name, raw.get("threshold"), f"{where}.threshold"),
                 )
             )
         return tuple(labels)
@@ -331,6 +371,8 @@ class LoadedBundle:
     swapped: tuple[str, ...]
     #: The config's ``amp`` (mixed precision on CUDA); true when it has none.
     amp: bool = True
+    #: The activation the bundle's postprocessing applies (softmax, sigmoid), if any.
+    applied_activation: str | None = None
 
 
 def choose_device(preferred: str | None = None) -> Any:
@@ -419,6 +461,14 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
                 f"bundle {spec.name}: its inference config does not instantiate: {exc}"
             ) from exc
     _check_no_file_io(spec, spec.identity.kind, preprocessing, postprocessing)
+    applied = _applied_activation(postprocessing)
+    if spec.identity.kind is TaskKind.SEGMENTATION and applied == "sigmoid":
+        raise BundleError(
+            f"bundle {spec.name}: its postprocessing applies a sigmoid: a multi-label"
+            " segmentation (overlapping channels, e.g. tumour sub-regions), which radnode"
+            " cannot report (one label per voxel: argmax would drop a channel). Give the"
+            " bundle a softmax (or argmax) output of one class per voxel"
+        )
     if weights:
         network.eval()
     return LoadedBundle(
@@ -430,7 +480,29 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
         postprocessing=postprocessing,
         swapped=tuple(swapped),
         amp=amp,
+        applied_activation=applied,
     )
+
+
+def _applied_activation(postprocessing: Any) -> str | None:
+    """``softmax`` or ``sigmoid`` when an ``Activations``/``Activationsd`` of the
+    postprocessing applies one (MONAI keeps its switches as attributes, per key for the
+    dictionary form), else None."""
+    found: list[str] = []
+
+    def walk(transform: Any) -> None:
+        if type(transform).__name__.startswith("Activations"):
+            for kind in ("softmax", "sigmoid"):
+                switch = getattr(transform, kind, False)
+                switches = switch if isinstance(switch, (tuple, list)) else (switch,)
+                if any(s is True for s in switches):
+                    found.append(kind)
+        for inner in getattr(transform, "transforms", ()) or ():
+            walk(inner)
+
+    if postprocessing is not None:
+        walk(postprocessing)
+    return found[0] if found else None
 
 
 #: A reference to another config item: ``@transforms``, ``$@pre + @extra``, ``@a#0``.

@@ -419,7 +419,8 @@ def _interpret(
     kind = bundle.spec.identity.kind
     prediction = prediction.detach().cpu() if torch.is_tensor(prediction) else prediction
     if kind is TaskKind.CLASSIFICATION:
-        return {"probabilities": _probabilities(bundle, prediction, notes)}
+        probabilities, exclusive = _probabilities(bundle, prediction, notes)
+        return {"probabilities": probabilities, "exclusive": exclusive}
     if not torch.is_tensor(prediction) or prediction.ndim != reference.ndim:
         shape = tuple(getattr(prediction, "shape", ()))
         raise PipelineFailed(
@@ -448,25 +449,56 @@ def _interpret(
 
 def _probabilities(
     bundle: LoadedBundle, prediction: Any, notes: dict[str, Any]
-) -> tuple[float, ...]:
+) -> tuple[tuple[float, ...], bool]:
+    """The classifier's probabilities, one per label, and whether its classes are
+    mutually exclusive (a softmax: the most probable is present).
+
+    How outputs become probabilities: the activation the bundle's postprocessing applies;
+    else ``radnode.activation``, applied here; else a guess from the values (logits
+    outside [0, 1]: softmax, or sigmoid for one output; values in [0, 1] that sum to 1:
+    exclusive probabilities), said in the notes. The guess took independent findings'
+    logits for exclusive classes, and logits within [0, 1] for probabilities
+    (acceptance pass): a bundle should say its activation.
+    """
     import torch
 
+    name = bundle.spec.name
     values = torch.as_tensor(prediction, dtype=torch.float32).flatten()
     if values.numel() == 0 or not torch.isfinite(values).all():
-        raise PipelineFailed(f"pipeline {bundle.spec.name}: the classifier gave no usable output")
-    if values.min() < 0 or values.max() > 1:  # logits: the bundle has no activation
-        values = torch.sigmoid(values) if values.numel() == 1 else torch.softmax(values, 0)
-        notes["activation_by_radnode"] = "sigmoid" if values.numel() == 1 else "softmax"
+        raise PipelineFailed(f"pipeline {name}: the classifier gave no usable output")
+    declared, applied = bundle.spec.activation, bundle.applied_activation
+    if applied is not None:
+        exclusive = (declared or applied) == "softmax"
+    elif declared in ("softmax", "sigmoid"):
+        exclusive = declared == "softmax" and values.numel() > 1
+        values = torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
+        notes["activation_by_radnode"] = "softmax" if exclusive else "sigmoid"
+    elif declared == "none":
+        exclusive = False
+    elif values.min() < 0 or values.max() > 1:  # logits: the bundle has no activation
+        exclusive = values.numel() > 1
+        values = torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
+        notes["activation_by_radnode"] = "softmax" if exclusive else "sigmoid"
+        notes["activation_guessed"] = True
+    else:
+        exclusive = values.numel() > 1 and abs(float(values.sum()) - 1.0) < 0.01
+        notes["activation_guessed"] = True
+    if values.min() < 0 or values.max() > 1:
+        raise PipelineFailed(
+            f"pipeline {name}: probabilities outside [0, 1] although the bundle says"
+            f" activation {declared or applied}; correct radnode.activation in metadata.json"
+        )
     labels = bundle.spec.labels
     if labels and len(labels) != values.numel():
         if len(labels) == 1 and values.numel() == 2:
             values = values[labels[0].value : labels[0].value + 1]
         else:
             raise PipelineFailed(
-                f"pipeline {bundle.spec.name}: {values.numel()} outputs but {len(labels)} labels"
-                " in metadata.json; make radnode.labels match the network's outputs"
+                f"pipeline {name}: {values.numel()} outputs but {len(labels)} labels in"
+                " metadata.json; make its labels (radnode.labels or network_data_format"
+                " outputs channel_def) match the network's outputs"
             )
-    return tuple(float(v) for v in values)
+    return tuple(float(v) for v in values), exclusive
 
 
 def _as_label_integers(prediction: Any) -> Any:

@@ -50,10 +50,14 @@ def result_summary(
         "not_for_diagnostic_use": True,
     }
     if result.kind is TaskKind.CLASSIFICATION and result.probabilities is not None:
+        summary["exclusive"] = result.exclusive
         summary["findings"] = [
-            {"label": label.name, "probability": round(p, 4), "code": _code(label.finding)}
-            for label, p in zip(result.labels, result.probabilities, strict=True)
-        ]
+            {"label": label.name, "probability": round(p, 4), "present": present,
+             "code": _code(label.finding)}
+            for label, p, present in zip(
+                result.labels, result.probabilities, result.findings_present(), strict=True
+            )
+        ]  # fmt: skip
     if result.kind is TaskKind.SEGMENTATION:
         volumes = result.segment_volumes_ml(volume.spacing)
         counts = result.voxel_counts()

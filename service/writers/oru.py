@@ -52,7 +52,6 @@ from service.delivery import Delivery, Outbox
 from service.hl7 import Hl7DestinationSettings, Hl7Error
 from service.pipeline.result import CodedConcept, PipelineResult, TaskKind
 from service.writers.provenance import RADNODE_CODING_SCHEME, Provenance, label_finding
-from service.writers.sr import PRESENT_THRESHOLD
 
 HL7_VERSION = "2.5.1"
 _STRICT = VALIDATION_LEVEL.STRICT
@@ -542,16 +541,23 @@ def _finding_lines(
 ) -> Iterable[tuple[str, list[tuple[str, str, str, str, str]]]]:
     """Per label: a summary sentence and its OBX pair (coded concept, measurement).
 
-    A classification's finding says present or absent, as the SR does (probability at
-    or above :data:`PRESENT_THRESHOLD`), in the sentence and as the abnormal flag of
-    both OBX (A / N): a RIS that lists coded findings showed "Solitary nodule of lung"
-    on a normal chest, the 0.2 % beside it the only hint (acceptance pass).
+    A classification's finding says present or absent, as the SR does
+    (:meth:`~service.pipeline.result.PipelineResult.findings_present`), in the sentence;
+    both OBX carry the abnormal flag (A / N): a finding present, or a normal class
+    absent, is abnormal. A RIS that lists coded findings showed "Solitary nodule of
+    lung" on a normal chest, the 0.2 % beside it the only hint, and a "Normal" class
+    present was flagged abnormal (acceptance passes).
     """
     if result.kind is TaskKind.CLASSIFICATION and result.probabilities is not None:
-        for label, probability in zip(result.labels, result.probabilities, strict=True):
+        for label, probability, present, abnormal in zip(
+            result.labels,
+            result.probabilities,
+            result.findings_present(),
+            result.findings_abnormal(),
+            strict=True,
+        ):
             percent = min(100.0, max(0.0, probability * 100.0))
-            present = probability >= PRESENT_THRESHOLD
-            flag = "A" if present else "N"
+            flag = "A" if abnormal else "N"
             answer = _coded(PRESENT if present else ABSENT)
             yield (
                 f"{label.name}: {'present' if present else 'absent'}"

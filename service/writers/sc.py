@@ -157,8 +157,10 @@ def _classification_images(
         heat = heat.resize(image.size, Image.Resampling.BILINEAR)
         image = Image.fromarray(_overlay_heatmap(np.asarray(image), np.asarray(heat)), "RGB")
     legend = [
-        (f"{label.name}: {100.0 * p:.1f} %", (255, 255, 255))
-        for label, p in zip(result.labels, result.probabilities or (), strict=True)
+        (f"{label.name}: {100.0 * p:.1f} %" + (" (present)" if present else ""), (255, 255, 255))
+        for label, p, present in zip(
+            result.labels, result.probabilities or (), result.findings_present(), strict=True
+        )
     ]
     detail = ""
     if heatmap is not None:

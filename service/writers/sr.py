@@ -3,9 +3,10 @@
 What the report says, by task kind:
 
 * **classification**: one TID 1501 measurement group per label: the finding (label's
-  code) as a qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000) at
-  the threshold :data:`PRESENT_THRESHOLD`, and its probability (DCM 122157) in percent,
-  referencing the source image(s).
+  code) as a qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000)
+  (:meth:`~service.pipeline.result.PipelineResult.findings_present`: the most probable
+  of exclusive classes, else each finding at its threshold), and its probability (DCM
+  122157) in percent, referencing the source image(s).
 * **segmentation**: one TID 1411 volumetric group per segment, referencing its SEG
   segment (ReferencedSegment), with the volume (SCT 118565006, mL) and, for CT, the
   mean attenuation (DCM 112031 with derivation SCT 373098007 Mean, HU). A label with
@@ -49,8 +50,6 @@ from service.writers.seg import SegResult, segment_category, segment_type
 
 #: Longest series whose every image is listed in the image library (see library_images).
 LIBRARY_MAX = 32
-#: A probability at or above this is reported as "Present".
-PRESENT_THRESHOLD = 0.5
 
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
@@ -311,7 +310,9 @@ def _classification_groups(
     probabilities = result.probabilities or ()
     sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in source_headers]
     groups = []
-    for label, probability in zip(result.labels, probabilities, strict=True):
+    for label, probability, present in zip(
+        result.labels, probabilities, result.findings_present(), strict=True
+    ):
         finding = finding_code(label)
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(provenance, label),
@@ -329,7 +330,7 @@ def _classification_groups(
             qualitative_evaluations=[
                 hd.sr.QualitativeEvaluation(
                     name=finding,
-                    value=PRESENT if probability >= PRESENT_THRESHOLD else ABSENT,
+                    value=PRESENT if present else ABSENT,
                 )
             ],
             source_images=sources,
