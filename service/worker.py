@@ -74,6 +74,11 @@ class PipelineCache:
     native code); after :data:`QUARANTINE_AFTER` such deaths the bundle is refused with
     what to do, and the worker serves the other pipelines. Why: such a bundle kept the
     worker in a restart loop and every pipeline down with it (acceptance pass).
+
+    A bundle whose files changed since it was loaded (configs, weights, scripts) is
+    loaded again at its next job: a job failed by a bundle error says "fix the bundle,
+    then retry the job", and the retry ran the bundle the worker had loaded at start
+    (acceptance pass).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class PipelineCache:
         self.device = choose_device(device)
         self.crash_marks = crash_marks
         self._loaded: dict[str, LoadedBundle] = {}
+        self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._lock = threading.Lock()
 
     def _mark(self, name: str) -> Path | None:
@@ -116,6 +122,11 @@ class PipelineCache:
 
     def get(self, name: str) -> LoadedBundle:
         with self._lock:
+            fingerprint = bundle_fingerprint(self.models_dir / name)
+            if name in self._loaded and self._fingerprints.get(name) != fingerprint:
+                log.info("pipeline.changed", pipeline=name,
+                         action="none: the bundle is loaded again for this job")  # fmt: skip
+                del self._loaded[name]
             if name not in self._loaded:
                 specs, problems = discover_bundles(self.models_dir)
                 if name not in specs:
@@ -128,6 +139,7 @@ class PipelineCache:
                 mark = self._begin_load(name)
                 try:
                     self._loaded[name] = load_bundle(specs[name], self.device)
+                    self._fingerprints[name] = fingerprint
                 finally:  # returned or raised: the process lived through the load
                     if mark is not None:
                         mark.unlink(missing_ok=True)
@@ -420,6 +432,23 @@ def _time_limit(seconds: float, ticket: JobTicket) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+
+
+def bundle_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Path, size and modification time of every file of a bundle that loading reads
+    (``configs/``, ``models/``, ``scripts/``): a few dozen ``stat`` calls, cheap next to
+    a job. Empty when the folder cannot be read (the load then says why)."""
+    files: list[tuple[str, int, int]] = []
+    for part in ("configs", "models", "scripts"):
+        try:
+            for path in (folder / part).rglob("*"):
+                if "__pycache__" in path.parts or not path.is_file():
+                    continue
+                stat = path.stat()
+                files.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(sorted(files))
 
 
 def worker_name(pid: int | None = None) -> str:

@@ -809,3 +809,26 @@ def test_a_multi_label_segmentation_bundle_is_refused_at_load(tmp_path: Path) ->
     config_file.write_text(json.dumps(config))
     with pytest.raises(BundleError, match="multi-label"):
         load_bundle(read_bundle_spec(folder), "cpu")
+
+
+def test_a_bundle_whose_files_changed_is_loaded_again_for_the_next_job(tmp_path: Path) -> None:
+    """Acceptance pass: a job failed by its bundle said "fix the bundle, then retry the
+    job"; the retry ran the bundle the worker had loaded at start."""
+    import json
+    import os
+
+    from service.worker import PipelineCache
+
+    folder = write_classifier_bundle(tmp_path, "c")
+    cache = PipelineCache(tmp_path, "cpu")
+    first = cache.get("c")
+    assert cache.get("c") is first  # unchanged: the loaded bundle serves
+    meta_file = folder / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["version"] = "9.9.9"
+    meta_file.write_text(json.dumps(meta))
+    later = meta_file.stat().st_mtime_ns + 10**9  # a coarse clock could hide the edit
+    os.utime(meta_file, ns=(later, later))
+    again = cache.get("c")
+    assert again is not first and again.spec.identity.version == "9.9.9"
+    assert cache.get("c") is again
