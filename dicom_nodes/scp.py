@@ -52,7 +52,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_nodes import reactor
+from dicom_nodes import negotiation, reactor
 from dicom_nodes.c_store import StoreRequest
 from dicom_nodes.implementation import identify
 from dicom_nodes.inline_store import InlineStoreReader
@@ -350,6 +350,8 @@ class StorageSCP:
         _config.LOG_RESPONSE_IDENTIFIERS = False
         # Wait on events, not 1 ms sleeps, in pynetdicom's reactors (dicom_nodes.reactor).
         reactor.install()
+        # Accept the transfer syntax the requestor prefers (dicom_nodes.negotiation).
+        negotiation.install()
 
     @property
     def port(self) -> int:

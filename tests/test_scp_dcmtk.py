@@ -120,6 +120,24 @@ def test_pydicom_test_files_arrive_in_their_transfer_syntax(
         assert stored.PixelData == original.PixelData, name
 
 
+def test_a_transfer_syntax_proposed_before_its_fallbacks_is_the_one_accepted(
+    radnode: RadnodeProcess, tmp_path: Path
+) -> None:
+    """``storescu +C`` proposes one context per SOP class with the file's syntax first
+    and the uncompressed ones after it. radnode took Explicit VR Little Endian, so the
+    sender had to decompress, and DCMTK cannot decompress JPEG 2000: the C-STORE failed
+    (acceptance pass). The requestor's preference is taken now."""
+    for name, option, transfer_syntax in (
+        ("MR_small_jp2klossless.dcm", "-xv", "1.2.840.10008.1.2.4.90"),
+        ("MR_small_jpeg_ls_lossless.dcm", "-xt", "1.2.840.10008.1.2.4.80"),
+    ):
+        source = with_own_instance_uid(name, tmp_path)
+        result = storescu(radnode.port, [source], option, "+C", "-R")
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+        stored = dcmread(spool_file(radnode, source))
+        assert stored.file_meta.TransferSyntaxUID == transfer_syntax, name
+
+
 def test_calling_ae_not_on_the_allowlist_is_rejected(radnode_factory) -> None:
     node = radnode_factory(RADNODE_NODE__ALLOWED_CALLING_AETS='["ORTHANC"]').start()
     source = Path(get_testdata_file("CT_small.dcm"))
