@@ -185,7 +185,7 @@ class EventDrivenDUL(DULServiceProvider):
         #: association is accepted; called on this thread only.
         self.p_data_reader: Callable[[bytearray], list[bytes]] | None = None
         self._response_awaited = threading.Event()
-        self._said_not_dicom = False
+        self._not_dicom = False
 
     def _poke(self) -> None:
         """Wake the DUL if it is (about to be) in ``select``; otherwise it looks at its
@@ -284,6 +284,12 @@ class EventDrivenDUL(DULServiceProvider):
         """One whole PDU, or None with Evt17 (connection closed, or closed midway) or
         Evt19 (unknown PDU type) queued, as pynetdicom's read does."""
         assert self.socket is not None
+        if self._not_dicom:
+            # What follows a PDU of no known type is not read. Once the A-ABORT has gone
+            # (Sta13) the connection closes; with no data left, pynetdicom closes it.
+            if self.state_machine.current_state == "Sta13":
+                self.socket.close()
+            return None
         try:
             header = self.socket.recv(6)
             if len(header) != 6:
@@ -295,9 +301,12 @@ class EventDrivenDUL(DULServiceProvider):
                 # A-ABORT once (AA-1/AA-8), then close: the peer is not speaking DICOM,
                 # so waiting for it to close (Sta13, ARTIM) answered each further 6
                 # bytes of an HTTP request with another A-ABORT and held the
-                # connection for network_timeout_s (60 s) after an HTTP GET.
+                # connection for network_timeout_s (60 s) after an HTTP GET. Queuing
+                # Evt17 after Evt19 closed it before association only: on an
+                # established one the machine went back to Sta1 with the connection
+                # open, holding its slot for network_timeout_s (acceptance pass).
+                self._not_dicom = True
                 self.event_queue.put("Evt19")
-                self.event_queue.put("Evt17")
                 return None
             body = self.socket.recv(length)
         except (OSError, TimeoutError):
@@ -314,9 +323,6 @@ class EventDrivenDUL(DULServiceProvider):
         pynetdicom logged "Unknown PDU type received" for every 6 bytes of the stray
         data, without the peer or an action: 25 error lines for one TLS handshake sent
         to the plain port (load pass). The bytes themselves are not logged."""
-        if self._said_not_dicom:
-            return
-        self._said_not_dicom = True
         looks_like = _looks_like(first_byte)
         if self.assoc.is_requestor:  # we called a destination, and it is not DICOM
             peer, action = self.assoc.acceptor.address, _NOT_DICOM_DESTINATION[looks_like]

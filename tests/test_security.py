@@ -261,6 +261,34 @@ def test_a_peer_that_does_not_speak_dicom_gets_one_line_with_an_action(
     assert not [r for r in caplog.records if "Unknown PDU type" in r.getMessage()]
 
 
+def test_a_pdu_of_no_known_type_on_an_established_association_closes_it_at_once(
+    start_scp,
+) -> None:
+    """Acceptance pass: after an A-ASSOCIATE-AC, a PDU of type 0x0A got its A-ABORT but
+    the connection stayed open until network_timeout_s, holding an association slot (a
+    new association was refused, local limit exceeded). Now it closes at once."""
+    from bench.echo_under_load import _raw_echo_pdus
+
+    scp, _ = start_scp(AssociationPolicy(network_timeout_s=30, max_associations=1))
+    associate_rq, _, _ = _raw_echo_pdus()
+    with socket.create_connection(("127.0.0.1", scp.port)) as peer:
+        peer.settimeout(10)  # well under the network timeout
+        peer.sendall(associate_rq)
+        header = peer.recv(6, socket.MSG_WAITALL)
+        assert header[0] == 0x02  # A-ASSOCIATE-AC
+        peer.recv(int.from_bytes(header[2:6], "big"), socket.MSG_WAITALL)
+        started = time.monotonic()
+        peer.sendall(bytes.fromhex("0a00000000020000"))
+        answer = b""
+        while chunk := peer.recv(4096):  # until the node closes the connection
+            answer += chunk
+        closed_after = time.monotonic() - started
+    assert answer[:1] == b"\x07" and len(answer) == 10  # one A-ABORT, then closed
+    assert closed_after < 5
+    ok, output = echo(scp.port)  # the slot is free again
+    assert ok, output
+
+
 def test_stopping_aborts_open_associations(start_scp) -> None:
     """pynetdicom's shutdown only stops accepting: associations went on after the node
     stopped and each C-STORE got C0FF on the closed index (found by review)."""
