@@ -48,7 +48,7 @@ LIVER = Label(
     CodedConcept("10200004", "SCT", "Liver"),
     CodedConcept("123037004", "SCT", "Anatomical Structure"),
 )
-UNCODED = Label(3, "blob")  # no codes: falls back to SCT Tissue
+UNCODED = Label(3, "blob")  # no codes: category SCT Tissue, type radnode's private code
 EMPTY = Label(4, "nothing here", CodedConcept("18639004", "SCT", "Left kidney"))
 NODULE = Label(0, "lung nodule", CodedConcept("427359005", "SCT", "Solitary nodule of lung"))
 SPHERE_RADIUS_MM = 40.0
@@ -235,7 +235,16 @@ def test_seg_has_one_segment_per_nonempty_label_on_the_source_frames(written, ct
     segments = seg.SegmentSequence
     assert [s.SegmentLabel for s in segments] == ["liver", "blob"]  # "nothing here" is empty
     assert segments[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
-    assert segments[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"
+    # an uncoded label: category Tissue, type radnode's private code, the code the SR
+    # and the HL7 result give it too (acceptance pass: every one was "Tissue")
+    uncoded = segments[1].SegmentedPropertyTypeCodeSequence[0]
+    assert (uncoded.CodeValue, uncoded.CodingSchemeDesignator) == ("label-3", "99RADNODE")
+    assert segments[1].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "85756007"
+    sr = _read(written["segmentation"])["SR"][0]
+    findings = {item.ConceptCodeSequence[0].CodeValue for item in _content_items(sr)
+                if item.get("ConceptCodeSequence") and item.ConceptNameCodeSequence[0].CodeValue
+                in ("121071", "363698007")}  # fmt: skip
+    assert "label-3" in findings
     assert segments[0].SegmentAlgorithmType == "AUTOMATIC"
     assert segments[0].SegmentAlgorithmName == "ct_abdomen_segmentation"
     assert seg.StudyInstanceUID == headers[0].StudyInstanceUID

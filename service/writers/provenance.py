@@ -141,6 +141,13 @@ def label_finding(label: Label) -> CodedConcept:
     return CodedConcept(f"label-{label.value}", RADNODE_CODING_SCHEME, label.name)
 
 
+def label_code(label: Label) -> hd.sr.CodedConcept:
+    """:func:`label_finding` as highdicom's concept, its meaning fitted to a Long String:
+    the SR's finding, the SEG's segmented property type."""
+    concept = label_finding(label)
+    return hd.sr.CodedConcept(concept.value, concept.scheme, clip_lo(concept.meaning))
+
+
 def code(concept: CodedConcept) -> hd.sr.CodedConcept:
     """A bundle's :class:`CodedConcept` as highdicom's."""
     return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning)

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 
 from service.pipeline.result import Label, PipelineResult
 from service.pipeline.volume import Volume
-from service.writers.provenance import MANUFACTURER, Provenance, clip_lo, code
+from service.writers.provenance import MANUFACTURER, Provenance, clip_lo, code, label_code
 from service.writers.sources import (
     as_single_frame,
     in_frame_order,
@@ -43,9 +43,11 @@ from service.writers.sources import (
     with_shared_geometry,
 )
 
-#: When a bundle gives no codes: segmented property category and type.
+#: When a bundle gives no codes: the segmented property category. The type is the
+#: label's private code (:func:`~service.writers.provenance.label_finding`), so the SEG,
+#: the SR and the HL7 result tell uncoded segments apart by the same code (every one was
+#: SCT "Tissue", which the HL7 result did not say: acceptance pass).
 FALLBACK_CATEGORY = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
-FALLBACK_TYPE = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
 
 #: Segment colours (RGB), shared with the SC overlay so both look the same.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -76,10 +78,6 @@ class SegResult:
 
 def segment_category(label: Label) -> hd.sr.CodedConcept:
     return code(label.category) if label.category is not None else FALLBACK_CATEGORY
-
-
-def segment_type(label: Label) -> hd.sr.CodedConcept:
-    return code(label.finding) if label.finding is not None else FALLBACK_TYPE
 
 
 def build_seg(
@@ -117,7 +115,7 @@ def build_seg(
                 segment_number=number,
                 segment_label=clip_lo(label.name),
                 segmented_property_category=segment_category(label),
-                segmented_property_type=segment_type(label),
+                segmented_property_type=label_code(label),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=provenance.algorithm_identification(),
                 tracking_uid=provenance.uid("tracking", label.value),

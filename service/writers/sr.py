@@ -43,10 +43,10 @@ from service.writers.provenance import (
     MANUFACTURER,
     Provenance,
     clip_lo,
-    label_finding,
+    label_code,
     procedure_code,
 )
-from service.writers.seg import SegResult, segment_category, segment_type
+from service.writers.seg import SegResult, segment_category
 
 #: Longest series whose every image is listed in the image library (see library_images).
 LIBRARY_MAX = 32
@@ -108,12 +108,6 @@ def _sums_per_label(label_map: NDArray[Any], values: NDArray[Any]) -> NDArray[np
             weights = plane.ravel()[where].astype(np.float64, copy=False)
             sums += np.bincount(labels.ravel()[where], weights=weights, minlength=size)
     return sums
-
-
-def finding_code(label: Label) -> hd.sr.CodedConcept:
-    """The label's coded finding, or a private code naming it (:func:`label_finding`)."""
-    concept = label_finding(label)
-    return hd.sr.CodedConcept(concept.value, concept.scheme, clip_lo(concept.meaning))
 
 
 def build_sr(
@@ -313,7 +307,7 @@ def _classification_groups(
     for label, probability, present in zip(
         result.labels, probabilities, result.findings_present(), strict=True
     ):
-        finding = finding_code(label)
+        finding = label_code(label)
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(provenance, label),
             finding_type=finding,
@@ -376,7 +370,7 @@ def _segmentation_groups(
             group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=_tracking(provenance, label),
                 referenced_segment=_referenced_segment(seg, number, volume),
-                finding_type=segment_type(label),
+                finding_type=label_code(label),
                 finding_category=segment_category(label),
                 algorithm_id=algorithm,
                 measurements=measurements,
@@ -384,7 +378,7 @@ def _segmentation_groups(
         else:  # nothing segmented for this label: no segment to point at
             group = hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=_tracking(provenance, label),
-                finding_type=segment_type(label),
+                finding_type=label_code(label),
                 finding_category=segment_category(label),
                 algorithm_id=algorithm,
                 measurements=measurements,
