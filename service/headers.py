@@ -259,9 +259,22 @@ def parse_header(dataset: bytes, transfer_syntax_uid: str) -> InstanceHeader:
     UIDs are returned as found; the caller validates them. Raises
     :class:`UnreadableDataset` when the bytes are not a whole DICOM data set.
     """
-    values = _Values(_read(dataset, transfer_syntax_uid))
+    read = _read(dataset, transfer_syntax_uid)
+    if not any(tag in read for tag in _IDENTIFYING):
+        # Zeros or garbage that pydicom reads as an empty data set: not DICOM (C000),
+        # not "Study Instance UID is missing" (C001), as the conformance statement says
+        # (acceptance pass).
+        raise UnreadableDataset("not a DICOM data set: none of its identifying UIDs is there")
+    values = _Values(read)
     _check_pixel_data(values, transfer_syntax_uid)
     return _header(values)
+
+
+#: Study, Series, SOP Instance and SOP Class UID: a data set with none of them is not one.
+_IDENTIFYING = tuple(
+    _READ[keyword][0]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+)
 
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:

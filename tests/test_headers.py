@@ -171,3 +171,11 @@ def test_a_series_compressed_lossily_by_dcmtk_routes_as_acquired(tmp_path) -> No
     assert series.lossy_compressed
     route = RouteRule.model_validate({"name": "ct", "pipeline": "p", "match": {"Modality": "CT"}})
     assert route.mismatches(series) == []
+
+
+@pytest.mark.parametrize("body", [bytes(256), b"\xff" * 64 + bytes(192)])
+def test_zeros_or_garbage_read_as_an_empty_data_set_are_not_dicom(body: bytes) -> None:
+    """Acceptance pass: 256 zero bytes were answered C001 ("Study Instance UID is
+    missing"); what has none of the identifying UIDs is not a DICOM data set (C000)."""
+    with pytest.raises(UnreadableDataset):
+        parse_header(body, ExplicitVRLittleEndian)
