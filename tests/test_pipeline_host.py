@@ -832,3 +832,28 @@ def test_a_bundle_whose_files_changed_is_loaded_again_for_the_next_job(tmp_path:
     again = cache.get("c")
     assert again is not first and again.spec.identity.version == "9.9.9"
     assert cache.get("c") is again
+
+
+@pytest.mark.parametrize("saved_as", ["lightning", "data_parallel"])
+def test_weights_saved_by_common_trainers_load(tmp_path: Path, saved_as: str) -> None:
+    """Acceptance pass: a Lightning checkpoint ({"state_dict": ...}, keys "model.") and a
+    DataParallel state dict (keys "module.") were refused as "another network"."""
+    folder = write_classifier_bundle(tmp_path, "c")
+    weights = folder / "models" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    if saved_as == "lightning":
+        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}, weights)
+    else:
+        torch.save({f"module.{k}": v for k, v in state.items()}, weights)
+    bundle = load_bundle(read_bundle_spec(folder), "cpu")
+    loaded = bundle.network.state_dict()
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in state.items())
+
+
+def test_a_whole_pickled_module_is_refused_with_how_to_save_the_weights(tmp_path: Path) -> None:
+    folder = write_classifier_bundle(tmp_path, "c")
+    bundle = load_bundle(read_bundle_spec(folder), "cpu")
+    torch.save(bundle.network, folder / "models" / "model.pt")
+    with pytest.raises(BundleError, match=r"state_dict\(\)") as refused:
+        load_bundle(read_bundle_spec(folder), "cpu")
+    assert "add_safe_globals" not in str(refused.value) and "\n" not in str(refused.value)

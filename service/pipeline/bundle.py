@@ -611,6 +611,26 @@ def _no_pretrained(node: Any, swapped: list[str]) -> None:
                 _no_pretrained(value, swapped)
 
 
+def _state_dicts_of(checkpoint: Any) -> list[Any]:
+    """The network's state dict in a checkpoint as trainers save them, then the same
+    without a prefix every key has, to try in turn: MONAI's CheckpointSaver (``{"model":
+    ...}``), PyTorch Lightning (``{"state_dict": ...}``, keys ``model.``), DataParallel
+    and DistributedDataParallel (keys ``module.``). They were reported as weights of
+    "another network" (acceptance pass). As saved comes first: MONAI's UNet has keys
+    that all start with ``model.`` of its own."""
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    candidates = [checkpoint]
+    if isinstance(checkpoint, dict) and checkpoint:
+        for prefix in ("module.", "model."):
+            if all(isinstance(k, str) and k.startswith(prefix) for k in checkpoint):
+                candidates.append({k[len(prefix) :]: v for k, v in checkpoint.items()})
+    return candidates
+
+
 def _load_network(spec: BundleSpec, parser: Any, device: Any, torch: Any) -> Any:
     if spec.weights_file.suffix == ".ts":
         try:
@@ -623,13 +643,31 @@ def _load_network(spec: BundleSpec, parser: Any, device: Any, torch: Any) -> Any
     try:
         state = torch.load(str(spec.weights_file), map_location=device, weights_only=True)
     except Exception as exc:
+        # torch's own text is a page about add_safe_globals (acceptance pass)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(
-            f"bundle {spec.name}: cannot read models/model.pt as a state dict: {exc}"
+            f"bundle {spec.name}: cannot read models/model.pt as a state dict ({first[:200]});"
+            " save the weights with torch.save(network.state_dict(), 'models/model.pt'),"
+            " not the whole module"
         ) from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a CheckpointSaver file: {"model": state_dict, ...}
+    failures: list[RuntimeError] = []
+    for candidate in _state_dicts_of(state):
+        try:
+            network.load_state_dict(candidate, strict=True)
+            return network.to(device)
+        except RuntimeError as exc:
+            failures.append(exc)
+    # torch's first line is only "Error(s) in loading state_dict for Conv3d:"; the lines
+    # after it name the parameters and shapes that differ (acceptance pass)
+    lines = [line.strip() for line in str(failures[0]).splitlines() if line.strip()]
+    detail = "; ".join(lines[1:4]) or lines[0]
+    detail = detail if len(detail) <= 400 else detail[:399] + "…"
+    raise BundleError(
+        f"bundle {spec.name}: models/model.pt does not fit network_def ({detail}); the"
+        " weights belong to another network or another version of the config"
+    ) from failures[0]
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(first, strict=True)
     except RuntimeError as exc:
         # torch's first line is only "Error(s) in loading state_dict for Conv3d:"; the
         # lines after it name the parameters and shapes that differ (acceptance pass)
