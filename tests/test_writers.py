@@ -1116,3 +1116,11 @@ def test_a_derived_series_keeps_its_sources_lossy_history(tmp_path) -> None:
     headers = [by_uid[s.sop_instance_uid] for s in volume.sources]
     for path in write_dicom_results(_reconstruction(volume), volume, headers, tmp_path / "o2"):
         assert "LossyImageCompression" not in pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def test_the_overlay_draws_label_names_in_letters_its_font_has() -> None:
+    """Acceptance pass: Pillow's built-in font drew "Épanchement pleural (größer)" with
+    boxes for É, ö and ß; the overlay draws the base letters (the SR keeps the text)."""
+    assert sc.drawable("Épanchement pleural (größer)") == "Epanchement pleural (grosser)"
+    assert sc.drawable("Łódź 胸部") == "Lodz ??"
+    assert sc.drawable("liver 95.0 %") == "liver 95.0 %"

@@ -19,6 +19,7 @@ Text is drawn with Pillow's built-in font.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -281,6 +282,22 @@ def _fit(image: Image.Image) -> tuple[Image.Image, float]:
     return image, scale
 
 
+#: Letters NFKD does not take apart into a base letter and its marks.
+_FOLDED = str.maketrans({"ß": "ss", "Æ": "AE", "æ": "ae", "Ø": "O", "ø": "o", "Œ": "OE",
+                         "œ": "oe", "Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Þ": "Th",
+                         "þ": "th", "ı": "i"})  # fmt: skip
+
+
+def drawable(text: str) -> str:
+    """``text`` in the letters Pillow's built-in font draws (ASCII): accents dropped,
+    ß as ss, anything else ``?``. Why: it drew "Épanchement pleural (größer)" as boxes
+    in place of É, ö and ß (acceptance pass); the SR, SEG and HL7 result keep the text
+    as it is, and the image needs no font installed on the node."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_FOLDED))
+    base = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return base.encode("ascii", "replace").decode("ascii")
+
+
 def _banner(
     image: Image.Image,
     provenance: Provenance,
@@ -297,6 +314,7 @@ def _banner(
     ]
     if detail:
         lines.append((detail, (200, 200, 200)))
+    lines = [(drawable(text), color) for text, color in lines]
     draw = ImageDraw.Draw(image, "RGBA")
     pad = size // 3
     height = len(lines) * (size + pad) + pad
