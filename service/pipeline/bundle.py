@@ -190,7 +190,13 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
         labels=_labels(path.name, meta, section, kind),
         modalities=tuple(str(m).upper() for m in modalities),
         dimensions=dimensions,
-        min_extent_mm=_min_extent(path.name, inputs.get("min_extent_mm")),
+        min_extent_mm=_optional_number(
+            path.name,
+            inputs.get("min_extent_mm"),
+            "radnode.input.min_extent_mm",
+            lambda x: x > 0,
+            "a positive number",
+        ),
         heatmap_layer=heatmap.get("target_layer"),
         has_radnode_section=bool(section),
         activation=_declared_activation(path.name, section),
@@ -214,16 +220,19 @@ def _declared_activation(name: str, section: dict[str, Any]) -> str | None:
     return str(value).lower()
 
 
-def _min_extent(name: str, value: object) -> float | None:
+def _optional_number(
+    name: str, value: object, where: str, valid: Callable[[float], bool], must_be: str
+) -> float | None:
+    """A number of the ``radnode`` section, None when absent; refused unless ``valid``."""
     if value is None:
         return None
     try:
-        extent = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        extent = -1.0
-    if not extent > 0:
-        raise BundleError(f"bundle {name}: radnode.input.min_extent_mm must be a positive number")
-    return extent
+        number = float("nan")  # fails every check
+    if not valid(number):
+        raise BundleError(f"bundle {name}: {where} must be {must_be}")
+    return number
 
 
 def discover_bundles(models_dir: Path) -> tuple[dict[str, BundleSpec], dict[str, str]]:
@@ -313,18 +322,6 @@ def _concept(name: str, raw: Any, where: str) -> CodedConcept | None:
         ) from None
 
 
-def _threshold(name: str, value: object, where: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        threshold = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        threshold = -1.0
-    if not 0.0 < threshold < 1.0:
-        raise BundleError(f"bundle {name}: {where} must be a probability between 0 and 1")
-    return threshold
-
-
 def _labels(
     name: str, meta: dict[str, Any], section: dict[str, Any], kind: TaskKind
 ) -> tuple[Label, ...]:
@@ -341,7 +338,13 @@ def _labels(
                     finding=_concept(name, raw.get("finding"), f"{where}.finding"),
                     category=_concept(name, raw.get("category"), f"{where}.category"),
                     normal=bool(raw.get("normal", False)),
-                    threshold=_threshold(name, raw.get("threshold"), f"{where}.threshold"),
+                    threshold=_optional_number(
+                        name,
+                        raw.get("threshold"),
+                        f"{where}.threshold",
+                        lambda x: 0 < x < 1,
+                        "a probability in (0, 1)",
+                    ),
                 )
             )
         return tuple(labels)
