@@ -288,6 +288,7 @@ class EventDrivenDUL(DULServiceProvider):
             # What follows a PDU of no known type is not read. Once the A-ABORT has gone
             # (Sta13) the connection closes; with no data left, pynetdicom closes it.
             if self.state_machine.current_state == "Sta13":
+                _discard_readable(self.socket.socket)
                 self.socket.close()
             return None
         try:
@@ -431,6 +432,19 @@ class EventDrivenDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+
+
+def _discard_readable(sock: socket.socket | None) -> None:
+    """Read and drop what has arrived (up to 4 MiB), without waiting: closed with unread
+    bytes, a connection is reset rather than closed, and a peer's stack may then drop
+    the A-ABORT it had not read yet (review)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # BlockingIOError, SSL want-read
+        sock.setblocking(False)
+        for _ in range(64):
+            if not sock.recv(65536):
+                return
 
 
 def connection_of(assoc: Any) -> socket.socket | None:

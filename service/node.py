@@ -495,6 +495,10 @@ class NodeStatus:
         unfinished_result = job.state is JobState.DONE and bool(job.error)
         if job.state not in (JobState.FAILED, JobState.REFUSED) and not unfinished_result:
             return RetryOutcome.NOT_RETRYABLE
+        if unfinished_result and self._node.outbox.list(state=DeliveryState.PENDING, job_id=job_id):
+            # its other results are still on their way: a run now would rewrite the
+            # files being sent (review); retry once they are delivered
+            return RetryOutcome.NOT_RETRYABLE
         if index.requeue_job(job_id) is None:
             return RetryOutcome.NOT_RETRYABLE
         requeued = index.job(job_id)

@@ -484,9 +484,17 @@ def derived_marks(series: SeriesInfo) -> list[str]:
     lossy archives left every study unprocessed at info level (acceptance pass)."""
     values = [_norm(v).upper() for v in series.image_type]
     marks = set(values) & DERIVED_IMAGE_TYPES
-    if series.lossy_compressed and values[:2] == ["DERIVED", "PRIMARY"]:
+    compressed_only = values[:2] == ["DERIVED", "PRIMARY"] and not set(values) & _REFORMATS
+    if series.lossy_compressed and compressed_only:
         marks.discard("DERIVED")
     return sorted(marks)
+
+
+#: ImageType values of reformats that vendors write as DERIVED\PRIMARY (GE REFORMATTED,
+#: Siemens MPR, projections): lossy compression does not make them acquired (review).
+_REFORMATS = frozenset(
+    {"REFORMATTED", "MPR", "MIP", "MINIP", "PROJECTION", "CURVED", "VOLUME", "CPR", "3D"}
+)
 
 
 # --------------------------------------------------------------------------- planning

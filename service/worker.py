@@ -343,10 +343,14 @@ class JobRunner:
         """
         action = None
         if ticket.preliminary:
-            reason = f"{reason} (an instance of this study was lost in transit)"
+            reason = (
+                f"{reason} (an instance of this study was lost in transit: if the reason is"
+                " about missing images, the PACS sending the study again may mend it)"
+            )
             action = (
-                "have the PACS send the study again (study.instance_lost); if the refusal"
-                " stays, fix the series or the route, then retry the job"
+                "if the reason is about missing images or spacing, have the PACS send the"
+                " study again (study.instance_lost); else fix the series or the route,"
+                " then retry the job"
             )
         report = self._end(ticket, JobState.REFUSED, reason, bound, action=action)
         try:

@@ -758,6 +758,19 @@ def test_a_classifiers_outputs_become_probabilities_as_the_bundle_says(
     assert bool(notes.get("activation_guessed")) is (activation is None and applied is None)
 
 
+def test_a_network_ending_in_its_own_softmax_says_exclusive(tmp_path: Path) -> None:
+    """Review: with activation none the classes were independent, so 0.40 / 0.35 / 0.25
+    from a network's own softmax had no finding present."""
+    from dataclasses import replace
+
+    from service.pipeline.inference import _probabilities
+
+    bundle = _classifier(tmp_path, "none")
+    bundle.spec = replace(bundle.spec, exclusive=True)
+    got, exclusive = _probabilities(bundle, torch.tensor([0.40, 0.35, 0.25]), {})
+    assert exclusive and [round(p, 2) for p in got] == [0.40, 0.35, 0.25]
+
+
 def test_declared_probabilities_outside_0_1_fail_the_job_with_what_to_fix(tmp_path: Path) -> None:
     from service.pipeline.inference import _probabilities
 
@@ -794,11 +807,14 @@ def test_a_classifiers_activation_comes_from_its_postprocessing(models: Path) ->
     assert bundle.applied_activation == "softmax"
 
 
-def test_a_multi_label_segmentation_bundle_is_refused_at_load(tmp_path: Path) -> None:
+def test_a_multi_label_segmentation_fails_its_job_saying_why(tmp_path: Path) -> None:
     """Acceptance pass: a sigmoid (multi-label, overlapping channels) segmentation was
-    argmaxed into one label per voxel and a channel vanished from every result; it is
-    refused at load, saying why."""
+    argmaxed into one label per voxel and a channel vanished from every result; its job
+    fails saying why. A one-channel sigmoid (binary) segmentation still runs (review:
+    refusing every sigmoid at load broke it)."""
     import json
+
+    from service.pipeline.inference import _interpret
 
     folder = write_zoo_spleen_bundle(tmp_path, "multilabel")
     config_file = folder / "configs" / "inference.json"
@@ -807,8 +823,11 @@ def test_a_multi_label_segmentation_bundle_is_refused_at_load(tmp_path: Path) ->
     steps[0] = {"_target_": "Activationsd", "keys": "pred", "sigmoid": True}
     steps[2] = {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
     config_file.write_text(json.dumps(config))
-    with pytest.raises(BundleError, match="multi-label"):
-        load_bundle(read_bundle_spec(folder), "cpu")
+    bundle = load_bundle(read_bundle_spec(folder), "cpu")  # loads: the channels decide
+    assert bundle.applied_activation == "sigmoid"
+    overlapping = torch.ones(3, 4, 4, 4)
+    with pytest.raises(PipelineFailed, match="multi-label"):
+        _interpret(bundle, None, overlapping, torch.zeros(1, 4, 4, 4), {})  # type: ignore[arg-type]
 
 
 def test_a_bundle_whose_files_changed_is_loaded_again_for_the_next_job(tmp_path: Path) -> None:

@@ -438,6 +438,8 @@ def test_an_acquired_series_compressed_lossily_is_not_derived() -> None:
     for series in (
         make_series(image_type=("DERIVED", "PRIMARY", "AXIAL")),
         make_series(image_type=("DERIVED", "SECONDARY", "REFORMATTED"), lossy_compressed=True),
+        make_series(image_type=("DERIVED", "PRIMARY", "REFORMATTED"), lossy_compressed=True),
+        make_series(image_type=("DERIVED", "PRIMARY", "MPR"), lossy_compressed=True),
     ):
         assert reasons(route, series) and "derived series" in reasons(route, series)[0]
 

@@ -48,8 +48,9 @@ model was trained on; a series that covers less is refused before the model runs
 A classifier says how its outputs become probabilities with ``"activation"``:
 ``softmax`` (mutually exclusive classes: the most probable is present), ``sigmoid``
 (independent findings, each present at its label's ``threshold``, 0.5 by default) or
-``none`` (the outputs are independent probabilities already). A label with ``"normal":
-true`` is a normal class ("no finding"): present, it is no abnormal result. Without
+``none`` (the outputs are probabilities already: a network that ends in its own
+softmax says ``"exclusive": true`` beside it). A label with ``"normal": true`` is a
+normal class ("no finding"): present, it is no abnormal result. Without
 ``activation``, an activation in the bundle's postprocessing says it; failing that,
 radnode guesses from the values and says so in the job's notes.
 
@@ -118,6 +119,9 @@ class BundleSpec:
     has_radnode_section: bool = False
     #: Classification: ``radnode.activation`` (softmax, sigmoid, none), None if not said.
     activation: str | None = None
+    #: Classification: ``radnode.exclusive``, whether the classes are mutually exclusive
+    #: (None: as the activation says, softmax yes).
+    exclusive: bool | None = None
     input_key: str = "image"
     output_key: str = "pred"
 
@@ -200,6 +204,7 @@ def read_bundle_spec(path: Path, *, require_weights: bool = True) -> BundleSpec:
         heatmap_layer=heatmap.get("target_layer"),
         has_radnode_section=bool(section),
         activation=_declared_activation(path.name, section),
+        exclusive=None if section.get("exclusive") is None else bool(section["exclusive"]),
         input_key=_only_key(meta, "inputs", "image"),
         output_key=_only_key(meta, "outputs", "pred"),
     )
@@ -465,13 +470,6 @@ def load_bundle(spec: BundleSpec, device: Any = None, *, weights: bool = True) -
             ) from exc
     _check_no_file_io(spec, spec.identity.kind, preprocessing, postprocessing)
     applied = _applied_activation(postprocessing)
-    if spec.identity.kind is TaskKind.SEGMENTATION and applied == "sigmoid":
-        raise BundleError(
-            f"bundle {spec.name}: its postprocessing applies a sigmoid: a multi-label"
-            " segmentation (overlapping channels, e.g. tumour sub-regions), which radnode"
-            " cannot report (one label per voxel: argmax would drop a channel). Give the"
-            " bundle a softmax (or argmax) output of one class per voxel"
-        )
     if weights:
         network.eval()
     return LoadedBundle(
@@ -669,16 +667,3 @@ def _load_network(spec: BundleSpec, parser: Any, device: Any, torch: Any) -> Any
         f"bundle {spec.name}: models/model.pt does not fit network_def ({detail}); the"
         " weights belong to another network or another version of the config"
     ) from failures[0]
-    try:
-        network.load_state_dict(first, strict=True)
-    except RuntimeError as exc:
-        # torch's first line is only "Error(s) in loading state_dict for Conv3d:"; the
-        # lines after it name the parameters and shapes that differ (acceptance pass)
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = "; ".join(lines[1:4]) or lines[0]
-        detail = detail if len(detail) <= 400 else detail[:399] + "…"
-        raise BundleError(
-            f"bundle {spec.name}: models/model.pt does not fit network_def ({detail}); the"
-            " weights belong to another network or another version of the config"
-        ) from exc
-    return network.to(device)

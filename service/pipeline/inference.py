@@ -428,6 +428,15 @@ def _interpret(
             f" spatial dimensions with a channel first, got shape {shape}"
         )
     if kind is TaskKind.SEGMENTATION:
+        if prediction.shape[0] > 1 and bundle.applied_activation == "sigmoid":
+            # one label per voxel: an argmax over overlapping channels drops one from
+            # every result without a word (acceptance pass: "Tumor core" vanished)
+            raise PipelineFailed(
+                f"pipeline {bundle.spec.name}: a multi-label segmentation ({prediction.shape[0]}"
+                " channels after a sigmoid, which may overlap, e.g. tumour sub-regions)"
+                " cannot be reported: radnode reports one label per voxel. Give the bundle"
+                " a softmax (or argmax) output of one class per voxel"
+            )
         if prediction.shape[0] > 1:
             prediction = _keep_meta(prediction, channel_argmax(prediction, 0, keepdim=True))
             notes["argmax_by_radnode"] = True
@@ -469,6 +478,8 @@ def _probabilities(
     declared, applied = bundle.spec.activation, bundle.applied_activation
     if applied is not None:
         exclusive = (declared or applied) == "softmax"
+        if declared not in (None, "none", applied):
+            notes["activation_declared_differs"] = f"{declared} declared, {applied} applied"
     elif declared in ("softmax", "sigmoid"):
         exclusive = declared == "softmax" and values.numel() > 1
         values = torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
@@ -488,6 +499,8 @@ def _probabilities(
             f"pipeline {name}: probabilities outside [0, 1] although the bundle says"
             f" activation {declared or applied}; correct radnode.activation in metadata.json"
         )
+    if bundle.spec.exclusive is not None:
+        exclusive = bundle.spec.exclusive and values.numel() > 1
     labels = bundle.spec.labels
     if labels and len(labels) != values.numel():
         if len(labels) == 1 and values.numel() == 2:
