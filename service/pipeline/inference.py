@@ -482,14 +482,12 @@ def _probabilities(
             notes["activation_declared_differs"] = f"{declared} declared, {applied} applied"
     elif declared in ("softmax", "sigmoid"):
         exclusive = declared == "softmax" and values.numel() > 1
-        values = torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
-        notes["activation_by_radnode"] = "softmax" if exclusive else "sigmoid"
+        values = _activated(values, exclusive, notes)
     elif declared == "none":
         exclusive = False
     elif values.min() < 0 or values.max() > 1:  # logits: the bundle has no activation
         exclusive = values.numel() > 1
-        values = torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
-        notes["activation_by_radnode"] = "softmax" if exclusive else "sigmoid"
+        values = _activated(values, exclusive, notes)
         notes["activation_guessed"] = True
     else:
         exclusive = values.numel() > 1 and abs(float(values.sum()) - 1.0) < 0.01
@@ -512,6 +510,14 @@ def _probabilities(
                 " outputs channel_def) match the network's outputs"
             )
     return tuple(float(v) for v in values), exclusive
+
+
+def _activated(values: Any, exclusive: bool, notes: dict[str, Any]) -> Any:
+    """``values`` through a softmax (exclusive classes) or a sigmoid, said in the notes."""
+    import torch
+
+    notes["activation_by_radnode"] = "softmax" if exclusive else "sigmoid"
+    return torch.softmax(values, 0) if exclusive else torch.sigmoid(values)
 
 
 def _as_label_integers(prediction: Any) -> Any:

@@ -32,6 +32,14 @@ class ResultTime:
     time: str
     offset: str | None
 
+    def apply_to(self, ds: Dataset) -> None:
+        """Make ``ds`` created at this instant: Instance Creation and Content Date/Time,
+        and the offset they are told in where there is one."""
+        ds.InstanceCreationDate = ds.ContentDate = self.date
+        ds.InstanceCreationTime = ds.ContentTime = self.time
+        if self.offset is not None:
+            ds.TimezoneOffsetFromUTC = self.offset
+
 
 def result_time(source: Dataset, now: datetime | None = None) -> ResultTime:
     """Now (or ``now``, aware) in ``source``'s Timezone Offset From UTC if it has a valid

@@ -186,10 +186,8 @@ def _derived_header(
     ds.ImageComments = provenance.banner
     # This image, series and equipment are radnode's, made now; acquisition date/time
     # stay the source's (found by review: all were the source's).
-    ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = made.date
-    ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = made.time
-    if made.offset is not None:  # copied from the source: the times are told in it
-        ds.TimezoneOffsetFromUTC = made.offset
+    ds.SeriesDate, ds.SeriesTime = made.date, made.time
+    made.apply_to(ds)  # the source's offset kept: the times are told in it
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = provenance.model_name
     ds.SoftwareVersions = provenance.software_versions

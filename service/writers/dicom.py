@@ -221,10 +221,7 @@ def _stamped(ds: Dataset, stamp: ResultTime) -> Dataset:
     Content Date/Time highdicom took from the node's clock."""
     if "SeriesDate" not in ds:
         ds.SeriesDate, ds.SeriesTime = stamp.date, stamp.time
-    ds.InstanceCreationDate = ds.ContentDate = stamp.date
-    ds.InstanceCreationTime = ds.ContentTime = stamp.time
-    if stamp.offset is not None:
-        ds.TimezoneOffsetFromUTC = stamp.offset
+    stamp.apply_to(ds)
     return ds
 
 
